@@ -1,0 +1,193 @@
+"""Preprocessing configuration shared by the Rust core, training, export and inference.
+
+The same :class:`PreprocessConfig` travels with the dataset cache, the model bundle and every
+engine sidecar.  :meth:`PreprocessConfig.pixel_hash` covers every field that changes pixel
+values, so a model can refuse data or an engine that was prepared differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAIN_METHODS = ("macenko", "reinhard", "none")
+CROP_MODES = ("bbox", "none")
+SQUARE_MODES = ("pad", "crop")
+FILTERS = ("bilinear", "lanczos3", "box", "nearest", "catmullrom")
+LAYOUTS = ("nchw", "nhwc")
+DTYPES = ("float32", "float16", "uint8")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Fields that do not change pixel values and so are left out of the pixel hash.
+_NON_PIXEL_FIELDS = ("max_pixels", "layout", "dtype")
+
+
+class ConfigMismatchError(ValueError):
+    """Raised when two preprocessing configurations that must agree do not."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class StainConfig:
+    """Stain normalisation settings.
+
+    ``params`` holds fitted parameters as produced by ``leukedge._native.fit_stain`` (a JSON
+    object); ``None`` means the built-in reference (torchstain's for Macenko).
+    """
+
+    method: str = "macenko"
+    io: float = 240.0
+    alpha: float = 1.0
+    beta: float = 0.15
+    black_threshold: int = 10
+    white_threshold: int | None = None
+    min_foreground: int = 500
+    params: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("stain.method", self.method, STAIN_METHODS)
+        if not 0 <= self.black_threshold < 255:
+            raise ValueError(f"stain.black_threshold={self.black_threshold} must be in [0, 255)")
+        if self.white_threshold is not None and not 0 < self.white_threshold <= 255:
+            raise ValueError(f"stain.white_threshold={self.white_threshold} must be in (0, 255]")
+        if self.io <= 0 or self.beta <= 0 or not 0 < self.alpha < 50:
+            raise ValueError("stain.io and stain.beta must be > 0 and stain.alpha in (0, 50)")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    max_pixels: int = 64_000_000
+    stain: StainConfig = field(default_factory=StainConfig)
+    crop: str = "bbox"
+    crop_margin: int = 8
+    square: str = "pad"
+    size: int = 224
+    filter: str = "bilinear"
+    layout: str = "nchw"
+    dtype: str = "float32"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _check_choice("crop", self.crop, CROP_MODES)
+        _check_choice("square", self.square, SQUARE_MODES)
+        _check_choice("filter", self.filter, FILTERS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not 8 <= self.size <= 4096:
+            raise ValueError(f"size={self.size} must be between 8 and 4096")
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be positive")
+        if self.crop_margin < 0:
+            raise ValueError("crop_margin must be >= 0")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need three values each, std > 0")
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing setting(s): {', '.join(sorted(unknown))}")
+        stain = d.pop("stain", None) or {}
+        if isinstance(stain, dict):
+            sknown = {f.name for f in dataclasses.fields(StainConfig)}
+            bad = set(stain) - sknown
+            if bad:
+                raise ValueError(f"unknown stain setting(s): {', '.join(sorted(bad))}")
+            stain = StainConfig(**stain)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(stain=stain, **d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreprocessConfig":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a valid preprocessing config: {exc}") from exc
+
+    def to_native_json(self) -> str:
+        """Compact JSON consumed by ``leukedge._native``."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def replace(self, **changes: Any) -> "PreprocessConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- identity ------------------------------------------------------------------------
+    def pixel_dict(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for k in _NON_PIXEL_FIELDS:
+            d.pop(k, None)
+        return d
+
+    def pixel_hash(self) -> str:
+        canon = json.dumps(self.pixel_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def diff(self, other: "PreprocessConfig") -> list[str]:
+        """Human-readable list of pixel-affecting settings that differ."""
+        a, b = _flatten(self.pixel_dict()), _flatten(other.pixel_dict())
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def require_same_pixels(self, other: "PreprocessConfig", what: str = "model", against: str = "data") -> None:
+        if self.pixel_hash() != other.pixel_hash():
+            diffs = "; ".join(self.diff(other)) or "(hash differs)"
+            raise ConfigMismatchError(
+                f"preprocessing of the {what} ({self.pixel_hash()[:12]}) does not match the {against} "
+                f"({other.pixel_hash()[:12]}): {diffs}. Re-run `leukedge preprocess` with the {what}'s config "
+                f"(--config <bundle>/bundle.json) or rebuild the {what}."
+            )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "params":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def normalize_uint8(batch_u8: np.ndarray, cfg: PreprocessConfig, layout: str = "nchw", dtype: str = "float32") -> np.ndarray:
+    """Normalise a uint8 NHWC batch exactly like the Rust core: ``(u8/255 - mean)/std``."""
+    x = batch_u8.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    if layout == "nchw":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x.astype(dtype, copy=False)
