@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Inference benchmark: every available backend × batch size.
+
+For each (backend, batch) it measures, on the same images:
+  * preprocessing alone   (Rust ``preprocess_batch``, one batch at a time, into a preallocated array)
+  * backend alone         (``backend.infer_timed`` on already preprocessed batches; compute / H2D / D2H on TensorRT)
+  * end to end            (``leukedge.infer.run_inference``: discovery, pipelined preprocessing ∥ inference, results)
+and reports throughput, per-batch latency percentiles (p50/p95/p99) and
+``end-to-end / slower stage alone`` (target >= 0.90: pipelining hides the faster stage).
+
+On a CPU-only machine both stages compete for the same cores, so the ratio there measures how
+well they share the CPU rather than overlap; on a GPU the engine runs while the CPU preprocesses.
+
+Usage: python benchmarks/bench_infer.py [--model BUNDLE] [--images DIR] [--n 256] [--batches 1,8,32,64]
+Writes benchmarks/results/infer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from leukedge.infer import summarize_ms  # noqa: E402
+
+
+def make_images(d: Path, n: int) -> Path:
+    from leukedge.synth import make_cell, write_bmp
+
+    (d / "all").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_bmp(d / "all" / f"UID_{i % 7 + 1}_{i + 1}_1_all.bmp", make_cell(i % 2, seed=i, size=450))
+    return d
+
+
+def make_bundle(d: Path, size: int, arch: str) -> Path:
+    import torch
+
+    from leukedge.config import PreprocessConfig
+    from leukedge.models import build_model, save_bundle
+
+    torch.manual_seed(0)
+    m = build_model(arch, input_size=size)
+    return save_bundle(d, m.eval(), arch=arch, config=PreprocessConfig(size=size), synthetic=True)
+
+
+def bench_preprocess(paths: list[str], cfg, batch: int, threads: int, reps: int = 1) -> dict:
+    from leukedge._native import preprocess_batch
+
+    buf = np.zeros((batch, 3, cfg.size, cfg.size), dtype=cfg.dtype)
+    j = cfg.to_native_json()
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for i in range(0, len(paths), batch):
+            chunk = paths[i:i + batch]
+            t = time.perf_counter()
+            preprocess_batch(chunk, j, out=buf[:len(chunk)], threads=threads)
+            times.append((time.perf_counter() - t) * 1e3)
+    wall = time.perf_counter() - t0
+    return {"throughput_img_s": reps * len(paths) / wall, "latency_ms": summarize_ms(times)}
+
+
+def bench_backend(backend, x_all: np.ndarray, batch: int, warmup: int = 3, min_time: float = 1.0) -> dict:
+    chunks = [x_all[i:i + batch] for i in range(0, len(x_all), batch)]
+    chunks = [c for c in chunks if len(c) == batch] or chunks[:1]
+    for _ in range(warmup):
+        backend.infer(chunks[0])
+    tot, comp, h2d, d2h, n = [], [], [], [], 0
+    t0 = time.perf_counter()
+    while True:
+        for c in chunks:
+            _, t = backend.infer_timed(c)
+            tot.append(t.total_ms)
+            if t.compute_ms is not None:
+                comp.append(t.compute_ms)
+            if t.h2d_ms is not None:
+                h2d.append(t.h2d_ms)
+            if t.d2h_ms is not None:
+                d2h.append(t.d2h_ms)
+            n += len(c)
+        if time.perf_counter() - t0 >= min_time:
+            break
+    wall = time.perf_counter() - t0
+    return {"throughput_img_s": n / wall, "latency_ms": summarize_ms(tot), "compute_ms": summarize_ms(comp),
+            "h2d_ms": summarize_ms(h2d), "d2h_ms": summarize_ms(d2h)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="model bundle (default: a fresh untrained bundle of --arch)")
+    ap.add_argument("--arch", default="tiny")
+    ap.add_argument("--size", type=int, default=224, help="input size for the generated bundle")
+    ap.add_argument("--images", type=Path, help="image folder (default: --n synthetic 450x450 BMP cells)")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,64; +128,256 on GPU)")
+    ap.add_argument("--backends", default="all", help="comma list of torch,onnxruntime-fp32,onnxruntime-fp16,tensorrt")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "infer.json")
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from leukedge.engines.base import get_backend
+    from leukedge.engines.tensorrt_backend import gpu_info
+    from leukedge.export import export_bundle
+    from leukedge.infer import Predictor, run_inference
+
+    try:
+        import leukedge._native  # noqa: F401
+    except ImportError:
+        print("leukedge._native is not built (maturin develop --release); the benchmark needs the Rust core", file=sys.stderr)
+        return 2
+    console = Console()
+    gpu = gpu_info()
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 8, 32, 64] + ([128, 256] if gpu else [])
+    work = Path(tempfile.mkdtemp(prefix="leukedge-bench-"))
+    images = args.images or make_images(work / "cells", args.n)
+    from leukedge.data import discover
+
+    paths = [str(r.path) for r in discover([images])][: args.n]
+    bundle = args.model or make_bundle(work / "bundle", args.size, args.arch)
+    exp = work / "export"
+    console.print(f"exporting {bundle} …")
+    export_bundle(bundle, exp, fp16=True, io_dtype="float16", check=False)
+
+    wanted = set(args.backends.split(",")) if args.backends != "all" else None
+    specs = [("torch", dict(kind="torch", model=bundle)),
+             ("onnxruntime-fp32", dict(kind="onnxruntime", model=exp, precision="fp32")),
+             ("onnxruntime-fp16", dict(kind="onnxruntime", model=exp, precision="fp16"))]
+    engine = None
+    if gpu:
+        from leukedge.engines.build import build_engine, pick_flavour
+
+        try:
+            flavour, _ = pick_flavour("auto")
+            engine = exp / "model.plan"
+            build_engine(exp, engine, backend=flavour, min_batch=1, opt_batch=32, max_batch=max(batches))
+            specs.append(("tensorrt", dict(kind=flavour, model=engine)))
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[yellow]no TensorRT engine: {exc}[/]")
+    rows = []
+    pre_cache: dict[tuple[str, int], dict] = {}
+    for label, kw in specs:
+        if wanted and label not in wanted:
+            continue
+        try:
+            backend = get_backend(kw.pop("kind"), kw.pop("model"), **kw)
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[yellow]skip {label}: {exc}[/]")
+            continue
+        cfg = backend.spec.config.replace(layout="nchw", dtype=backend.input_dtype)
+        from leukedge._native import preprocess_batch
+
+        x_all, _ = preprocess_batch(paths, cfg.to_native_json(), threads=args.threads)
+        for b in batches:
+            if backend.max_batch and b > backend.max_batch:
+                continue
+            key = (cfg.dtype, b)
+            if key not in pre_cache:
+                pre_cache[key] = bench_preprocess(paths, cfg, b, args.threads)
+            pre = pre_cache[key]
+            eng = bench_backend(backend, x_all, b)
+            pred = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads, pipeline=True)
+            e2e = run_inference(None, [images], None, predictor=pred, warmup=2, limit=len(paths)).stats
+            pred_seq = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads, pipeline=False)
+            seq = run_inference(None, [images], None, predictor=pred_seq, warmup=0, limit=len(paths)).stats
+            slower = min(pre["throughput_img_s"], eng["throughput_img_s"])
+            row = {
+                "backend": label, "backend_name": backend.name, "description": backend.description, "batch": b,
+                "preprocess": pre, "backend_only": eng,
+                "end_to_end": {"throughput_img_s": e2e["throughput_img_s"], "latency_ms": e2e["latency_ms"]},
+                "sequential_throughput_img_s": seq["throughput_img_s"],
+                "slower_stage_img_s": slower,
+                "e2e_over_slower_stage": e2e["throughput_img_s"] / slower,
+            }
+            rows.append(row)
+            console.print(f"{label:>17} b={b:<4} pre {pre['throughput_img_s']:8.1f}  backend {eng['throughput_img_s']:8.1f}  "
+                          f"e2e {e2e['throughput_img_s']:8.1f} (seq {seq['throughput_img_s']:8.1f}) img/s  "
+                          f"ratio {row['e2e_over_slower_stage']:.2f}")
+        backend.close()
+
+    t = Table(title=f"leukedge inference — {len(paths)} cells {'on ' + gpu['name'] if gpu else 'on CPU'}")
+    for c in ("backend", "batch", "preproc img/s", "backend img/s", "backend p50/p99 ms", "e2e img/s", "seq img/s",
+              "e2e p50/p99 ms", "e2e / slower"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        bl, el = r["backend_only"]["latency_ms"], r["end_to_end"]["latency_ms"]
+        ratio = r["e2e_over_slower_stage"]
+        t.add_row(r["backend"], str(r["batch"]), f"{r['preprocess']['throughput_img_s']:.1f}",
+                  f"{r['backend_only']['throughput_img_s']:.1f}", f"{bl['p50']:.2f}/{bl['p99']:.2f}",
+                  f"{r['end_to_end']['throughput_img_s']:.1f}", f"{r['sequential_throughput_img_s']:.1f}",
+                  f"{el['p50']:.1f}/{el['p99']:.1f}", f"[{'green' if ratio >= 0.9 else 'yellow'}]{ratio:.2f}[/]")
+    console.print(t)
+    import onnxruntime
+    import torch
+
+    out = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "images": {"n": len(paths), "source": str(args.images) if args.images else "synthetic 450x450 BMP"},
+        "model": {"bundle": str(args.model) if args.model else f"untrained {args.arch}", "input_size": args.size},
+        "target": "end to end >= 0.90 x the slower stage alone",
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

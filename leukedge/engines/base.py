@@ -1,0 +1,310 @@
+"""One small interface over the inference runtimes (TensorRT / TensorRT-RTX, ONNX Runtime, PyTorch).
+
+``get_backend("auto", model)`` resolves ``model`` (a model bundle directory, an export directory,
+an ONNX file or an engine file), picks the fastest usable runtime and says which and why.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import PreprocessConfig
+
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+EXPORT_FP32 = "model_fp32.onnx"
+EXPORT_FP16 = "model_fp16.onnx"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (missing package, no GPU, no suitable model file)."""
+
+
+@dataclass
+class Timing:
+    """Times of one ``infer_timed`` call, in milliseconds (``None`` where not measured)."""
+
+    total_ms: float
+    compute_ms: float | None = None
+    h2d_ms: float | None = None
+    d2h_ms: float | None = None
+
+
+class Backend(abc.ABC):
+    """Runs a classifier on preprocessed NCHW batches and returns logits ``(N, 2)`` as float32."""
+
+    name: str = "backend"
+    input_dtype: str = "float32"
+    max_batch: int | None = None  # None: unbounded
+    input_size: int | None = None
+    description: str = ""
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        import time
+
+        t0 = time.perf_counter()
+        out = self.infer(batch)
+        dt = (time.perf_counter() - t0) * 1e3
+        return out, Timing(total_ms=dt, compute_ms=dt)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def check_batch(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected an NCHW batch (N,3,S,S), got shape {batch.shape}")
+        if self.input_size is not None and batch.shape[2:] != (self.input_size, self.input_size):
+            raise ValueError(
+                f"{self.name}: model input is {self.input_size}x{self.input_size}, batch is {batch.shape[2]}x{batch.shape[3]}"
+            )
+        if self.max_batch is not None and batch.shape[0] > self.max_batch:
+            raise ValueError(f"{self.name}: batch of {batch.shape[0]} exceeds the maximum batch {self.max_batch}")
+        if batch.dtype != np.dtype(self.input_dtype):
+            batch = batch.astype(self.input_dtype)
+        return np.ascontiguousarray(batch)
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# model resolution
+@dataclass
+class ModelSpec:
+    """What a MODEL argument points at."""
+
+    kind: str  # "bundle" | "export" | "onnx" | "engine"
+    path: Path
+    config: PreprocessConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+    bundle: Path | None = None
+    onnx_fp32: Path | None = None
+    onnx_fp16: Path | None = None
+    engine: Path | None = None
+
+    @property
+    def preprocess_hash(self) -> str:
+        return self.config.pixel_hash()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or ["hem", "all"])
+
+
+def onnx_config(path: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
+    """Preprocessing config and metadata of an ONNX file (metadata_props, else a sibling preprocess.json)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    if "leukedge.preprocess" in props:
+        cfg = PreprocessConfig.from_json(props["leukedge.preprocess"])
+        stored = props.get("leukedge.preprocess_hash")
+        if stored and stored != cfg.pixel_hash():
+            raise ValueError(f"{path}: metadata preprocess hash does not match its preprocessing config")
+        meta = json.loads(props.get("leukedge.meta", "{}"))
+        return cfg, meta
+    side = path.parent / "preprocess.json"
+    if side.is_file():
+        return PreprocessConfig.load(side), {}
+    raise ValueError(f"{path}: ONNX file carries no leukedge preprocessing config (metadata or preprocess.json)")
+
+
+def find_engine(export_dir: Path) -> Path | None:
+    for suf in ENGINE_SUFFIXES:
+        for p in sorted(export_dir.glob(f"*{suf}")):
+            if (p.parent / (p.name + ".json")).is_file():
+                return p
+    return None
+
+
+def resolve_model(model: str | os.PathLike) -> ModelSpec:
+    p = Path(model)
+    if not p.exists():
+        raise FileNotFoundError(f"model {p} does not exist (expected a bundle dir, export dir, .onnx or engine file)")
+    if p.is_dir() and (p / "bundle.json").is_file():
+        meta = json.loads((p / "bundle.json").read_text())
+        cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
+            raise ValueError(f"{p}/bundle.json: preprocess_hash does not match its preprocessing config")
+        spec = ModelSpec("bundle", p, cfg, meta, bundle=p)
+        exp = p / "export"
+        if (exp / "preprocess.json").is_file():
+            _fill_export(spec, exp)
+        return spec
+    if p.is_dir() and (p / "preprocess.json").is_file():
+        cfg = PreprocessConfig.load(p / "preprocess.json")
+        meta: dict[str, Any] = {}
+        if (p / "export.json").is_file():
+            meta = json.loads((p / "export.json").read_text())
+            if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
+                raise ValueError(f"{p}/export.json: preprocess_hash does not match preprocess.json")
+        spec = ModelSpec("export", p, cfg, meta)
+        _fill_export(spec, p)
+        if spec.onnx_fp32 is None and spec.onnx_fp16 is None:
+            raise ValueError(f"{p}: export directory has no {EXPORT_FP32} / {EXPORT_FP16}")
+        if meta.get("bundle") and Path(meta["bundle"]).is_dir():
+            spec.bundle = Path(meta["bundle"])
+        return spec
+    if p.is_dir():
+        raise ValueError(f"{p}: not a model bundle (bundle.json) or an export directory (preprocess.json)")
+    if p.suffix == ".onnx":
+        cfg, meta = onnx_config(p)
+        spec = ModelSpec("onnx", p, cfg, meta)
+        if "float16" in str(meta.get("precision", "")) or p.name == EXPORT_FP16:
+            spec.onnx_fp16 = p
+        else:
+            spec.onnx_fp32 = p
+        return spec
+    if p.suffix in ENGINE_SUFFIXES or (p.parent / (p.name + ".json")).is_file():
+        from .sidecar import read_sidecar, sidecar_config
+
+        info = read_sidecar(p)
+        cfg = sidecar_config(info, p)
+        spec = ModelSpec("engine", p, cfg, {"sidecar": info, "class_names": info.get("class_names")}, engine=p)
+        # fall-back ONNX files of the export the engine was built from, if still there
+        src = (info.get("onnx") or {}).get("path")
+        if src and Path(src).is_file():
+            exp = Path(src).parent
+            if (exp / "preprocess.json").is_file():
+                from .sidecar import check_preprocess
+
+                check_preprocess(info, p, PreprocessConfig.load(exp / "preprocess.json"), f"export {exp}")
+                for name, attr in ((EXPORT_FP32, "onnx_fp32"), (EXPORT_FP16, "onnx_fp16")):
+                    if (exp / name).is_file():
+                        setattr(spec, attr, exp / name)
+        return spec
+    raise ValueError(f"{p}: unrecognised model file (expected .onnx or an engine {'/'.join(ENGINE_SUFFIXES)} with sidecar)")
+
+
+def _fill_export(spec: ModelSpec, exp: Path) -> None:
+    from .sidecar import check_preprocess, read_sidecar
+
+    exp_cfg = PreprocessConfig.load(exp / "preprocess.json")
+    if exp_cfg.pixel_hash() != spec.config.pixel_hash():
+        from ..config import ConfigMismatchError
+
+        raise ConfigMismatchError(f"{exp}/preprocess.json does not match the preprocessing of {spec.path}")
+    if (exp / EXPORT_FP32).is_file():
+        spec.onnx_fp32 = exp / EXPORT_FP32
+    if (exp / EXPORT_FP16).is_file():
+        spec.onnx_fp16 = exp / EXPORT_FP16
+    eng = find_engine(exp)
+    if eng is not None:
+        info = read_sidecar(eng)
+        check_preprocess(info, eng, spec.config, f"{spec.kind} {spec.path}")
+        spec.engine = eng
+        spec.meta.setdefault("sidecar", info)
+
+
+# --------------------------------------------------------------------------------------------
+def get_backend(
+    kind: str = "auto",
+    model: str | os.PathLike | ModelSpec | None = None,
+    *,
+    device: str = "auto",
+    expected_config: PreprocessConfig | None = None,
+    threads: int = 0,
+    precision: str = "auto",
+) -> Backend:
+    """Create a backend for ``model``. ``backend.reason`` says why this one was picked.
+
+    ``expected_config``: if given, the model's preprocessing must match it (mismatch refused).
+    ``precision`` (ONNX Runtime): "fp32", "fp16" or "auto" (fp16 on CUDA, fp32 on CPU).
+    """
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if model is None:
+        from ..infer import default_model_path
+
+        model = default_model_path()
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    if expected_config is not None:
+        expected_config.require_same_pixels(spec.config, what="station/bundle", against=f"model {spec.path}")
+
+    reasons: list[str] = []
+    if kind in ("auto", "tensorrt", "tensorrt-rtx"):
+        if spec.engine is not None:
+            try:
+                from .tensorrt_backend import TensorRTBackend
+
+                flavour = None if kind == "auto" else kind
+                b = TensorRTBackend(spec.engine, flavour=flavour)
+                b.reason = f"engine {spec.engine.name} usable on {b.gpu_name}"
+                b.spec = spec
+                return b
+            except Exception as exc:  # noqa: BLE001 - reported below
+                if kind != "auto" or _is_mismatch(exc):
+                    raise
+                reasons.append(f"TensorRT engine {spec.engine.name} not usable: {exc}")
+        elif kind != "auto":
+            raise BackendUnavailable(
+                f"{spec.path} has no TensorRT engine; build one with `leukedge build-engine {spec.path} -o ENGINE`"
+            )
+        else:
+            reasons.append("no TensorRT engine for this model")
+    if kind in ("auto", "onnxruntime"):
+        onnx_path = _pick_onnx(spec, device, precision)
+        if onnx_path is not None:
+            try:
+                from .onnxrt import OnnxRuntimeBackend
+
+                b = OnnxRuntimeBackend(onnx_path, device=device, threads=threads)
+                b.reason = "; ".join(reasons + [f"ONNX Runtime ({b.provider}) on {onnx_path.name}"])
+                b.spec = spec
+                b.input_size = spec.config.size
+                return b
+            except ImportError as exc:
+                if kind != "auto":
+                    raise BackendUnavailable(f"onnxruntime is not installed: {exc}") from exc
+                reasons.append(f"onnxruntime unavailable ({exc})")
+        elif kind != "auto":
+            raise BackendUnavailable(f"{spec.path} has no ONNX export; run `leukedge export {spec.path} -o OUT`")
+        else:
+            reasons.append("no ONNX export")
+    if kind in ("auto", "torch"):
+        if spec.bundle is not None:
+            from .torch_backend import TorchBackend
+
+            b = TorchBackend.from_bundle(spec.bundle, device=device)
+            b.reason = "; ".join(reasons + [f"PyTorch reference on {b.device}"])
+            b.spec = spec
+            return b
+        if kind != "auto":
+            raise BackendUnavailable(f"{spec.path} is not a model bundle; the PyTorch backend needs one")
+        reasons.append("no model bundle for PyTorch")
+    raise BackendUnavailable(f"no usable backend for {spec.path}: " + "; ".join(reasons))
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    from ..config import ConfigMismatchError
+    from .sidecar import EngineMismatchError
+
+    return isinstance(exc, (ConfigMismatchError, EngineMismatchError))
+
+
+def _pick_onnx(spec: ModelSpec, device: str, precision: str) -> Path | None:
+    cuda = False
+    if device in ("auto", "cuda"):
+        try:
+            import onnxruntime as ort
+
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        except ImportError:
+            cuda = False
+    if precision == "fp16" or (precision == "auto" and cuda):
+        return spec.onnx_fp16 or spec.onnx_fp32
+    return spec.onnx_fp32 or spec.onnx_fp16

@@ -1,0 +1,384 @@
+"""``leukedge build-engine``: compile an ONNX export into a TensorRT or TensorRT-RTX engine + sidecar.
+
+Standard TensorRT (``import tensorrt``, 8.6 / 10.x / 11.x) needs a GPU to build. FP16 comes from
+the FP16 ONNX graph in a strongly typed network where that flag exists (TensorRT >= 10, required
+by 11, which removed ``BuilderFlag.FP16``); with an FP32 graph on a TensorRT that still has
+``BuilderFlag.FP16`` the builder is allowed to pick FP16 kernels instead.
+
+TensorRT-RTX (``import tensorrt_rtx``) is always strongly typed and builds ahead of time without a
+GPU, for a set of compute capabilities (default: portable Ampere+; ``--target-cc`` to pick); the
+engine is JIT-specialised on the target GPU at load time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .. import __version__
+from ..config import PreprocessConfig
+from .base import EXPORT_FP16, EXPORT_FP32, BackendUnavailable, onnx_config
+from .sidecar import atomic_write_bytes, sha256_file, sidecar_path, write_sidecar
+from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
+
+RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def resolve_onnx(src: str | os.PathLike, prefer_fp16: bool = True) -> Path:
+    """An ONNX file, or the FP16 (else FP32) graph of an export directory."""
+    p = Path(src)
+    if p.is_dir():
+        order = (EXPORT_FP16, EXPORT_FP32) if prefer_fp16 else (EXPORT_FP32, EXPORT_FP16)
+        for name in order:
+            if (p / name).is_file():
+                return p / name
+        raise BuildError(f"{p}: no {EXPORT_FP16} or {EXPORT_FP32}; run `leukedge export BUNDLE -o {p}` first")
+    if not p.is_file():
+        raise BuildError(f"{p}: ONNX file or export directory not found")
+    return p
+
+
+def graph_precision(onnx_path: Path) -> str:
+    """"float16" if the graph's weights are FP16 (an FP16 export), else "float32"."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    if props.get("leukedge.precision") in ("float16", "float32"):
+        return props["leukedge.precision"]
+    n16 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    n32 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    return "float16" if n16 > n32 else "float32"
+
+
+def pick_flavour(backend: str) -> tuple[str, str]:
+    """(flavour, reason) for --backend auto|tensorrt|tensorrt-rtx."""
+    if backend in FLAVOURS:
+        import_trt(backend)
+        if backend == "tensorrt" and gpu_info() is None:
+            raise BuildError(f"standard TensorRT needs a GPU to build engines ({no_gpu_reason()}); "
+                             f"use --backend tensorrt-rtx to build ahead of time without a GPU")
+        return backend, "requested"
+    gpu = gpu_info()
+    reasons = []
+    if gpu is not None:
+        try:
+            import_trt("tensorrt")
+            return "tensorrt", f"GPU {gpu['name']} present and tensorrt installed"
+        except BackendUnavailable as exc:
+            reasons.append(str(exc))
+    else:
+        reasons.append(f"no GPU ({no_gpu_reason()}), so standard TensorRT cannot build")
+    try:
+        import_trt("tensorrt-rtx")
+        return "tensorrt-rtx", "; ".join(reasons + ["TensorRT-RTX builds ahead of time"])
+    except BackendUnavailable as exc:
+        reasons.append(str(exc))
+    raise BuildError("no TensorRT flavour can build here: " + "; ".join(reasons))
+
+
+def _dtype_name(trt, dt) -> str:
+    names = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32", trt.int8: "int8"}
+    return names.get(dt, str(dt).split(".")[-1].lower())
+
+
+def build_engine(
+    onnx_src: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    min_batch: int = 1,
+    opt_batch: int = 32,
+    max_batch: int = 64,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_mib: int | None = 1024,
+    hardware_compat: bool = False,
+    target_cc: tuple[str, ...] = (),
+    verbose: bool = False,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Build and write ``engine_path`` and its sidecar; returns the sidecar dict."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise BuildError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= max-batch ({max_batch})")
+    notes = notes if notes is not None else []
+    onnx_path = resolve_onnx(onnx_src).resolve()
+    config, meta = onnx_config(onnx_path)
+    graph_prec = graph_precision(onnx_path)
+    flavour, why = pick_flavour(backend)
+    notes.append(f"flavour {flavour}: {why}")
+    trt = import_trt(flavour)
+    major = trt_major(trt)
+    gpu = gpu_info()
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+
+    t0 = time.perf_counter()
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise BuildError(f"{flavour}: could not create a builder ({no_gpu_reason()})")
+    NDCF = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    if flavour == "tensorrt" and major < 10 and hasattr(NDCF, "EXPLICIT_BATCH"):
+        flags |= 1 << int(NDCF.EXPLICIT_BATCH)  # required before TensorRT 10 for ONNX
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    strongly = hasattr(NDCF, "STRONGLY_TYPED") and (flavour == "tensorrt-rtx" or graph_prec == "float16" or not has_fp16_flag)
+    if strongly:
+        flags |= 1 << int(NDCF.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{flavour} could not parse {onnx_path}: {errs}")
+
+    config_b = builder.create_builder_config()
+    if graph_prec == "float16":
+        precision, how = "fp16", ("fp16 ONNX graph, strongly typed" if strongly else "fp16 ONNX graph")
+        if not strongly and has_fp16_flag:
+            config_b.set_flag(trt.BuilderFlag.FP16)  # TensorRT 8.x: allow FP16 kernels for the FP16 layers
+            how = "fp16 ONNX graph + BuilderFlag.FP16"
+    elif not strongly and has_fp16_flag:
+        config_b.set_flag(trt.BuilderFlag.FP16)
+        precision, how = "fp16", "BuilderFlag.FP16 (fp32 ONNX graph)"
+    else:
+        precision, how = "fp32", "fp32 ONNX graph, strongly typed"
+        notes.append(f"{flavour} {trt.__version__} has no BuilderFlag.FP16: export with --fp16 and build from "
+                     f"{EXPORT_FP16} to get an FP16 engine")
+
+    if workspace_mib:
+        if hasattr(config_b, "set_memory_pool_limit"):
+            config_b.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+        else:  # TensorRT < 8.4
+            config_b.max_workspace_size = int(workspace_mib) << 20
+
+    # optimisation profile over the batch axis
+    inp = network.get_input(0)
+    chw = tuple(inp.shape)[1:]
+    if any(d < 0 for d in chw):
+        chw = (3, config.size, config.size)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
+    config_b.add_optimization_profile(profile)
+
+    # timing cache
+    tc_used = None
+    if timing_cache:
+        if flavour == "tensorrt-rtx":
+            notes.append("timing cache ignored: TensorRT-RTX does no build-time kernel timing (kernels are JIT-compiled "
+                         "on the target GPU)")
+        else:
+            blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+            cache = config_b.create_timing_cache(blob)
+            config_b.set_timing_cache(cache, ignore_mismatch=False)
+            tc_used = {"path": str(timing_cache), "loaded_bytes": len(blob)}
+
+    # hardware compatibility / target GPUs
+    hw_level = None
+    if hardware_compat:
+        if flavour == "tensorrt" and hasattr(trt, "HardwareCompatibilityLevel") and hasattr(config_b, "hardware_compatibility_level"):
+            config_b.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+            hw_level = "ampere_plus"
+        elif flavour == "tensorrt-rtx":
+            notes.append("--hardware-compat: TensorRT-RTX engines are portable across their target compute capabilities "
+                         "by design (use --target-cc); no hardware-compatibility level set")
+        else:
+            notes.append(f"--hardware-compat ignored: tensorrt {trt.__version__} has no hardware compatibility levels")
+    targets: list[str] = []
+    if flavour == "tensorrt-rtx":
+        if target_cc:
+            config_b.num_compute_capabilities = len(target_cc)
+            for i, cc in enumerate(target_cc):
+                if cc not in RTX_CC_NAMES:
+                    raise BuildError(f"--target-cc {cc}: TensorRT-RTX supports {', '.join(RTX_CC_NAMES)}")
+                config_b.set_compute_capability(getattr(trt.ComputeCapability, RTX_CC_NAMES[cc]), i)
+            targets = list(target_cc)
+    elif target_cc:
+        notes.append("--target-cc only applies to TensorRT-RTX; standard TensorRT builds for the GPU it runs on")
+
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"building {flavour} engine from {onnx_path.name} …"):
+        t_build = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config_b)
+        build_s = time.perf_counter() - t_build
+    if serialized is None:
+        raise BuildError(f"{flavour} failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    data = bytes(memoryview(serialized))
+    engine_path = Path(engine_path)
+    atomic_write_bytes(engine_path, data)
+    if tc_used is not None:
+        blob = bytes(memoryview(config_b.get_timing_cache().serialize()))
+        atomic_write_bytes(Path(timing_cache), blob)
+        tc_used["saved_bytes"] = len(blob)
+
+    def io(t) -> dict[str, Any]:
+        return {"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)}
+
+    cmd = " ".join(shlex.quote(a) for a in ["leukedge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "leukedge" else None
+    info: dict[str, Any] = {
+        "flavour": flavour,
+        "trt_version": str(trt.__version__),
+        "built_on": {
+            "gpu": gpu["name"] if gpu else None,
+            "compute_capability": gpu["compute_capability"] if gpu and flavour == "tensorrt" else None,
+            "driver": gpu["driver"] if gpu else None,
+            "mode": "AOT, no GPU" if (flavour == "tensorrt-rtx" and gpu is None) else
+                    ("AOT (TensorRT-RTX), JIT on target" if flavour == "tensorrt-rtx" else "built on GPU"),
+        },
+        "target_compute_capabilities": targets if flavour == "tensorrt-rtx" else
+            ([gpu["compute_capability"]] if gpu and not hw_level else (["8.0+"] if hw_level else [])),
+        "hardware_compat": hw_level,
+        "precision": precision,
+        "precision_source": how,
+        "strongly_typed": bool(strongly),
+        "inputs": [io(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [io(network.get_output(i)) for i in range(network.num_outputs)],
+        "profile": {"input": inp.name, "min": min_batch, "opt": opt_batch, "max": max_batch, "chw": list(chw)},
+        "workspace_mib": workspace_mib,
+        "timing_cache": tc_used,
+        "onnx": {"path": str(onnx_path), "source": str(Path(onnx_src).resolve()), "sha256": sha256_file(onnx_path),
+                 "graph_precision": graph_prec},
+        "preprocess": config.to_dict(),
+        "preprocess_hash": config.pixel_hash(),
+        "class_names": meta.get("class_names", ["hem", "all"]),
+        "engine_size": len(data),
+        "engine_sha256": __import__("hashlib").sha256(data).hexdigest(),
+        "build_seconds": round(build_s, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "leukedge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_command": cmd,
+        "notes": notes,
+    }
+    write_sidecar(engine_path, info)
+    return info
+
+
+def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"{engine_path.name} — {info['flavour']} {info['trt_version']}")
+    for c in ("tensor", "mode", "dtype", "shape", "profile min / opt / max"):
+        t.add_column(c)
+    prof = info["profile"]
+    for mode, lst in (("input", info["inputs"]), ("output", info["outputs"])):
+        for x in lst:
+            shp = "x".join("batch" if d < 0 else str(d) for d in x["shape"])
+            p = ""
+            if x["name"] == prof["input"]:
+                chw = "x".join(map(str, prof["chw"]))
+                p = f"{prof['min']}x{chw} / {prof['opt']}x{chw} / {prof['max']}x{chw}"
+            t.add_row(x["name"], mode, x["dtype"], shp, p)
+    console.print(t)
+    b = info["built_on"]
+    target = ", ".join(info["target_compute_capabilities"]) or "default portable set (Ampere+: 8.0/8.6/8.9/12.0)"
+    rows = [
+        ("engine", f"{engine_path} ({info['engine_size'] / 1024:.0f} KiB)"),
+        ("sidecar", str(sidecar_path(engine_path))),
+        ("built on", f"{b['gpu']} (CC {b['compute_capability']})" if b.get("gpu") else b["mode"]),
+        ("target CC", target),
+        ("precision", f"{info['precision']} ({info['precision_source']})"),
+        ("build time", f"{info['build_seconds']:.2f} s (total {info['total_seconds']:.2f} s)"),
+        ("ONNX", f"{info['onnx']['path']} sha256 {info['onnx']['sha256'][:12]}"),
+        ("preprocess hash", info["preprocess_hash"][:16]),
+    ]
+    for k, v in rows:
+        console.print(f"  [bold]{k:<16}[/] {v}")
+    for n in info.get("notes", []):
+        console.print(f"  [yellow]note[/] {n}")
+
+
+def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample_dir: Path | None = None) -> dict[str, Any]:
+    """Engine vs ONNX Runtime (FP32 graph) on sample cells; {"skipped": reason} without a GPU."""
+    from ..export import FP16_TOL, _passes, check_inputs, compare_logits, default_sample_dir
+    from .onnxrt import OnnxRuntimeBackend
+    from .tensorrt_backend import TensorRTBackend
+
+    if gpu_info() is None:
+        return {"skipped": f"no GPU here ({no_gpu_reason()}); the engine cannot be executed. "
+                           f"Run `leukedge build-engine ... --validate` or `leukedge infer --model {engine_path}` on the target GPU"}
+    onnx32 = resolve_onnx(onnx_src, prefer_fp16=False)
+    cfg, _ = onnx_config(onnx32)
+    inputs = check_inputs(cfg, sample_dir or default_sample_dir(), n_synth=n_synth)
+    ref = OnnxRuntimeBackend(onnx32, device="cpu")
+    eng = TensorRTBackend(engine_path)
+    try:
+        per, refs, gots = {}, [], []
+        for name, x in inputs:
+            r_out = ref.infer(x.astype(ref.input_dtype))
+            g_out = np.concatenate([eng.infer(x[i:i + eng.max_batch]) for i in range(0, len(x), eng.max_batch)])
+            per[name] = compare_logits(r_out, g_out)
+            refs.append(r_out)
+            gots.append(g_out)
+        allm = compare_logits(np.concatenate(refs), np.concatenate(gots))
+        allm["pass"] = _passes(allm, FP16_TOL)
+        return {"reference": f"onnxruntime CPU {onnx32.name}", "by_source": per, "all": allm, "tolerance": FP16_TOL}
+    finally:
+        eng.close()
+
+
+@click.command("build-engine")
+@click.argument("onnx_src", metavar="ONNX_OR_EXPORT_DIR", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "engine", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Engine file to write (e.g. export/model.plan); the sidecar goes to ENGINE.json.")
+@click.option("--backend", type=click.Choice(["auto", *FLAVOURS]), default="auto", show_default=True,
+              help="auto: tensorrt when a GPU is present, else tensorrt-rtx (ahead of time, no GPU needed).")
+@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True, help="Optimisation profile: smallest batch.")
+@click.option("--opt-batch", type=click.IntRange(1), default=32, show_default=True,
+              help="Optimisation profile: batch the kernels are tuned for (use `leukedge infer --batch`).")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True, help="Optimisation profile: largest batch.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Timing cache file to load (if present) and update (standard TensorRT).")
+@click.option("--workspace", "workspace_mib", type=click.IntRange(16), default=1024, show_default=True,
+              help="Builder workspace limit in MiB.")
+@click.option("--hardware-compat", is_flag=True, help="Standard TensorRT: build an Ampere+ hardware-compatible engine.")
+@click.option("--target-cc", multiple=True, type=click.Choice(sorted(RTX_CC_NAMES)),
+              help="TensorRT-RTX: compute capability to build for (repeatable) [default: portable Ampere+ set].")
+@click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
+@click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")
+def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int, opt_batch: int, max_batch: int,
+                     timing_cache: Path | None, workspace_mib: int, hardware_compat: bool, target_cc: tuple[str, ...],
+                     validate: bool, verbose: bool) -> None:
+    """Compile ONNX_OR_EXPORT_DIR (an export directory uses its FP16 graph) into a TensorRT engine."""
+    from rich.console import Console
+
+    console = Console()
+    try:
+        info = build_engine(onnx_src, engine, backend=backend, min_batch=min_batch, opt_batch=opt_batch,
+                            max_batch=max_batch, timing_cache=timing_cache, workspace_mib=workspace_mib,
+                            hardware_compat=hardware_compat, target_cc=target_cc, verbose=verbose)
+    except (BuildError, BackendUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    print_summary(info, engine, console)
+    if validate:
+        res = validate_engine(engine, onnx_src)
+        if "skipped" in res:
+            console.print(f"[yellow]validation skipped[/]: {res['skipped']}")
+        else:
+            from rich.table import Table
+
+            t = Table(title=f"engine vs {res['reference']}")
+            for c in ("cells", "n", "max abs diff", "max rel diff", "max |Δp(all)|", "top-1 agree"):
+                t.add_column(c)
+            for name, m in [*res["by_source"].items(), ("all", res["all"])]:
+                t.add_row(name, str(m["n"]), f"{m['max_abs_logit']:.3e}", f"{m['max_rel_logit']:.3e}",
+                          f"{m['max_abs_prob']:.3e}", f"{m['top1_agreement']:.1%}")
+            console.print(t)
+            rep = engine.with_name(engine.name + ".validation.json")
+            rep.write_text(json.dumps(res, indent=2) + "\n")
+            if not res["all"]["pass"]:
+                raise click.ClickException(f"engine disagrees with ONNX Runtime beyond tolerance {res['tolerance']} (see {rep})")
+            console.print(f"[green]validation passed[/] ({rep})")

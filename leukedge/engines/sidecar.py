@@ -1,0 +1,210 @@
+"""Engine sidecar (``ENGINE.json``): what an engine was built from, with what, and for which GPU.
+
+A serialized TensorRT engine only runs with the exact TensorRT build that produced it and (unless
+built hardware-compatible) on the compute capability it was built for.  TensorRT-RTX engines are
+built ahead of time (AOT) for a list of compute capabilities and JIT-compiled on the target GPU.
+The sidecar records all of that, plus the preprocessing configuration and hash, so that loading
+can refuse a mismatch with an error that says exactly how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigMismatchError, PreprocessConfig
+
+SIDECAR_FORMAT = 1
+
+# Compute capabilities a TensorRT-RTX engine supports when none is set explicitly (docs:
+# "portable across 8.0/8.6/8.9/12.0 and later"; Turing 7.5 needs to be requested explicitly).
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
+# Compute capabilities TensorRT-RTX can build for (its ComputeCapability enum).
+RTX_SUPPORTED_CC = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+
+
+class EngineMismatchError(RuntimeError):
+    """The engine cannot be used here (TensorRT flavour/version, GPU, or preprocessing)."""
+
+
+def sidecar_path(engine_path: str | os.PathLike) -> Path:
+    """``model.plan`` -> ``model.plan.json``."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sidecar(engine_path: str | os.PathLike, info: dict[str, Any]) -> Path:
+    info = {"format": SIDECAR_FORMAT, **info}
+    path = sidecar_path(engine_path)
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
+    path = sidecar_path(engine_path)
+    if not path.is_file():
+        raise EngineMismatchError(
+            f"{engine_path}: no sidecar {path.name} next to the engine, so its TensorRT version, target GPU and "
+            f"preprocessing are unknown. Rebuild it with `leukedge build-engine EXPORT_DIR -o {engine_path}`."
+        )
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineMismatchError(f"{path}: unreadable engine sidecar ({exc})") from exc
+    missing = [k for k in ("flavour", "trt_version", "preprocess", "preprocess_hash", "inputs", "outputs") if k not in info]
+    if missing:
+        raise EngineMismatchError(f"{path}: engine sidecar lacks {', '.join(missing)}; rebuild the engine")
+    return info
+
+
+def rebuild_command(info: dict[str, Any], engine_path: str | os.PathLike, backend: str | None = None) -> str:
+    """The exact ``leukedge build-engine`` command that rebuilds this engine here."""
+    onnx_src = (info.get("onnx") or {}).get("source") or (info.get("onnx") or {}).get("path") or "EXPORT_DIR"
+    prof = info.get("profile") or {}
+    args = ["leukedge", "build-engine", str(onnx_src), "-o", str(engine_path), "--backend", backend or info.get("flavour", "auto")]
+    for k in ("min", "opt", "max"):
+        if k in prof:
+            args += [f"--{k}-batch", str(prof[k])]
+    if info.get("hardware_compat"):
+        args.append("--hardware-compat")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def check_compatible(
+    info: dict[str, Any],
+    engine_path: str | os.PathLike,
+    *,
+    flavour: str,
+    trt_version: str,
+    compute_capability: str | None,
+) -> None:
+    """Refuse an engine built by another TensorRT flavour/version or for another GPU.
+
+    ``compute_capability`` is the current GPU's ("8.9"); ``None`` skips the GPU check.
+    """
+    built_flavour, built_version = info.get("flavour"), str(info.get("trt_version"))
+    if built_flavour != flavour:
+        raise EngineMismatchError(
+            f"{engine_path} was built with {built_flavour} {built_version} but this runtime is {flavour} {trt_version}. "
+            f"Rebuild it here: {rebuild_command(info, engine_path, flavour)}"
+        )
+    if built_version != str(trt_version):
+        raise EngineMismatchError(
+            f"{engine_path} was built with {built_flavour} {built_version} but {flavour} {trt_version} is installed; "
+            f"serialized engines only load with the exact TensorRT version that built them. "
+            f"Rebuild it here: {rebuild_command(info, engine_path, flavour)}"
+        )
+    if compute_capability is None:
+        return
+    here = _cc_tuple(compute_capability)
+    if flavour == "tensorrt-rtx":
+        targets = info.get("target_compute_capabilities") or list(RTX_DEFAULT_TARGETS)
+        ok = any(_cc_tuple(t) == here for t in targets) or (
+            not info.get("target_compute_capabilities") and here >= _cc_tuple(RTX_DEFAULT_TARGETS[-1])
+        )
+        if not ok:
+            if compute_capability in RTX_SUPPORTED_CC:
+                fix = f"Rebuild it for this GPU: {rebuild_command(info, engine_path, flavour)} --target-cc {compute_capability}"
+            else:
+                fix = (f"TensorRT-RTX does not target compute capability {compute_capability} "
+                       f"(it supports {', '.join(RTX_SUPPORTED_CC)}); build with standard TensorRT on this GPU: "
+                       f"{rebuild_command(info, engine_path, 'tensorrt')}")
+            raise EngineMismatchError(
+                f"{engine_path} is a TensorRT-RTX engine for compute capabilities {', '.join(targets)} but this GPU is "
+                f"{compute_capability}. {fix}"
+            )
+        return
+    built_cc = (info.get("built_on") or {}).get("compute_capability")
+    if built_cc is None:
+        return
+    level = (info.get("hardware_compat") or "").lower()
+    if level in ("ampere_plus", "ampere+"):
+        ok = here >= (8, 0)
+    else:
+        ok = _cc_tuple(built_cc) == here
+    if not ok:
+        raise EngineMismatchError(
+            f"{engine_path} was built on a GPU with compute capability {built_cc} "
+            f"({(info.get('built_on') or {}).get('gpu', '?')}) but this GPU is {compute_capability}"
+            f"{' (hardware compatibility ' + level + ')' if level else ''}. "
+            f"Rebuild it here: {rebuild_command(info, engine_path, flavour)}"
+        )
+
+
+def sidecar_config(info: dict[str, Any], engine_path: str | os.PathLike) -> PreprocessConfig:
+    """The preprocessing config stored in the sidecar, after checking its hash."""
+    cfg = PreprocessConfig.from_dict(info["preprocess"])
+    if cfg.pixel_hash() != info["preprocess_hash"]:
+        raise EngineMismatchError(
+            f"{sidecar_path(engine_path)}: stored preprocess_hash {info['preprocess_hash'][:12]} does not match its "
+            f"preprocessing config ({cfg.pixel_hash()[:12]}); the sidecar was edited. Rebuild the engine: "
+            f"{rebuild_command(info, engine_path)}"
+        )
+    return cfg
+
+
+def check_preprocess(info: dict[str, Any], engine_path: str | os.PathLike, expected: PreprocessConfig, what: str) -> None:
+    """Refuse an engine whose preprocessing differs from ``expected`` (the bundle's or export's)."""
+    eng = sidecar_config(info, engine_path)
+    if eng.pixel_hash() != expected.pixel_hash():
+        diffs = "; ".join(expected.diff(eng)) or "(hash differs)"
+        raise ConfigMismatchError(
+            f"preprocessing of {what} ({expected.pixel_hash()[:12]}) does not match engine {engine_path} "
+            f"({eng.pixel_hash()[:12]}): {diffs}. The engine was built from a different export; rebuild it: "
+            f"{rebuild_command(info, engine_path)}"
+        )

@@ -1,0 +1,354 @@
+"""Evaluate a model bundle on a preprocessed dataset cache.
+
+Metrics follow the C-NMC challenge (weighted F1 over the two classes) plus accuracy, per-class
+precision / recall / F1, ROC-AUC, the confusion matrix and a per-subject breakdown.  The bundle's
+preprocessing hash must equal the cache's: a model is never scored on pixels it was not trained for.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+
+from .config import ConfigMismatchError
+
+CLASS_NAMES = ("hem", "all")
+SYNTHETIC_WARNING = "SYNTHETIC data: these numbers describe generated cells, not a medical result"
+
+
+# ----------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------
+def _as_int(v: Any, default: int = -1) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating,)):
+        return _clean(float(v))
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    return v
+
+
+def compute_metrics(y_true: Sequence[int], prob: Sequence[float], subjects: Sequence[Any] | None = None,
+                    threshold: float = 0.5) -> dict[str, Any]:
+    """Classification metrics for labels ``y_true`` (0 hem / 1 all) and ``prob`` = P(all)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    if y.shape != p.shape:
+        raise ValueError(f"labels {y.shape} and probabilities {p.shape} differ in shape")
+    if len(y) == 0:
+        raise ValueError("no labelled images to evaluate")
+    pred = (p >= threshold).astype(np.int64)
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+    both = len(np.unique(y)) == 2
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "threshold": threshold,
+        "accuracy": float(accuracy_score(y, pred)),
+        "weighted_f1": float(f1_score(y, pred, labels=[0, 1], average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0)),
+        "roc_auc": float(roc_auc_score(y, p)) if both else None,
+        "per_class": {
+            CLASS_NAMES[c]: {"precision": float(prec[c]), "recall": float(rec[c]), "f1": float(f1[c]), "support": int(sup[c])}
+            for c in (0, 1)
+        },
+        "confusion_matrix": {"labels": list(CLASS_NAMES), "rows": "true", "columns": "predicted",
+                             "matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist()},
+        "class_counts": {"hem": int((y == 0).sum()), "all": int((y == 1).sum())},
+    }
+    if subjects is not None:
+        out["per_subject"] = per_subject_breakdown(subjects, y, p, threshold)
+    return out
+
+
+def per_subject_breakdown(subjects: Sequence[Any], y: Sequence[int], p: Sequence[float],
+                          threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Per subject: n, accuracy, mean P(all), predicted blast fraction, true class."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(subjects):
+        groups["?" if s in (None, "") else str(s)].append(i)
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    rows = []
+    for s, idx in groups.items():
+        yi, pi = y[idx], p[idx]
+        labelled = yi >= 0
+        classes = sorted({CLASS_NAMES[int(v)] for v in yi[labelled]})
+        rows.append({
+            "subject": s,
+            "n": len(idx),
+            "true_class": "/".join(classes) if classes else "unknown",
+            "accuracy": float(((pi[labelled] >= threshold).astype(int) == yi[labelled]).mean()) if labelled.any() else None,
+            "mean_prob_all": float(pi.mean()),
+            "predicted_blast_fraction": float((pi >= threshold).mean()),
+        })
+
+    def key(r: dict[str, Any]) -> tuple[int, int, str]:
+        name = r["subject"]
+        digits = "".join(ch for ch in name if ch.isdigit())
+        return (1 if name.upper().startswith("H") else 0, int(digits) if digits else 0, name)
+
+    return sorted(rows, key=key)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+def _load_cache(cache: Any) -> tuple[Any, Path | None]:
+    if isinstance(cache, (str, Path)):
+        from .preprocess import load_cache
+
+        return load_cache(cache), Path(cache)
+    return cache, getattr(cache, "path", None)
+
+
+def _cache_synthetic(cache: Any, cache_path: Path | None) -> bool:
+    meta = getattr(cache, "meta", None) or {}
+    if meta.get("synthetic"):
+        return True
+    if cache_path is not None:
+        from .data import is_synthetic
+
+        return bool(is_synthetic(cache_path))
+    return False
+
+
+def select_rows(manifest: Sequence[dict[str, Any]], split: str | None = None,
+                indices: Sequence[int] | None = None) -> list[int]:
+    """Rows of a cache manifest that decoded (status ok), optionally restricted to a split or indices."""
+    rows = range(len(manifest)) if indices is None else [int(i) for i in indices]
+    out = []
+    for i in rows:
+        r = manifest[i]
+        if str(r.get("status", "ok")) != "ok":
+            continue
+        if split is not None and str(r.get("split") or "") != split:
+            continue
+        out.append(i)
+    return out
+
+
+def predict_cache(bundle: Any, images: np.ndarray, rows: Sequence[int], *, batch_size: int = 64,
+                  progress: bool = False, device: str = "cpu") -> np.ndarray:
+    """P(all) for the cache rows ``rows`` (uint8 NHWC images, normalised like the Rust core)."""
+    import torch
+
+    bundle.to(device)
+    probs = np.zeros(len(rows), dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def run(update: Any = None) -> None:
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start : start + batch_size]
+            batch = np.asarray(images[idx])
+            probs[start : start + len(idx)] = bundle.predict_proba(batch, batch_size=batch_size)
+            if update:
+                update(len(idx))
+
+    with torch.inference_mode():
+        if progress and len(rows):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as prog:
+                task = prog.add_task("images", total=len(rows))
+                run(lambda n: prog.update(task, advance=n))
+        else:
+            run()
+    return probs
+
+
+def evaluate(cache: Any, bundle: Any = None, split: str | None = None, *, indices: Sequence[int] | None = None,
+             batch_size: int = 64, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``bundle`` (path, :class:`~leukedge.models.Bundle`, or None = shipped default) on ``cache``
+    (path or loaded cache).  ``split`` restricts to manifest rows with that split ("train", "val", ...).
+
+    Raises :class:`~leukedge.config.ConfigMismatchError` when the preprocessing differs.
+    Returns a JSON-serialisable dict; ``predictions`` lists one dict per evaluated image.
+    """
+    from .models import Bundle, default_bundle_path, load_bundle
+
+    cache_obj, cache_path = _load_cache(cache)
+    if not isinstance(bundle, Bundle):
+        bundle_path = Path(bundle) if bundle is not None else default_bundle_path()
+        bundle = load_bundle(bundle_path)
+    bundle.config.require_same_pixels(cache_obj.config, what="model", against=f"cache {cache_path or ''}".strip())
+    manifest = list(cache_obj.manifest)
+    rows = select_rows(manifest, split, indices)
+    if not rows:
+        where = f" with split {split!r}" if split else ""
+        raise ValueError(f"cache {cache_path or ''}: no decodable images{where} to evaluate")
+    probs = predict_cache(bundle, cache_obj.images, rows, batch_size=batch_size, progress=progress, device=device)
+    labels = np.array([_as_int(manifest[i].get("label")) for i in rows])
+    subjects = [manifest[i].get("subject") or None for i in rows]
+    labelled = labels >= 0
+    synthetic_data = _cache_synthetic(cache_obj, cache_path)
+    result: dict[str, Any] = {
+        "synthetic": bool(synthetic_data or bundle.synthetic),
+        "synthetic_data": bool(synthetic_data),
+        "synthetic_model": bool(bundle.synthetic),
+        "cache": str(cache_path) if cache_path else None,
+        "model": str(bundle.path) if bundle.path else None,
+        "arch": bundle.arch,
+        "preprocess_hash": bundle.preprocess_hash,
+        "split": split,
+        "n_images": len(rows),
+        "n_labelled": int(labelled.sum()),
+        "n_unlabelled": int((~labelled).sum()),
+        "n_failed_in_cache": sum(1 for r in manifest if str(r.get("status", "ok")) != "ok"),
+    }
+    if result["synthetic"]:
+        result["warning"] = SYNTHETIC_WARNING
+    if labelled.any():
+        m = compute_metrics(labels[labelled], probs[labelled])
+        result.update(m)
+    else:
+        result["warning_unlabelled"] = "no labelled images: only predictions are reported"
+    # Per-subject breakdown over every evaluated image (labelled or not).
+    result["per_subject"] = per_subject_breakdown(subjects, labels, probs)
+    result["predictions"] = [
+        {"index": int(i), "path": manifest[i].get("path"), "subject": subjects[k], "label": int(labels[k]),
+         "prob_all": float(probs[k]), "predicted": CLASS_NAMES[int(probs[k] >= 0.5)]}
+        for k, i in enumerate(rows)
+    ]
+    return {k: _clean(v) for k, v in result.items()}
+
+
+def find_history(bundle_path: Path | None) -> list[dict[str, Any]] | None:
+    """The training history saved with a bundle (``history.json`` in the bundle or its run directory)."""
+    if bundle_path is None:
+        return None
+    for cand in (bundle_path / "history.json", bundle_path.parent / "history.json"):
+        if cand.is_file():
+            try:
+                data = json.loads(cand.read_text())
+            except (OSError, ValueError):
+                continue
+            hist = data.get("history") if isinstance(data, dict) else data
+            if isinstance(hist, list) and hist:
+                return hist
+    return None
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path | None = None) -> dict[str, str]:
+    """Write metrics.json, predictions.csv and PNG plots into ``out_dir``; returns {name: path}."""
+    from . import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    preds = result.get("predictions", [])
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files["metrics"] = str(out / "metrics.json")
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["index", "path", "subject", "label", "prob_all", "predicted"])
+        w.writeheader()
+        w.writerows(preds)
+    files["predictions"] = str(out / "predictions.csv")
+    syn = bool(result.get("synthetic"))
+    lab = [p for p in preds if p["label"] >= 0]
+    if lab:
+        roc = plots.plot_roc(np.array([p["label"] for p in lab]), np.array([p["prob_all"] for p in lab]),
+                             out / "roc.png", synthetic=syn)
+        if roc:
+            files["roc"] = str(roc)
+    if result.get("confusion_matrix"):
+        files["confusion_matrix"] = str(plots.plot_confusion(result["confusion_matrix"]["matrix"], CLASS_NAMES,
+                                                             out / "confusion_matrix.png", synthetic=syn))
+    ps = plots.plot_per_subject(result.get("per_subject", []), out / "per_subject.png", synthetic=syn)
+    if ps:
+        files["per_subject"] = str(ps)
+    hist = find_history(bundle_path)
+    if hist:
+        files["training_curves"] = str(plots.plot_training_curves(hist, out / "training_curves.png",
+                                                                  title="Training curves of the evaluated model",
+                                                                  synthetic=syn))
+    return files
+
+
+def _print_summary(result: dict[str, Any], files: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    if result.get("synthetic"):
+        con.print(f"[bold magenta]{SYNTHETIC_WARNING}[/]")
+    con.print(f"Model {result.get('model')} ({result.get('arch')}) on {result.get('cache')}: "
+              f"{result['n_images']} images, {result['n_labelled']} labelled")
+    if "weighted_f1" in result:
+        auc = result.get("roc_auc")
+        con.print(f"[bold]weighted F1 {result['weighted_f1']:.4f}[/]  accuracy {result['accuracy']:.4f}  "
+                  f"ROC-AUC {'n/a' if auc is None else f'{auc:.4f}'}")
+        t = Table(title="Per class")
+        for c in ("class", "precision", "recall", "F1", "support"):
+            t.add_column(c, justify="left" if c == "class" else "right")
+        for name, m in result["per_class"].items():
+            t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        con.print(t)
+        cm = result["confusion_matrix"]["matrix"]
+        con.print(f"Confusion (rows true hem/all, columns predicted hem/all): {cm}")
+    t = Table(title="Per subject")
+    for c in ("subject", "class", "n", "accuracy", "mean P(all)", "blast fraction"):
+        t.add_column(c, justify="left" if c in ("subject", "class") else "right")
+    for r in result.get("per_subject", []):
+        acc = r.get("accuracy")
+        t.add_row(str(r["subject"]), r["true_class"], str(r["n"]), "-" if acc is None else f"{acc:.3f}",
+                  f"{r['mean_prob_all']:.3f}", f"{r['predicted_blast_fraction']:.3f}")
+    con.print(t)
+    con.print("Wrote " + ", ".join(files.values()))
+
+
+@click.command("evaluate")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model bundle directory (default: the model shipped with leukedge).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for metrics.json, predictions.csv and the PNG plots.")
+@click.option("--split", default=None, help="Only evaluate cache rows with this split (e.g. val, train).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate_cmd(cache: str, model_path: str | None, out_dir: str, split: str | None, batch_size: int, device: str) -> None:
+    """Evaluate a model bundle on the preprocessed dataset CACHE.
+
+    Reports accuracy, per-class precision/recall/F1, weighted F1 (the C-NMC metric), ROC-AUC, the
+    confusion matrix and a per-subject breakdown, as JSON and PNG plots. The cache must have been
+    preprocessed with exactly the bundle's settings (see `leukedge preprocess --config`); otherwise
+    the command refuses and names the settings that differ.
+    """
+    import torch
+
+    from .models import BundleError, default_bundle_path, load_bundle
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device is available")
+    bpath = Path(model_path) if model_path else default_bundle_path()
+    try:
+        bundle = load_bundle(bpath)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        result = evaluate(cache, bundle, split=split, batch_size=batch_size, device=device, progress=True)
+    except ConfigMismatchError as exc:
+        raise click.ClickException(f"refusing to evaluate: {exc}") from exc
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(f"{cache}: {exc}") from exc
+    files = write_report(result, out_dir, bpath)
+    _print_summary(result, files)

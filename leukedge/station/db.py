@@ -1,0 +1,299 @@
+"""SQLite store of the station: one row per (file path, content hash), batches, runs, heartbeat.
+
+The database runs in WAL mode so that ``leukedge station status`` / ``export`` can read while the
+station writes.  Every batch is committed in one transaction; ``UNIQUE(path, sha256)`` makes a
+restart idempotent (a file is never stored twice, a replaced file -- new content, new hash -- is
+stored again and the older row is marked ``superseded``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SCHEMA_VERSION = 1
+DB_FILENAME = ".leukedge-station.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id              INTEGER PRIMARY KEY,
+    started_at      REAL NOT NULL,
+    stopped_at      REAL,
+    exit_reason     TEXT,
+    pid             INTEGER,
+    host            TEXT,
+    watch_dir       TEXT,
+    model           TEXT,
+    model_id        TEXT,
+    preprocess_hash TEXT,
+    backend         TEXT,
+    settings        TEXT
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id            INTEGER PRIMARY KEY,
+    run_id        INTEGER NOT NULL REFERENCES runs(id),
+    size          INTEGER NOT NULL,
+    reason        TEXT NOT NULL,      -- full | deadline | flush
+    state         TEXT NOT NULL,      -- running | done | failed
+    opened_at     REAL NOT NULL,      -- wall time the oldest item entered the queue
+    started_at    REAL NOT NULL,
+    done_at       REAL,
+    preprocess_ms REAL,
+    compute_ms    REAL,
+    total_ms      REAL,
+    n_ok          INTEGER,
+    n_error       INTEGER
+);
+CREATE TABLE IF NOT EXISTS results (
+    id              INTEGER PRIMARY KEY,
+    path            TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    size            INTEGER,
+    mtime_ns        INTEGER,
+    sample_id       TEXT,
+    status          TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+    error           TEXT,
+    probability     REAL,
+    label           TEXT,
+    is_blast        INTEGER,
+    model_id        TEXT,
+    preprocess_hash TEXT,
+    backend         TEXT,
+    run_id          INTEGER REFERENCES runs(id),
+    batch_id        INTEGER REFERENCES batches(id),
+    detected_at     REAL,             -- wall time the file (final name) was first seen
+    ready_at        REAL,             -- wall time it was complete (settled or renamed) and hashed
+    started_at      REAL,             -- wall time its batch went to the engine
+    done_at         REAL,             -- wall time its result was committed
+    queued_ms       REAL,             -- started_at - ready_at
+    preprocess_ms   REAL,
+    compute_ms      REAL,
+    latency_ms      REAL,             -- done_at - detected_at
+    superseded      INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (path, sha256)
+);
+CREATE INDEX IF NOT EXISTS results_sample ON results(sample_id, superseded);
+CREATE INDEX IF NOT EXISTS results_done ON results(done_at);
+CREATE INDEX IF NOT EXISTS results_path ON results(path);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    run_id        INTEGER PRIMARY KEY REFERENCES runs(id),
+    updated_at    REAL NOT NULL,
+    state         TEXT NOT NULL,      -- starting | running | stopping | stopped | failed
+    queue_len     INTEGER NOT NULL,   -- complete files waiting for a batch
+    settling      INTEGER NOT NULL,   -- files seen but not yet complete
+    processed     INTEGER NOT NULL,   -- results committed by this run
+    errors        INTEGER NOT NULL,
+    throughput_1m REAL NOT NULL,      -- results per second over the last minute
+    latency_p50_ms REAL,
+    latency_p95_ms REAL,
+    batches       INTEGER NOT NULL
+);
+"""
+
+
+def connect(path: str | os.PathLike, *, readonly: bool = False, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open the station database (creating the schema unless ``readonly``)."""
+    path = Path(path)
+    if readonly:
+        if not path.exists():
+            raise FileNotFoundError(f"station database {path} does not exist (has the station run with this --db?)")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        return conn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise RuntimeError(f"{path}: could not switch SQLite to WAL mode (got {mode!r}); is it on a network file system?")
+    # WAL + NORMAL is consistent after a crash; a commit lost to a power cut only means the file is
+    # classified again on the next start (it is not in the database), never that a row is corrupt.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.executescript(_SCHEMA)
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) != SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: station database schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+    return conn
+
+
+class transaction:
+    """``with transaction(conn):`` -- BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+
+
+@dataclass
+class KnownFile:
+    sha256: str
+    size: int | None
+    mtime_ns: int | None
+    superseded: bool
+
+
+def load_known(conn: sqlite3.Connection) -> dict[str, dict[str, KnownFile]]:
+    """path -> {sha256 -> KnownFile} for every stored result (used to resume after a restart)."""
+    known: dict[str, dict[str, KnownFile]] = {}
+    for r in conn.execute("SELECT path, sha256, size, mtime_ns, superseded FROM results"):
+        known.setdefault(r["path"], {})[r["sha256"]] = KnownFile(r["sha256"], r["size"], r["mtime_ns"], bool(r["superseded"]))
+    return known
+
+
+def start_run(conn: sqlite3.Connection, *, watch_dir: str, model: str, model_id: str, preprocess_hash: str,
+              backend: str, settings: dict[str, Any]) -> int:
+    now = time.time()
+    with transaction(conn):
+        # A run that never wrote stopped_at was killed; say so instead of leaving it "running".
+        conn.execute("UPDATE runs SET exit_reason = 'killed (no clean shutdown recorded)' WHERE stopped_at IS NULL")
+        conn.execute("UPDATE heartbeat SET state = 'dead' WHERE state NOT IN ('stopped', 'failed', 'dead')")
+        conn.execute("UPDATE batches SET state = 'failed' WHERE state = 'running'")
+        cur = conn.execute(
+            "INSERT INTO runs(started_at, pid, host, watch_dir, model, model_id, preprocess_hash, backend, settings) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now, os.getpid(), socket.gethostname(), watch_dir, model, model_id, preprocess_hash, backend,
+             json.dumps(settings, sort_keys=True, default=str)),
+        )
+        run_id = int(cur.lastrowid)
+        conn.execute(
+            "INSERT INTO heartbeat(run_id, updated_at, state, queue_len, settling, processed, errors, throughput_1m, batches) "
+            "VALUES (?, ?, 'starting', 0, 0, 0, 0, 0.0, 0)",
+            (run_id, now),
+        )
+    return run_id
+
+
+def live_station(conn: sqlite3.Connection, stale_after_s: float = 5.0) -> dict[str, Any] | None:
+    """Another station that is still writing to this database (fresh heartbeat, process alive), if any."""
+    r = conn.execute(
+        "SELECT r.id, r.pid, r.host, r.watch_dir, h.updated_at, h.state FROM runs r JOIN heartbeat h ON h.run_id = r.id "
+        "WHERE h.state IN ('starting', 'running', 'stopping') ORDER BY r.id DESC LIMIT 1"
+    ).fetchone()
+    if r is None or time.time() - r["updated_at"] > stale_after_s:
+        return None
+    if r["host"] == socket.gethostname():
+        if r["pid"] == os.getpid():
+            return None
+        try:
+            os.kill(int(r["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+    return dict(r)
+
+
+def previous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT DISTINCT model_id, preprocess_hash FROM results WHERE model_id IS NOT NULL"
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def finish_run(conn: sqlite3.Connection, run_id: int, reason: str, state: str = "stopped") -> None:
+    with transaction(conn):
+        conn.execute("UPDATE runs SET stopped_at = ?, exit_reason = ? WHERE id = ?", (time.time(), reason, run_id))
+        conn.execute("UPDATE heartbeat SET state = ?, updated_at = ?, queue_len = 0, settling = 0 WHERE run_id = ?",
+                     (state, time.time(), run_id))
+
+
+def write_heartbeat(conn: sqlite3.Connection, run_id: int, **fields: Any) -> None:
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    with transaction(conn):
+        conn.execute(f"UPDATE heartbeat SET updated_at = ?, {cols} WHERE run_id = ?",
+                     (time.time(), *fields.values(), run_id))
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+SAMPLE_COLUMNS = ("sample_id", "n_files", "n_cells", "n_blasts", "blast_fraction", "n_errors",
+                  "mean_probability", "first_result_at", "last_result_at", "model_ids")
+
+
+def sample_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Per-sample totals over the current (not superseded) result of every file."""
+    rows = conn.execute(
+        """
+        SELECT sample_id,
+               COUNT(*)                                        AS n_files,
+               SUM(status = 'ok')                              AS n_cells,
+               SUM(status = 'ok' AND is_blast = 1)             AS n_blasts,
+               SUM(status = 'error')                           AS n_errors,
+               AVG(CASE WHEN status = 'ok' THEN probability END) AS mean_probability,
+               MIN(done_at)                                    AS first_result_at,
+               MAX(done_at)                                    AS last_result_at,
+               GROUP_CONCAT(DISTINCT model_id)                 AS model_ids
+        FROM results WHERE superseded = 0
+        GROUP BY sample_id ORDER BY sample_id
+        """
+    ).fetchall()
+    out = []
+    for r in rows:
+        d = dict(r)
+        d["n_cells"] = int(d["n_cells"] or 0)
+        d["n_blasts"] = int(d["n_blasts"] or 0)
+        d["n_errors"] = int(d["n_errors"] or 0)
+        d["blast_fraction"] = (d["n_blasts"] / d["n_cells"]) if d["n_cells"] else None
+        out.append({k: d.get(k) for k in SAMPLE_COLUMNS})
+    return out
+
+
+CELL_COLUMNS = ("path", "sample_id", "sha256", "status", "error", "probability", "label", "is_blast", "model_id",
+                "preprocess_hash", "backend", "batch_id", "detected_at", "done_at", "queued_ms", "preprocess_ms",
+                "compute_ms", "latency_ms")
+
+
+def cell_rows(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+    cols = ", ".join(CELL_COLUMNS)
+    for r in conn.execute(f"SELECT {cols} FROM results WHERE superseded = 0 ORDER BY sample_id, path"):
+        yield dict(r)
+
+
+def latest_run(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    r = conn.execute(
+        "SELECT r.*, h.updated_at AS hb_updated_at, h.state AS hb_state, h.queue_len, h.settling, h.processed, "
+        "h.errors, h.throughput_1m, h.latency_p50_ms, h.latency_p95_ms, h.batches "
+        "FROM runs r LEFT JOIN heartbeat h ON h.run_id = r.id ORDER BY r.id DESC LIMIT 1"
+    ).fetchone()
+    return dict(r) if r else None
+
+
+def recent_throughput(conn: sqlite3.Connection, window_s: float = 60.0, now: float | None = None) -> float:
+    now = time.time() if now is None else now
+    n = conn.execute("SELECT COUNT(*) FROM results WHERE done_at >= ?", (now - window_s,)).fetchone()[0]
+    return n / window_s
+
+
+def totals(conn: sqlite3.Connection) -> dict[str, int]:
+    r = conn.execute(
+        "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), SUM(superseded) FROM results"
+    ).fetchone()
+    return {"rows": int(r[0] or 0), "ok": int(r[1] or 0), "errors": int(r[2] or 0), "superseded": int(r[3] or 0)}
+
+
+def executemany_rows(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:
+    conn.executemany(sql, list(rows))

@@ -1,0 +1,89 @@
+"""Console output of the station: a live status line on a terminal, periodic log lines otherwise
+(systemd journal, CI logs)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:,.0f} ms" if v < 10_000 else f"{v / 1000:,.1f} s")
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, *, quiet: bool = False, log_every_s: float = 10.0,
+                 live: bool | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.log_every_s = log_every_s
+        self.use_live = (self.console.is_terminal if live is None else live) and not quiet
+        self._live: Live | None = None
+        self._station: Any = None
+        self._last_log = time.monotonic()
+        self._last_batch = ""
+
+    def message(self, markup: str) -> None:
+        if not self.quiet or "[red" in markup or "[yellow" in markup:
+            self.console.print(markup)
+
+    def status_line(self) -> Text:
+        st = self._station
+        if st is None:
+            return Text("")
+        d = st.live()
+        t = Text()
+        t.append("● ", style="bold green" if not st.stopping else "bold yellow")
+        t.append(f"{d['processed']:,} classified", style="bold")
+        if d["errors"]:
+            t.append(f" ({d['errors']:,} errors)", style="red")
+        t.append(f" | {d['throughput_1m']:.1f} cells/s (1 min)")
+        t.append(f" | queue {d['queue_len']}")
+        t.append(f" | settling {d['settling']}")
+        t.append(f" | latency p50 {_ms(d['latency_p50_ms'])} p95 {_ms(d['latency_p95_ms'])}")
+        if self._last_batch:
+            t.append(f" | {self._last_batch}", style="dim")
+        return t
+
+    def start(self, station: Any) -> None:
+        self._station = station
+        s = station.s
+        if not self.quiet:
+            self.console.print(
+                f"[bold]leukedge station[/] watching [cyan]{s.watch_dir}[/] -> [cyan]{s.db_path}[/]\n"
+                f"  model {station.model.model} (id {station.model.model_id}, preprocessing "
+                f"{station.model.preprocess_hash[:12]}) on [bold]{station.model.backend}[/]\n"
+                f"  batch {s.batch_size}, max wait {s.max_wait_ms:g} ms, settle {s.settle_ms:g} ms, poll {s.poll_ms:g} ms"
+                + ("" if s.once or s.exit_when_idle_s is not None else "  (Ctrl-C or SIGTERM stops cleanly)")
+            )
+        if self.use_live:
+            self._live = Live(get_renderable=self.status_line, console=self.console, refresh_per_second=4,
+                              transient=False)
+            self._live.start()
+
+    def batch_done(self, station: Any, batch_id: int, size: int, reason: str, rows: list[tuple]) -> None:
+        self._last_batch = f"batch #{batch_id}: {size} ({reason})"
+        for r in rows:
+            if r[5] == "error":
+                self.message(f"[red]error[/] {r[0]}: {r[6]}")
+        if not self.use_live and not self.quiet and time.monotonic() - self._last_log >= self.log_every_s:
+            self._last_log = time.monotonic()
+            self.console.print(self.status_line())
+
+    def stop(self, station: Any) -> None:
+        had_live = self._live is not None
+        if self._live is not None:
+            self._live.stop()  # leaves the last status line on screen
+            self._live = None
+        sm = station.summary
+        if sm is not None and not self.quiet:
+            if not had_live:
+                self.console.print(self.status_line())
+            self.console.print(
+                f"[bold]stopped[/]: {sm.exit_reason}. This run: {sm.processed:,} results ({sm.errors:,} errors) in "
+                f"{sm.batches:,} batches; {sm.left_in_queue} file(s) left for the next start."
+            )

@@ -1,0 +1,381 @@
+//! The fused, parallel preprocessing pipeline:
+//! decode -> crop to foreground -> stain normalisation -> square -> resize -> output layout/dtype,
+//! writing each item straight into its slice of one output buffer.
+//!
+//! Per-item failures (unreadable file, bad data, even a panic) never affect other items: the
+//! item's output slice is zero-filled and its status carries the error message.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::config::{Config, CropMode, Layout};
+use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
+use crate::error::{Error, Result};
+use crate::resize::{expand_rect, square_resize_into};
+use crate::stain::{foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
+
+/// One input item.
+#[derive(Debug, Clone)]
+pub enum Source<'a> {
+    /// A file on disk.
+    Path(PathBuf),
+    /// Encoded image bytes (BMP/PNG/JPEG/TIFF).
+    Bytes(&'a [u8]),
+    /// Raw interleaved uint8 pixels (`channels` = 1, 2, 3 or 4).
+    Pixels { data: &'a [u8], width: usize, height: usize, channels: usize },
+}
+
+/// Outcome of one item.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ItemStatus {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub stain_fallback: bool,
+    pub stain_reason: Option<String>,
+}
+
+/// The output buffer of a whole batch (`n * item_len` elements).
+pub enum OutBuf<'a> {
+    U8(&'a mut [u8]),
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+/// A validated config with its stain parameters resolved.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub cfg: Config,
+    pub params: StainParams,
+    /// `lut[c][v] = (v/255 - mean[c]) / std[c]` computed in float32 exactly like
+    /// `leukedge.config.normalize_uint8`.
+    lut: [[f32; 256]; 3],
+}
+
+impl Pipeline {
+    pub fn new(cfg: Config) -> Result<Pipeline> {
+        cfg.validate()?;
+        let params = StainParams::from_config(&cfg.stain)?;
+        let lut = std::array::from_fn(|c| {
+            std::array::from_fn(|v| ((v as f32) / 255.0f32 - cfg.mean[c]) / cfg.std[c])
+        });
+        Ok(Pipeline { cfg, params, lut })
+    }
+
+    pub fn from_json(json: &str) -> Result<Pipeline> {
+        Pipeline::new(Config::from_json(json)?)
+    }
+
+    /// Decode / convert a source into RGB8.
+    pub fn load(&self, src: &Source<'_>, name: &str) -> Result<Rgb8> {
+        match src {
+            Source::Path(p) => decode_path(p, self.cfg.max_pixels),
+            Source::Bytes(b) => decode_bytes(b, name, self.cfg.max_pixels),
+            Source::Pixels { data, width, height, channels } => {
+                if (*width as u64) * (*height as u64) > self.cfg.max_pixels {
+                    return Err(Error::Input(format!(
+                        "{name}: {width}x{height} pixels exceeds max_pixels={}",
+                        self.cfg.max_pixels
+                    )));
+                }
+                channels_to_rgb(data, *width, *height, *channels).map_err(|e| Error::Input(format!("{name}: {e}")))
+            }
+        }
+    }
+
+    /// Everything after decoding: crop, stain, square + resize into `dst` (`size*size*3`
+    /// packed RGB bytes).
+    pub fn process_rgb(&self, img: Rgb8, dst: &mut [u8]) -> Result<StainOutcome> {
+        let cfg = &self.cfg;
+        let rule = MaskRule::from_config(&cfg.stain);
+        let whole = (0, 0, img.width, img.height);
+        let region = match cfg.crop {
+            CropMode::None => whole,
+            CropMode::Bbox => match foreground_bbox(&img.data, img.width, img.height, rule) {
+                Some(b) => expand_rect(b, cfg.crop_margin as usize, img.width, img.height),
+                None => whole,
+            },
+        };
+        let mut img = if region == whole { img } else { crop(&img, region) };
+        let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
+        let full = (0, 0, img.width, img.height);
+        square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst)?;
+        Ok(outcome)
+    }
+
+    /// Convert a packed RGB `size x size` image into one item of the output.
+    pub fn write_item(&self, rgb: &[u8], out: ItemOut<'_>) {
+        let s2 = (self.cfg.size as usize).pow(2);
+        match (out, self.cfg.layout) {
+            (ItemOut::U8(o), Layout::Nhwc) => o.copy_from_slice(rgb),
+            (ItemOut::U8(o), Layout::Nchw) => planar(rgb, o, s2, |_, v| v),
+            (ItemOut::F32(o), Layout::Nhwc) => {
+                for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
+                    for c in 0..3 {
+                        d[c] = self.lut[c][s[c] as usize];
+                    }
+                }
+            }
+            (ItemOut::F32(o), Layout::Nchw) => planar(rgb, o, s2, |c, v| self.lut[c][v as usize]),
+            (ItemOut::F16(o), layout) => {
+                let lut16: [[f16; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(self.lut[c][v])));
+                match layout {
+                    Layout::Nhwc => {
+                        for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
+                            for c in 0..3 {
+                                d[c] = lut16[c][s[c] as usize];
+                            }
+                        }
+                    }
+                    Layout::Nchw => planar(rgb, o, s2, |c, v| lut16[c][v as usize]),
+                }
+            }
+        }
+    }
+
+    /// Process one source into `out` (zero-filled on error). Never panics.
+    pub fn run_item(&self, src: &Source<'_>, name: &str, out: ItemOut<'_>, scratch: &mut Vec<u8>) -> ItemStatus {
+        let s2 = (self.cfg.size as usize).pow(2);
+        scratch.resize(3 * s2, 0);
+        let res = catch_unwind(AssertUnwindSafe(|| -> Result<StainOutcome> {
+            let img = self.load(src, name)?;
+            self.process_rgb(img, scratch)
+        }));
+        let res = match res {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Input(format!("{name}: internal error while processing: {msg}")))
+            }
+        };
+        match res {
+            Ok(outcome) => {
+                self.write_item(scratch, out);
+                ItemStatus { ok: true, error: None, stain_fallback: outcome.fallback, stain_reason: outcome.reason }
+            }
+            Err(e) => {
+                out.zero();
+                let mut msg = e.to_string();
+                if !msg.contains(name) {
+                    msg = format!("{name}: {msg}");
+                }
+                ItemStatus { ok: false, error: Some(msg), stain_fallback: false, stain_reason: None }
+            }
+        }
+    }
+
+    /// Process a whole batch on a pool of `threads` threads (0 = all cores).
+    pub fn run_batch(&self, sources: &[Source<'_>], names: &[String], out: OutBuf<'_>, threads: usize) -> Result<Vec<ItemStatus>> {
+        let n = sources.len();
+        assert_eq!(names.len(), n);
+        let len = self.cfg.item_len();
+        let got = match &out {
+            OutBuf::U8(b) => b.len(),
+            OutBuf::F32(b) => b.len(),
+            OutBuf::F16(b) => b.len(),
+        };
+        if got != n * len {
+            return Err(Error::Input(format!("output buffer holds {got} values, need {n} x {len}")));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let pool = pool(threads)?;
+        let work = |(i, out): (usize, ItemOut<'_>)| -> ItemStatus {
+            SCRATCH.with(|s| self.run_item(&sources[i], &names[i], out, &mut s.borrow_mut()))
+        };
+        let statuses = pool.install(|| match out {
+            OutBuf::U8(b) => b.par_chunks_mut(len).map(ItemOut::U8).enumerate().map(work).collect::<Vec<_>>(),
+            OutBuf::F32(b) => b.par_chunks_mut(len).map(ItemOut::F32).enumerate().map(work).collect(),
+            OutBuf::F16(b) => b.par_chunks_mut(len).map(ItemOut::F16).enumerate().map(work).collect(),
+        });
+        Ok(statuses)
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One item's slice of the output buffer.
+pub enum ItemOut<'a> {
+    U8(&'a mut [u8]),
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+impl ItemOut<'_> {
+    fn zero(self) {
+        match self {
+            ItemOut::U8(o) => o.fill(0),
+            ItemOut::F32(o) => o.fill(0.0),
+            ItemOut::F16(o) => o.fill(f16::ZERO),
+        }
+    }
+}
+
+/// Interleaved RGB -> planar CHW with a per-channel mapping.
+#[inline]
+fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -> T) {
+    let (r, rest) = out.split_at_mut(s2);
+    let (g, b) = rest.split_at_mut(s2);
+    for (i, p) in rgb.chunks_exact(3).enumerate() {
+        r[i] = f(0, p[0]);
+        g[i] = f(1, p[1]);
+        b[i] = f(2, p[2]);
+    }
+}
+
+/// Copy a rectangle out of an image.
+pub fn crop(img: &Rgb8, r: (usize, usize, usize, usize)) -> Rgb8 {
+    let (w, h) = (r.2 - r.0, r.3 - r.1);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in r.1..r.3 {
+        data.extend_from_slice(&img.data[(y * img.width + r.0) * 3..(y * img.width + r.2) * 3]);
+    }
+    Rgb8::new(w, h, data)
+}
+
+/// Number of threads for `threads = 0`.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Rayon pools, cached per thread count.
+pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let n = if threads == 0 { default_threads() } else { threads };
+    if n > 1024 {
+        return Err(Error::Input(format!("threads={threads} is not reasonable (max 1024)")));
+    }
+    let mut map = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = map.get(&n) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("leukedge-{i}"))
+            .build()
+            .map_err(|e| Error::Input(format!("cannot start {n} threads: {e}")))?,
+    );
+    map.insert(n, p.clone());
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stain::tests::synthetic_cell;
+
+    fn cfg(json: &str) -> Pipeline {
+        Pipeline::from_json(json).unwrap()
+    }
+
+    #[test]
+    fn float_lut_matches_formula() {
+        let p = cfg("{}");
+        // (200/255 - 0.485) / 0.229 in float32
+        let v = ((200.0f32 / 255.0f32) - 0.485f32) / 0.229f32;
+        assert_eq!(p.lut[0][200], v);
+    }
+
+    #[test]
+    fn batch_equals_single_and_errors_are_isolated() {
+        let (w, h) = (90, 70);
+        let a = synthetic_cell(w, h, 1);
+        let b = synthetic_cell(w, h, 2);
+        let p = cfg(r#"{"size": 32, "dtype": "float16", "layout": "nchw"}"#);
+        let len = p.cfg.item_len();
+        let sources = vec![
+            Source::Pixels { data: &a, width: w, height: h, channels: 3 },
+            Source::Path(PathBuf::from("/nonexistent/cell.bmp")),
+            Source::Bytes(b"garbage"),
+            Source::Pixels { data: &b, width: w, height: h, channels: 3 },
+        ];
+        let names: Vec<String> = (0..4).map(|i| format!("item{i}")).collect();
+        let mut out = vec![f16::ONE; 4 * len];
+        let st = p.run_batch(&sources, &names, OutBuf::F16(&mut out), 2).unwrap();
+        assert_eq!(st.iter().map(|s| s.ok).collect::<Vec<_>>(), vec![true, false, false, true]);
+        assert!(st[1].error.as_ref().unwrap().contains("/nonexistent/cell.bmp"));
+        assert!(st[2].error.as_ref().unwrap().contains("item2"));
+        assert!(out[len..3 * len].iter().all(|v| *v == f16::ZERO));
+        for (k, img) in [(0usize, &a), (3, &b)] {
+            let mut one = vec![f16::ZERO; len];
+            let s1 = p.run_batch(&sources[k..k + 1], &names[k..k + 1], OutBuf::F16(&mut one), 1).unwrap();
+            assert!(s1[0].ok);
+            assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
+            let _ = img;
+        }
+    }
+
+    #[test]
+    fn layouts_agree() {
+        let (w, h) = (64, 48);
+        let a = synthetic_cell(w, h, 4);
+        let src = [Source::Pixels { data: &a, width: w, height: h, channels: 3 }];
+        let names = ["a".to_string()];
+        let mut u8_nhwc = vec![0u8; 3 * 16 * 16];
+        cfg(r#"{"size":16,"dtype":"uint8","layout":"nhwc"}"#).run_batch(&src, &names, OutBuf::U8(&mut u8_nhwc), 1).unwrap();
+        let mut u8_nchw = vec![0u8; 3 * 16 * 16];
+        cfg(r#"{"size":16,"dtype":"uint8","layout":"nchw"}"#).run_batch(&src, &names, OutBuf::U8(&mut u8_nchw), 1).unwrap();
+        let mut f = vec![0f32; 3 * 16 * 16];
+        let pf = cfg(r#"{"size":16,"dtype":"float32","layout":"nchw"}"#);
+        pf.run_batch(&src, &names, OutBuf::F32(&mut f), 1).unwrap();
+        for i in 0..256 {
+            for c in 0..3 {
+                assert_eq!(u8_nchw[c * 256 + i], u8_nhwc[i * 3 + c]);
+                assert_eq!(f[c * 256 + i], pf.lut[c][u8_nhwc[i * 3 + c] as usize]);
+            }
+        }
+        assert!(u8_nhwc.iter().any(|&v| v > 0));
+    }
+
+    #[test]
+    fn crop_to_bbox_fills_frame() {
+        // small cell in a big black frame: with bbox crop, the output has few black pixels
+        let (w, h) = (200, 200);
+        let mut img = vec![0u8; w * h * 3];
+        for y in 90..110 {
+            for x in 80..120 {
+                let i = (y * w + x) * 3;
+                img[i..i + 3].copy_from_slice(&[180, 90, 200]);
+            }
+        }
+        let src = [Source::Pixels { data: &img, width: w, height: h, channels: 3 }];
+        let names = ["c".to_string()];
+        let mut out = vec![0u8; 3 * 40 * 40];
+        let p = cfg(r#"{"size":40,"dtype":"uint8","layout":"nhwc","crop_margin":0,"square":"crop","stain":{"method":"none"}}"#);
+        let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+        assert!(st[0].ok);
+        assert!(out.chunks_exact(3).all(|px| px == [180, 90, 200]));
+    }
+
+    #[test]
+    fn threads_do_not_change_results() {
+        let imgs: Vec<Vec<u8>> = (0..6).map(|s| synthetic_cell(50, 50, s)).collect();
+        let src: Vec<Source<'_>> = imgs.iter().map(|d| Source::Pixels { data: d, width: 50, height: 50, channels: 3 }).collect();
+        let names: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+        let p = cfg(r#"{"size":24,"stain":{"min_foreground":50}}"#);
+        let mut o1 = vec![0f32; 6 * p.cfg.item_len()];
+        let mut o2 = o1.clone();
+        p.run_batch(&src, &names, OutBuf::F32(&mut o1), 1).unwrap();
+        p.run_batch(&src, &names, OutBuf::F32(&mut o2), 2).unwrap();
+        assert_eq!(o1, o2);
+    }
+
+    #[test]
+    fn wrong_buffer_size_is_refused() {
+        let p = cfg(r#"{"size":8}"#);
+        let mut o = vec![0f32; 5];
+        assert!(p.run_batch(&[Source::Bytes(b"x")], &["x".into()], OutBuf::F32(&mut o), 1).is_err());
+    }
+}

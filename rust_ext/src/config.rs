@@ -1,0 +1,243 @@
+//! The preprocessing configuration as consumed from `PreprocessConfig.to_native_json()`.
+//!
+//! Every field has the same default as the Python dataclass, so `{}` is a valid config.
+//! Unknown fields are refused (a setting the core does not understand must not be silently
+//! ignored: it could change pixels on the Python side only).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StainMethod {
+    Macenko,
+    Reinhard,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CropMode {
+    Bbox,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SquareMode {
+    Pad,
+    Crop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filter {
+    Bilinear,
+    Lanczos3,
+    Box,
+    Nearest,
+    Catmullrom,
+}
+
+impl Filter {
+    pub fn parse(s: &str) -> Result<Filter> {
+        match s {
+            "bilinear" => Ok(Filter::Bilinear),
+            "lanczos3" | "lanczos" => Ok(Filter::Lanczos3),
+            "box" | "area" => Ok(Filter::Box),
+            "nearest" => Ok(Filter::Nearest),
+            "catmullrom" | "bicubic" => Ok(Filter::Catmullrom),
+            other => Err(Error::Input(format!(
+                "filter={other:?} is not one of bilinear, lanczos3, box, nearest, catmullrom"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Float32,
+    Float16,
+    Uint8,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Float32 => "float32",
+            DType::Float16 => "float16",
+            DType::Uint8 => "uint8",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StainConfig {
+    pub method: StainMethod,
+    pub io: f64,
+    pub alpha: f64,
+    pub beta: f64,
+    pub black_threshold: u8,
+    pub white_threshold: Option<u8>,
+    pub min_foreground: usize,
+    /// Fitted parameters (as produced by `fit_stain`); `None` = built-in reference.
+    pub params: Option<serde_json::Value>,
+}
+
+impl Default for StainConfig {
+    fn default() -> Self {
+        StainConfig {
+            method: StainMethod::Macenko,
+            io: 240.0,
+            alpha: 1.0,
+            beta: 0.15,
+            black_threshold: 10,
+            white_threshold: None,
+            min_foreground: 500,
+            params: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub max_pixels: u64,
+    pub stain: StainConfig,
+    pub crop: CropMode,
+    pub crop_margin: u32,
+    pub square: SquareMode,
+    pub size: u32,
+    pub filter: Filter,
+    pub layout: Layout,
+    pub dtype: DType,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_pixels: 64_000_000,
+            stain: StainConfig::default(),
+            crop: CropMode::Bbox,
+            crop_margin: 8,
+            square: SquareMode::Pad,
+            size: 224,
+            filter: Filter::Bilinear,
+            layout: Layout::Nchw,
+            dtype: DType::Float32,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate the JSON produced by `PreprocessConfig.to_native_json()`.
+    pub fn from_json(text: &str) -> Result<Config> {
+        let cfg: Config = serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.max_pixels == 0 {
+            return bad("max_pixels must be positive".into());
+        }
+        if !(8..=4096).contains(&self.size) {
+            return bad(format!("size={} must be between 8 and 4096", self.size));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
+            return bad(format!("mean={:?} / std={:?}: need finite values, std > 0", self.mean, self.std));
+        }
+        self.stain.validate()
+    }
+
+    /// Number of output elements per item (3 * size * size).
+    pub fn item_len(&self) -> usize {
+        3 * self.size as usize * self.size as usize
+    }
+
+    /// Output shape for `n` items, following `layout`.
+    pub fn output_shape(&self, n: usize) -> [usize; 4] {
+        let s = self.size as usize;
+        match self.layout {
+            Layout::Nchw => [n, 3, s, s],
+            Layout::Nhwc => [n, s, s, 3],
+        }
+    }
+}
+
+impl StainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !(self.io.is_finite() && self.io > 0.0) {
+            return bad(format!("stain.io={} must be > 0", self.io));
+        }
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return bad(format!("stain.beta={} must be > 0", self.beta));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 50.0) {
+            return bad(format!("stain.alpha={} must be in (0, 50)", self.alpha));
+        }
+        if self.black_threshold == 255 {
+            return bad("stain.black_threshold=255 would make every pixel background".into());
+        }
+        if self.white_threshold == Some(0) {
+            return bad("stain.white_threshold must be in (0, 255]".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_json_gives_defaults() {
+        let c = Config::from_json("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.output_shape(2), [2, 3, 224, 224]);
+    }
+
+    #[test]
+    fn parses_python_json() {
+        let j = r#"{"crop":"none","crop_margin":8,"dtype":"float16","filter":"lanczos3","layout":"nhwc","max_pixels":1000,"mean":[0.5,0.5,0.5],"size":64,"square":"crop","std":[0.25,0.25,0.25],"stain":{"alpha":1.0,"beta":0.15,"black_threshold":10,"io":240.0,"method":"reinhard","min_foreground":500,"params":null,"white_threshold":230}}"#;
+        let c = Config::from_json(j).unwrap();
+        assert_eq!(c.crop, CropMode::None);
+        assert_eq!(c.dtype, DType::Float16);
+        assert_eq!(c.filter, Filter::Lanczos3);
+        assert_eq!(c.stain.method, StainMethod::Reinhard);
+        assert_eq!(c.stain.white_threshold, Some(230));
+        assert_eq!(c.output_shape(1), [1, 64, 64, 3]);
+    }
+
+    #[test]
+    fn refuses_unknown_and_bad_values() {
+        assert!(matches!(Config::from_json(r#"{"sise":3}"#), Err(Error::Config(_))));
+        assert!(matches!(Config::from_json(r#"{"size":3}"#), Err(Error::Config(_))));
+        assert!(matches!(Config::from_json(r#"{"filter":"cubic"}"#), Err(Error::Config(_))));
+        assert!(matches!(Config::from_json(r#"{"std":[1,0,1]}"#), Err(Error::Config(_))));
+        assert!(matches!(Config::from_json(r#"{"stain":{"alpha":60}}"#), Err(Error::Config(_))));
+        assert!(matches!(Config::from_json("not json"), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn filter_parse() {
+        assert_eq!(Filter::parse("box").unwrap(), Filter::Box);
+        assert!(Filter::parse("cubic").is_err());
+    }
+}

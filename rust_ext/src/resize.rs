@@ -1,0 +1,206 @@
+//! Cropping, squaring and resizing (fast_image_resize, SIMD, single-threaded per call).
+//!
+//! Filters map to fast_image_resize's *convolution* resizers, which implement the same
+//! separable kernels and support as Pillow's `Image.resize` (without `reducing_gap`):
+//! `bilinear` (triangle), `lanczos3`, `box` (area average when downscaling), `catmullrom`
+//! (bicubic, a = -0.5) and `nearest`.
+
+use std::cell::RefCell;
+
+use fast_image_resize as fr;
+
+use crate::config::{Filter, SquareMode};
+use crate::decode::Rgb8;
+use crate::error::{Error, Result};
+
+/// An axis-aligned rectangle `(x0, y0, x1, y1)`, end-exclusive.
+pub type Rect = (usize, usize, usize, usize);
+
+pub fn resize_alg(filter: Filter) -> fr::ResizeAlg {
+    use fr::FilterType as F;
+    match filter {
+        Filter::Bilinear => fr::ResizeAlg::Convolution(F::Bilinear),
+        Filter::Lanczos3 => fr::ResizeAlg::Convolution(F::Lanczos3),
+        Filter::Box => fr::ResizeAlg::Convolution(F::Box),
+        Filter::Catmullrom => fr::ResizeAlg::Convolution(F::CatmullRom),
+        Filter::Nearest => fr::ResizeAlg::Nearest,
+    }
+}
+
+/// Grow a bounding box by `margin` pixels on every side, clamped to the image.
+pub fn expand_rect(r: Rect, margin: usize, width: usize, height: usize) -> Rect {
+    (
+        r.0.saturating_sub(margin),
+        r.1.saturating_sub(margin),
+        (r.2 + margin).min(width),
+        (r.3 + margin).min(height),
+    )
+}
+
+/// Centred square inside `r` (for `square = "crop"`).
+pub fn centre_square(r: Rect) -> Rect {
+    let (w, h) = (r.2 - r.0, r.3 - r.1);
+    let side = w.min(h);
+    let x0 = r.0 + (w - side) / 2;
+    let y0 = r.1 + (h - side) / 2;
+    (x0, y0, x0 + side, y0 + side)
+}
+
+/// Copy `r` out of `img` into a black square canvas of side `max(w, h)`, centred
+/// (for `square = "pad"`).
+pub fn pad_to_square(img: &Rgb8, r: Rect) -> Rgb8 {
+    let (w, h) = (r.2 - r.0, r.3 - r.1);
+    let side = w.max(h);
+    let (ox, oy) = ((side - w) / 2, (side - h) / 2);
+    let mut out = Rgb8::black(side, side);
+    for y in 0..h {
+        let src = &img.data[((r.1 + y) * img.width + r.0) * 3..((r.1 + y) * img.width + r.0 + w) * 3];
+        let d0 = ((oy + y) * side + ox) * 3;
+        out.data[d0..d0 + w * 3].copy_from_slice(src);
+    }
+    out
+}
+
+thread_local! {
+    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+}
+
+fn pixel_type(channels: usize) -> Result<fr::PixelType> {
+    match channels {
+        1 => Ok(fr::PixelType::U8),
+        2 => Ok(fr::PixelType::U8x2),
+        3 => Ok(fr::PixelType::U8x3),
+        4 => Ok(fr::PixelType::U8x4),
+        c => Err(Error::Input(format!("cannot resize an image with {c} channels (need 1..4)"))),
+    }
+}
+
+/// Resize the region `crop` of an interleaved 8-bit image (`channels` per pixel) into `dst`
+/// (`dst_w * dst_h * channels` bytes). Alpha, if any, is treated like any other channel.
+#[allow(clippy::too_many_arguments)]
+pub fn resize_region_into(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    crop: Rect,
+    dst: &mut [u8],
+    dst_w: usize,
+    dst_h: usize,
+    filter: Filter,
+) -> Result<()> {
+    if width == 0 || height == 0 || dst_w == 0 || dst_h == 0 {
+        return Err(Error::Input(format!("cannot resize {width}x{height} to {dst_w}x{dst_h}: zero size")));
+    }
+    if crop.0 >= crop.2 || crop.1 >= crop.3 || crop.2 > width || crop.3 > height {
+        return Err(Error::Input(format!("crop {crop:?} is outside a {width}x{height} image")));
+    }
+    let pt = pixel_type(channels)?;
+    let to_u32 = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::Input(format!("{what}={v} is too large")));
+    let src_img = fr::images::ImageRef::new(to_u32(width, "width")?, to_u32(height, "height")?, src, pt)
+        .map_err(|e| Error::Input(format!("source buffer: {e}")))?;
+    let mut dst_img = fr::images::Image::from_slice_u8(to_u32(dst_w, "width")?, to_u32(dst_h, "height")?, dst, pt)
+        .map_err(|e| Error::Input(format!("destination buffer: {e}")))?;
+    let opts = fr::ResizeOptions::new()
+        .resize_alg(resize_alg(filter))
+        .use_alpha(false)
+        .crop(crop.0 as f64, crop.1 as f64, (crop.2 - crop.0) as f64, (crop.3 - crop.1) as f64);
+    RESIZER.with(|r| r.borrow_mut().resize(&src_img, &mut dst_img, &opts)).map_err(|e| Error::Input(format!("resize failed: {e}")))
+}
+
+/// Resize a whole interleaved image to `dst_w x dst_h`.
+pub fn resize_image(src: &[u8], width: usize, height: usize, channels: usize, dst_w: usize, dst_h: usize, filter: Filter) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; dst_w * dst_h * channels];
+    resize_region_into(src, width, height, channels, (0, 0, width, height), &mut out, dst_w, dst_h, filter)?;
+    Ok(out)
+}
+
+/// Make the region `r` of `img` square (pad or centre-crop) and resize it into `dst`
+/// (`size * size * 3` bytes, packed RGB).
+pub fn square_resize_into(img: &Rgb8, r: Rect, square: SquareMode, size: usize, filter: Filter, dst: &mut [u8]) -> Result<()> {
+    let (w, h) = (r.2 - r.0, r.3 - r.1);
+    if w == h {
+        return resize_region_into(&img.data, img.width, img.height, 3, r, dst, size, size, filter);
+    }
+    match square {
+        SquareMode::Crop => resize_region_into(&img.data, img.width, img.height, 3, centre_square(r), dst, size, size, filter),
+        SquareMode::Pad => {
+            let sq = pad_to_square(img, r);
+            resize_region_into(&sq.data, sq.width, sq.height, 3, (0, 0, sq.width, sq.height), dst, size, size, filter)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rect_helpers() {
+        assert_eq!(expand_rect((5, 5, 10, 10), 8, 12, 100), (0, 0, 12, 18));
+        assert_eq!(centre_square((0, 0, 10, 4)), (3, 0, 7, 4));
+        assert_eq!(centre_square((2, 1, 5, 9)), (2, 3, 5, 6));
+    }
+
+    #[test]
+    fn pad_centres_content() {
+        let img = Rgb8::new(3, 1, vec![1, 1, 1, 2, 2, 2, 3, 3, 3]);
+        let sq = pad_to_square(&img, (0, 0, 3, 1));
+        assert_eq!((sq.width, sq.height), (3, 3));
+        assert_eq!(&sq.data[9..18], &[1, 1, 1, 2, 2, 2, 3, 3, 3]);
+        assert!(sq.data[..9].iter().chain(&sq.data[18..]).all(|&v| v == 0));
+    }
+
+    #[test]
+    fn constant_image_stays_constant_for_all_filters() {
+        let img = [50u8, 100, 150].repeat(37 * 23);
+        for f in [Filter::Bilinear, Filter::Lanczos3, Filter::Box, Filter::Nearest, Filter::Catmullrom] {
+            for (dw, dh) in [(10, 10), (64, 80), (1, 1)] {
+                let out = resize_image(&img, 37, 23, 3, dw, dh, f).unwrap();
+                assert_eq!(out.len(), dw * dh * 3);
+                for p in out.chunks_exact(3) {
+                    assert_eq!(p, &[50, 100, 150], "{f:?} {dw}x{dh}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn box_downscale_by_two_averages() {
+        // 2x2 -> 1x1 with box = mean
+        let img = vec![0u8, 0, 0, 100, 100, 100, 50, 50, 50, 250, 250, 250];
+        let out = resize_image(&img, 2, 2, 3, 1, 1, Filter::Box).unwrap();
+        assert_eq!(out, vec![100, 100, 100]);
+        let grey = resize_image(&[0, 100, 50, 250], 2, 2, 1, 1, 1, Filter::Box).unwrap();
+        assert_eq!(grey, vec![100]);
+    }
+
+    #[test]
+    fn square_modes() {
+        // 4x2 image: left half 200, right half 100
+        let mut data = Vec::new();
+        for _y in 0..2 {
+            for x in 0..4 {
+                let v = if x < 2 { 200 } else { 100 };
+                data.extend_from_slice(&[v, v, v]);
+            }
+        }
+        let img = Rgb8::new(4, 2, data);
+        let mut dst = vec![0u8; 4 * 4 * 3];
+        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Pad, 4, Filter::Nearest, &mut dst).unwrap();
+        // first row is padding
+        assert!(dst[..12].iter().all(|&v| v == 0));
+        assert_eq!(&dst[12 * 1..12 * 1 + 3], &[200, 200, 200]);
+        let mut dst = vec![0u8; 2 * 2 * 3];
+        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Crop, 2, Filter::Nearest, &mut dst).unwrap();
+        assert_eq!(dst, vec![200, 200, 200, 100, 100, 100, 200, 200, 200, 100, 100, 100]);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(resize_image(&[], 0, 0, 3, 4, 4, Filter::Bilinear).is_err());
+        assert!(resize_image(&[0; 5], 1, 1, 5, 4, 4, Filter::Bilinear).is_err());
+        let mut dst = vec![0u8; 12];
+        assert!(resize_region_into(&[0; 12], 2, 2, 3, (0, 0, 3, 2), &mut dst, 2, 2, Filter::Box).is_err());
+    }
+}

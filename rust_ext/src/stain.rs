@@ -1,0 +1,1067 @@
+//! Stain normalisation with black-background masking.
+//!
+//! C-NMC cells are segmented onto a pure black background (~83 % of the pixels). Fitting a
+//! stain model on those pixels would be meaningless (black has maximal optical density), so
+//! every function here works on the **foreground** only:
+//!
+//! * a pixel is background when `max(R,G,B) <= black_threshold`, or, if a white threshold is
+//!   set, when `min(R,G,B) >= white_threshold` (near-white glass);
+//! * background pixels are excluded from every fit and are written as pure black `(0,0,0)`;
+//! * when a cell has fewer than `min_foreground` foreground pixels or the fit degenerates
+//!   (too few pixels with optical density above `beta`, zero variance, collinear stain vectors,
+//!   non-finite numbers) the image is returned unchanged except that background is set to
+//!   black, and the caller is told that a fallback happened. NaN never reaches the output.
+//!
+//! **Macenko** follows torchstain's NumPy backend (`NumpyMacenkoNormalizer`) step by step:
+//! `OD = -ln((I+1)/Io)`, drop OD rows with any channel `< beta`, eigenvectors of the 3x3
+//! covariance (`np.cov`, symmetric Jacobi solver here), project on the two largest, angle
+//! percentiles `alpha` / `100-alpha` (NumPy "linear" percentile), H/E ordering by the first (red)
+//! OD component, least-squares concentrations over **all foreground** pixels, `maxC` = 99th
+//! percentile per stain, `Inorm = Io*exp(-HERef @ C*(maxCRef/maxC))`, values above 255 set to
+//! 255 and truncated to uint8 (`astype(np.uint8)`, as torchstain does). Fitting on reference
+//! images yields `{HE, maxC}` that are then used as `HERef`/`maxCRef` (torchstain's `fit`).
+//!
+//! **Reinhard** works in CIE L\*a\*b\* (sRGB, D65 white) with exactly the formulas of
+//! torchstain's NumPy backend (`rgb2lab`/`lab2rgb`, themselves skimage's), so that on images
+//! without background it matches `NumpyReinhardNormalizer`. We chose CIE Lab rather than
+//! Ruderman's lαβ (original paper) or OpenCV's 8-bit LAB (StainTools) because it is the space
+//! of the reference implementation we test against, it is device-independent and it is not
+//! quantised to 8 bits. Statistics are per-channel mean and population standard deviation over
+//! the foreground pixels; output is `clip(rgb,0,1)*255` truncated to uint8 (as torchstain).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{StainConfig, StainMethod};
+use crate::error::{Error, Result};
+
+/// torchstain's reference H&E matrix (columns: haematoxylin, eosin; rows: R, G, B OD).
+pub const MACENKO_HE_REF: [[f64; 2]; 3] = [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]];
+/// torchstain's reference maximal concentrations.
+pub const MACENKO_MAXC_REF: [f64; 2] = [1.9705, 1.0308];
+
+/// Built-in Reinhard target: CIE L*a*b* mean of the pooled foreground of 294 real C-NMC 2019
+/// training cells (every 12th file of `training_data/fold_0`, sorted by path), rounded to
+/// 2 decimals. (C-NMC cells are dark on black: L* is low, a* strongly positive = purple.)
+pub const REINHARD_MEAN_REF: [f64; 3] = [19.31, 27.92, -22.67];
+/// Built-in Reinhard target: matching population standard deviations.
+pub const REINHARD_STD_REF: [f64; 3] = [5.12, 3.77, 4.06];
+
+/// Minimal number of pixels with optical density above `beta` needed for a Macenko fit.
+pub const MIN_OD_PIXELS: usize = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Masking
+// ---------------------------------------------------------------------------------------------
+
+/// Background rule shared by all functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskRule {
+    pub black_threshold: u8,
+    pub white_threshold: Option<u8>,
+}
+
+impl MaskRule {
+    pub fn from_config(c: &StainConfig) -> MaskRule {
+        MaskRule { black_threshold: c.black_threshold, white_threshold: c.white_threshold }
+    }
+
+    #[inline(always)]
+    pub fn is_background(&self, p: &[u8]) -> bool {
+        let mx = p[0].max(p[1]).max(p[2]);
+        if mx <= self.black_threshold {
+            return true;
+        }
+        match self.white_threshold {
+            Some(w) => p[0].min(p[1]).min(p[2]) >= w,
+            None => false,
+        }
+    }
+}
+
+/// Foreground mask (true = foreground) of a packed RGB8 buffer.
+pub fn foreground_mask(rgb: &[u8], rule: MaskRule) -> Vec<bool> {
+    rgb.chunks_exact(3).map(|p| !rule.is_background(p)).collect()
+}
+
+/// Bounding box `(x0, y0, x1, y1)` (end-exclusive) of the foreground, or `None` if there is none.
+pub fn foreground_bbox(rgb: &[u8], width: usize, height: usize, rule: MaskRule) -> Option<(usize, usize, usize, usize)> {
+    assert_eq!(rgb.len(), width * height * 3);
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0usize, 0usize);
+    for y in 0..height {
+        let row = &rgb[y * width * 3..(y + 1) * width * 3];
+        let first = row.chunks_exact(3).position(|p| !rule.is_background(p));
+        if let Some(f) = first {
+            let last = row.chunks_exact(3).rposition(|p| !rule.is_background(p)).unwrap();
+            x0 = x0.min(f);
+            x1 = x1.max(last + 1);
+            y0 = y0.min(y);
+            y1 = y + 1;
+        }
+    }
+    (x0 != usize::MAX).then_some((x0, y0, x1, y1))
+}
+
+/// Collect the foreground pixels of an image.
+pub fn foreground_pixels(rgb: &[u8], rule: MaskRule, out: &mut Vec<[u8; 3]>) {
+    for p in rgb.chunks_exact(3) {
+        if !rule.is_background(p) {
+            out.push([p[0], p[1], p[2]]);
+        }
+    }
+}
+
+/// Set every background pixel to black.
+pub fn blacken_background(rgb: &mut [u8], rule: MaskRule) {
+    for p in rgb.chunks_exact_mut(3) {
+        if rule.is_background(p) {
+            p.copy_from_slice(&[0, 0, 0]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numerics
+// ---------------------------------------------------------------------------------------------
+
+/// NumPy's `_lerp` (used by the "linear" percentile), including its `t >= 0.5` branch.
+#[inline]
+fn np_lerp(a: f64, b: f64, t: f64) -> f64 {
+    let d = b - a;
+    if t >= 0.5 {
+        b - d * (1.0 - t)
+    } else {
+        a + d * t
+    }
+}
+
+/// Position of the `pct` percentile in a sorted array of `n` values, as NumPy computes it:
+/// `(k, gamma)` with `k` the lower index, or `Err(index)` when the result is a single element.
+fn np_virtual_index(n: usize, pct: f64) -> std::result::Result<(usize, f64), usize> {
+    let q = pct / 100.0;
+    let vi = (n as f64 * q + (1.0 - q)) - 1.0;
+    if vi >= (n - 1) as f64 {
+        return Err(n - 1);
+    }
+    if vi < 0.0 {
+        return Err(0);
+    }
+    let lo = vi.floor();
+    Ok((lo as usize, vi - lo))
+}
+
+/// `np.percentile(values, pct)` (method "linear"), reordering `values` in place.
+/// Panics on an empty slice. Values must not be NaN.
+pub fn percentile_mut(values: &mut [f64], pct: f64) -> f64 {
+    let n = values.len();
+    assert!(n > 0, "percentile of an empty array");
+    match np_virtual_index(n, pct) {
+        Err(i) => {
+            let (_, v, _) = values.select_nth_unstable_by(i, f64::total_cmp);
+            *v
+        }
+        Ok((k, g)) => {
+            let (_, a, right) = values.select_nth_unstable_by(k, f64::total_cmp);
+            let a = *a;
+            let b = right.iter().copied().fold(f64::INFINITY, f64::min);
+            np_lerp(a, b, g)
+        }
+    }
+}
+
+/// Eigen-decomposition of a symmetric 3x3 matrix (cyclic Jacobi). Returns eigenvalues in
+/// ascending order and the matching unit eigenvectors as **columns** (like `np.linalg.eigh`).
+pub fn sym_eigen3(m: [[f64; 3]; 3]) -> ([f64; 3], [[f64; 3]; 3]) {
+    let mut a = m;
+    let mut v = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    let scale = a.iter().flatten().map(|x| x * x).sum::<f64>();
+    for _sweep in 0..64 {
+        let off = a[0][1] * a[0][1] + a[0][2] * a[0][2] + a[1][2] * a[1][2];
+        if off <= scale * 1e-32 || off == 0.0 {
+            break;
+        }
+        for (p, q) in [(0usize, 1usize), (0, 2), (1, 2)] {
+            let apq = a[p][q];
+            if apq == 0.0 {
+                continue;
+            }
+            let theta = (a[q][q] - a[p][p]) / (2.0 * apq);
+            let t = if theta >= 0.0 {
+                1.0 / (theta + (theta * theta + 1.0).sqrt())
+            } else {
+                -1.0 / (-theta + (theta * theta + 1.0).sqrt())
+            };
+            let c = 1.0 / (t * t + 1.0).sqrt();
+            let s = t * c;
+            for k in 0..3 {
+                let (akp, akq) = (a[k][p], a[k][q]);
+                a[k][p] = c * akp - s * akq;
+                a[k][q] = s * akp + c * akq;
+            }
+            for k in 0..3 {
+                let (apk, aqk) = (a[p][k], a[q][k]);
+                a[p][k] = c * apk - s * aqk;
+                a[q][k] = s * apk + c * aqk;
+            }
+            for row in v.iter_mut() {
+                let (vkp, vkq) = (row[p], row[q]);
+                row[p] = c * vkp - s * vkq;
+                row[q] = s * vkp + c * vkq;
+            }
+        }
+    }
+    let mut order = [0usize, 1, 2];
+    order.sort_by(|&i, &j| a[i][i].total_cmp(&a[j][j]));
+    let vals = [a[order[0]][order[0]], a[order[1]][order[1]], a[order[2]][order[2]]];
+    let mut vecs = [[0.0; 3]; 3];
+    for (col, &o) in order.iter().enumerate() {
+        for r in 0..3 {
+            vecs[r][col] = v[r][o];
+        }
+    }
+    (vals, vecs)
+}
+
+/// Optical density lookup table: `OD[v] = -ln((v + 1) / Io)`.
+pub fn od_lut(io: f64) -> [f64; 256] {
+    let mut t = [0.0; 256];
+    for (v, x) in t.iter_mut().enumerate() {
+        *x = -((v as f64 + 1.0) / io).ln();
+    }
+    t
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+// ---------------------------------------------------------------------------------------------
+
+/// Macenko stain parameters: `he` is the 3x2 stain matrix (rows R,G,B; columns H,E) and
+/// `max_c` the 99th-percentile concentrations. Used as torchstain's `HERef` / `maxCRef`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MacenkoParams {
+    pub he: [[f64; 2]; 3],
+    pub max_c: [f64; 2],
+}
+
+impl Default for MacenkoParams {
+    fn default() -> Self {
+        MacenkoParams { he: MACENKO_HE_REF, max_c: MACENKO_MAXC_REF }
+    }
+}
+
+/// Reinhard parameters: per-channel mean and standard deviation in CIE L*a*b*
+/// (L in [0, 100]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReinhardParams {
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl Default for ReinhardParams {
+    fn default() -> Self {
+        ReinhardParams { mean: REINHARD_MEAN_REF, std: REINHARD_STD_REF }
+    }
+}
+
+/// Fitted parameters, serialised as `{"method": "macenko", "he": .., "max_c": .., ...}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StainParams {
+    Macenko(MacenkoParams),
+    Reinhard(ReinhardParams),
+    None,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ParamsJson {
+    method: StainMethod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    he: Option<[[f64; 2]; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_c: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mean: Option<[f64; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    std: Option<[f64; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_images: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_pixels: Option<usize>,
+}
+
+impl StainParams {
+    /// Parameters for a config: its `params` if set, else the built-in reference.
+    pub fn from_config(c: &StainConfig) -> Result<StainParams> {
+        match &c.params {
+            None | Some(serde_json::Value::Null) => Ok(match c.method {
+                StainMethod::Macenko => StainParams::Macenko(MacenkoParams::default()),
+                StainMethod::Reinhard => StainParams::Reinhard(ReinhardParams::default()),
+                StainMethod::None => StainParams::None,
+            }),
+            Some(v) => {
+                let p = StainParams::from_value(v)?;
+                let m = p.method();
+                if m != c.method {
+                    return Err(Error::Config(format!(
+                        "stain.params were fitted for method {m:?} but stain.method is {:?}",
+                        c.method
+                    )));
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    pub fn method(&self) -> StainMethod {
+        match self {
+            StainParams::Macenko(_) => StainMethod::Macenko,
+            StainParams::Reinhard(_) => StainMethod::Reinhard,
+            StainParams::None => StainMethod::None,
+        }
+    }
+
+    pub fn from_value(v: &serde_json::Value) -> Result<StainParams> {
+        let j: ParamsJson = serde_json::from_value(v.clone())
+            .map_err(|e| Error::Config(format!("stain.params: {e}")))?;
+        let finite = |xs: &[f64]| xs.iter().all(|x| x.is_finite());
+        match j.method {
+            StainMethod::Macenko => {
+                let (Some(he), Some(max_c)) = (j.he, j.max_c) else {
+                    return Err(Error::Config("stain.params: macenko needs \"he\" (3x2) and \"max_c\" (2)".into()));
+                };
+                if !finite(he.as_flattened()) || !finite(&max_c) || max_c.iter().any(|&m| m <= 0.0) {
+                    return Err(Error::Config("stain.params: macenko he/max_c must be finite, max_c > 0".into()));
+                }
+                Ok(StainParams::Macenko(MacenkoParams { he, max_c }))
+            }
+            StainMethod::Reinhard => {
+                let (Some(mean), Some(std)) = (j.mean, j.std) else {
+                    return Err(Error::Config("stain.params: reinhard needs \"mean\" (3) and \"std\" (3)".into()));
+                };
+                if !finite(&mean) || !finite(&std) || std.iter().any(|&s| s <= 0.0) {
+                    return Err(Error::Config("stain.params: reinhard mean/std must be finite, std > 0".into()));
+                }
+                Ok(StainParams::Reinhard(ReinhardParams { mean, std }))
+            }
+            StainMethod::None => Ok(StainParams::None),
+        }
+    }
+
+    /// JSON object for `StainConfig.params`.
+    pub fn to_json(&self, n_images: Option<usize>, n_pixels: Option<usize>) -> String {
+        let mut j = ParamsJson { method: self.method(), he: None, max_c: None, mean: None, std: None, n_images, n_pixels };
+        match self {
+            StainParams::Macenko(p) => {
+                j.he = Some(p.he);
+                j.max_c = Some(p.max_c);
+            }
+            StainParams::Reinhard(p) => {
+                j.mean = Some(p.mean);
+                j.std = Some(p.std);
+            }
+            StainParams::None => {}
+        }
+        serde_json::to_string(&j).expect("serialisable")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Macenko
+// ---------------------------------------------------------------------------------------------
+
+/// Result of a Macenko fit on a set of foreground pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MacenkoFit {
+    pub params: MacenkoParams,
+    /// Pseudo-inverse of `he` (2x3): concentrations = `pinv @ OD`.
+    pub pinv: [[f64; 3]; 2],
+    /// Number of pixels with OD >= beta used for the stain vectors.
+    pub n_od: usize,
+}
+
+/// Settings of the Macenko algorithm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MacenkoSettings {
+    pub io: f64,
+    pub alpha: f64,
+    pub beta: f64,
+}
+
+impl MacenkoSettings {
+    pub fn from_config(c: &StainConfig) -> Self {
+        MacenkoSettings { io: c.io, alpha: c.alpha, beta: c.beta }
+    }
+}
+
+impl Default for MacenkoSettings {
+    fn default() -> Self {
+        MacenkoSettings { io: 240.0, alpha: 1.0, beta: 0.15 }
+    }
+}
+
+/// Per-channel tables `t[c][v] = k[c] * lut[v]` for fast dot products with OD vectors.
+#[inline]
+fn dot_tables(k: [f64; 3], lut: &[f64; 256]) -> [[f64; 256]; 3] {
+    let mut t = [[0.0; 256]; 3];
+    for c in 0..3 {
+        for v in 0..256 {
+            t[c][v] = k[c] * lut[v];
+        }
+    }
+    t
+}
+
+#[inline(always)]
+fn tdot(t: &[[f64; 256]; 3], p: [u8; 3]) -> f64 {
+    t[0][p[0] as usize] + t[1][p[1] as usize] + t[2][p[2] as usize]
+}
+
+/// Pseudo-inverse of a full-rank 3x2 matrix; `None` when the columns are (nearly) collinear.
+pub fn pinv_3x2(he: &[[f64; 2]; 3]) -> Option<[[f64; 3]; 2]> {
+    let mut g = [[0.0; 2]; 2];
+    for i in 0..2 {
+        for j in 0..2 {
+            g[i][j] = (0..3).map(|r| he[r][i] * he[r][j]).sum();
+        }
+    }
+    let det = g[0][0] * g[1][1] - g[0][1] * g[1][0];
+    let norm = g[0][0] * g[1][1];
+    if !(det.is_finite() && norm > 0.0 && det > 1e-10 * norm) {
+        return None;
+    }
+    let inv = [[g[1][1] / det, -g[0][1] / det], [-g[1][0] / det, g[0][0] / det]];
+    let mut p = [[0.0; 3]; 2];
+    for i in 0..2 {
+        for r in 0..3 {
+            p[i][r] = inv[i][0] * he[r][0] + inv[i][1] * he[r][1];
+        }
+    }
+    Some(p)
+}
+
+/// The stain matrix from the OD pixels (torchstain's `__find_HE` after `eigh(cov)`).
+/// Returns `Err(reason)` when degenerate.
+fn macenko_stain_vectors(fg: &[[u8; 3]], lut: &[f64; 256], s: &MacenkoSettings) -> std::result::Result<([[f64; 2]; 3], usize), String> {
+    // Pixels whose OD is >= beta in every channel (torchstain: ~np.any(OD < beta, axis=1)).
+    // OD is decreasing in the value, so this is a per-channel threshold on the value.
+    let ok: [bool; 256] = std::array::from_fn(|v| !(lut[v] < s.beta));
+    let od_px: Vec<[u8; 3]> = fg.iter().copied().filter(|p| ok[p[0] as usize] && ok[p[1] as usize] && ok[p[2] as usize]).collect();
+    let n = od_px.len();
+    if n < MIN_OD_PIXELS {
+        return Err(format!("only {n} pixels have optical density >= beta={} (need {MIN_OD_PIXELS})", s.beta));
+    }
+    // Covariance (np.cov: centred, ddof = 1), two passes for accuracy.
+    let mut mean = [0.0f64; 3];
+    for p in &od_px {
+        for c in 0..3 {
+            mean[c] += lut[p[c] as usize];
+        }
+    }
+    for m in mean.iter_mut() {
+        *m /= n as f64;
+    }
+    let mut cov = [[0.0f64; 3]; 3];
+    for p in &od_px {
+        let d = [lut[p[0] as usize] - mean[0], lut[p[1] as usize] - mean[1], lut[p[2] as usize] - mean[2]];
+        for i in 0..3 {
+            for j in i..3 {
+                cov[i][j] += d[i] * d[j];
+            }
+        }
+    }
+    for i in 0..3 {
+        for j in i..3 {
+            cov[i][j] /= (n - 1) as f64;
+            cov[j][i] = cov[i][j];
+        }
+    }
+    if cov.iter().flatten().any(|x| !x.is_finite()) {
+        return Err("non-finite optical density covariance".into());
+    }
+    let (vals, vecs) = sym_eigen3(cov);
+    if !(vals[2] > 0.0) {
+        return Err("optical density has zero variance (uniform colour)".into());
+    }
+    // e1 = middle, e2 = largest eigenvector (columns 1 and 2 as in torchstain). The result does
+    // not depend on their signs (see module docs); orient e2 so that projections are positive,
+    // which keeps all angles inside (0, pi) and lets us work on the cheaper key -x/y.
+    let e1 = [vecs[0][1], vecs[1][1], vecs[2][1]];
+    let mut e2 = [vecs[0][2], vecs[1][2], vecs[2][2]];
+    if e2.iter().sum::<f64>() < 0.0 {
+        e2 = e2.map(|x| -x);
+    }
+    if !e1.iter().chain(e2.iter()).all(|x| x.is_finite()) {
+        return Err("non-finite eigenvectors".into());
+    }
+    let t1 = dot_tables(e1, lut);
+    let t2 = dot_tables(e2, lut);
+    // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
+    // percentiles can be selected on that key and only the two neighbours need an atan2.
+    let mut keys: Vec<f64> = Vec::with_capacity(n);
+    let mut all_pos = true;
+    for p in &od_px {
+        let x = tdot(&t1, *p);
+        let y = tdot(&t2, *p);
+        if !(y > 0.0) {
+            all_pos = false;
+            break;
+        }
+        keys.push(-x / y);
+    }
+    let (min_phi, max_phi) = if all_pos {
+        (phi_percentile_from_keys(&mut keys, s.alpha), phi_percentile_from_keys(&mut keys, 100.0 - s.alpha))
+    } else {
+        let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(&t2, *p).atan2(tdot(&t1, *p))).collect();
+        (percentile_mut(&mut phi, s.alpha), percentile_mut(&mut phi, 100.0 - s.alpha))
+    };
+    let dir = |phi: f64| -> [f64; 3] {
+        let (c, sn) = (phi.cos(), phi.sin());
+        [e1[0] * c + e2[0] * sn, e1[1] * c + e2[1] * sn, e1[2] * c + e2[2] * sn]
+    };
+    let v_min = dir(min_phi);
+    let v_max = dir(max_phi);
+    let (h, e) = if v_min[0] > v_max[0] { (v_min, v_max) } else { (v_max, v_min) };
+    let he = [[h[0], e[0]], [h[1], e[1]], [h[2], e[2]]];
+    if he.as_flattened().iter().any(|x| !x.is_finite()) {
+        return Err("non-finite stain vectors".into());
+    }
+    Ok((he, n))
+}
+
+/// Percentile of `phi = atan2(1, -key)` given the keys (increasing in phi).
+fn phi_percentile_from_keys(keys: &mut [f64], pct: f64) -> f64 {
+    let phi = |k: f64| 1.0f64.atan2(-k);
+    match np_virtual_index(keys.len(), pct) {
+        Err(i) => {
+            let (_, v, _) = keys.select_nth_unstable_by(i, f64::total_cmp);
+            phi(*v)
+        }
+        Ok((k, g)) => {
+            let (_, a, right) = keys.select_nth_unstable_by(k, f64::total_cmp);
+            let a = *a;
+            let b = right.iter().copied().fold(f64::INFINITY, f64::min);
+            np_lerp(phi(a), phi(b), g)
+        }
+    }
+}
+
+/// Fit Macenko on foreground pixels: stain vectors from OD pixels, concentrations over all
+/// given pixels, `max_c` = 99th percentile. `Err(reason)` when degenerate.
+pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::Result<MacenkoFit, String> {
+    if fg.is_empty() {
+        return Err("no foreground pixels".into());
+    }
+    let lut = od_lut(s.io);
+    let (he, n_od) = macenko_stain_vectors(fg, &lut, s)?;
+    let pinv = pinv_3x2(&he).ok_or_else(|| "stain vectors are collinear".to_string())?;
+    let t0 = dot_tables(pinv[0], &lut);
+    let t1 = dot_tables(pinv[1], &lut);
+    let mut c0: Vec<f64> = fg.iter().map(|p| tdot(&t0, *p)).collect();
+    let mut c1: Vec<f64> = fg.iter().map(|p| tdot(&t1, *p)).collect();
+    let max_c = [percentile_mut(&mut c0, 99.0), percentile_mut(&mut c1, 99.0)];
+    if !(max_c[0].is_finite() && max_c[1].is_finite() && max_c[0] > 1e-6 && max_c[1] > 1e-6) {
+        return Err(format!("degenerate stain concentrations (maxC = [{:.3e}, {:.3e}])", max_c[0], max_c[1]));
+    }
+    Ok(MacenkoFit { params: MacenkoParams { he, max_c }, pinv, n_od })
+}
+
+/// Write the Macenko-normalised image: foreground pixels are recomposed with the target
+/// parameters, background pixels become black.
+pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &MacenkoParams, io: f64) {
+    let lut = od_lut(io);
+    // Inorm_k = Io * exp(-sum_j HERef[k][j] * (maxCRef[j]/maxC[j]) * C_j),  C = pinv @ OD
+    //         = Io * prod_c exp(-Q[k][c] * OD_c)  with Q = HERef * diag(scale) * pinv.
+    let scale = [target.max_c[0] / src.params.max_c[0], target.max_c[1] / src.params.max_c[1]];
+    let mut tables = [[[0.0f64; 256]; 3]; 3];
+    for k in 0..3 {
+        for c in 0..3 {
+            let q = target.he[k][0] * scale[0] * src.pinv[0][c] + target.he[k][1] * scale[1] * src.pinv[1][c];
+            for v in 0..256 {
+                tables[k][c][v] = (-q * lut[v]).exp();
+            }
+        }
+        // fold Io into the first channel's table
+        for v in 0..256 {
+            tables[k][0][v] *= io;
+        }
+    }
+    for p in rgb.chunks_exact_mut(3) {
+        if rule.is_background(p) {
+            p.copy_from_slice(&[0, 0, 0]);
+            continue;
+        }
+        let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
+        for k in 0..3 {
+            let v = tables[k][0][r] * tables[k][1][g] * tables[k][2][b];
+            // torchstain: Inorm[Inorm > 255] = 255; astype(uint8) truncates.
+            p[k] = if v > 255.0 { 255 } else if v >= 0.0 { v as u8 } else { 0 };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reinhard (CIE L*a*b*, D65, torchstain / skimage formulas)
+// ---------------------------------------------------------------------------------------------
+
+const RGB2XYZ: [[f64; 3]; 3] = [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]];
+const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
+
+fn inv3(m: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    let mut r = [[0.0; 3]; 3];
+    for i in 0..3 {
+        for j in 0..3 {
+            let (a, b) = ((j + 1) % 3, (j + 2) % 3);
+            let (c, d) = ((i + 1) % 3, (i + 2) % 3);
+            r[i][j] = (m[a][c] * m[b][d] - m[a][d] * m[b][c]) / det;
+        }
+    }
+    r
+}
+
+/// sRGB (8-bit) to linear RGB, float32 like torchstain.
+fn srgb_linear_lut() -> [f32; 256] {
+    std::array::from_fn(|v| {
+        let x = v as f32 / 255.0f32;
+        if x > 0.04045 {
+            ((x + 0.055) / 1.055).powf(2.4)
+        } else {
+            x / 12.92
+        }
+    })
+}
+
+/// Conversion context (tables are built once per call).
+pub struct Lab {
+    lin: [f32; 256],
+    m: [[f32; 3]; 3],
+    inv: [[f64; 3]; 3],
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let m: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| RGB2XYZ[i][j] as f32));
+        Lab { lin: srgb_linear_lut(), m, inv: inv3(&RGB2XYZ) }
+    }
+
+    /// 8-bit sRGB to L*a*b* (L in [0, 100]).
+    #[inline]
+    pub fn from_rgb(&self, p: [u8; 3]) -> [f32; 3] {
+        let l = [self.lin[p[0] as usize], self.lin[p[1] as usize], self.lin[p[2] as usize]];
+        let mut f = [0.0f32; 3];
+        for i in 0..3 {
+            let xyz = self.m[i][0] * l[0] + self.m[i][1] * l[1] + self.m[i][2] * l[2];
+            let t = xyz / WHITE[i] as f32;
+            f[i] = if t > 0.008856 { t.cbrt() } else { 7.787 * t + 16.0 / 116.0 };
+        }
+        [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
+    }
+
+    /// L*a*b* to 8-bit sRGB: `clip(rgb, 0, 1) * 255` truncated (torchstain).
+    #[inline]
+    pub fn to_rgb(&self, lab: [f64; 3]) -> [u8; 3] {
+        let y = (lab[0] + 16.0) / 116.0;
+        let x = lab[1] / 500.0 + y;
+        let z = y - lab[2] / 200.0;
+        let mut xyz = [x, y, z];
+        for (i, v) in xyz.iter_mut().enumerate() {
+            *v = if *v > 0.2068966 { *v * *v * *v } else { (*v - 16.0 / 116.0) / 7.787 };
+            *v *= WHITE[i];
+        }
+        let mut out = [0u8; 3];
+        for k in 0..3 {
+            let lin = self.inv[k][0] * xyz[0] + self.inv[k][1] * xyz[1] + self.inv[k][2] * xyz[2];
+            let s = if lin > 0.0031308 { 1.055 * lin.powf(1.0 / 2.4) - 0.055 } else { lin * 12.92 };
+            let s = if s.is_nan() { 0.0 } else { s.clamp(0.0, 1.0) };
+            out[k] = (s * 255.0) as u8;
+        }
+        out
+    }
+}
+
+/// Per-channel L*a*b* mean and population std of the given pixels. `Err` when degenerate.
+pub fn reinhard_fit_pixels(fg: &[[u8; 3]], lab: &Lab) -> std::result::Result<ReinhardParams, String> {
+    if fg.is_empty() {
+        return Err("no foreground pixels".into());
+    }
+    let n = fg.len() as f64;
+    let mut sum = [0.0f64; 3];
+    let labs: Vec<[f32; 3]> = fg.iter().map(|p| lab.from_rgb(*p)).collect();
+    for l in &labs {
+        for c in 0..3 {
+            sum[c] += l[c] as f64;
+        }
+    }
+    let mean = sum.map(|s| s / n);
+    let mut var = [0.0f64; 3];
+    for l in &labs {
+        for c in 0..3 {
+            let d = l[c] as f64 - mean[c];
+            var[c] += d * d;
+        }
+    }
+    let std = var.map(|v| (v / n).sqrt());
+    if !mean.iter().chain(std.iter()).all(|x| x.is_finite()) {
+        return Err("non-finite L*a*b* statistics".into());
+    }
+    if std.iter().any(|&s| s < 1e-6) {
+        return Err(format!("zero colour variance in L*a*b* (std = [{:.2e}, {:.2e}, {:.2e}])", std[0], std[1], std[2]));
+    }
+    Ok(ReinhardParams { mean, std })
+}
+
+/// Reinhard transfer of the foreground, background set to black.
+pub fn reinhard_apply(rgb: &mut [u8], rule: MaskRule, src: &ReinhardParams, target: &ReinhardParams, lab: &Lab) {
+    let gain: [f64; 3] = std::array::from_fn(|c| target.std[c] / src.std[c]);
+    for p in rgb.chunks_exact_mut(3) {
+        if rule.is_background(p) {
+            p.copy_from_slice(&[0, 0, 0]);
+            continue;
+        }
+        let l = lab.from_rgb([p[0], p[1], p[2]]);
+        let t: [f64; 3] = std::array::from_fn(|c| (l[c] as f64 - src.mean[c]) * gain[c] + target.mean[c]);
+        p.copy_from_slice(&lab.to_rgb(t));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+/// What happened to one image.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StainOutcome {
+    /// True when the image was left unchanged (apart from blackened background).
+    pub fallback: bool,
+    /// Why the fallback happened.
+    pub reason: Option<String>,
+}
+
+/// Normalise one packed RGB8 image in place according to `cfg`, using `target` as the
+/// reference. Never fails: degenerate inputs give a fallback (see module docs).
+pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> StainOutcome {
+    let rule = MaskRule::from_config(cfg);
+    if matches!(target, StainParams::None) || cfg.method == StainMethod::None {
+        return StainOutcome::default();
+    }
+    let mut fg = Vec::with_capacity(rgb.len() / 3 / 4);
+    foreground_pixels(rgb, rule, &mut fg);
+    let fallback = |rgb: &mut [u8], reason: String| {
+        blacken_background(rgb, rule);
+        StainOutcome { fallback: true, reason: Some(reason) }
+    };
+    if fg.len() < cfg.min_foreground.max(1) {
+        return fallback(rgb, format!("only {} foreground pixels (min_foreground={})", fg.len(), cfg.min_foreground));
+    }
+    match target {
+        StainParams::Macenko(t) => {
+            let s = MacenkoSettings::from_config(cfg);
+            match macenko_fit_pixels(&fg, &s) {
+                Ok(fit) => {
+                    macenko_apply(rgb, rule, &fit, t, s.io);
+                    StainOutcome::default()
+                }
+                Err(r) => fallback(rgb, r),
+            }
+        }
+        StainParams::Reinhard(t) => {
+            let lab = Lab::new();
+            match reinhard_fit_pixels(&fg, &lab) {
+                Ok(src) => {
+                    reinhard_apply(rgb, rule, &src, t, &lab);
+                    StainOutcome::default()
+                }
+                Err(r) => fallback(rgb, r),
+            }
+        }
+        StainParams::None => StainOutcome::default(),
+    }
+}
+
+/// Fit parameters for `cfg.method` on the foreground pixels of several reference images
+/// (pooled). Errors (rather than falling back) when the fit is impossible.
+/// Returns the parameters and the number of foreground pixels used.
+pub fn fit_images(images: &[&[u8]], cfg: &StainConfig) -> Result<(StainParams, usize)> {
+    let rule = MaskRule::from_config(cfg);
+    let mut fg = Vec::new();
+    for img in images {
+        foreground_pixels(img, rule, &mut fg);
+    }
+    if cfg.method == StainMethod::None {
+        return Ok((StainParams::None, fg.len()));
+    }
+    if fg.len() < cfg.min_foreground.max(1) {
+        return Err(Error::Stain(format!(
+            "cannot fit {:?} stain parameters: only {} foreground pixels in {} image(s) (min_foreground={}, black_threshold={})",
+            cfg.method, fg.len(), images.len(), cfg.min_foreground, cfg.black_threshold
+        )));
+    }
+    let res = match cfg.method {
+        StainMethod::Macenko => macenko_fit_pixels(&fg, &MacenkoSettings::from_config(cfg)).map(|f| StainParams::Macenko(f.params)),
+        StainMethod::Reinhard => reinhard_fit_pixels(&fg, &Lab::new()).map(StainParams::Reinhard),
+        StainMethod::None => unreachable!(),
+    };
+    res.map(|p| (p, fg.len())).map_err(|r| Error::Stain(format!("cannot fit {:?} stain parameters: {r}", cfg.method)))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Deterministic xorshift for test data.
+    pub struct Rng(u64);
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+        }
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// Synthetic H&E-like tissue (no background): random mixture of two stains.
+    pub fn synthetic_tissue(w: usize, h: usize, seed: u64) -> Vec<u8> {
+        let mut rng = Rng::new(seed);
+        let he = [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]];
+        let mut v = Vec::with_capacity(w * h * 3);
+        for _ in 0..w * h {
+            let ch = rng.unit() * 1.5;
+            let ce = rng.unit() * 0.8;
+            for k in 0..3 {
+                let od = he[k][0] * ch + he[k][1] * ce + 0.02 * rng.unit();
+                let i = 240.0 * (-od).exp() - 1.0;
+                v.push(i.clamp(0.0, 255.0) as u8);
+            }
+        }
+        v
+    }
+
+    /// A round synthetic cell on a black background.
+    pub fn synthetic_cell(w: usize, h: usize, seed: u64) -> Vec<u8> {
+        let tissue = synthetic_tissue(w, h, seed);
+        let mut v = vec![0u8; w * h * 3];
+        let (cx, cy, r) = (w as f64 / 2.0, h as f64 / 2.0, w.min(h) as f64 * 0.35);
+        for y in 0..h {
+            for x in 0..w {
+                if ((x as f64 - cx).powi(2) + (y as f64 - cy).powi(2)).sqrt() < r {
+                    let i = (y * w + x) * 3;
+                    v[i..i + 3].copy_from_slice(&tissue[i..i + 3]);
+                    // keep foreground clearly above the black threshold
+                    if v[i..i + 3].iter().all(|&c| c <= 10) {
+                        v[i] = 11;
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn mask_rules() {
+        let r = MaskRule { black_threshold: 10, white_threshold: None };
+        assert!(r.is_background(&[10, 3, 0]));
+        assert!(!r.is_background(&[11, 0, 0]));
+        assert!(!r.is_background(&[250, 250, 250]));
+        let w = MaskRule { black_threshold: 10, white_threshold: Some(230) };
+        assert!(w.is_background(&[250, 240, 230]));
+        assert!(!w.is_background(&[250, 240, 229]));
+        assert_eq!(foreground_mask(&[0, 0, 0, 50, 0, 0], r), vec![false, true]);
+    }
+
+    #[test]
+    fn bbox() {
+        let r = MaskRule { black_threshold: 10, white_threshold: None };
+        let (w, h) = (5, 4);
+        let mut img = vec![0u8; w * h * 3];
+        assert_eq!(foreground_bbox(&img, w, h, r), None);
+        img[(1 * w + 2) * 3] = 200; // (x=2, y=1)
+        img[(2 * w + 3) * 3 + 1] = 200; // (x=3, y=2)
+        assert_eq!(foreground_bbox(&img, w, h, r), Some((2, 1, 4, 3)));
+    }
+
+    #[test]
+    fn percentile_matches_numpy_linear() {
+        // np.percentile([3, 1, 2, 10], [0, 1, 50, 99, 100]) = [1, 1.03, 2.5, 9.79, 10]
+        let base = [3.0, 1.0, 2.0, 10.0];
+        let expect = [(0.0, 1.0), (1.0, 1.03), (50.0, 2.5), (99.0, 9.79), (100.0, 10.0), (25.0, 1.75)];
+        for (p, e) in expect {
+            let mut v = base;
+            let got = percentile_mut(&mut v, p);
+            assert!((got - e).abs() < 1e-12, "p={p}: {got} vs {e}");
+        }
+        let mut one = [5.0];
+        assert_eq!(percentile_mut(&mut one, 99.0), 5.0);
+    }
+
+    #[test]
+    fn eigen_decomposition_reconstructs() {
+        let m = [[2.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 0.5]];
+        let (vals, v) = sym_eigen3(m);
+        assert!(vals[0] <= vals[1] && vals[1] <= vals[2]);
+        for i in 0..3 {
+            for j in 0..3 {
+                let rec: f64 = (0..3).map(|k| v[i][k] * vals[k] * v[j][k]).sum();
+                assert!((rec - m[i][j]).abs() < 1e-12, "A[{i}][{j}]");
+                let dot: f64 = (0..3).map(|k| v[k][i] * v[k][j]).sum();
+                assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        let (vals, _) = sym_eigen3([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]);
+        assert_eq!(vals, [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn pinv_is_left_inverse() {
+        let p = pinv_3x2(&MACENKO_HE_REF).unwrap();
+        for i in 0..2 {
+            for j in 0..2 {
+                let v: f64 = (0..3).map(|r| p[i][r] * MACENKO_HE_REF[r][j]).sum();
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        assert!(pinv_3x2(&[[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]).is_none());
+    }
+
+    #[test]
+    fn macenko_recovers_synthetic_stains() {
+        let img = synthetic_tissue(64, 64, 1);
+        let fg: Vec<[u8; 3]> = img.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
+        let fit = macenko_fit_pixels(&fg, &MacenkoSettings::default()).unwrap();
+        let he = fit.params.he;
+        // H column first (larger red OD), both unit vectors with positive entries
+        assert!(he[0][0] > he[0][1]);
+        for j in 0..2 {
+            let n: f64 = (0..3).map(|r| he[r][j] * he[r][j]).sum();
+            assert!((n - 1.0).abs() < 1e-9);
+            assert!((0..3).all(|r| he[r][j] > -0.05));
+        }
+        assert!(fit.params.max_c.iter().all(|&m| m > 0.1));
+    }
+
+    #[test]
+    fn normalize_blackens_background_and_changes_cell() {
+        let (w, h) = (80, 60);
+        let img = synthetic_cell(w, h, 3);
+        let mut out = img.clone();
+        let cfg = StainConfig::default();
+        let o = normalize_in_place(&mut out, &cfg, &StainParams::Macenko(MacenkoParams::default()));
+        assert!(!o.fallback, "{o:?}");
+        let rule = MaskRule::from_config(&cfg);
+        let mut changed = 0;
+        for (a, b) in img.chunks_exact(3).zip(out.chunks_exact(3)) {
+            if rule.is_background(a) {
+                assert_eq!(b, &[0, 0, 0]);
+            } else if a != b {
+                changed += 1;
+            }
+        }
+        assert!(changed > 100);
+    }
+
+    #[test]
+    fn normalize_to_own_fit_is_near_identity() {
+        let img = synthetic_tissue(48, 48, 9);
+        let fg: Vec<[u8; 3]> = img.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
+        let mut cfg = StainConfig::default();
+        cfg.min_foreground = 10;
+        let fit = macenko_fit_pixels(&fg, &MacenkoSettings::default()).unwrap();
+        let mut out = img.clone();
+        normalize_in_place(&mut out, &cfg, &StainParams::Macenko(fit.params));
+        let mad: f64 = img.iter().zip(&out).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / img.len() as f64;
+        assert!(mad < 1.5, "mean abs diff {mad}");
+
+        let lab = Lab::new();
+        let rp = reinhard_fit_pixels(&fg, &lab).unwrap();
+        cfg.method = StainMethod::Reinhard;
+        let mut out = img.clone();
+        normalize_in_place(&mut out, &cfg, &StainParams::Reinhard(rp));
+        let mad: f64 = img.iter().zip(&out).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / img.len() as f64;
+        assert!(mad < 1.0, "reinhard mean abs diff {mad}");
+    }
+
+    #[test]
+    fn fallbacks_never_produce_garbage() {
+        let cfg = StainConfig::default();
+        let rule = MaskRule::from_config(&cfg);
+        // all black
+        let mut img = vec![0u8; 30 * 30 * 3];
+        let o = normalize_in_place(&mut img, &cfg, &StainParams::Macenko(MacenkoParams::default()));
+        assert!(o.fallback);
+        assert!(img.iter().all(|&v| v == 0));
+        // uniform colour: zero variance
+        let mut img: Vec<u8> = [120u8, 80, 160].repeat(40 * 40);
+        img[0] = 5; img[1] = 5; img[2] = 5; // one background pixel
+        let orig = img.clone();
+        for method in [StainParams::Macenko(MacenkoParams::default()), StainParams::Reinhard(ReinhardParams::default())] {
+            let mut c = cfg.clone();
+            c.method = method.method();
+            let mut out = orig.clone();
+            let o = normalize_in_place(&mut out, &c, &method);
+            assert!(o.fallback, "{method:?}");
+            assert!(o.reason.is_some());
+            assert_eq!(&out[..3], &[0, 0, 0]);
+            assert_eq!(&out[3..], &orig[3..]);
+        }
+        // too few foreground pixels
+        let mut img = synthetic_cell(20, 20, 1);
+        let o = normalize_in_place(&mut img, &cfg, &StainParams::Macenko(MacenkoParams::default()));
+        assert!(o.fallback && o.reason.unwrap().contains("min_foreground"));
+        let _ = rule;
+    }
+
+    #[test]
+    fn lab_roundtrip() {
+        let lab = Lab::new();
+        let mut rng = Rng::new(5);
+        for _ in 0..2000 {
+            let p = [(rng.next() % 256) as u8, (rng.next() % 256) as u8, (rng.next() % 256) as u8];
+            let l = lab.from_rgb(p);
+            let back = lab.to_rgb([l[0] as f64, l[1] as f64, l[2] as f64]);
+            for c in 0..3 {
+                // truncation may lose one level
+                assert!((p[c] as i32 - back[c] as i32).abs() <= 1, "{p:?} -> {l:?} -> {back:?}");
+            }
+        }
+        let w = lab.from_rgb([255, 255, 255]);
+        assert!((w[0] - 100.0).abs() < 1e-3 && w[1].abs() < 1e-2 && w[2].abs() < 1e-2, "{w:?}");
+    }
+
+    #[test]
+    fn params_json_roundtrip_and_method_check() {
+        let p = StainParams::Macenko(MacenkoParams::default());
+        let j = p.to_json(Some(2), Some(1000));
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(StainParams::from_value(&v).unwrap(), p);
+        let mut cfg = StainConfig::default();
+        cfg.params = Some(v);
+        assert_eq!(StainParams::from_config(&cfg).unwrap(), p);
+        cfg.method = StainMethod::Reinhard;
+        assert!(matches!(StainParams::from_config(&cfg), Err(Error::Config(_))));
+        let bad: serde_json::Value = serde_json::from_str(r#"{"method":"macenko","he":[[1,2],[3,4],[5,6]]}"#).unwrap();
+        assert!(StainParams::from_value(&bad).is_err());
+    }
+
+    #[test]
+    fn fit_images_pools_and_errors() {
+        let a = synthetic_cell(64, 64, 1);
+        let b = synthetic_cell(64, 64, 2);
+        let cfg = StainConfig::default();
+        let (p, n) = fit_images(&[&a, &b], &cfg).unwrap();
+        assert!(matches!(p, StainParams::Macenko(_)));
+        assert!(n > 2000);
+        let black = vec![0u8; 64 * 64 * 3];
+        let e = fit_images(&[&black], &cfg).unwrap_err().to_string();
+        assert!(e.contains("foreground"), "{e}");
+    }
+}

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures and helpers.
+
+* ``cnmc_sample`` / ``sample_cells``: the 52 real C-NMC cells in ``../shared/data/cnmc_sample``
+  (relative to the repository root); tests using them are skipped when the folder is absent.
+  The images are read in place, never copied into the repository.
+* ``make_cell`` / ``make_tissue``: small deterministic synthetic images (a stained "cell" on a
+  pure black background, or stained tissue with no background at all).
+* ``reference``: ``benchmarks/reference.py`` (NumPy reference implementations).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "cnmc_sample"
+
+# H&E-like optical density vectors (R, G, B) used by the synthetic images.
+_HAEM = np.array([0.65, 0.70, 0.29])
+_EOS = np.array([0.07, 0.99, 0.11])
+
+
+def sample_cell_paths() -> list[Path]:
+    """The real sample BMPs (sorted), or ``[]`` when the sample is not present."""
+    return sorted(SAMPLE_DIR.glob("C-NMC_Leukemia/training_data/fold_*/*/*.bmp"))
+
+
+def make_tissue(h: int, w: int, seed: int = 0, io: float = 240.0) -> np.ndarray:
+    """Stained tissue-like ``(h, w, 3)`` uint8 image with no background pixels: a smooth random
+    mixture of two stains plus a little noise (every pixel has max channel > 10)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    fx, fy, ph = rng.uniform(0.02, 0.15, 2), rng.uniform(0.02, 0.15, 2), rng.uniform(0, 6.28, 2)
+    ch = 0.75 + 0.6 * np.sin(fx[0] * xx + ph[0]) * np.cos(fy[0] * yy) + 0.15 * rng.standard_normal((h, w))
+    ce = 0.40 + 0.3 * np.cos(fx[1] * xx) * np.sin(fy[1] * yy + ph[1]) + 0.10 * rng.standard_normal((h, w))
+    od = np.clip(ch, 0.05, None)[..., None] * _HAEM + np.clip(ce, 0.02, None)[..., None] * _EOS
+    img = io * np.exp(-od) - 1 + rng.normal(0, 1.0, (h, w, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    dark = img.max(axis=-1) <= 10
+    img[dark, 0] = 11
+    return img
+
+
+def make_cell(h: int = 96, w: int | None = None, seed: int = 0, radius: float = 0.38) -> np.ndarray:
+    """A round stained "cell" (with a darker nucleus) on a pure black background."""
+    w = h if w is None else w
+    rng = np.random.default_rng(seed + 1000)
+    img = make_tissue(h, w, seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = h / 2 + rng.uniform(-0.05, 0.05) * h, w / 2 + rng.uniform(-0.05, 0.05) * w
+    r = np.hypot((yy - cy) / max(h, 1), (xx - cx) / max(w, 1))
+    nucleus = r < radius * 0.6
+    img[nucleus] = (img[nucleus] * 0.6).astype(np.uint8)
+    dark = nucleus & (img.max(axis=-1) <= 10)
+    img[dark, 2] = 40
+    img[r >= radius] = 0
+    return img
+
+
+@pytest.fixture(scope="session")
+def cnmc_sample() -> Path:
+    if not SAMPLE_DIR.is_dir() or not sample_cell_paths():
+        pytest.skip(f"real C-NMC sample not present at {SAMPLE_DIR}")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_cells(cnmc_sample) -> list[Path]:
+    return sample_cell_paths()
+
+
+@pytest.fixture(scope="session")
+def native():
+    return pytest.importorskip("leukedge._native", reason="the Rust extension is not built (pip install -e .)")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    spec = importlib.util.spec_from_file_location("leukedge_bench_reference", REPO / "benchmarks" / "reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
