@@ -212,7 +212,7 @@ def sweep(pred, info, cells, work: Path, prof: argparse.Namespace, rates: list[f
         r = run_rate(pred, info, cells, rate, prof.duration, work, prof)
         results.append(r)
         verdict = "sustained" if r["sustained"] else ("QUEUE GROWS" if r["writer_kept_up"] else "writer too slow")
-        console.print(f"  [{prof.name}] {rate:g}/s: p50 {r['latency_ms']['p50']:.0f} ms, p95 {r['latency_ms']['p95']:.0f} ms, "
+        console.print(f"  ({prof.name}) {rate:g}/s: p50 {r['latency_ms']['p50']:.0f} ms, p95 {r['latency_ms']['p95']:.0f} ms, "
                       f"p99 {r['latency_ms']['p99']:.0f} ms, achieved {r['achieved_rate']:.1f}/s, "
                       f"mean batch {r['mean_batch_size']:.1f}, {verdict}")
         return r
@@ -238,8 +238,11 @@ def sweep(pred, info, cells, work: Path, prof: argparse.Namespace, rates: list[f
     good = [r["offered_rate"] for r in results if r["sustained"]]
     bad = [r["offered_rate"] for r in results if not r["sustained"]]
     max_sustained = max(good) if good else None
-    first_bad = min((b for b in bad if max_sustained is None or b > max_sustained), default=None)
-    return {"name": prof.name, "settings": {"batch": prof.batch, "max_wait_ms": prof.max_wait_ms,
+    # a rate the writer itself could not offer says nothing about the station
+    saturated = [r["offered_rate"] for r in results if not r["sustained"] and r["writer_kept_up"]]
+    first_bad = min((b for b in saturated if max_sustained is None or b > max_sustained), default=None)
+    writer_limited = any(not r["writer_kept_up"] for r in results)
+    return {"writer_limited": writer_limited, "name": prof.name, "settings": {"batch": prof.batch, "max_wait_ms": prof.max_wait_ms,
                                               "settle_ms": prof.settle_ms, "poll_ms": prof.poll_ms,
                                               "duration_s": prof.duration},
             "rates": results, "max_sustained_rate": max_sustained, "first_saturated_rate": first_bad}
@@ -247,7 +250,7 @@ def sweep(pred, info, cells, work: Path, prof: argparse.Namespace, rates: list[f
 
 def print_table(console: Console, prof: dict) -> None:
     st = prof["settings"]
-    table = Table(title=f"station [{prof['name']}]: file appears -> result committed (batch {st['batch']}, "
+    table = Table(title=f"station ({prof['name']}): file appears -> result committed (batch {st['batch']}, "
                         f"max wait {st['max_wait_ms']:g} ms, settle {st['settle_ms']:g} ms, poll {st['poll_ms']:g} ms)")
     for col in ("rate /s", "offered /s", "files", "achieved /s", "p50 ms", "p95 ms", "p99 ms", "queued p50",
                 "compute p50", "mean batch", "max backlog", "sustained"):
@@ -260,8 +263,10 @@ def print_table(console: Console, prof: dict) -> None:
                       str(r["max_backlog"]), "yes" if r["sustained"] else "[red]no[/]")
     console.print(table)
     ms, fb = prof["max_sustained_rate"], prof["first_saturated_rate"]
-    console.print(f"[{prof['name']}] highest sustained rate: [bold]{ms if ms is not None else 'none'}[/] files/s"
-                  + (f" (queue grows at {fb:g}/s)" if fb is not None else " (no tested rate saturated it)"))
+    tail = f" (queue grows at {fb:g}/s)" if fb is not None else " (no tested rate saturated the station)"
+    if prof.get("writer_limited") and fb is None:
+        tail += "; the benchmark's writer could not offer the higher rates"
+    console.print(f"({prof['name']}) highest sustained rate: [bold]{ms if ms is not None else 'none'}[/] files/s" + tail)
 
 
 def main() -> None:
@@ -284,6 +289,7 @@ def main() -> None:
     console = Console(width=max(Console().width, 120))
     rates = [float(r) for r in opts.rates.split(",") if r.strip()]
 
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="leukedge-bench-station-"))
     profiles = []
     try:
@@ -312,7 +318,9 @@ def main() -> None:
         "benchmark": "station",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "processor": platform.processor()},
+                    "processor": platform.processor(),
+                    "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+                    "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
         "model": {"path": model, "description": model_desc, "model_id": info.model_id, "backend": info.backend},
         "cells": cells_desc,
         "write_mode": "temporary name + rename",

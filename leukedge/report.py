@@ -3,7 +3,7 @@
 The report is one HTML file with every plot embedded as a base64 PNG, so it opens from disk
 with no server.  It is built from whatever a run directory holds, found recursively:
 
-- ``evaluation.json`` (from ``leukedge evaluate``): metrics, confusion matrix, per-subject table;
+- ``metrics.json`` with a confusion matrix (from ``leukedge evaluate``): metrics, confusion matrix, per-subject table;
 - ``history.json`` (from ``leukedge train``): training curves;
 - ``*.stats.json`` (from ``leukedge infer``): throughput and latency percentiles per stage;
 - ``export_report.json`` (from ``leukedge export``): PyTorch vs ONNX Runtime agreement;
@@ -87,11 +87,13 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
         return ""
     parts = ['<section id="metrics"><h2>Metrics</h2>']
     for path, ev in evals:
-        title = ev.get("title") or _rel(path.parent, run_dir)
-        parts.append(f"<h3>{html.escape(str(title))}</h3>")
-        rows = [(k, ev.get(k)) for k in ("n", "weighted_f1", "accuracy", "roc_auc", "balanced_accuracy") if k in ev]
-        if rows:
-            parts.append(_table(["metric", "value"], rows, "kv"))
+        title = ev.get("title") or _rel(path.parent, run_dir) or "evaluation"
+        split = f" (split: {ev['split']})" if ev.get("split") else ""
+        parts.append(f"<h3>{html.escape(str(title))}{html.escape(split)}</h3>")
+        rows = [(k, ev.get(k)) for k in ("n", "weighted_f1", "accuracy", "macro_f1", "roc_auc") if k in ev]
+        if ev.get("model"):
+            rows.append(("model", ev["model"]))
+        parts.append(_table(["metric", "value"], rows, "kv"))
         per_class = ev.get("per_class") or {}
         if per_class:
             parts.append(_table(
@@ -99,16 +101,20 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
                 [(c, d.get("precision"), d.get("recall"), d.get("f1"), d.get("support")) for c, d in per_class.items()],
             ))
         cm = ev.get("confusion_matrix")
-        if cm:
-            names = ev.get("class_names") or [str(i) for i in range(len(cm))]
-            parts.append("<h4>Confusion matrix (rows: true, columns: predicted)</h4>")
-            parts.append(_table([""] + list(names), [[names[i]] + list(r) for i, r in enumerate(cm)], "cm"))
+        if isinstance(cm, dict):
+            names, matrix = cm.get("labels") or [], cm.get("matrix") or []
+        else:
+            names, matrix = ev.get("class_names") or [], cm or []
+        if matrix:
+            names = list(names) or [str(i) for i in range(len(matrix))]
+            parts.append("<h4>Confusion matrix (rows: true class, columns: predicted class)</h4>")
+            parts.append(_table([""] + names, [[names[i]] + list(r) for i, r in enumerate(matrix)], "cm"))
         subjects = ev.get("per_subject") or []
         if isinstance(subjects, dict):
             subjects = [dict(subject=k, **v) for k, v in subjects.items()]
         if subjects:
-            keys = [k for k in subjects[0].keys()]
-            parts.append("<details><summary>Per-subject breakdown ({} subjects)</summary>".format(len(subjects)))
+            keys = list(subjects[0].keys())
+            parts.append(f"<details><summary>Per-subject breakdown ({len(subjects)} subjects)</summary>")
             parts.append(_table(keys, [[s.get(k) for k in keys] for s in subjects]))
             parts.append("</details>")
     parts.append("</section>")
@@ -125,24 +131,28 @@ def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2><div class="figs">{imgs}</div></section>'
 
 
+_STAGE_LABELS = (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("compute", "engine compute"),
+                 ("d2h", "D2H copy"), ("backend_total", "backend total"), ("end_to_end", "end to end"))
+
+
 def _latency_section(stats: list[tuple[Path, dict]], run_dir: Path) -> str:
     if not stats:
         return ""
     parts = ['<section id="latency"><h2>Throughput and latency</h2>']
     for path, st in stats:
         parts.append(f"<h3>{html.escape(_rel(path, run_dir))}</h3>")
-        head = [("backend", st.get("backend")), ("batch", st.get("batch")), ("images", st.get("n_images") or st.get("images")),
-                ("throughput (img/s)", st.get("throughput_img_s") or st.get("throughput")),
+        thr = st.get("stage_throughput_img_s") or {}
+        head = [("backend", st.get("backend")), ("why this backend", st.get("backend_reason")),
+                ("batch", st.get("batch")), ("pipelined", st.get("pipeline")), ("files", st.get("n_files")),
+                ("failed files", st.get("n_error")), ("end-to-end throughput (img/s)", st.get("throughput_img_s")),
+                ("preprocessing alone (img/s)", thr.get("preprocess")), ("backend alone (img/s)", thr.get("backend")),
                 ("wall time (s)", st.get("wall_s"))]
         parts.append(_table(["", ""], [r for r in head if r[1] is not None], "kv"))
-        stages = st.get("stages") or {}
-        rows = []
-        for name, s in stages.items():
-            if isinstance(s, dict):
-                rows.append((name, s.get("count"), s.get("mean_ms"), s.get("p50_ms"), s.get("p95_ms"), s.get("p99_ms"),
-                             s.get("throughput_img_s")))
+        lat = st.get("latency_ms") or {}
+        rows = [(label, s.get("n"), s.get("mean"), s.get("p50"), s.get("p95"), s.get("p99"), s.get("max"))
+                for key, label in _STAGE_LABELS if isinstance(s := lat.get(key), dict)]
         if rows:
-            parts.append(_table(["stage", "batches", "mean ms", "p50 ms", "p95 ms", "p99 ms", "img/s"], rows))
+            parts.append(_table(["stage (ms per batch)", "batches", "mean", "p50", "p95", "p99", "max"], rows))
     parts.append("</section>")
     return "".join(parts)
 
@@ -200,18 +210,21 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         raise FileNotFoundError(f"{run_dir}: not a directory")
     out_path = Path(out) if out else run_dir / "report.html"
 
-    evals = [(p, j) for p in _find(run_dir, "evaluation.json") if isinstance(j := _load_json(p), dict)]
+    # evaluate writes metrics.json with a confusion matrix; train's metrics.json has none.
+    evals = [(p, j) for p in _find(run_dir, "metrics.json")
+             if isinstance(j := _load_json(p), dict) and "confusion_matrix" in j]
     histories = [(p, j) for p in _find(run_dir, "history.json") if (j := _load_json(p)) is not None]
     stats = [(p, j) for p in _find(run_dir, "*.stats.json") if isinstance(j := _load_json(p), dict)]
     exports = [(p, j) for p in _find(run_dir, "export_report.json") if isinstance(j := _load_json(p), dict)]
-    engines = [(p, j) for p in _find(run_dir, "*.engine.json") if isinstance(j := _load_json(p), dict)]
+    engines = [(p, j) for pat in ("*.engine.json", "*.plan.json") for p in _find(run_dir, pat)
+               if isinstance(j := _load_json(p), dict)]
     bundles = [(p, j) for p in _find(run_dir, "bundle.json") if isinstance(j := _load_json(p), dict)]
     caches = [(p, j) for p in _find(run_dir, "cache.json") if isinstance(j := _load_json(p), dict)]
     demo = _load_json(run_dir / "demo_summary.json")
     pngs = [p for p in _find(run_dir, "*.png")]
     if not (evals or histories or stats or exports or engines or pngs or demo):
         raise FileNotFoundError(
-            f"{run_dir}: no evaluation.json, history.json, *.stats.json, export_report.json or plots found; "
+            f"{run_dir}: no evaluation metrics.json, history.json, *.stats.json, export_report.json or plots found; "
             "point `leukedge report` at a train, evaluate, infer or demo output directory"
         )
 

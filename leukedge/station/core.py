@@ -123,6 +123,7 @@ class Station:
         self.summary: StationSummary | None = None
         self.in_batch = False
         self._t_start = time.time()
+        self._published: tuple[int, int] = (0, 0)  # (scans, settling) after the scanner's last put
 
     # -- control ---------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -223,6 +224,9 @@ class Station:
                 t0 = time.monotonic()
                 ready = self.scanner.scan()
                 self.batcher.put(ready)
+                # published only after the put: "nothing settling and nothing queued" is then never
+                # seen while complete files are between the scanner and the queue
+                self._published = (self.scanner.stats.scans, self.scanner.stats.settling)
                 elapsed = time.monotonic() - t0
                 # Big folders: never spend more than about half the time scanning.
                 self._stop.wait(max(poll - elapsed, elapsed, 0.001))
@@ -231,8 +235,8 @@ class Station:
             self._stop.set()
 
     def _idle(self) -> bool:
-        st = self.scanner.stats
-        return st.scans >= 1 and st.settling == 0 and len(self.batcher) == 0
+        scans, settling = self._published
+        return scans >= 1 and settling == 0 and len(self.batcher) == 0
 
     def _loop(self) -> None:
         s = self.s
@@ -240,7 +244,7 @@ class Station:
         last_activity = time.monotonic()
         assert self.scanner is not None and self.summary is not None
         while not self._stop.is_set():
-            flush = s.once and self.scanner.stats.scans >= 1 and self.scanner.stats.settling == 0
+            flush = s.once and self._published[0] >= 1 and self._published[1] == 0
             batch, reason = self.batcher.take(timeout=min(0.1, s.poll_ms / 1000), flush=flush)
             if batch:
                 self._process(batch, reason or "deadline")

@@ -1,0 +1,78 @@
+"""`leukedge demo --quick` end to end, and `leukedge report` on its run directory."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from leukedge.cli import main
+from leukedge.report import build_report
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    res = CliRunner().invoke(main, ["demo", "--quick", "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_demo_quick_runs_every_stage(demo_dir: Path) -> None:
+    summary = json.loads((demo_dir / "demo_summary.json").read_text())
+    stages = {s["stage"].split(". ", 1)[1]: s for s in summary["stages"]}
+    assert list(stages) == ["synth", "preprocess", "train", "evaluate", "export", "build-engine", "infer", "real cells"]
+    for name in ("synth", "preprocess", "train", "evaluate", "export", "infer"):
+        assert stages[name]["status"] == "ok", stages[name]
+    # the engine stage either built an engine or says why it was skipped
+    eng = stages["build-engine"]
+    assert eng["status"] in ("ok", "skipped"), eng
+    if eng["status"] == "ok":
+        assert (demo_dir / "engine" / "model.engine").stat().st_size > 0
+        assert json.loads((demo_dir / "engine" / "model.engine.json").read_text())
+    else:
+        assert eng["note"].startswith("skipped:") and len(eng["note"]) > 12
+    assert summary["synthetic"] is True
+    assert (demo_dir / "infer" / "predictions.csv").read_text().count("\n") > 1
+    assert 0.0 <= summary["metrics"]["weighted_f1"] <= 1.0
+
+
+@pytest.mark.timeout(900)
+def test_demo_report_has_sections_and_embedded_images(demo_dir: Path) -> None:
+    html = (demo_dir / "report.html").read_text()
+    for section in ('id="metrics"', 'id="plots"', 'id="training"', 'id="latency"', 'id="cells"', 'id="stages"'):
+        assert section in html, section
+    assert "SYNTHETIC" in html and "Not for clinical use" in html
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) >= 4
+    for b64 in images:
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
+
+
+def test_report_rebuilds_from_a_subdirectory(demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval_report.html"
+    res = CliRunner().invoke(main, ["report", str(demo_dir / "evaluate"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert 'id="metrics"' in html and "weighted_f1" in html and "SYNTHETIC" in html
+
+
+def test_report_refuses_an_empty_directory(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "no evaluation" in res.output
+
+
+def test_report_banner_only_for_synthetic(tmp_path: Path) -> None:
+    metrics = {"n": 4, "weighted_f1": 0.75, "accuracy": 0.75, "roc_auc": 0.8,
+               "confusion_matrix": {"labels": ["hem", "all"], "matrix": [[1, 1], [0, 2]]}, "synthetic": False}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    html = build_report(tmp_path).read_text()
+    assert "SYNTHETIC" not in html and "Not for clinical use" in html
+    assert "<td>hem</td><td>1</td><td>1</td>" in html
