@@ -572,20 +572,33 @@ def is_synthetic(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Inspection
 # ---------------------------------------------------------------------------------------------
-def _check_readable(path: Path) -> str | None:
-    """None if the image decodes, else the reason."""
+def _readability_checker() -> tuple[str, Any] | None:
+    """(name, check(path) -> None | reason): the Rust decoder if built, else a Pillow header check."""
     try:
         from . import _native  # type: ignore[attr-defined]
-    except ImportError:
-        _native = None
-    try:
-        if _native is not None:
-            _native.decode(str(path))
-        else:
-            from PIL import Image
 
-            with Image.open(path) as im:
-                im.verify()
+        def check(path: Path) -> None:
+            _native.decode(str(path))
+
+        return "leukedge._native.decode", check
+    except ImportError:
+        pass
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+
+    def check_pil(path: Path) -> None:
+        with Image.open(path) as im:
+            im.verify()
+
+    return "Pillow header check", check_pil
+
+
+def _check_readable(path: Path, check: Any) -> str | None:
+    """None if ``check`` accepts the image, else the reason."""
+    try:
+        check(path)
         return None
     except Exception as exc:  # noqa: BLE001 - every failure is a finding, never a crash
         return f"{type(exc).__name__}: {exc}"
@@ -597,9 +610,13 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
     Returns a JSON-serialisable dict."""
     records = discover(paths)
     workers = threads or min(8, os.cpu_count() or 1)
+    checker = _readability_checker() if check_decode else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         hashes = list(pool.map(lambda r: _safe_sha(r.path), records))
-        problems = list(pool.map(lambda r: _check_readable(r.path), records)) if check_decode else [None] * len(records)
+        if checker is not None:
+            problems = list(pool.map(lambda r: _check_readable(r.path, checker[1]), records))
+        else:
+            problems = [None] * len(records)
     for r, h in zip(records, hashes):
         r.sha256 = h
 
@@ -642,7 +659,7 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
             warnings_out.append(f"identical files with different labels: {', '.join(d['paths'])}")
     n_all, n_hem = classes.get("all", 0), classes.get("hem", 0)
     unreadable = [{"path": str(r.path), "error": e} for r, e in zip(records, problems) if e]
-    unreadable += [{"path": str(r.path), "error": "cannot read file"} for r, h in zip(records, hashes) if h is None and not check_decode]
+    unreadable += [{"path": str(r.path), "error": "cannot read file"} for r, h, e in zip(records, hashes, problems) if h is None and not e]
     roots = [str(p) for p in paths]
     return {
         "roots": roots,
@@ -662,6 +679,7 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
         "n_subjects": {c: sum(1 for s in subj.values() if c in s["classes"]) for c in sorted(classes)},
         "unlabelled": sum(1 for r in records if r.label == -1),
         "no_subject": sum(1 for r in records if r.subject is None),
+        "decode_check": checker[0] if checker else "none",
         "unreadable": unreadable,
         "duplicates": duplicates,
         "warnings": warnings_out,
@@ -715,7 +733,7 @@ def _print_inspection(report: dict[str, Any], console: Any) -> None:
         for u in report["unreadable"]:
             console.print(f"  {u['path']}: {u['error']}", markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print("[green]All files readable.[/]")
+        console.print(f"[green]All files readable[/] (checked with {report['decode_check']}).")
     if report["duplicates"]:
         t = Table(title=f"{len(report['duplicates'])} group(s) of byte-identical files (kept together in splits)")
         t.add_column("sha256")

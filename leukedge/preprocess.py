@@ -510,7 +510,7 @@ def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> Preproces
               help="Use exactly this preprocessing: a config.json, a bundle.json / model bundle folder (its "
                    "\"preprocess\" settings) or a dataset cache folder. Cannot be combined with pixel options.")
 @click.option("--stain", type=click.Choice(STAIN_METHODS), help="Stain normalisation [default: macenko].")
-@click.option("--stain-reference", multiple=True, help="Fit stain parameters on these images (folders, files, globs; repeatable).")
+@click.option("--stain-reference", multiple=True, metavar="PATH", help="Fit stain parameters on these images (folders, files, globs; repeatable).")
 @click.option("--stain-io", type=float, help="Transmitted light intensity Io [default: 240].")
 @click.option("--stain-alpha", type=float, help="Macenko angle percentile alpha [default: 1].")
 @click.option("--stain-beta", type=float, help="Macenko optical-density threshold beta [default: 0.15].")

@@ -8,7 +8,7 @@ The two classes differ in plausible but overlapping morphology:
   more irregular (sometimes cleft) nuclear outline, often visible nucleoli.
 - ``hem`` (normal): smaller, rounder, coarser and darker clumped chromatin, more eccentric nucleus.
 
-About 10 % of the cells of each class are drawn with the other class's morphology (keeping
+About 8 % of the cells of each class are drawn with the other class's morphology (keeping
 their subject's stain), like the ambiguous cells of the real data, so no model reaches 1.0.
 
 Every subject (patient) has its own stain (stain vectors, intensities, illumination; modest, as
@@ -42,7 +42,7 @@ _H_REF = np.array([0.5626, 0.7201, 0.4062])
 _E_REF = np.array([0.2159, 0.8012, 0.5581])
 _N_ANGLES = 720
 # Share of cells drawn with the other class's morphology (label noise-like ambiguity).
-ATYPICAL_FRACTION = 0.1
+ATYPICAL_FRACTION = 0.08
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def make_subject(label: int, rng: np.random.Generator) -> SubjectStyle:
     h = _unit(_H_REF + rng.normal(0.0, 0.02, 3))
     e = _unit(_E_REF + rng.normal(0.0, 0.03, 3))
     if label == 1:
-        radius, nuc = rng.normal(104.0, 8.0), rng.normal(0.86, 0.03)
+        radius, nuc = rng.normal(104.0, 6.0), rng.normal(0.87, 0.02)
     else:
-        radius, nuc = rng.normal(94.0, 8.0), rng.normal(0.79, 0.03)
+        radius, nuc = rng.normal(93.0, 6.0), rng.normal(0.76, 0.02)
     return SubjectStyle(
         h_vec=tuple(float(x) for x in h),
         e_vec=tuple(float(x) for x in e),
@@ -80,7 +80,7 @@ def make_subject(label: int, rng: np.random.Generator) -> SubjectStyle:
         e_scale=float(rng.uniform(0.9, 1.1)),
         radius=float(radius),
         nuc_frac=float(nuc),
-        texture_scale=float(rng.uniform(0.85, 1.2)),
+        texture_scale=float(rng.uniform(0.9, 1.1)),
     )
 
 
@@ -154,23 +154,23 @@ def render_cell(label: int, rng: np.random.Generator, subject: SubjectStyle, siz
     shape = rho.shape
     ts = subject.texture_scale * scale
     if blast:  # fine, open chromatin
-        fine, coarse, h_nuc = rng.uniform(0.05, 0.11), rng.uniform(0.03, 0.10), 1.8
+        fine, coarse, h_nuc = rng.uniform(0.07, 0.12), rng.uniform(0.02, 0.07), 1.8
     else:  # coarse, clumped, darker chromatin
-        fine, coarse, h_nuc = rng.uniform(0.03, 0.08), rng.uniform(0.07, 0.15), 1.9
+        fine, coarse, h_nuc = rng.uniform(0.03, 0.07), rng.uniform(0.09, 0.16), 1.9
     tex = fine * _value_noise(rng, shape, 3.5 * ts) + coarse * _value_noise(rng, shape, 10.0 * ts)
     h_nuc *= rng.normal(1.0, 0.05)
     H = nuc_a * h_nuc * (1.0 + tex) + (cell_a - nuc_a) * rng.uniform(0.8, 1.15) * (1 + 0.08 * _value_noise(rng, shape, 6 * ts))
     E = cell_a * rng.uniform(0.85, 1.1) + (cell_a - nuc_a) * 0.15
 
     # Nucleoli: lighter round spots in blasts, rare and faint in normal cells.
-    n_nucleoli = rng.poisson(1.3) if blast else int(rng.random() < 0.12)
+    n_nucleoli = rng.poisson(1.6) if blast else int(rng.random() < 0.12)
     for _ in range(n_nucleoli):
         a = rng.uniform(-np.pi, np.pi)
         rr = rn * np.sqrt(rng.uniform(0.0, 0.45))
         sy, sx = off * np.sin(phi) + rr * np.sin(a), off * np.cos(phi) + rr * np.cos(a)
         sr = rng.uniform(4.0, 8.0) * scale * (1.0 if blast else 0.7)
         spot = np.exp(-0.5 * (((dy - sy) ** 2 + (dx - sx) ** 2) / (sr * sr)))
-        H = H * (1.0 - rng.uniform(0.25, 0.4) * (1.0 if blast else 0.5) * spot * nuc_a)
+        H = H * (1.0 - rng.uniform(0.3, 0.45) * (1.0 if blast else 0.5) * spot * nuc_a)
 
     H = np.maximum(H, 0.0) * subject.h_scale
     E = np.maximum(E, 0.0) * subject.e_scale

@@ -62,7 +62,8 @@ class TrainConfig:
     half_weights: bool = False  # store the bundle weights as float16
     channels_last: bool = True  # faster convolutions on CPU (and tensor cores)
     freeze_blocks: int = 0  # efficientnet_lite0: freeze the stem and this many early blocks
-    progress: bool = True
+    progress: bool = True  # rich progress bar
+    quiet: bool = False  # no per-epoch log lines either
     # Explicit cache rows (cross-validation); when given they replace the automatic split.
     train_indices: list[int] | None = None
     val_indices: list[int] | None = None
@@ -413,7 +414,7 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
     from .models import build_model, default_arch_kwargs, freeze_stem, save_bundle
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    console = _make_console(cfg.progress)
+    console = _make_console(not cfg.quiet)
     log = console.print
     if cfg.epochs < 1:
         raise ValueError("epochs must be >= 1")
@@ -718,7 +719,7 @@ def train_cmd(cache: str, out_dir: str, arch: str, epochs: int, batch_size: int,
                       resume=resume, device=device, limit=limit, val_fold=val_fold, val_fraction=val_fraction,
                       image_level_split=image_level_split, resplit=resplit, no_validation=no_validation,
                       augment=not no_augment, freeze_blocks=freeze_blocks, threads=threads or None,
-                      half_weights=fp16_weights, progress=not quiet)
+                      half_weights=fp16_weights, progress=not quiet, quiet=quiet)
     try:
         train(cache, out_dir, cfg)
     except PretrainedWeightsUnavailable as exc:

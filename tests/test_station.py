@@ -19,7 +19,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -31,7 +30,6 @@ from click.testing import CliRunner  # noqa: E402
 from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.station import (  # noqa: E402
     DeadlineBatcher,
-    ModelInfo,
     Scanner,
     Station,
     StationSettings,
@@ -324,7 +322,8 @@ def test_end_to_end_slow_partial_writer(tmp_path, predictor, cells):
                      "tmp_suffix": [".tmp", ".part"][i % 2], "sleep": [0.0, 0.05, 0.12][i % 3]})
         expect[str(dst)] = (hashlib.sha256(data).hexdigest(), sample)
     writer = start_writer(tmp_path, plan)
-    st = Station(settings(watch, exit_when_idle_s=1.0), predict_fn(pred), info, install_signal_handlers=False)
+    st = Station(settings(watch, settle_ms=400, exit_when_idle_s=1.0), predict_fn(pred), info,
+                 install_signal_handlers=False)
     summary = st.run()
     assert writer.wait(timeout=30) == 0
     got = rows(watch / ".leukedge-station.sqlite")
@@ -407,6 +406,61 @@ def test_batches_close_on_deadline_when_trickling_and_fill_when_flooded(tmp_path
     assert len(b) >= 4  # files 0.3 s apart, 0.1 s deadline: (almost) one batch per file
     q = [r[0] for r in query(trickle / ".leukedge-station.sqlite", "SELECT queued_ms FROM results")]
     assert max(q) < 100 + 400  # released by the deadline (+ polling / CPU slack), not held for a full batch
+
+
+@pytest.mark.timeout(30)
+def test_backend_exceptions_are_isolated_per_file_and_a_dead_backend_stops_the_station(tmp_path, predictor, cells):
+    from leukedge.station import StationError
+
+    pred, info = predictor
+    real = predict_fn(pred)
+    watch = tmp_path / "w"
+    (watch / "S").mkdir(parents=True)
+    data = cells[sorted(cells)[0]]
+    for i in range(6):
+        (watch / "S" / f"c{i}.bmp").write_bytes(data[:-1] + bytes([i]))
+
+    def flaky(paths):  # the runtime raises whenever one particular file is in the batch
+        if any(p.endswith("c3.bmp") for p in paths):
+            raise RuntimeError("simulated runtime failure")
+        return real(paths)
+
+    Station(settings(watch, batch_size=8, once=True), flaky, info, install_signal_handlers=False).run()
+    got = {Path(r["path"]).name: r for r in rows(watch / ".leukedge-station.sqlite")}
+    assert len(got) == 6 and got["c3.bmp"]["status"] == "error"
+    assert "simulated runtime failure" in got["c3.bmp"]["error"]
+    assert all(got[f"c{i}.bmp"]["status"] == "ok" for i in (0, 1, 2, 4, 5))
+
+    dead = tmp_path / "dead"
+    (dead / "S").mkdir(parents=True)
+    for i in range(6):
+        (dead / "S" / f"d{i}.bmp").write_bytes(data[:-1] + bytes([50 + i]))
+
+    def broken(paths):
+        raise RuntimeError("CUDA error: device lost")
+
+    with pytest.raises(StationError, match="failed on 3 batches in a row"):
+        Station(settings(dead, batch_size=2, max_wait_ms=10), broken, info, install_signal_handlers=False).run()
+    db = dead / ".leukedge-station.sqlite"
+    assert rows(db) == []  # nothing recorded as bad: the files are retried on the next start
+    assert query(db, "SELECT state FROM heartbeat") == [("failed",)]
+    Station(settings(dead, once=True), real, info, install_signal_handlers=False).run()
+    assert len(rows(db)) == 6 and all(r["status"] == "ok" for r in rows(db))
+
+
+@pytest.mark.timeout(30)
+def test_max_files_stops_after_whole_batches(tmp_path, predictor, cells):
+    pred, info = predictor
+    watch = tmp_path / "w"
+    (watch / "S").mkdir(parents=True)
+    data = cells[sorted(cells)[0]]
+    for i in range(10):
+        (watch / "S" / f"c{i}.bmp").write_bytes(data[:-1] + bytes([i]))
+    summary = Station(settings(watch, batch_size=2, max_wait_ms=5000, max_files=4), predict_fn(pred), info,
+                      install_signal_handlers=False).run()
+    assert summary.processed == 4 and summary.batch_sizes == [2, 2]
+    assert "--max-files 4" in summary.exit_reason
+    assert len(rows(watch / ".leukedge-station.sqlite")) == 4
 
 
 @pytest.mark.timeout(60)

@@ -127,6 +127,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
         preprocess_hash=config.pixel_hash() if config is not None else "",
         backend=backend_name,
         positive_label=class_names[1] if len(class_names) > 1 else "all",
+        reason=str(reason or ""),
     )
     return pred, info
 
@@ -327,11 +328,16 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
             f"settling {st['settling']} | {data['throughput_1m']:.2f} cells/s over the last minute | "
             f"latency p50 {st['latency_p50_ms'] or 0:.0f} ms p95 {st['latency_p95_ms'] or 0:.0f} ms"
         )
-    else:
-        ended = st["stopped_at"] or (st["started_at"] + 0)
+    elif st["stopped_at"] is None:
         console.print(
-            f"[bold yellow]not running[/]: last run {st['run_id']} (pid {st['pid']} on {st['host']}) "
-            f"{st['exit_reason'] or st['state']}, {_fmt_age(time.time() - ended)} ago"
+            f"[bold red]not responding[/]: run {st['run_id']} (pid {st['pid']} on {st['host']}) wrote its last "
+            f"heartbeat {_fmt_age(st['heartbeat_age_s'])} ago and recorded no shutdown: killed or hung. "
+            "The next start resumes where it stopped."
+        )
+    else:
+        console.print(
+            f"[bold yellow]not running[/]: last run {st['run_id']} (pid {st['pid']} on {st['host']}) stopped "
+            f"{_fmt_age(time.time() - st['stopped_at'])} ago: {st['exit_reason'] or st['state']}"
         )
     tot = data["totals"]
     console.print(f"  {tot['rows'] - tot['superseded']:,} files: {tot['ok']:,} classified, {tot['errors']:,} errors"

@@ -38,6 +38,7 @@ class ModelInfo:
     preprocess_hash: str             # PreprocessConfig.pixel_hash() the model was trained with
     backend: str                     # backend actually in use
     positive_label: str = "all"      # label that counts as a blast
+    reason: str = ""                 # why this backend (from get_backend)
 
 
 @dataclass
@@ -277,7 +278,9 @@ class Station:
         except Exception as exc:  # noqa: BLE001 - a backend error must not kill the station
             batch_error = f"{type(exc).__name__}: {exc}"
         if self.reporter:
-            self.reporter.message(f"[red]batch of {len(paths)} failed ({batch_error}); retrying file by file[/]")
+            from rich.markup import escape
+
+            self.reporter.message(f"[red]batch of {len(paths)} failed ({escape(batch_error)}); retrying file by file[/]")
         out = []
         n_failed = 0
         for p in paths:

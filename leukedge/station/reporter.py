@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 
@@ -56,7 +57,8 @@ class Reporter:
             self.console.print(
                 f"[bold]leukedge station[/] watching [cyan]{s.watch_dir}[/] -> [cyan]{s.db_path}[/]\n"
                 f"  model {station.model.model} (id {station.model.model_id}, preprocessing "
-                f"{station.model.preprocess_hash[:12]}) on [bold]{station.model.backend}[/]\n"
+                f"{station.model.preprocess_hash[:12]}) on [bold]{station.model.backend}[/]"
+                + (f" [dim]({escape(station.model.reason)})[/]" if station.model.reason else "") + "\n"
                 f"  batch {s.batch_size}, max wait {s.max_wait_ms:g} ms, settle {s.settle_ms:g} ms, poll {s.poll_ms:g} ms"
                 + ("" if s.once or s.exit_when_idle_s is not None else "  (Ctrl-C or SIGTERM stops cleanly)")
             )
@@ -69,7 +71,7 @@ class Reporter:
         self._last_batch = f"batch #{batch_id}: {size} ({reason})"
         for r in rows:
             if r[5] == "error":
-                self.message(f"[red]error[/] {r[0]}: {r[6]}")
+                self.message(f"[red]error[/] {escape(str(r[0]))}: {escape(str(r[6]))}")
         if not self.use_live and not self.quiet and time.monotonic() - self._last_log >= self.log_every_s:
             self._last_log = time.monotonic()
             self.console.print(self.status_line())
