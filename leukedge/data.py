@@ -777,13 +777,14 @@ def inspect_cmd(paths: tuple[str, ...], json_out: str | None, no_decode: bool, t
 @data_group.command("synth")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--subjects", type=click.IntRange(2, 10_000), default=12, show_default=True, help="Number of subjects (patients).")
-@click.option("--cells-per-subject", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("--cells-per-subject", type=click.IntRange(1, 100_000), default=20, show_default=True, help="Cells (images) per subject.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--all-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=2 / 3,
-              show_default="0.667 (about 2:1 all:hem, like C-NMC)", help="Fraction of subjects that are leukemic.")
+              show_default="0.667", help="Fraction of subjects that are leukemic (0.667: about 2:1 all:hem, like C-NMC).")
 @click.option("--folds", type=click.IntRange(1, 10), default=3, show_default=True, help="Number of subject-disjoint fold_N folders.")
 @click.option("--size", type=click.IntRange(64, 2048), default=450, show_default=True, help="Image width and height.")
-@click.option("--format", "fmt", type=click.Choice(["bmp", "png"]), default="bmp", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["bmp", "png"]), default="bmp", show_default=True,
+              help="bmp: 24-bit like C-NMC; png: lossless and smaller.")
 def synth_cmd(out: str, subjects: int, cells_per_subject: int, seed: int, all_fraction: float, folds: int, size: int, fmt: str) -> None:
     """Write synthetic C-NMC-like cells to OUT in the Kaggle layout (marked as synthetic)."""
     from rich.console import Console

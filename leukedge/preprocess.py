@@ -360,43 +360,50 @@ def run_preprocess(
     n_reused = 0
     cfg_json = cfg.to_native_json()
 
-    prog = Progress(TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, disable=not progress)
-    with prog:
-        task = prog.add_task("images", total=n)
-        for start in range(0, n, batch_size):
-            end = min(n, start + batch_size)
-            todo: list[int] = []
-            for i in range(start, end):
-                if i in read_errors:
-                    status[i]["error"] = read_errors[i]
-                    images[i] = 0
-                    continue
-                j = old_rows.get(records[i].sha256 or "")
-                if old is not None and j is not None:
-                    images[i] = old.images[j]
-                    status[i] = {"ok": True, "error": None, "stain_fallback": old.manifest[j]["stain_fallback"]}
-                    n_reused += 1
-                else:
-                    todo.append(i)
-            if todo:
-                contiguous = todo == list(range(start, end))
-                target = images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
-                items = [str(records[i].path) for i in todo]
-                try:
-                    _, st = native.preprocess_batch(items, cfg_json, out=target, threads=threads)
-                except Exception as exc:  # a settings problem (ConfigError) fails every file: stop cleanly
-                    del images
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise ValueError(f"preprocessing failed for the whole batch starting at {items[0]}: {exc}") from exc
-                if not contiguous:
-                    images[todo] = target
-                for k, i in enumerate(todo):
-                    s = st[k]
-                    status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
-                    if not status[i]["ok"] and not status[i]["error"]:
-                        status[i]["error"] = "failed (no reason given)"
-            prog.update(task, advance=end - start)
+    try:
+        prog = Progress(TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not progress)
+        with prog:
+            task = prog.add_task("images", total=n)
+            for start in range(0, n, batch_size):
+                end = min(n, start + batch_size)
+                todo: list[int] = []
+                for i in range(start, end):
+                    if i in read_errors:
+                        status[i]["error"] = read_errors[i]
+                        images[i] = 0
+                        continue
+                    j = old_rows.get(records[i].sha256 or "")
+                    if old is not None and j is not None:
+                        images[i] = old.images[j]
+                        status[i] = {"ok": True, "error": None, "stain_fallback": old.manifest[j]["stain_fallback"]}
+                        n_reused += 1
+                    else:
+                        todo.append(i)
+                if todo:
+                    contiguous = todo == list(range(start, end))
+                    target = images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
+                    items = [str(records[i].path) for i in todo]
+                    try:
+                        _, st = native.preprocess_batch(items, cfg_json, out=target, threads=threads)
+                    except Exception as exc:  # a settings problem (ConfigError) fails every file
+                        if isinstance(exc, getattr(native, "ConfigError", ())):
+                            raise ValueError(f"the preprocessing settings were refused: {exc}") from exc
+                        raise ValueError(f"preprocessing failed for the whole batch starting at {items[0]}: {exc}") from exc
+                    if not contiguous:
+                        images[todo] = target
+                    for k, i in enumerate(todo):
+                        s = st[k]
+                        status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
+                        if not status[i]["ok"] and not status[i]["error"]:
+                            status[i]["error"] = "failed (no reason given)"
+                prog.update(task, advance=end - start)
+    except BaseException:
+        # Interrupted or failed: never leave anything that could pass for a cache. The previous
+        # complete cache in OUT (if any) is untouched.
+        del images
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     images.flush()
     del images
     if old is not None:

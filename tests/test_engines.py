@@ -43,6 +43,9 @@ RTX_OK, RTX_WHY = _rtx()
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     from leukedge.export import export_bundle
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))  # works with any pytest import mode
     from test_export import make_bundle
 
     d = tmp_path_factory.mktemp("eng")

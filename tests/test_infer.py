@@ -60,6 +60,9 @@ def fake_preprocess(items, config_json, out=None, threads=0):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))  # works with any pytest import mode
     from test_export import make_bundle
 
     from leukedge.export import export_bundle

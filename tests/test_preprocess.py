@@ -180,6 +180,7 @@ def test_interrupted_run_never_leaves_a_complete_looking_cache(synth_root, tmp_p
         run_preprocess([synth_root], out, PreprocessConfig(size=16), batch_size=5, progress=False)
     with pytest.raises(FileNotFoundError, match="not a complete dataset cache"):
         load_cache(out)
+    assert not (out / ".tmp").exists()
 
     fake = _FakeNative()
     monkeypatch.setattr(pp, "_native", lambda: fake)
@@ -263,3 +264,11 @@ def test_load_cache_refuses_inconsistent_cache(synth_root, tmp_path, monkeypatch
     (tmp_path / "c/config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="pixel_hash"):
         load_cache(tmp_path / "c")
+
+
+def test_invalid_stain_params_are_a_clear_error(native, synth_root, tmp_path):
+    bad = PreprocessConfig(size=16, stain=StainConfig(method="macenko", params={"method": "reinhard", "mean": [1, 2, 3], "std": [1, 1, 1]}))
+    bad.save(tmp_path / "bad.json")
+    res = CliRunner().invoke(preprocess_cmd, [str(synth_root), "-o", str(tmp_path / "c"), "--config", str(tmp_path / "bad.json")])
+    assert res.exit_code == 1 and "settings were refused" in res.output and "reinhard" in res.output.lower()
+    assert not (tmp_path / "c" / "cache.json").exists() and not (tmp_path / "c" / ".tmp").exists()

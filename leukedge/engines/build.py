@@ -25,7 +25,6 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..config import PreprocessConfig
 from .base import EXPORT_FP16, EXPORT_FP32, BackendUnavailable, onnx_config
 from .sidecar import atomic_write_bytes, sha256_file, sidecar_path, write_sidecar
 from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
