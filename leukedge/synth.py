@@ -8,7 +8,7 @@ The two classes differ in plausible but overlapping morphology:
   more irregular (sometimes cleft) nuclear outline, often visible nucleoli.
 - ``hem`` (normal): smaller, rounder, coarser and darker clumped chromatin, more eccentric nucleus.
 
-About 8 % of the cells of each class are drawn with the other class's morphology (keeping
+About 5 % of the cells of each class are drawn with the other class's morphology (keeping
 their subject's stain), like the ambiguous cells of the real data, so no model reaches 1.0.
 
 Every subject (patient) has its own stain (stain vectors, intensities, illumination; modest, as
@@ -42,7 +42,7 @@ _H_REF = np.array([0.5626, 0.7201, 0.4062])
 _E_REF = np.array([0.2159, 0.8012, 0.5581])
 _N_ANGLES = 720
 # Share of cells drawn with the other class's morphology (label noise-like ambiguity).
-ATYPICAL_FRACTION = 0.08
+ATYPICAL_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
