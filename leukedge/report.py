@@ -57,9 +57,14 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
+def _td(v: Any) -> str:
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return f'<td class="num">{_fmt(v)}</td>' if num else f"<td>{_fmt(v)}</td>"
+
+
 def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -121,14 +126,20 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
     return "".join(parts)
 
 
-def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid: str, title: str) -> str:
-    chosen = [p for p in pngs if any(w in p.name.lower() for w in wanted)]
+def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid: str, title: str,
+                   wide: bool = False) -> str:
+    chosen, seen = [], set()
+    for p in pngs:
+        if any(w in p.name.lower() for w in wanted) and p.name not in seen:
+            seen.add(p.name)
+            chosen.append(p)
     if not chosen:
         return ""
     imgs = "".join(
         f'<figure>{_img_tag(p, p.stem)}<figcaption>{html.escape(_rel(p, run_dir))}</figcaption></figure>' for p in chosen
     )
-    return f'<section id="{sid}"><h2>{html.escape(title)}</h2><div class="figs">{imgs}</div></section>'
+    cls = "figs wide" if wide else "figs"
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2><div class="{cls}">{imgs}</div></section>'
 
 
 _STAGE_LABELS = (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("compute", "engine compute"),
@@ -162,15 +173,18 @@ def _export_section(exports: list[tuple[Path, dict]], engines: list[tuple[Path, 
         return ""
     parts = ['<section id="deploy"><h2>Export and engines</h2>']
     for path, ex in exports:
-        parts.append(f"<h3>{html.escape(_rel(path, run_dir))}</h3>")
-        checks = ex.get("checks") or ex.get("variants") or []
-        if isinstance(checks, dict):
-            checks = [dict(name=k, **v) for k, v in checks.items() if isinstance(v, dict)]
-        if checks:
-            keys = sorted({k for c in checks for k in c if not isinstance(c[k], (dict, list))})
-            parts.append(_table(keys, [[c.get(k) for k in keys] for c in checks]))
-        else:
-            parts.append(f"<pre>{html.escape(json.dumps(ex, indent=1)[:4000])}</pre>")
+        parts.append(f"<h3>PyTorch vs ONNX Runtime ({html.escape(_rel(path, run_dir))})</h3>")
+        rows = []
+        for variant, res in (ex.get("results") or {}).items():
+            if not isinstance(res, dict):
+                continue
+            groups = [("all", res.get("all") or {})] + list((res.get("by_source") or {}).items())
+            for src, m in groups:
+                rows.append((variant, res.get("input_dtype"), src, m.get("n"), m.get("max_abs_logit"),
+                             m.get("max_abs_prob"), m.get("top1_agreement"), m.get("pass", "")))
+        if rows:
+            parts.append(_table(["graph", "I/O dtype", "cells", "n", "max |Δ logit|", "max |Δ prob|", "top-1 agreement",
+                                 "pass"], rows))
     for path, sc in engines:
         parts.append(f"<h3>Engine {html.escape(_rel(path, run_dir))}</h3>")
         flat = [(k, v) for k, v in sc.items() if not isinstance(v, (dict, list))]
@@ -196,9 +210,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 h1{margin-bottom:.2rem} h2{border-bottom:2px solid #7b4b94;padding-bottom:.2rem;margin-top:2rem}
 .banner{background:#fff3cd;border:1px solid #e0b400;padding:.8rem 1rem;border-radius:6px;margin:1rem 0;font-weight:600}
 .banner.clinical{background:#f8d7da;border-color:#c0392b}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
-th{background:#f2eef5} td:first-child,th:first-child{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0} figure img{max-width:520px;border:1px solid #ddd}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f2eef5} .figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0} figure img{max-width:520px;border:1px solid #ddd} .wide figure img{max-width:100%}
 figcaption{font-size:.8rem;color:#666} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
 """
 
@@ -246,11 +260,11 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         _demo_section(demo if isinstance(demo, dict) else None),
         _metrics_section(evals, run_dir),
         _plots_section(pngs, run_dir, ("roc", "confusion"), "plots", "ROC curve and confusion matrix"),
-        _plots_section(pngs, run_dir, ("curve", "history", "training"), "training", "Training curves"),
+        _plots_section(pngs, run_dir, ("curve", "history", "training"), "training", "Training curves", wide=True),
         _latency_section(stats, run_dir),
         _plots_section(pngs, run_dir, ("latency", "throughput"), "latency-plots", "Latency plots"),
         _export_section(exports, engines, run_dir),
-        _plots_section(pngs, run_dir, ("cells", "grid", "stain"), "cells", "Raw versus stain-normalised cells"),
+        _plots_section(pngs, run_dir, ("cells", "grid", "stain"), "cells", "Raw versus stain-normalised cells", wide=True),
         "</body></html>",
     ]
     tmp = out_path.with_name(out_path.name + ".tmp")
