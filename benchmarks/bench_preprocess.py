@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios[f"scaling 1 -> {cores} threads (all cores)"] = le1 / results[f"leukedge threads={cores}"]["ms_per_image"]
 
     table = Table(title=f"Preprocessing 450x450 -> 224 NCHW float16 ({source}, n={n})")
-    for col in ("method", "ms / image", "images / s", "vs leukedge 1 thread"):
+    for col in ("method", "ms / image", "images / s", "time / leukedge 1-thread time"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for k, r in results.items():
         table.add_row(k, f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.0f}", f"{r['ms_per_image'] / le1:.1f}x")
@@ -201,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in stage_ms.items():
         st_table.add_row(k, f"{v:.3f}")
     console.print(st_table)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None and load[0] > 0.75 * (os.cpu_count() or 1):
+        console.print(f"[yellow]note: load average {load[0]:.1f} on {os.cpu_count()} CPUs - other work was running; "
+                      "absolute times and thread scaling are unreliable[/yellow]")
     for k, v in ratios.items():
         console.print(f"{k}: [bold]{v:.1f}x[/bold]")
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = {
         "benchmark": "preprocess",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -111,7 +111,12 @@ def resize(image: ImageArray, width: int, height: int, filter: str = "bilinear")
 
     ``filter``: ``"bilinear"``, ``"lanczos3"``, ``"box"`` (area average), ``"nearest"``,
     ``"catmullrom"`` (bicubic). The convolution filters use the same kernels and support as
-    Pillow's ``Image.resize`` without ``reducing_gap``; results agree within +-1 level.
+    Pillow's ``Image.resize`` without ``reducing_gap``: bilinear and box agree with Pillow
+    within +-1 level (box: except where a source pixel centre falls exactly on a box edge,
+    which the two libraries assign differently), nearest is exact. For lanczos3 and catmullrom
+    fast_image_resize runs the vertical pass first (Pillow the horizontal one) and both clip
+    the uint8 intermediate, so at sharp edges values can differ by several levels; they agree
+    within +-2 with Pillow applied in the same pass order.
     """
 
 def foreground_mask(

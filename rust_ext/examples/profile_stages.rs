@@ -20,7 +20,10 @@ fn main() {
         }
     }
     println!("decode        {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / n);
-    let rule = MaskRule { black_threshold: 10, white_threshold: None };
+    let rule = MaskRule {
+        black_threshold: 10,
+        white_threshold: None,
+    };
     let s = MacenkoSettings::default();
     let t = Instant::now();
     let mut fg = Vec::new();
@@ -30,8 +33,19 @@ fn main() {
             foreground_pixels(&im.data, rule, &mut fg);
         }
     }
-    println!("fg collect    {:.3} ms  ({} px)", t.elapsed().as_secs_f64() * 1e3 / n, fg.len());
-    let fgs: Vec<Vec<[u8; 3]>> = imgs.iter().map(|im| { let mut v = Vec::new(); foreground_pixels(&im.data, rule, &mut v); v }).collect();
+    println!(
+        "fg collect    {:.3} ms  ({} px)",
+        t.elapsed().as_secs_f64() * 1e3 / n,
+        fg.len()
+    );
+    let fgs: Vec<Vec<[u8; 3]>> = imgs
+        .iter()
+        .map(|im| {
+            let mut v = Vec::new();
+            foreground_pixels(&im.data, rule, &mut v);
+            v
+        })
+        .collect();
     let t = Instant::now();
     let mut fits = Vec::new();
     for _ in 0..reps {
@@ -48,7 +62,10 @@ fn main() {
             macenko_apply(&mut d, rule, fit, &MacenkoParams::default(), 240.0);
         }
     }
-    println!("macenko apply {:.3} ms (incl. clone)", t.elapsed().as_secs_f64() * 1e3 / n);
+    println!(
+        "macenko apply {:.3} ms (incl. clone)",
+        t.elapsed().as_secs_f64() * 1e3 / n
+    );
     let p = Pipeline::from_json(r#"{"crop":"none","dtype":"float16"}"#).unwrap();
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let srcs: Vec<Source> = files.iter().map(|f| Source::Path(f.clone())).collect();

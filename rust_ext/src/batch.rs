@@ -27,7 +27,12 @@ pub enum Source<'a> {
     /// Encoded image bytes (BMP/PNG/JPEG/TIFF).
     Bytes(&'a [u8]),
     /// Raw interleaved uint8 pixels (`channels` = 1, 2, 3 or 4).
-    Pixels { data: &'a [u8], width: usize, height: usize, channels: usize },
+    Pixels {
+        data: &'a [u8],
+        width: usize,
+        height: usize,
+        channels: usize,
+    },
 }
 
 /// Outcome of one item.
@@ -60,9 +65,7 @@ impl Pipeline {
     pub fn new(cfg: Config) -> Result<Pipeline> {
         cfg.validate()?;
         let params = StainParams::from_config(&cfg.stain)?;
-        let lut = std::array::from_fn(|c| {
-            std::array::from_fn(|v| ((v as f32) / 255.0f32 - cfg.mean[c]) / cfg.std[c])
-        });
+        let lut = std::array::from_fn(|c| std::array::from_fn(|v| ((v as f32) / 255.0f32 - cfg.mean[c]) / cfg.std[c]));
         Ok(Pipeline { cfg, params, lut })
     }
 
@@ -75,7 +78,12 @@ impl Pipeline {
         match src {
             Source::Path(p) => decode_path(p, self.cfg.max_pixels),
             Source::Bytes(b) => decode_bytes(b, name, self.cfg.max_pixels),
-            Source::Pixels { data, width, height, channels } => {
+            Source::Pixels {
+                data,
+                width,
+                height,
+                channels,
+            } => {
                 if (*width as u64) * (*height as u64) > self.cfg.max_pixels {
                     return Err(Error::Input(format!(
                         "{name}: {width}x{height} pixels exceeds max_pixels={}",
@@ -122,7 +130,8 @@ impl Pipeline {
             }
             (ItemOut::F32(o), Layout::Nchw) => planar(rgb, o, s2, |c, v| self.lut[c][v as usize]),
             (ItemOut::F16(o), layout) => {
-                let lut16: [[f16; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(self.lut[c][v])));
+                let lut16: [[f16; 256]; 3] =
+                    std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(self.lut[c][v])));
                 match layout {
                     Layout::Nhwc => {
                         for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
@@ -159,7 +168,12 @@ impl Pipeline {
         match res {
             Ok(outcome) => {
                 self.write_item(scratch, out);
-                ItemStatus { ok: true, error: None, stain_fallback: outcome.fallback, stain_reason: outcome.reason }
+                ItemStatus {
+                    ok: true,
+                    error: None,
+                    stain_fallback: outcome.fallback,
+                    stain_reason: outcome.reason,
+                }
             }
             Err(e) => {
                 out.zero();
@@ -167,13 +181,24 @@ impl Pipeline {
                 if !msg.contains(name) {
                     msg = format!("{name}: {msg}");
                 }
-                ItemStatus { ok: false, error: Some(msg), stain_fallback: false, stain_reason: None }
+                ItemStatus {
+                    ok: false,
+                    error: Some(msg),
+                    stain_fallback: false,
+                    stain_reason: None,
+                }
             }
         }
     }
 
     /// Process a whole batch on a pool of `threads` threads (0 = all cores).
-    pub fn run_batch(&self, sources: &[Source<'_>], names: &[String], out: OutBuf<'_>, threads: usize) -> Result<Vec<ItemStatus>> {
+    pub fn run_batch(
+        &self,
+        sources: &[Source<'_>],
+        names: &[String],
+        out: OutBuf<'_>,
+        threads: usize,
+    ) -> Result<Vec<ItemStatus>> {
         let n = sources.len();
         assert_eq!(names.len(), n);
         let len = self.cfg.item_len();
@@ -183,7 +208,9 @@ impl Pipeline {
             OutBuf::F16(b) => b.len(),
         };
         if got != n * len {
-            return Err(Error::Input(format!("output buffer holds {got} values, need {n} x {len}")));
+            return Err(Error::Input(format!(
+                "output buffer holds {got} values, need {n} x {len}"
+            )));
         }
         if n == 0 {
             return Ok(Vec::new());
@@ -193,7 +220,12 @@ impl Pipeline {
             SCRATCH.with(|s| self.run_item(&sources[i], &names[i], out, &mut s.borrow_mut()))
         };
         let statuses = pool.install(|| match out {
-            OutBuf::U8(b) => b.par_chunks_mut(len).map(ItemOut::U8).enumerate().map(work).collect::<Vec<_>>(),
+            OutBuf::U8(b) => b
+                .par_chunks_mut(len)
+                .map(ItemOut::U8)
+                .enumerate()
+                .map(work)
+                .collect::<Vec<_>>(),
             OutBuf::F32(b) => b.par_chunks_mut(len).map(ItemOut::F32).enumerate().map(work).collect(),
             OutBuf::F16(b) => b.par_chunks_mut(len).map(ItemOut::F16).enumerate().map(work).collect(),
         });
@@ -256,7 +288,10 @@ pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     if n > 1024 {
         return Err(Error::Input(format!("threads={threads} is not reasonable (max 1024)")));
     }
-    let mut map = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut map = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if let Some(p) = map.get(&n) {
         return Ok(p.clone());
     }
@@ -296,21 +331,36 @@ mod tests {
         let p = cfg(r#"{"size": 32, "dtype": "float16", "layout": "nchw"}"#);
         let len = p.cfg.item_len();
         let sources = vec![
-            Source::Pixels { data: &a, width: w, height: h, channels: 3 },
+            Source::Pixels {
+                data: &a,
+                width: w,
+                height: h,
+                channels: 3,
+            },
             Source::Path(PathBuf::from("/nonexistent/cell.bmp")),
             Source::Bytes(b"garbage"),
-            Source::Pixels { data: &b, width: w, height: h, channels: 3 },
+            Source::Pixels {
+                data: &b,
+                width: w,
+                height: h,
+                channels: 3,
+            },
         ];
         let names: Vec<String> = (0..4).map(|i| format!("item{i}")).collect();
         let mut out = vec![f16::ONE; 4 * len];
         let st = p.run_batch(&sources, &names, OutBuf::F16(&mut out), 2).unwrap();
-        assert_eq!(st.iter().map(|s| s.ok).collect::<Vec<_>>(), vec![true, false, false, true]);
+        assert_eq!(
+            st.iter().map(|s| s.ok).collect::<Vec<_>>(),
+            vec![true, false, false, true]
+        );
         assert!(st[1].error.as_ref().unwrap().contains("/nonexistent/cell.bmp"));
         assert!(st[2].error.as_ref().unwrap().contains("item2"));
         assert!(out[len..3 * len].iter().all(|v| *v == f16::ZERO));
         for (k, img) in [(0usize, &a), (3, &b)] {
             let mut one = vec![f16::ZERO; len];
-            let s1 = p.run_batch(&sources[k..k + 1], &names[k..k + 1], OutBuf::F16(&mut one), 1).unwrap();
+            let s1 = p
+                .run_batch(&sources[k..k + 1], &names[k..k + 1], OutBuf::F16(&mut one), 1)
+                .unwrap();
             assert!(s1[0].ok);
             assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
             let _ = img;
@@ -321,12 +371,21 @@ mod tests {
     fn layouts_agree() {
         let (w, h) = (64, 48);
         let a = synthetic_cell(w, h, 4);
-        let src = [Source::Pixels { data: &a, width: w, height: h, channels: 3 }];
+        let src = [Source::Pixels {
+            data: &a,
+            width: w,
+            height: h,
+            channels: 3,
+        }];
         let names = ["a".to_string()];
         let mut u8_nhwc = vec![0u8; 3 * 16 * 16];
-        cfg(r#"{"size":16,"dtype":"uint8","layout":"nhwc"}"#).run_batch(&src, &names, OutBuf::U8(&mut u8_nhwc), 1).unwrap();
+        cfg(r#"{"size":16,"dtype":"uint8","layout":"nhwc"}"#)
+            .run_batch(&src, &names, OutBuf::U8(&mut u8_nhwc), 1)
+            .unwrap();
         let mut u8_nchw = vec![0u8; 3 * 16 * 16];
-        cfg(r#"{"size":16,"dtype":"uint8","layout":"nchw"}"#).run_batch(&src, &names, OutBuf::U8(&mut u8_nchw), 1).unwrap();
+        cfg(r#"{"size":16,"dtype":"uint8","layout":"nchw"}"#)
+            .run_batch(&src, &names, OutBuf::U8(&mut u8_nchw), 1)
+            .unwrap();
         let mut f = vec![0f32; 3 * 16 * 16];
         let pf = cfg(r#"{"size":16,"dtype":"float32","layout":"nchw"}"#);
         pf.run_batch(&src, &names, OutBuf::F32(&mut f), 1).unwrap();
@@ -350,10 +409,17 @@ mod tests {
                 img[i..i + 3].copy_from_slice(&[180, 90, 200]);
             }
         }
-        let src = [Source::Pixels { data: &img, width: w, height: h, channels: 3 }];
+        let src = [Source::Pixels {
+            data: &img,
+            width: w,
+            height: h,
+            channels: 3,
+        }];
         let names = ["c".to_string()];
         let mut out = vec![0u8; 3 * 40 * 40];
-        let p = cfg(r#"{"size":40,"dtype":"uint8","layout":"nhwc","crop_margin":0,"square":"crop","stain":{"method":"none"}}"#);
+        let p = cfg(
+            r#"{"size":40,"dtype":"uint8","layout":"nhwc","crop_margin":0,"square":"crop","stain":{"method":"none"}}"#,
+        );
         let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
         assert!(st[0].ok);
         assert!(out.chunks_exact(3).all(|px| px == [180, 90, 200]));
@@ -362,7 +428,15 @@ mod tests {
     #[test]
     fn threads_do_not_change_results() {
         let imgs: Vec<Vec<u8>> = (0..6).map(|s| synthetic_cell(50, 50, s)).collect();
-        let src: Vec<Source<'_>> = imgs.iter().map(|d| Source::Pixels { data: d, width: 50, height: 50, channels: 3 }).collect();
+        let src: Vec<Source<'_>> = imgs
+            .iter()
+            .map(|d| Source::Pixels {
+                data: d,
+                width: 50,
+                height: 50,
+                channels: 3,
+            })
+            .collect();
         let names: Vec<String> = (0..6).map(|i| i.to_string()).collect();
         let p = cfg(r#"{"size":24,"stain":{"min_foreground":50}}"#);
         let mut o1 = vec![0f32; 6 * p.cfg.item_len()];
@@ -376,6 +450,8 @@ mod tests {
     fn wrong_buffer_size_is_refused() {
         let p = cfg(r#"{"size":8}"#);
         let mut o = vec![0f32; 5];
-        assert!(p.run_batch(&[Source::Bytes(b"x")], &["x".into()], OutBuf::F32(&mut o), 1).is_err());
+        assert!(p
+            .run_batch(&[Source::Bytes(b"x")], &["x".into()], OutBuf::F32(&mut o), 1)
+            .is_err());
     }
 }

@@ -160,7 +160,10 @@ impl Config {
             return bad(format!("size={} must be between 8 and 4096", self.size));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
-            return bad(format!("mean={:?} / std={:?}: need finite values, std > 0", self.mean, self.std));
+            return bad(format!(
+                "mean={:?} / std={:?}: need finite values, std > 0",
+                self.mean, self.std
+            ));
         }
         self.stain.validate()
     }
@@ -229,9 +232,15 @@ mod tests {
     fn refuses_unknown_and_bad_values() {
         assert!(matches!(Config::from_json(r#"{"sise":3}"#), Err(Error::Config(_))));
         assert!(matches!(Config::from_json(r#"{"size":3}"#), Err(Error::Config(_))));
-        assert!(matches!(Config::from_json(r#"{"filter":"cubic"}"#), Err(Error::Config(_))));
+        assert!(matches!(
+            Config::from_json(r#"{"filter":"cubic"}"#),
+            Err(Error::Config(_))
+        ));
         assert!(matches!(Config::from_json(r#"{"std":[1,0,1]}"#), Err(Error::Config(_))));
-        assert!(matches!(Config::from_json(r#"{"stain":{"alpha":60}}"#), Err(Error::Config(_))));
+        assert!(matches!(
+            Config::from_json(r#"{"stain":{"alpha":60}}"#),
+            Err(Error::Config(_))
+        ));
         assert!(matches!(Config::from_json("not json"), Err(Error::Config(_))));
     }
 

@@ -42,7 +42,11 @@ impl Rgb8 {
     }
 
     pub fn black(width: usize, height: usize) -> Rgb8 {
-        Rgb8 { width, height, data: vec![0; width * height * 3] }
+        Rgb8 {
+            width,
+            height,
+            data: vec![0; width * height * 3],
+        }
     }
 
     pub fn pixels(&self) -> usize {
@@ -83,7 +87,11 @@ pub fn channels_to_rgb(data: &[u8], width: usize, height: usize, channels: usize
             }
             v
         }
-        c => return Err(Error::Input(format!("{c} channels are not supported (need 1, 2, 3 or 4)"))),
+        c => {
+            return Err(Error::Input(format!(
+                "{c} channels are not supported (need 1, 2, 3 or 4)"
+            )))
+        }
     };
     Ok(Rgb8::new(width, height, out))
 }
@@ -170,16 +178,75 @@ fn limits_for(max_pixels: u64) -> Limits {
     l
 }
 
+/// Fast path for the most common case (C-NMC): uncompressed 24-bit BMP (`BI_RGB`).
+///
+/// Returns `None` for anything else, or when the file is short/odd, so that the general
+/// decoder handles (and reports) it. Bottom-up and top-down row orders are supported; rows are
+/// padded to 4 bytes; pixels are stored BGR. Pixel-exact with Pillow (and the `image` crate).
+fn decode_bmp24_fast(bytes: &[u8], source: &str, max_pixels: u64) -> Option<Result<Rgb8>> {
+    let u16_at = |o: usize| -> Option<u16> { Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?)) };
+    let u32_at = |o: usize| -> Option<u32> { Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?)) };
+    if bytes.get(0..2)? != b"BM" {
+        return None;
+    }
+    let offset = u32_at(10)? as usize;
+    let dib = u32_at(14)?;
+    if !matches!(dib, 40 | 52 | 56 | 108 | 124) {
+        return None;
+    }
+    let width = u32_at(18)? as i32;
+    let height = u32_at(22)? as i32;
+    if u16_at(26)? != 1 || u16_at(28)? != 24 || u32_at(30)? != 0 || width <= 0 || height == 0 || height == i32::MIN {
+        return None;
+    }
+    let (w, h) = (width as u64, height.unsigned_abs() as u64);
+    if w * h > max_pixels {
+        return Some(Err(Error::decode(
+            source,
+            DecodeReason::TooLarge {
+                width: w,
+                height: h,
+                max_pixels,
+            },
+        )));
+    }
+    let (w, h) = (w as usize, h as usize);
+    let stride = (w * 3 + 3) & !3;
+    let needed = offset.checked_add(stride.checked_mul(h)?)?;
+    if offset < 14 + dib as usize || needed > bytes.len() {
+        return None; // truncated or odd: let the general decoder report it
+    }
+    let mut data = vec![0u8; w * h * 3];
+    for (y, row) in data.chunks_exact_mut(w * 3).enumerate() {
+        let sy = if height > 0 { h - 1 - y } else { y };
+        let src = &bytes[offset + sy * stride..offset + sy * stride + w * 3];
+        for (d, s) in row.chunks_exact_mut(3).zip(src.chunks_exact(3)) {
+            d[0] = s[2];
+            d[1] = s[1];
+            d[2] = s[0];
+        }
+    }
+    Some(Ok(Rgb8::new(w, h, data)))
+}
+
 /// Decode encoded image bytes. `source` is only used in error messages.
 pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8> {
     if bytes.is_empty() {
         return Err(Error::decode(source, DecodeReason::ZeroByte));
     }
+    if let Some(r) = decode_bmp24_fast(bytes, source, max_pixels) {
+        return r;
+    }
     let format = image::guess_format(bytes).map_err(|_| Error::decode(source, DecodeReason::NotAnImage))?;
-    if !matches!(format, ImageFormat::Bmp | ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff) {
+    if !matches!(
+        format,
+        ImageFormat::Bmp | ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff
+    ) {
         return Err(Error::decode(
             source,
-            DecodeReason::Unsupported(format!("{format:?} files are not supported (only BMP, PNG, JPEG, TIFF)")),
+            DecodeReason::Unsupported(format!(
+                "{format:?} files are not supported (only BMP, PNG, JPEG, TIFF)"
+            )),
         ));
     }
     let fname = format_name(format);
@@ -190,14 +257,28 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
     let (w, h) = decoder.dimensions();
     let (w64, h64) = (w as u64, h as u64);
     if w64 == 0 || h64 == 0 {
-        return Err(Error::decode(source, DecodeReason::Truncated(format!("{fname}: image has zero width or height"))));
+        return Err(Error::decode(
+            source,
+            DecodeReason::Truncated(format!("{fname}: image has zero width or height")),
+        ));
     }
     if w64 * h64 > max_pixels {
-        return Err(Error::decode(source, DecodeReason::TooLarge { width: w64, height: h64, max_pixels }));
+        return Err(Error::decode(
+            source,
+            DecodeReason::TooLarge {
+                width: w64,
+                height: h64,
+                max_pixels,
+            },
+        ));
     }
     let mut limits = limits_for(max_pixels);
-    limits.reserve(decoder.total_bytes()).map_err(|e| map_image_error(source, fname, e))?;
-    decoder.set_limits(limits).map_err(|e| map_image_error(source, fname, e))?;
+    limits
+        .reserve(decoder.total_bytes())
+        .map_err(|e| map_image_error(source, fname, e))?;
+    decoder
+        .set_limits(limits)
+        .map_err(|e| map_image_error(source, fname, e))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(source, fname, e))?;
     Ok(dynamic_to_rgb8(img))
 }
@@ -228,7 +309,9 @@ pub(crate) mod tests {
     }
 
     fn sample_rgb(w: u32, h: u32) -> image::RgbImage {
-        ImageBuffer::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8]))
+        ImageBuffer::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8])
+        })
     }
 
     #[test]
@@ -239,6 +322,30 @@ pub(crate) mod tests {
             assert_eq!((d.width, d.height), (37, 21));
             assert_eq!(d.data, img.to_rgb8().into_raw(), "{fmt:?}");
         }
+    }
+
+    #[test]
+    fn fast_bmp_path_matches_general_decoder() {
+        for (w, h) in [(1, 1), (2, 3), (37, 21), (64, 64), (5, 1)] {
+            let img = DynamicImage::ImageRgb8(sample_rgb(w, h));
+            let bmp = encode(&img, ImageFormat::Bmp);
+            let fast = decode_bmp24_fast(&bmp, "x", DEFAULT_MAX_PIXELS)
+                .expect("fast path taken")
+                .unwrap();
+            let general = dynamic_to_rgb8(image::load_from_memory_with_format(&bmp, ImageFormat::Bmp).unwrap());
+            assert_eq!(fast, general, "{w}x{h}");
+            assert_eq!(fast.data, img.to_rgb8().into_raw());
+            // truncated: fast path declines, general decoder reports it
+            assert!(decode_bmp24_fast(&bmp[..bmp.len() - 1], "x", DEFAULT_MAX_PIXELS).is_none());
+        }
+        // top-down (negative height)
+        let img = DynamicImage::ImageRgb8(sample_rgb(4, 3));
+        let mut bmp = encode(&img, ImageFormat::Bmp);
+        bmp[22..26].copy_from_slice(&(-3i32).to_le_bytes());
+        let d = decode_bmp24_fast(&bmp, "x", DEFAULT_MAX_PIXELS).unwrap().unwrap();
+        let mut flipped = img.to_rgb8();
+        image::imageops::flip_vertical_in_place(&mut flipped);
+        assert_eq!(d.data, flipped.into_raw());
     }
 
     #[test]
@@ -265,11 +372,17 @@ pub(crate) mod tests {
         let d = decode_bytes(&encode(&la, ImageFormat::Png), "la", DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(d.data, vec![77; 6]);
 
-        let g16 = DynamicImage::ImageLuma16(ImageBuffer::from_fn(2, 1, |x, _| image::Luma([if x == 0 { 0x12ff } else { 0xff00 }])));
+        let g16 = DynamicImage::ImageLuma16(ImageBuffer::from_fn(2, 1, |x, _| {
+            image::Luma([if x == 0 { 0x12ff } else { 0xff00 }])
+        }));
         let d = decode_bytes(&encode(&g16, ImageFormat::Png), "g16", DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(d.data, vec![0x12, 0x12, 0x12, 0xff, 0xff, 0xff]);
 
-        let c16 = DynamicImage::ImageRgba16(ImageBuffer::from_pixel(1, 1, image::Rgba([0x0180, 0xfe01, 0x8000, 0x1234])));
+        let c16 = DynamicImage::ImageRgba16(ImageBuffer::from_pixel(
+            1,
+            1,
+            image::Rgba([0x0180, 0xfe01, 0x8000, 0x1234]),
+        ));
         let d = decode_bytes(&encode(&c16, ImageFormat::Png), "c16", DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(d.data, vec![0x01, 0xfe, 0x80]);
     }
@@ -284,19 +397,27 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_inputs_name_file_and_reason() {
-        let e = decode_bytes(&[], "empty.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        let e = decode_bytes(&[], "empty.bmp", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty.bmp") && e.contains("zero-byte"), "{e}");
 
-        let e = decode_bytes(b"hello, I am text", "t.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        let e = decode_bytes(b"hello, I am text", "t.bmp", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("t.bmp") && e.contains("not an image"), "{e}");
 
         let img = DynamicImage::ImageRgb8(sample_rgb(64, 64));
         let bmp = encode(&img, ImageFormat::Bmp);
-        let e = decode_bytes(&bmp[..bmp.len() / 2], "half.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        let e = decode_bytes(&bmp[..bmp.len() / 2], "half.bmp", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("half.bmp") && e.contains("truncated"), "{e}");
 
         let png = encode(&img, ImageFormat::Png);
-        let e = decode_bytes(&png[..png.len() / 2], "half.png", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        let e = decode_bytes(&png[..png.len() / 2], "half.png", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("half.png") && e.contains("truncated"), "{e}");
 
         let e = decode_bytes(&bmp, "small-limit.bmp", 100).unwrap_err().to_string();
@@ -312,12 +433,22 @@ pub(crate) mod tests {
     #[test]
     fn bomb_header_refused_before_allocation() {
         let bomb = bmp_header(100_000, 100_000);
-        let e = decode_bytes(&bomb, "bomb.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
-        assert!(e.contains("bomb.bmp") && e.contains("too large") && e.contains("100000"), "{e}");
+        let e = decode_bytes(&bomb, "bomb.bmp", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bomb.bmp") && e.contains("too large") && e.contains("100000"),
+            "{e}"
+        );
         // within the BMP decoder's own dimension limit, our pixel check fires
         let bomb = bmp_header(60_000, 60_000);
-        let e = decode_bytes(&bomb, "bomb2.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
-        assert!(e.contains("bomb2.bmp") && e.contains("60000x60000") && e.contains("max_pixels"), "{e}");
+        let e = decode_bytes(&bomb, "bomb2.bmp", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bomb2.bmp") && e.contains("60000x60000") && e.contains("max_pixels"),
+            "{e}"
+        );
     }
 
     pub fn bmp_header(w: i32, h: i32) -> Vec<u8> {
@@ -338,7 +469,12 @@ pub(crate) mod tests {
 
     #[test]
     fn missing_file_is_io_error() {
-        let e = decode_path(Path::new("/nonexistent/dir/x.bmp"), DEFAULT_MAX_PIXELS).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/dir/x.bmp") && e.contains("no such file"), "{e}");
+        let e = decode_path(Path::new("/nonexistent/dir/x.bmp"), DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/dir/x.bmp") && e.contains("no such file"),
+            "{e}"
+        );
     }
 }

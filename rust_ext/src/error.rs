@@ -35,7 +35,11 @@ impl fmt::Display for DecodeReason {
                 f,
                 "not an image (unrecognised content; supported formats: BMP, PNG, JPEG, TIFF)"
             ),
-            DecodeReason::TooLarge { width, height, max_pixels } => write!(
+            DecodeReason::TooLarge {
+                width,
+                height,
+                max_pixels,
+            } => write!(
                 f,
                 "image too large: {width}x{height} = {} pixels exceeds max_pixels={max_pixels} \
                  (possible decompression bomb; raise max_pixels if the image is genuine)",
@@ -70,7 +74,10 @@ pub enum Error {
 
 impl Error {
     pub fn decode(source_name: impl Into<String>, reason: DecodeReason) -> Self {
-        Error::Decode { source_name: source_name.into(), reason }
+        Error::Decode {
+            source_name: source_name.into(),
+            reason,
+        }
     }
 }
 
@@ -90,7 +97,11 @@ mod tests {
 
     #[test]
     fn too_large_mentions_limit() {
-        let r = DecodeReason::TooLarge { width: 100_000, height: 100_000, max_pixels: 64_000_000 };
+        let r = DecodeReason::TooLarge {
+            width: 100_000,
+            height: 100_000,
+            max_pixels: 64_000_000,
+        };
         let s = r.to_string();
         assert!(s.contains("100000x100000"), "{s}");
         assert!(s.contains("max_pixels=64000000"), "{s}");

@@ -7,6 +7,10 @@
 //! exceptions. No panic crosses into Python: batch items run under `catch_unwind`, and PyO3
 //! turns any other panic into a `PanicException`.
 
+// Numerical kernels index small fixed-size matrices explicitly, and `!(x > 0.0)` is used on
+// purpose to treat NaN as failure.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
+
 pub mod batch;
 pub mod config;
 pub mod decode;
@@ -39,8 +43,18 @@ create_exception!(
     PyValueError,
     "An image could not be decoded (zero-byte, truncated, not an image, too large, unsupported). The message names the file."
 );
-create_exception!(leukedge._native, StainError, PyValueError, "Stain parameters could not be fitted.");
-create_exception!(leukedge._native, ConfigError, PyValueError, "The preprocessing configuration is invalid.");
+create_exception!(
+    leukedge._native,
+    StainError,
+    PyValueError,
+    "Stain parameters could not be fitted."
+);
+create_exception!(
+    leukedge._native,
+    ConfigError,
+    PyValueError,
+    "The preprocessing configuration is invalid."
+);
 
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -83,15 +97,18 @@ impl Pixels<'_> {
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Accept a uint8 array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
 fn pixels_from<'py>(obj: &Bound<'py, PyAny>, what: &str, allow_two: bool) -> PyResult<Pixels<'py>> {
     let py = obj.py();
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!("{what}: expected a numpy uint8 array, got {}", type_name(obj)))
-    })?;
+    let arr = obj
+        .cast::<PyUntypedArray>()
+        .map_err(|_| PyTypeError::new_err(format!("{what}: expected a numpy uint8 array, got {}", type_name(obj))))?;
     if !arr.dtype().is_equiv_to(&dtype::<u8>(py)) {
         return Err(PyValueError::new_err(format!(
             "{what}: array dtype {} is not supported; images must be uint8 (convert with .astype(np.uint8) after scaling to 0..255)",
@@ -112,13 +129,20 @@ fn pixels_from<'py>(obj: &Bound<'py, PyAny>, what: &str, allow_two: bool) -> PyR
         return Err(PyValueError::new_err(format!("{what}: empty image of shape {shape:?}")));
     }
     let typed = arr.cast::<PyArrayDyn<u8>>()?;
-    let ro = typed.try_readonly().map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
+    let ro = typed
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
     let held = if ro.as_slice().is_ok() {
         HeldPixels::Borrowed(ro)
     } else {
         HeldPixels::Owned(ro.as_array().iter().copied().collect())
     };
-    Ok(Pixels { held, width: w, height: h, channels: c })
+    Ok(Pixels {
+        held,
+        width: w,
+        height: h,
+        channels: c,
+    })
 }
 
 fn parse_config(config_json: &str) -> PyResult<Config> {
@@ -126,7 +150,8 @@ fn parse_config(config_json: &str) -> PyResult<Config> {
 }
 
 fn rgb_to_py<'py>(py: Python<'py>, img: Rgb8) -> PyResult<Bound<'py, PyArray<u8, numpy::Ix3>>> {
-    let a = Array3::from_shape_vec((img.height, img.width, 3), img.data).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let a = Array3::from_shape_vec((img.height, img.width, 3), img.data)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(a.into_pyarray(py))
 }
 
@@ -137,7 +162,11 @@ fn rgb_to_py<'py>(py: Python<'py>, img: Rgb8) -> PyResult<Bound<'py, PyArray<u8,
 /// decode(source, max_pixels=64_000_000) -> ndarray[uint8] (H, W, 3)
 #[pyfunction(name = "decode")]
 #[pyo3(signature = (source, max_pixels = DEFAULT_MAX_PIXELS))]
-fn py_decode<'py>(py: Python<'py>, source: &Bound<'py, PyAny>, max_pixels: u64) -> PyResult<Bound<'py, PyArray<u8, numpy::Ix3>>> {
+fn py_decode<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    max_pixels: u64,
+) -> PyResult<Bound<'py, PyArray<u8, numpy::Ix3>>> {
     if max_pixels == 0 {
         return Err(PyValueError::new_err("max_pixels must be positive"));
     }
@@ -146,7 +175,10 @@ fn py_decode<'py>(py: Python<'py>, source: &Bound<'py, PyAny>, max_pixels: u64) 
         py.detach(|| decode_bytes(bytes, "<bytes>", max_pixels))
     } else {
         let path: PathBuf = source.extract().map_err(|_| {
-            PyTypeError::new_err(format!("decode: expected a path (str / os.PathLike) or bytes, got {}", type_name(source)))
+            PyTypeError::new_err(format!(
+                "decode: expected a path (str / os.PathLike) or bytes, got {}",
+                type_name(source)
+            ))
         })?;
         py.detach(|| decode_path(&path, max_pixels))
     }
@@ -176,7 +208,11 @@ fn fit_stain(py: Python<'_>, images: &Bound<'_, PyAny>, config_json: &str) -> Py
     if pix.is_empty() {
         return Err(StainError::new_err("fit_stain: no reference images given"));
     }
-    let rgbs: Vec<Rgb8> = pix.iter().map(|p| p.to_rgb()).collect::<Result<_, _>>().map_err(to_py)?;
+    let rgbs: Vec<Rgb8> = pix
+        .iter()
+        .map(|p| p.to_rgb())
+        .collect::<Result<_, _>>()
+        .map_err(to_py)?;
     let stain: StainConfig = cfg.stain.clone();
     let n_images = rgbs.len();
     let (params, n_px) = py
@@ -213,25 +249,44 @@ fn reference_params(method: &str) -> PyResult<String> {
 /// resize(image, width, height, filter="bilinear") -> ndarray uint8 (same channels)
 #[pyfunction(name = "resize")]
 #[pyo3(signature = (image, width, height, filter = "bilinear"))]
-fn py_resize<'py>(py: Python<'py>, image: &Bound<'py, PyAny>, width: usize, height: usize, filter: &str) -> PyResult<Bound<'py, PyAny>> {
+fn py_resize<'py>(
+    py: Python<'py>,
+    image: &Bound<'py, PyAny>,
+    width: usize,
+    height: usize,
+    filter: &str,
+) -> PyResult<Bound<'py, PyAny>> {
     let f = Filter::parse(filter).map_err(to_py)?;
     if width == 0 || height == 0 || width > 65_535 || height > 65_535 {
-        return Err(PyValueError::new_err(format!("resize: target size {width}x{height} must be between 1 and 65535")));
+        return Err(PyValueError::new_err(format!(
+            "resize: target size {width}x{height} must be between 1 and 65535"
+        )));
     }
     let two_d = image.cast::<PyUntypedArray>().map(|a| a.ndim() == 2).unwrap_or(false);
     let p = pixels_from(image, "image", true)?;
     let (w, h, c) = (p.width, p.height, p.channels);
     let data = p.data();
-    let out = py.detach(|| resize::resize_image(data, w, h, c, width, height, f)).map_err(to_py)?;
+    let out = py
+        .detach(|| resize::resize_image(data, w, h, c, width, height, f))
+        .map_err(to_py)?;
     if two_d {
-        Ok(Array2::from_shape_vec((height, width), out).expect("sized").into_pyarray(py).into_any())
+        Ok(Array2::from_shape_vec((height, width), out)
+            .expect("sized")
+            .into_pyarray(py)
+            .into_any())
     } else {
-        Ok(Array3::from_shape_vec((height, width, c), out).expect("sized").into_pyarray(py).into_any())
+        Ok(Array3::from_shape_vec((height, width, c), out)
+            .expect("sized")
+            .into_pyarray(py)
+            .into_any())
     }
 }
 
 fn mask_rule(black_threshold: u8, white_threshold: Option<u8>) -> MaskRule {
-    MaskRule { black_threshold, white_threshold }
+    MaskRule {
+        black_threshold,
+        white_threshold,
+    }
 }
 
 /// foreground_mask(image, black_threshold=10, white_threshold=None) -> ndarray bool (H, W)
@@ -245,7 +300,9 @@ fn foreground_mask<'py>(
 ) -> PyResult<Bound<'py, PyArray<bool, numpy::Ix2>>> {
     let img = pixels_from(image, "image", false)?.to_rgb().map_err(to_py)?;
     let m = py.detach(|| stain::foreground_mask(&img.data, mask_rule(black_threshold, white_threshold)));
-    Ok(Array2::from_shape_vec((img.height, img.width), m).expect("sized").into_pyarray(py))
+    Ok(Array2::from_shape_vec((img.height, img.width), m)
+        .expect("sized")
+        .into_pyarray(py))
 }
 
 /// foreground_bbox(image, black_threshold=10, white_threshold=None) -> (x0, y0, x1, y1) | None
@@ -257,7 +314,12 @@ fn foreground_bbox(
     white_threshold: Option<u8>,
 ) -> PyResult<Option<(usize, usize, usize, usize)>> {
     let img = pixels_from(image, "image", false)?.to_rgb().map_err(to_py)?;
-    Ok(stain::foreground_bbox(&img.data, img.width, img.height, mask_rule(black_threshold, white_threshold)))
+    Ok(stain::foreground_bbox(
+        &img.data,
+        img.width,
+        img.height,
+        mask_rule(black_threshold, white_threshold),
+    ))
 }
 
 /// One batch item, held while the GIL is released.
@@ -302,7 +364,9 @@ fn check_out<'py>(out: &Bound<'py, PyAny>, cfg: &Config, shape: &[usize]) -> PyR
         )));
     }
     if !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err("out must be C-contiguous (use np.ascontiguousarray or np.empty)"));
+        return Err(PyValueError::new_err(
+            "out must be C-contiguous (use np.ascontiguousarray or np.empty)",
+        ));
     }
     Ok(())
 }
@@ -320,7 +384,9 @@ fn preprocess_batch<'py>(
     let pipeline = Pipeline::from_json(config_json).map_err(to_py)?;
     let cfg = &pipeline.cfg;
     if items.is_instance_of::<PyString>() || items.is_instance_of::<PyBytes>() {
-        return Err(PyTypeError::new_err("items must be a list of paths / arrays, not a single str or bytes"));
+        return Err(PyTypeError::new_err(
+            "items must be a list of paths / arrays, not a single str or bytes",
+        ));
     }
 
     let mut held: Vec<HeldItem<'py>> = Vec::new();
@@ -364,7 +430,12 @@ fn preprocess_batch<'py>(
         .map(|h| match h {
             HeldItem::Path(p) => Source::Path(p.clone()),
             HeldItem::Bytes(b) => Source::Bytes(b.as_bytes()),
-            HeldItem::Pixels(p) => Source::Pixels { data: p.data(), width: p.width, height: p.height, channels: p.channels },
+            HeldItem::Pixels(p) => Source::Pixels {
+                data: p.data(),
+                width: p.width,
+                height: p.height,
+                channels: p.channels,
+            },
         })
         .collect();
 

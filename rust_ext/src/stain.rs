@@ -62,7 +62,10 @@ pub struct MaskRule {
 
 impl MaskRule {
     pub fn from_config(c: &StainConfig) -> MaskRule {
-        MaskRule { black_threshold: c.black_threshold, white_threshold: c.white_threshold }
+        MaskRule {
+            black_threshold: c.black_threshold,
+            white_threshold: c.white_threshold,
+        }
     }
 
     #[inline(always)]
@@ -84,7 +87,12 @@ pub fn foreground_mask(rgb: &[u8], rule: MaskRule) -> Vec<bool> {
 }
 
 /// Bounding box `(x0, y0, x1, y1)` (end-exclusive) of the foreground, or `None` if there is none.
-pub fn foreground_bbox(rgb: &[u8], width: usize, height: usize, rule: MaskRule) -> Option<(usize, usize, usize, usize)> {
+pub fn foreground_bbox(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    rule: MaskRule,
+) -> Option<(usize, usize, usize, usize)> {
     assert_eq!(rgb.len(), width * height * 3);
     let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0usize, 0usize);
     for y in 0..height {
@@ -149,23 +157,221 @@ fn np_virtual_index(n: usize, pct: f64) -> std::result::Result<(usize, f64), usi
     Ok((lo as usize, vi - lo))
 }
 
-/// `np.percentile(values, pct)` (method "linear"), reordering `values` in place.
+/// `np.percentile(values, pct)` (method "linear"), possibly reordering `values`.
 /// Panics on an empty slice. Values must not be NaN.
 pub fn percentile_mut(values: &mut [f64], pct: f64) -> f64 {
+    percentile_mapped(values, pct, |v| v)
+}
+
+/// Percentile of `f(v)` where `f` is non-decreasing: order statistics are taken on `values`
+/// and only the two neighbours are mapped before NumPy's interpolation.
+fn percentile_mapped(values: &mut [f64], pct: f64, f: impl Fn(f64) -> f64) -> f64 {
     let n = values.len();
     assert!(n > 0, "percentile of an empty array");
     match np_virtual_index(n, pct) {
-        Err(i) => {
-            let (_, v, _) = values.select_nth_unstable_by(i, f64::total_cmp);
-            *v
-        }
+        Err(i) => f(kth_pair(values, i).0),
         Ok((k, g)) => {
-            let (_, a, right) = values.select_nth_unstable_by(k, f64::total_cmp);
-            let a = *a;
-            let b = right.iter().copied().fold(f64::INFINITY, f64::min);
-            np_lerp(a, b, g)
+            let (a, b) = kth_pair(values, k);
+            np_lerp(f(a), f(b), g)
         }
     }
+}
+
+/// Sample-bracketing selection: a strided sample of 512 values gives thresholds that (very
+/// likely) bracket ranks `k` and `k+1`; one pass counts the values below the bracket and
+/// gathers those inside, which are then sorted. Returns `None` when the bracket missed (the
+/// caller then uses an exact histogram method), so the result is always exact.
+fn kth_pair_sampled(values: &[f64], k: usize) -> Option<(f64, f64)> {
+    const M: usize = 512;
+    const MARGIN: usize = 10;
+    let n = values.len();
+    let step = n / M;
+    let mut sample: Vec<f64> = (0..M).map(|i| values[i * step]).collect();
+    if sample.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    sample.sort_unstable_by(f64::total_cmp);
+    let pos = (k as f64 / n as f64 * M as f64) as usize;
+    let t_lo = if pos >= MARGIN {
+        sample[pos - MARGIN]
+    } else {
+        f64::NEG_INFINITY
+    };
+    let t_hi = if pos + MARGIN + 1 < M {
+        sample[pos + MARGIN + 1]
+    } else {
+        f64::INFINITY
+    };
+    let mut below = 0usize;
+    let mut inside: Vec<f64> = Vec::with_capacity(4 * MARGIN * n / M + 16);
+    for &v in values {
+        if v < t_lo {
+            below += 1;
+        } else if v <= t_hi {
+            inside.push(v);
+        }
+    }
+    let need_hi = (k + 1).min(n - 1);
+    if below > k || below + inside.len() <= need_hi {
+        return None;
+    }
+    inside.sort_unstable_by(f64::total_cmp);
+    Some((inside[k - below], inside[need_hi - below]))
+}
+
+/// Exact NumPy "linear" percentiles of `f(value(i)), i < n` (`f` non-decreasing) without
+/// materialising the values when possible: a strided sample brackets the needed ranks and one
+/// pass counts/gathers around each bracket. Falls back to materialising the values and
+/// [`percentile_mapped`] when a bracket misses or `n` is small. `value` must be deterministic.
+pub fn percentiles_stream(
+    n: usize,
+    value: impl Fn(usize) -> f64,
+    pcts: &[f64],
+    f: impl Fn(f64) -> f64 + Copy,
+) -> Vec<f64> {
+    const M: usize = 512;
+    const MARGIN: usize = 8;
+    assert!(n > 0, "percentile of an empty array");
+    let exact = |pct: f64| -> f64 {
+        let mut all: Vec<f64> = (0..n).map(&value).collect();
+        percentile_mapped(&mut all, pct, f)
+    };
+    if n < 4 * M {
+        let mut all: Vec<f64> = (0..n).map(&value).collect();
+        return pcts.iter().map(|&p| percentile_mapped(&mut all, p, f)).collect();
+    }
+    // ranks needed per percentile: (k, k+1 clamped, gamma)
+    let ranks: Vec<(usize, usize, f64)> = pcts
+        .iter()
+        .map(|&p| match np_virtual_index(n, p) {
+            Ok((k, g)) => (k, (k + 1).min(n - 1), g),
+            Err(i) => (i, i, 0.0),
+        })
+        .collect();
+    let step = n / M;
+    let mut sample: Vec<f64> = (0..M).map(|i| value(i * step)).collect();
+    if sample.iter().any(|v| v.is_nan()) {
+        return pcts.iter().map(|&p| exact(p)).collect();
+    }
+    sample.sort_unstable_by(f64::total_cmp);
+    let brackets: Vec<(f64, f64)> = ranks
+        .iter()
+        .map(|&(k, _, _)| {
+            let pos = (k as f64 / n as f64 * M as f64) as usize;
+            let lo = if pos >= MARGIN {
+                sample[pos - MARGIN]
+            } else {
+                f64::NEG_INFINITY
+            };
+            let hi = if pos + MARGIN + 1 < M {
+                sample[pos + MARGIN + 1]
+            } else {
+                f64::INFINITY
+            };
+            (lo, hi)
+        })
+        .collect();
+    let mut below = vec![0usize; pcts.len()];
+    let mut inside: Vec<Vec<f64>> = (0..pcts.len())
+        .map(|_| Vec::with_capacity(4 * MARGIN * step + 16))
+        .collect();
+    for i in 0..n {
+        let v = value(i);
+        for (j, &(lo, hi)) in brackets.iter().enumerate() {
+            if v < lo {
+                below[j] += 1;
+            } else if v <= hi {
+                inside[j].push(v);
+            }
+        }
+    }
+    pcts.iter()
+        .enumerate()
+        .map(|(j, &p)| {
+            let (k, k1, g) = ranks[j];
+            let ins = &mut inside[j];
+            if below[j] > k || below[j] + ins.len() <= k1 || ins.iter().any(|v| v.is_nan()) {
+                return exact(p);
+            }
+            ins.sort_unstable_by(f64::total_cmp);
+            let (a, b) = (ins[k - below[j]], ins[k1 - below[j]]);
+            if k1 == k {
+                f(a)
+            } else {
+                np_lerp(f(a), f(b), g)
+            }
+        })
+        .collect()
+}
+
+/// The `k`-th and `(k+1)`-th smallest values (the second equals the first when `k = n-1`).
+///
+/// Exact. For large inputs a 4096-bucket histogram locates the bucket(s) holding ranks `k` and
+/// `k+1`, and only those candidates are sorted: two linear passes instead of a quickselect
+/// (several times faster on the ~40k values of a cell). Falls back to `select_nth_unstable`
+/// for small or non-finite inputs.
+pub fn kth_pair(values: &mut [f64], k: usize) -> (f64, f64) {
+    let n = values.len();
+    assert!(k < n);
+    let select = |values: &mut [f64]| -> (f64, f64) {
+        let (_, a, right) = values.select_nth_unstable_by(k, f64::total_cmp);
+        let a = *a;
+        let b = right.iter().copied().fold(f64::INFINITY, f64::min);
+        (a, if k + 1 < n { b } else { a })
+    };
+    if n < 2048 {
+        return select(values);
+    }
+    if let Some(r) = kth_pair_sampled(values, k) {
+        return r;
+    }
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &v in values.iter() {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !(lo.is_finite() && hi.is_finite()) || values.iter().any(|v| v.is_nan()) {
+        return select(values);
+    }
+    if lo == hi {
+        return (lo, lo);
+    }
+    const B: usize = 4096;
+    let scale = (B as f64) / (hi - lo);
+    // (v - lo) * scale is non-decreasing in v (correctly rounded ops), so bucket order is
+    // consistent with value order.
+    let bucket = |v: f64| (((v - lo) * scale) as usize).min(B - 1);
+    let mut counts = vec![0u32; B];
+    for &v in values.iter() {
+        counts[bucket(v)] += 1;
+    }
+    let mut cum = 0usize;
+    let mut bk = 0;
+    for (b, &c) in counts.iter().enumerate() {
+        if cum + c as usize > k {
+            bk = b;
+            break;
+        }
+        cum += c as usize;
+    }
+    let rank = k - cum;
+    // the (k+1)-th is in the same bucket, or the smallest of the next non-empty one
+    let mut bn = bk;
+    if rank + 1 >= counts[bk] as usize && k + 1 < n {
+        bn = (bk + 1..B).find(|&b| counts[b] > 0).unwrap_or(bk);
+    }
+    let mut cand: Vec<f64> = values
+        .iter()
+        .copied()
+        .filter(|&v| {
+            let b = bucket(v);
+            b == bk || b == bn
+        })
+        .collect();
+    cand.sort_unstable_by(f64::total_cmp);
+    let a = cand[rank];
+    let b = if k + 1 < n { cand[rank + 1] } else { a };
+    (a, b)
 }
 
 /// Eigen-decomposition of a symmetric 3x3 matrix (cyclic Jacobi). Returns eigenvalues in
@@ -244,7 +450,10 @@ pub struct MacenkoParams {
 
 impl Default for MacenkoParams {
     fn default() -> Self {
-        MacenkoParams { he: MACENKO_HE_REF, max_c: MACENKO_MAXC_REF }
+        MacenkoParams {
+            he: MACENKO_HE_REF,
+            max_c: MACENKO_MAXC_REF,
+        }
     }
 }
 
@@ -258,7 +467,10 @@ pub struct ReinhardParams {
 
 impl Default for ReinhardParams {
     fn default() -> Self {
-        ReinhardParams { mean: REINHARD_MEAN_REF, std: REINHARD_STD_REF }
+        ReinhardParams {
+            mean: REINHARD_MEAN_REF,
+            std: REINHARD_STD_REF,
+        }
     }
 }
 
@@ -319,25 +531,33 @@ impl StainParams {
     }
 
     pub fn from_value(v: &serde_json::Value) -> Result<StainParams> {
-        let j: ParamsJson = serde_json::from_value(v.clone())
-            .map_err(|e| Error::Config(format!("stain.params: {e}")))?;
+        let j: ParamsJson =
+            serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("stain.params: {e}")))?;
         let finite = |xs: &[f64]| xs.iter().all(|x| x.is_finite());
         match j.method {
             StainMethod::Macenko => {
                 let (Some(he), Some(max_c)) = (j.he, j.max_c) else {
-                    return Err(Error::Config("stain.params: macenko needs \"he\" (3x2) and \"max_c\" (2)".into()));
+                    return Err(Error::Config(
+                        "stain.params: macenko needs \"he\" (3x2) and \"max_c\" (2)".into(),
+                    ));
                 };
                 if !finite(he.as_flattened()) || !finite(&max_c) || max_c.iter().any(|&m| m <= 0.0) {
-                    return Err(Error::Config("stain.params: macenko he/max_c must be finite, max_c > 0".into()));
+                    return Err(Error::Config(
+                        "stain.params: macenko he/max_c must be finite, max_c > 0".into(),
+                    ));
                 }
                 Ok(StainParams::Macenko(MacenkoParams { he, max_c }))
             }
             StainMethod::Reinhard => {
                 let (Some(mean), Some(std)) = (j.mean, j.std) else {
-                    return Err(Error::Config("stain.params: reinhard needs \"mean\" (3) and \"std\" (3)".into()));
+                    return Err(Error::Config(
+                        "stain.params: reinhard needs \"mean\" (3) and \"std\" (3)".into(),
+                    ));
                 };
                 if !finite(&mean) || !finite(&std) || std.iter().any(|&s| s <= 0.0) {
-                    return Err(Error::Config("stain.params: reinhard mean/std must be finite, std > 0".into()));
+                    return Err(Error::Config(
+                        "stain.params: reinhard mean/std must be finite, std > 0".into(),
+                    ));
                 }
                 Ok(StainParams::Reinhard(ReinhardParams { mean, std }))
             }
@@ -347,7 +567,15 @@ impl StainParams {
 
     /// JSON object for `StainConfig.params`.
     pub fn to_json(&self, n_images: Option<usize>, n_pixels: Option<usize>) -> String {
-        let mut j = ParamsJson { method: self.method(), he: None, max_c: None, mean: None, std: None, n_images, n_pixels };
+        let mut j = ParamsJson {
+            method: self.method(),
+            he: None,
+            max_c: None,
+            mean: None,
+            std: None,
+            n_images,
+            n_pixels,
+        };
         match self {
             StainParams::Macenko(p) => {
                 j.he = Some(p.he);
@@ -387,13 +615,21 @@ pub struct MacenkoSettings {
 
 impl MacenkoSettings {
     pub fn from_config(c: &StainConfig) -> Self {
-        MacenkoSettings { io: c.io, alpha: c.alpha, beta: c.beta }
+        MacenkoSettings {
+            io: c.io,
+            alpha: c.alpha,
+            beta: c.beta,
+        }
     }
 }
 
 impl Default for MacenkoSettings {
     fn default() -> Self {
-        MacenkoSettings { io: 240.0, alpha: 1.0, beta: 0.15 }
+        MacenkoSettings {
+            io: 240.0,
+            alpha: 1.0,
+            beta: 0.15,
+        }
     }
 }
 
@@ -439,37 +675,53 @@ pub fn pinv_3x2(he: &[[f64; 2]; 3]) -> Option<[[f64; 3]; 2]> {
 
 /// The stain matrix from the OD pixels (torchstain's `__find_HE` after `eigh(cov)`).
 /// Returns `Err(reason)` when degenerate.
-fn macenko_stain_vectors(fg: &[[u8; 3]], lut: &[f64; 256], s: &MacenkoSettings) -> std::result::Result<([[f64; 2]; 3], usize), String> {
+fn macenko_stain_vectors(
+    fg: &[[u8; 3]],
+    lut: &[f64; 256],
+    s: &MacenkoSettings,
+) -> std::result::Result<([[f64; 2]; 3], usize), String> {
     // Pixels whose OD is >= beta in every channel (torchstain: ~np.any(OD < beta, axis=1)).
     // OD is decreasing in the value, so this is a per-channel threshold on the value.
     let ok: [bool; 256] = std::array::from_fn(|v| !(lut[v] < s.beta));
-    let od_px: Vec<[u8; 3]> = fg.iter().copied().filter(|p| ok[p[0] as usize] && ok[p[1] as usize] && ok[p[2] as usize]).collect();
+    let od_px: Vec<[u8; 3]> = fg
+        .iter()
+        .copied()
+        .filter(|p| ok[p[0] as usize] && ok[p[1] as usize] && ok[p[2] as usize])
+        .collect();
     let n = od_px.len();
     if n < MIN_OD_PIXELS {
-        return Err(format!("only {n} pixels have optical density >= beta={} (need {MIN_OD_PIXELS})", s.beta));
+        return Err(format!(
+            "only {n} pixels have optical density >= beta={} (need {MIN_OD_PIXELS})",
+            s.beta
+        ));
     }
-    // Covariance (np.cov: centred, ddof = 1), two passes for accuracy.
-    let mut mean = [0.0f64; 3];
+    // Covariance (np.cov: centred, ddof = 1) in one pass over data shifted by the first
+    // pixel's OD (shifted sums avoid the cancellation of the naive formula).
+    let shift = [
+        lut[od_px[0][0] as usize],
+        lut[od_px[0][1] as usize],
+        lut[od_px[0][2] as usize],
+    ];
+    let mut sum = [0.0f64; 3];
+    let mut sxx = [[0.0f64; 3]; 3];
     for p in &od_px {
-        for c in 0..3 {
-            mean[c] += lut[p[c] as usize];
-        }
-    }
-    for m in mean.iter_mut() {
-        *m /= n as f64;
-    }
-    let mut cov = [[0.0f64; 3]; 3];
-    for p in &od_px {
-        let d = [lut[p[0] as usize] - mean[0], lut[p[1] as usize] - mean[1], lut[p[2] as usize] - mean[2]];
+        let d = [
+            lut[p[0] as usize] - shift[0],
+            lut[p[1] as usize] - shift[1],
+            lut[p[2] as usize] - shift[2],
+        ];
         for i in 0..3 {
+            sum[i] += d[i];
             for j in i..3 {
-                cov[i][j] += d[i] * d[j];
+                sxx[i][j] += d[i] * d[j];
             }
         }
     }
+    let nf = n as f64;
+    let mut cov = [[0.0f64; 3]; 3];
     for i in 0..3 {
         for j in i..3 {
-            cov[i][j] /= (n - 1) as f64;
+            cov[i][j] = (sxx[i][j] - sum[i] * sum[j] / nf) / (nf - 1.0);
             cov[j][i] = cov[i][j];
         }
     }
@@ -495,22 +747,24 @@ fn macenko_stain_vectors(fg: &[[u8; 3]], lut: &[f64; 256], s: &MacenkoSettings) 
     let t2 = dot_tables(e2, lut);
     // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
     // percentiles can be selected on that key and only the two neighbours need an atan2.
-    let mut keys: Vec<f64> = Vec::with_capacity(n);
-    let mut all_pos = true;
-    for p in &od_px {
-        let x = tdot(&t1, *p);
-        let y = tdot(&t2, *p);
+    let all_pos = std::cell::Cell::new(true);
+    let key = |i: usize| -> f64 {
+        let p = od_px[i];
+        let y = tdot(&t2, p);
         if !(y > 0.0) {
-            all_pos = false;
-            break;
+            all_pos.set(false);
         }
-        keys.push(-x / y);
-    }
-    let (min_phi, max_phi) = if all_pos {
-        (phi_percentile_from_keys(&mut keys, s.alpha), phi_percentile_from_keys(&mut keys, 100.0 - s.alpha))
+        -tdot(&t1, p) / y
+    };
+    let phis = percentiles_stream(n, key, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
+    let (min_phi, max_phi) = if all_pos.get() {
+        (phis[0], phis[1])
     } else {
         let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(&t2, *p).atan2(tdot(&t1, *p))).collect();
-        (percentile_mut(&mut phi, s.alpha), percentile_mut(&mut phi, 100.0 - s.alpha))
+        (
+            percentile_mut(&mut phi, s.alpha),
+            percentile_mut(&mut phi, 100.0 - s.alpha),
+        )
     };
     let dir = |phi: f64| -> [f64; 3] {
         let (c, sn) = (phi.cos(), phi.sin());
@@ -518,29 +772,16 @@ fn macenko_stain_vectors(fg: &[[u8; 3]], lut: &[f64; 256], s: &MacenkoSettings) 
     };
     let v_min = dir(min_phi);
     let v_max = dir(max_phi);
-    let (h, e) = if v_min[0] > v_max[0] { (v_min, v_max) } else { (v_max, v_min) };
+    let (h, e) = if v_min[0] > v_max[0] {
+        (v_min, v_max)
+    } else {
+        (v_max, v_min)
+    };
     let he = [[h[0], e[0]], [h[1], e[1]], [h[2], e[2]]];
     if he.as_flattened().iter().any(|x| !x.is_finite()) {
         return Err("non-finite stain vectors".into());
     }
     Ok((he, n))
-}
-
-/// Percentile of `phi = atan2(1, -key)` given the keys (increasing in phi).
-fn phi_percentile_from_keys(keys: &mut [f64], pct: f64) -> f64 {
-    let phi = |k: f64| 1.0f64.atan2(-k);
-    match np_virtual_index(keys.len(), pct) {
-        Err(i) => {
-            let (_, v, _) = keys.select_nth_unstable_by(i, f64::total_cmp);
-            phi(*v)
-        }
-        Ok((k, g)) => {
-            let (_, a, right) = keys.select_nth_unstable_by(k, f64::total_cmp);
-            let a = *a;
-            let b = right.iter().copied().fold(f64::INFINITY, f64::min);
-            np_lerp(phi(a), phi(b), g)
-        }
-    }
 }
 
 /// Fit Macenko on foreground pixels: stain vectors from OD pixels, concentrations over all
@@ -554,13 +795,21 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     let pinv = pinv_3x2(&he).ok_or_else(|| "stain vectors are collinear".to_string())?;
     let t0 = dot_tables(pinv[0], &lut);
     let t1 = dot_tables(pinv[1], &lut);
-    let mut c0: Vec<f64> = fg.iter().map(|p| tdot(&t0, *p)).collect();
-    let mut c1: Vec<f64> = fg.iter().map(|p| tdot(&t1, *p)).collect();
-    let max_c = [percentile_mut(&mut c0, 99.0), percentile_mut(&mut c1, 99.0)];
+    let max_c = [
+        percentiles_stream(fg.len(), |i| tdot(&t0, fg[i]), &[99.0], |v| v)[0],
+        percentiles_stream(fg.len(), |i| tdot(&t1, fg[i]), &[99.0], |v| v)[0],
+    ];
     if !(max_c[0].is_finite() && max_c[1].is_finite() && max_c[0] > 1e-6 && max_c[1] > 1e-6) {
-        return Err(format!("degenerate stain concentrations (maxC = [{:.3e}, {:.3e}])", max_c[0], max_c[1]));
+        return Err(format!(
+            "degenerate stain concentrations (maxC = [{:.3e}, {:.3e}])",
+            max_c[0], max_c[1]
+        ));
     }
-    Ok(MacenkoFit { params: MacenkoParams { he, max_c }, pinv, n_od })
+    Ok(MacenkoFit {
+        params: MacenkoParams { he, max_c },
+        pinv,
+        n_od,
+    })
 }
 
 /// Write the Macenko-normalised image: foreground pixels are recomposed with the target
@@ -569,7 +818,10 @@ pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &
     let lut = od_lut(io);
     // Inorm_k = Io * exp(-sum_j HERef[k][j] * (maxCRef[j]/maxC[j]) * C_j),  C = pinv @ OD
     //         = Io * prod_c exp(-Q[k][c] * OD_c)  with Q = HERef * diag(scale) * pinv.
-    let scale = [target.max_c[0] / src.params.max_c[0], target.max_c[1] / src.params.max_c[1]];
+    let scale = [
+        target.max_c[0] / src.params.max_c[0],
+        target.max_c[1] / src.params.max_c[1],
+    ];
     let mut tables = [[[0.0f64; 256]; 3]; 3];
     for k in 0..3 {
         for c in 0..3 {
@@ -592,7 +844,13 @@ pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &
         for k in 0..3 {
             let v = tables[k][0][r] * tables[k][1][g] * tables[k][2][b];
             // torchstain: Inorm[Inorm > 255] = 255; astype(uint8) truncates.
-            p[k] = if v > 255.0 { 255 } else if v >= 0.0 { v as u8 } else { 0 };
+            p[k] = if v > 255.0 {
+                255
+            } else if v >= 0.0 {
+                v as u8
+            } else {
+                0
+            };
         }
     }
 }
@@ -601,7 +859,11 @@ pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &
 // Reinhard (CIE L*a*b*, D65, torchstain / skimage formulas)
 // ---------------------------------------------------------------------------------------------
 
-const RGB2XYZ: [[f64; 3]; 3] = [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]];
+const RGB2XYZ: [[f64; 3]; 3] = [
+    [0.412453, 0.357580, 0.180423],
+    [0.212671, 0.715160, 0.072169],
+    [0.019334, 0.119193, 0.950227],
+];
 const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
 
 fn inv3(m: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
@@ -646,18 +908,30 @@ impl Default for Lab {
 impl Lab {
     pub fn new() -> Lab {
         let m: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| RGB2XYZ[i][j] as f32));
-        Lab { lin: srgb_linear_lut(), m, inv: inv3(&RGB2XYZ) }
+        Lab {
+            lin: srgb_linear_lut(),
+            m,
+            inv: inv3(&RGB2XYZ),
+        }
     }
 
     /// 8-bit sRGB to L*a*b* (L in [0, 100]).
     #[inline]
     pub fn from_rgb(&self, p: [u8; 3]) -> [f32; 3] {
-        let l = [self.lin[p[0] as usize], self.lin[p[1] as usize], self.lin[p[2] as usize]];
+        let l = [
+            self.lin[p[0] as usize],
+            self.lin[p[1] as usize],
+            self.lin[p[2] as usize],
+        ];
         let mut f = [0.0f32; 3];
         for i in 0..3 {
             let xyz = self.m[i][0] * l[0] + self.m[i][1] * l[1] + self.m[i][2] * l[2];
             let t = xyz / WHITE[i] as f32;
-            f[i] = if t > 0.008856 { t.cbrt() } else { 7.787 * t + 16.0 / 116.0 };
+            f[i] = if t > 0.008856 {
+                t.cbrt()
+            } else {
+                7.787 * t + 16.0 / 116.0
+            };
         }
         [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
     }
@@ -670,13 +944,21 @@ impl Lab {
         let z = y - lab[2] / 200.0;
         let mut xyz = [x, y, z];
         for (i, v) in xyz.iter_mut().enumerate() {
-            *v = if *v > 0.2068966 { *v * *v * *v } else { (*v - 16.0 / 116.0) / 7.787 };
+            *v = if *v > 0.2068966 {
+                *v * *v * *v
+            } else {
+                (*v - 16.0 / 116.0) / 7.787
+            };
             *v *= WHITE[i];
         }
         let mut out = [0u8; 3];
         for k in 0..3 {
             let lin = self.inv[k][0] * xyz[0] + self.inv[k][1] * xyz[1] + self.inv[k][2] * xyz[2];
-            let s = if lin > 0.0031308 { 1.055 * lin.powf(1.0 / 2.4) - 0.055 } else { lin * 12.92 };
+            let s = if lin > 0.0031308 {
+                1.055 * lin.powf(1.0 / 2.4) - 0.055
+            } else {
+                lin * 12.92
+            };
             let s = if s.is_nan() { 0.0 } else { s.clamp(0.0, 1.0) };
             out[k] = (s * 255.0) as u8;
         }
@@ -710,7 +992,10 @@ pub fn reinhard_fit_pixels(fg: &[[u8; 3]], lab: &Lab) -> std::result::Result<Rei
         return Err("non-finite L*a*b* statistics".into());
     }
     if std.iter().any(|&s| s < 1e-6) {
-        return Err(format!("zero colour variance in L*a*b* (std = [{:.2e}, {:.2e}, {:.2e}])", std[0], std[1], std[2]));
+        return Err(format!(
+            "zero colour variance in L*a*b* (std = [{:.2e}, {:.2e}, {:.2e}])",
+            std[0], std[1], std[2]
+        ));
     }
     Ok(ReinhardParams { mean, std })
 }
@@ -753,10 +1038,20 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
     foreground_pixels(rgb, rule, &mut fg);
     let fallback = |rgb: &mut [u8], reason: String| {
         blacken_background(rgb, rule);
-        StainOutcome { fallback: true, reason: Some(reason) }
+        StainOutcome {
+            fallback: true,
+            reason: Some(reason),
+        }
     };
     if fg.len() < cfg.min_foreground.max(1) {
-        return fallback(rgb, format!("only {} foreground pixels (min_foreground={})", fg.len(), cfg.min_foreground));
+        return fallback(
+            rgb,
+            format!(
+                "only {} foreground pixels (min_foreground={})",
+                fg.len(),
+                cfg.min_foreground
+            ),
+        );
     }
     match target {
         StainParams::Macenko(t) => {
@@ -802,11 +1097,14 @@ pub fn fit_images(images: &[&[u8]], cfg: &StainConfig) -> Result<(StainParams, u
         )));
     }
     let res = match cfg.method {
-        StainMethod::Macenko => macenko_fit_pixels(&fg, &MacenkoSettings::from_config(cfg)).map(|f| StainParams::Macenko(f.params)),
+        StainMethod::Macenko => {
+            macenko_fit_pixels(&fg, &MacenkoSettings::from_config(cfg)).map(|f| StainParams::Macenko(f.params))
+        }
         StainMethod::Reinhard => reinhard_fit_pixels(&fg, &Lab::new()).map(StainParams::Reinhard),
         StainMethod::None => unreachable!(),
     };
-    res.map(|p| (p, fg.len())).map_err(|r| Error::Stain(format!("cannot fit {:?} stain parameters: {r}", cfg.method)))
+    res.map(|p| (p, fg.len()))
+        .map_err(|r| Error::Stain(format!("cannot fit {:?} stain parameters: {r}", cfg.method)))
 }
 
 #[cfg(test)]
@@ -869,11 +1167,17 @@ pub(crate) mod tests {
 
     #[test]
     fn mask_rules() {
-        let r = MaskRule { black_threshold: 10, white_threshold: None };
+        let r = MaskRule {
+            black_threshold: 10,
+            white_threshold: None,
+        };
         assert!(r.is_background(&[10, 3, 0]));
         assert!(!r.is_background(&[11, 0, 0]));
         assert!(!r.is_background(&[250, 250, 250]));
-        let w = MaskRule { black_threshold: 10, white_threshold: Some(230) };
+        let w = MaskRule {
+            black_threshold: 10,
+            white_threshold: Some(230),
+        };
         assert!(w.is_background(&[250, 240, 230]));
         assert!(!w.is_background(&[250, 240, 229]));
         assert_eq!(foreground_mask(&[0, 0, 0, 50, 0, 0], r), vec![false, true]);
@@ -881,11 +1185,14 @@ pub(crate) mod tests {
 
     #[test]
     fn bbox() {
-        let r = MaskRule { black_threshold: 10, white_threshold: None };
+        let r = MaskRule {
+            black_threshold: 10,
+            white_threshold: None,
+        };
         let (w, h) = (5, 4);
         let mut img = vec![0u8; w * h * 3];
         assert_eq!(foreground_bbox(&img, w, h, r), None);
-        img[(1 * w + 2) * 3] = 200; // (x=2, y=1)
+        img[(w + 2) * 3] = 200; // (x=2, y=1)
         img[(2 * w + 3) * 3 + 1] = 200; // (x=3, y=2)
         assert_eq!(foreground_bbox(&img, w, h, r), Some((2, 1, 4, 3)));
     }
@@ -894,7 +1201,14 @@ pub(crate) mod tests {
     fn percentile_matches_numpy_linear() {
         // np.percentile([3, 1, 2, 10], [0, 1, 50, 99, 100]) = [1, 1.03, 2.5, 9.79, 10]
         let base = [3.0, 1.0, 2.0, 10.0];
-        let expect = [(0.0, 1.0), (1.0, 1.03), (50.0, 2.5), (99.0, 9.79), (100.0, 10.0), (25.0, 1.75)];
+        let expect = [
+            (0.0, 1.0),
+            (1.0, 1.03),
+            (50.0, 2.5),
+            (99.0, 9.79),
+            (100.0, 10.0),
+            (25.0, 1.75),
+        ];
         for (p, e) in expect {
             let mut v = base;
             let got = percentile_mut(&mut v, p);
@@ -902,6 +1216,89 @@ pub(crate) mod tests {
         }
         let mut one = [5.0];
         assert_eq!(percentile_mut(&mut one, 99.0), 5.0);
+    }
+
+    #[test]
+    fn kth_pair_matches_sorting() {
+        let mut rng = Rng::new(11);
+        for n in [1usize, 2, 5, 2047, 2048, 5000, 40_000] {
+            for dist in 0..4 {
+                let v: Vec<f64> = (0..n)
+                    .map(|i| match dist {
+                        0 => rng.unit(),
+                        1 => (rng.next() % 7) as f64, // many ties
+                        2 => {
+                            if i % 100 == 0 {
+                                1e6
+                            } else {
+                                rng.unit()
+                            }
+                        } // outliers
+                        _ => -(rng.unit().powi(8)),   // skewed
+                    })
+                    .collect();
+                let mut sorted = v.clone();
+                sorted.sort_by(f64::total_cmp);
+                for k in [0, n / 100, n / 2, n * 99 / 100, n.saturating_sub(2), n - 1] {
+                    let mut w = v.clone();
+                    let (a, b) = kth_pair(&mut w, k);
+                    assert_eq!(a, sorted[k], "n={n} dist={dist} k={k}");
+                    assert_eq!(b, sorted[(k + 1).min(n - 1)], "n={n} dist={dist} k={k}");
+                    if n >= 2048 {
+                        if let Some((a, b)) = kth_pair_sampled(&v, k) {
+                            assert_eq!(
+                                (a, b),
+                                (sorted[k], sorted[(k + 1).min(n - 1)]),
+                                "sampled n={n} dist={dist} k={k}"
+                            );
+                        }
+                    }
+                }
+                for p in [1.0, 50.0, 99.0] {
+                    let mut w = v.clone();
+                    let got = percentile_mut(&mut w, p);
+                    let (k, g) = match np_virtual_index(n, p) {
+                        Ok(x) => x,
+                        Err(i) => (i, 0.0),
+                    };
+                    let want = np_lerp(sorted[k], sorted[(k + 1).min(n - 1)], g);
+                    assert_eq!(got, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_stream_is_exact() {
+        let mut rng = Rng::new(3);
+        for n in [1usize, 10, 2047, 2048, 5000, 44_000] {
+            for dist in 0..3 {
+                let v: Vec<f64> = (0..n)
+                    .map(|i| match dist {
+                        0 => rng.unit(),
+                        1 => (rng.next() % 5) as f64,
+                        _ => {
+                            if i < n / 2 {
+                                rng.unit()
+                            } else {
+                                10.0 + rng.unit()
+                            }
+                        } // sorted halves
+                    })
+                    .collect();
+                let pcts = [1.0, 50.0, 99.0, 100.0, 0.0];
+                let got = percentiles_stream(n, |i| v[i], &pcts, |x| x * 2.0);
+                for (j, &p) in pcts.iter().enumerate() {
+                    let mut w = v.clone();
+                    w.sort_by(f64::total_cmp);
+                    let want = match np_virtual_index(n, p) {
+                        Ok((k, g)) => np_lerp(2.0 * w[k], 2.0 * w[k + 1], g),
+                        Err(i) => 2.0 * w[i],
+                    };
+                    assert_eq!(got[j], want, "n={n} dist={dist} p={p}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -973,12 +1370,19 @@ pub(crate) mod tests {
     fn normalize_to_own_fit_is_near_identity() {
         let img = synthetic_tissue(48, 48, 9);
         let fg: Vec<[u8; 3]> = img.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
-        let mut cfg = StainConfig::default();
-        cfg.min_foreground = 10;
+        let mut cfg = StainConfig {
+            min_foreground: 10,
+            ..Default::default()
+        };
         let fit = macenko_fit_pixels(&fg, &MacenkoSettings::default()).unwrap();
         let mut out = img.clone();
         normalize_in_place(&mut out, &cfg, &StainParams::Macenko(fit.params));
-        let mad: f64 = img.iter().zip(&out).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / img.len() as f64;
+        let mad: f64 = img
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / img.len() as f64;
         assert!(mad < 1.5, "mean abs diff {mad}");
 
         let lab = Lab::new();
@@ -986,7 +1390,12 @@ pub(crate) mod tests {
         cfg.method = StainMethod::Reinhard;
         let mut out = img.clone();
         normalize_in_place(&mut out, &cfg, &StainParams::Reinhard(rp));
-        let mad: f64 = img.iter().zip(&out).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / img.len() as f64;
+        let mad: f64 = img
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / img.len() as f64;
         assert!(mad < 1.0, "reinhard mean abs diff {mad}");
     }
 
@@ -1001,9 +1410,14 @@ pub(crate) mod tests {
         assert!(img.iter().all(|&v| v == 0));
         // uniform colour: zero variance
         let mut img: Vec<u8> = [120u8, 80, 160].repeat(40 * 40);
-        img[0] = 5; img[1] = 5; img[2] = 5; // one background pixel
+        img[0] = 5;
+        img[1] = 5;
+        img[2] = 5; // one background pixel
         let orig = img.clone();
-        for method in [StainParams::Macenko(MacenkoParams::default()), StainParams::Reinhard(ReinhardParams::default())] {
+        for method in [
+            StainParams::Macenko(MacenkoParams::default()),
+            StainParams::Reinhard(ReinhardParams::default()),
+        ] {
             let mut c = cfg.clone();
             c.method = method.method();
             let mut out = orig.clone();
@@ -1025,7 +1439,11 @@ pub(crate) mod tests {
         let lab = Lab::new();
         let mut rng = Rng::new(5);
         for _ in 0..2000 {
-            let p = [(rng.next() % 256) as u8, (rng.next() % 256) as u8, (rng.next() % 256) as u8];
+            let p = [
+                (rng.next() % 256) as u8,
+                (rng.next() % 256) as u8,
+                (rng.next() % 256) as u8,
+            ];
             let l = lab.from_rgb(p);
             let back = lab.to_rgb([l[0] as f64, l[1] as f64, l[2] as f64]);
             for c in 0..3 {
@@ -1034,7 +1452,10 @@ pub(crate) mod tests {
             }
         }
         let w = lab.from_rgb([255, 255, 255]);
-        assert!((w[0] - 100.0).abs() < 1e-3 && w[1].abs() < 1e-2 && w[2].abs() < 1e-2, "{w:?}");
+        assert!(
+            (w[0] - 100.0).abs() < 1e-3 && w[1].abs() < 1e-2 && w[2].abs() < 1e-2,
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -1043,8 +1464,10 @@ pub(crate) mod tests {
         let j = p.to_json(Some(2), Some(1000));
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
         assert_eq!(StainParams::from_value(&v).unwrap(), p);
-        let mut cfg = StainConfig::default();
-        cfg.params = Some(v);
+        let mut cfg = StainConfig {
+            params: Some(v),
+            ..Default::default()
+        };
         assert_eq!(StainParams::from_config(&cfg).unwrap(), p);
         cfg.method = StainMethod::Reinhard;
         assert!(matches!(StainParams::from_config(&cfg), Err(Error::Config(_))));
