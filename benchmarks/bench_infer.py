@@ -8,10 +8,15 @@ For each (backend, batch) it measures, on the same images:
 and reports throughput, per-batch latency percentiles (p50/p95/p99) and
 ``end-to-end / slower stage alone`` (target >= 0.90: pipelining hides the faster stage).
 
-On a CPU-only machine both stages compete for the same cores, so the ratio there measures how
-well they share the CPU rather than overlap; on a GPU the engine runs while the CPU preprocesses.
+Thread partition: when the backend runs on the CPU, ``leukedge infer`` splits the cores between the two
+stages (``leukedge.engines.base.plan_threads``: rayon pool for preprocessing, intra-op threads without
+spinning for the backend). "Preprocessing alone" and "backend alone" are measured with exactly the
+partition the end-to-end run uses, so the ratio says how well the pipeline overlaps the two stages
+(on a GPU backend preprocessing keeps every core). For reference each row also has the old,
+unpartitioned pipelined run ("shared": both stages on every core, competing) and the sequential run.
 
 Usage: python benchmarks/bench_infer.py [--model BUNDLE] [--images DIR] [--n 256] [--batches 1,8,32,64]
+       [--threads N] [--backend-threads M]   (0 = the automatic split of `leukedge infer`)
 Writes benchmarks/results/infer.json.
 """
 
@@ -99,6 +104,48 @@ def bench_backend(backend, x_all: np.ndarray, batch: int, warmup: int = 3, min_t
             "h2d_ms": summarize_ms(h2d), "d2h_ms": summarize_ms(d2h)}
 
 
+def bench_concurrent(backend, x_all: np.ndarray, paths: list[str], cfg, batch: int, threads: int,
+                     min_time: float = 1.0) -> dict:
+    """Both stages at once, flat out, with the partition (no pipeline bookkeeping): how much each slows down
+    when the other runs. On an idle machine with disjoint cores both stay near 1.0; below that the cores are
+    not really independent (shared by other processes' load, SMT siblings, memory bandwidth) and no pipeline
+    can reach the stage-alone speed."""
+    import threading
+
+    from leukedge._native import preprocess_batch
+
+    chunks = [x_all[i:i + batch] for i in range(0, len(x_all), batch)]
+    chunks = [c for c in chunks if len(c) == batch] or chunks[:1]
+    buf = np.zeros((batch, 3, cfg.size, cfg.size), dtype=cfg.dtype)
+    j = cfg.to_native_json()
+    stop = threading.Event()
+    pre = {"n": 0}
+
+    def prep_loop() -> None:
+        t = time.perf_counter()
+        while not stop.is_set():
+            for i in range(0, len(paths), batch):
+                chunk = paths[i:i + batch]
+                preprocess_batch(chunk, j, out=buf[:len(chunk)], threads=threads)
+                pre["n"] += len(chunk)
+                if stop.is_set():
+                    break
+        pre["wall"] = time.perf_counter() - t
+
+    th = threading.Thread(target=prep_loop, daemon=True)
+    th.start()
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_time:
+        for c in chunks:
+            backend.infer(c)
+            n += len(c)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    return {"backend_img_s": n / wall, "preprocess_img_s": pre["n"] / pre["wall"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model bundle (default: a fresh untrained bundle of --arch)")
@@ -108,7 +155,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,64; +128,256 on GPU)")
     ap.add_argument("--backends", default="all", help="comma list of torch,onnxruntime-fp32,onnxruntime-fp16,tensorrt")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="preprocessing threads (0: automatic split)")
+    ap.add_argument("--backend-threads", type=int, default=0, help="CPU backend intra-op threads (0: automatic split)")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per stage-alone measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "infer.json")
     args = ap.parse_args()
 
@@ -153,8 +202,13 @@ def main() -> int:
             specs.append(("tensorrt", dict(kind=flavour, model=engine)))
         except Exception as exc:  # noqa: BLE001
             console.print(f"[yellow]no TensorRT engine: {exc}[/]")
+    from leukedge.engines.base import usable_cores
+
+    cores = usable_cores()
+    load_before = os.getloadavg()
+    console.print(f"{cores} usable cores, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     rows = []
-    pre_cache: dict[tuple[str, int], dict] = {}
+    pre_cache: dict[tuple[str, int, int], dict] = {}
     for label, kw in specs:
         if wanted and label not in wanted:
             continue
@@ -170,52 +224,84 @@ def main() -> int:
         for b in batches:
             if backend.max_batch and b > backend.max_batch:
                 continue
-            key = (cfg.dtype, b)
+            # the partition `leukedge infer` uses; applied to `backend` by the Predictor
+            pred = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads,
+                             backend_threads=args.backend_threads, pipeline=True)
+            plan = pred.threads
+            key = (cfg.dtype, b, plan.preprocess)
             if key not in pre_cache:
-                pre_cache[key] = bench_preprocess(paths, cfg, b, args.threads)
+                pre_cache[key] = bench_preprocess(paths, cfg, b, plan.preprocess, args.min_time)
             pre = pre_cache[key]
-            eng = bench_backend(backend, x_all, b)
-            pred = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads, pipeline=True)
+            eng = bench_backend(backend, x_all, b, min_time=args.min_time)  # at plan.backend threads
+            eng["threads"] = getattr(backend, "threads", plan.backend)
+            conc = bench_concurrent(backend, x_all, paths, cfg, b, plan.preprocess, args.min_time)
+            conc["backend_slowdown"] = conc["backend_img_s"] / eng["throughput_img_s"]
+            conc["preprocess_slowdown"] = conc["preprocess_img_s"] / pre["throughput_img_s"]
             e2e = run_inference(None, [images], None, predictor=pred, warmup=2, limit=len(paths)).stats
-            pred_seq = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads, pipeline=False)
+            # reference runs: old unpartitioned pipeline (both stages on every core) and sequential
+            shared_pred = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=cores,
+                                    backend_threads=cores if backend.on_cpu else 0, pipeline=True)
+            shared = run_inference(None, [images], None, predictor=shared_pred, warmup=2, limit=len(paths)).stats
+            pred_seq = Predictor(spec=backend.spec, backend_obj=backend, batch=b, threads=args.threads,
+                                 backend_threads=args.backend_threads, pipeline=False)
             seq = run_inference(None, [images], None, predictor=pred_seq, warmup=0, limit=len(paths)).stats
             slower = min(pre["throughput_img_s"], eng["throughput_img_s"])
             row = {
                 "backend": label, "backend_name": backend.name, "description": backend.description, "batch": b,
-                "preprocess": pre, "backend_only": eng,
+                "threads": e2e["threads"],
+                "preprocess": pre, "backend_only": eng, "both_stages_concurrently": conc,
                 "end_to_end": {"throughput_img_s": e2e["throughput_img_s"], "latency_ms": e2e["latency_ms"]},
+                "shared_pipeline": {"throughput_img_s": shared["throughput_img_s"], "threads": shared["threads"]},
                 "sequential_throughput_img_s": seq["throughput_img_s"],
+                "sequential_threads": seq["threads"],
                 "slower_stage_img_s": slower,
                 "e2e_over_slower_stage": e2e["throughput_img_s"] / slower,
             }
             rows.append(row)
-            console.print(f"{label} b={b}: pre {pre['throughput_img_s']:.1f}, backend {eng['throughput_img_s']:.1f}, "
-                          f"e2e {e2e['throughput_img_s']:.1f} (seq {seq['throughput_img_s']:.1f}) img/s, "
-                          f"ratio {row['e2e_over_slower_stage']:.2f}")
+            th = e2e["threads"]
+            console.print(f"{label} b={b} threads pre {th['preprocess']}/backend {th['backend'] or 'default'}"
+                          f"{' (partitioned)' if th['partitioned'] else ''}: pre {pre['throughput_img_s']:.1f}, "
+                          f"backend {eng['throughput_img_s']:.1f}, e2e {e2e['throughput_img_s']:.1f} "
+                          f"(shared {shared['throughput_img_s']:.1f}, seq {seq['throughput_img_s']:.1f}) img/s, "
+                          f"ratio {row['e2e_over_slower_stage']:.2f}; both flat out at once: backend x"
+                          f"{conc['backend_slowdown']:.2f}, preprocessing x{conc['preprocess_slowdown']:.2f}")
         backend.close()
 
     t = Table(title=f"leukedge inference — {len(paths)} cells {'on ' + gpu['name'] if gpu else 'on CPU'}")
-    for c in ("backend", "batch", "preproc img/s", "backend img/s", "backend p50/p99 ms", "e2e img/s", "seq img/s",
-              "e2e p50/p99 ms", "e2e / slower"):
+    for c in ("backend", "batch", "threads pre/be", "preproc img/s", "backend img/s", "backend p50/p99 ms",
+              "e2e img/s", "shared img/s", "seq img/s", "e2e p50/p99 ms", "concurrent slowdown be/pre",
+              "e2e / slower"):
         t.add_column(c, justify="right")
     for r in rows:
         bl, el = r["backend_only"]["latency_ms"], r["end_to_end"]["latency_ms"]["end_to_end"]
         ratio = r["e2e_over_slower_stage"]
-        t.add_row(r["backend"], str(r["batch"]), f"{r['preprocess']['throughput_img_s']:.1f}",
+        th = r["threads"]
+        t.add_row(r["backend"], str(r["batch"]), f"{th['preprocess']}/{th['backend'] or 'def'}",
+                  f"{r['preprocess']['throughput_img_s']:.1f}",
                   f"{r['backend_only']['throughput_img_s']:.1f}", f"{bl['p50']:.2f}/{bl['p99']:.2f}",
-                  f"{r['end_to_end']['throughput_img_s']:.1f}", f"{r['sequential_throughput_img_s']:.1f}",
-                  f"{el['p50']:.1f}/{el['p99']:.1f}", f"[{'green' if ratio >= 0.9 else 'yellow'}]{ratio:.2f}[/]")
+                  f"{r['end_to_end']['throughput_img_s']:.1f}", f"{r['shared_pipeline']['throughput_img_s']:.1f}",
+                  f"{r['sequential_throughput_img_s']:.1f}",
+                  f"{el['p50']:.1f}/{el['p99']:.1f}",
+                  f"{r['both_stages_concurrently']['backend_slowdown']:.2f}/{r['both_stages_concurrently']['preprocess_slowdown']:.2f}",
+                  f"[{'green' if ratio >= 0.9 else 'yellow'}]{ratio:.2f}[/]")
     console.print(t)
+    console.print("threads pre/be: preprocessing (rayon) / backend intra-op threads used by the end-to-end run and by"
+                  " both stage-alone measurements; shared: pipelined with both stages on every core (no partition);"
+                  " concurrent slowdown: each stage's speed while the other runs flat out on its own share of the cores"
+                  " (1.00 = the cores are really independent; much lower = the machine is shared/loaded and no"
+                  " pipeline can reach the stage-alone speed)")
+    load_after = os.getloadavg()
     import onnxruntime
     import torch
 
     out = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpu_count": os.cpu_count(), "usable_cores": cores,
+                    "loadavg_before": load_before, "loadavg_after": load_after, "platform": platform.platform(), "python": platform.python_version(),
                     "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "images": {"n": len(paths), "source": str(args.images) if args.images else "synthetic 450x450 BMP"},
         "model": {"bundle": str(args.model) if args.model else f"untrained {args.arch}", "input_size": args.size},
-        "target": "end to end >= 0.90 x the slower stage alone",
+        "target": "end to end >= 0.90 x the slower stage alone (stages alone measured with the end-to-end thread partition)",
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

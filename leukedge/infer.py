@@ -3,7 +3,10 @@
 While the backend runs batch *k*, a worker thread runs the Rust batch preprocessing
 (``leukedge._native.preprocess_batch``, GIL released) for batch *k+1* into the other of two
 preallocated input arrays (double buffering), so preprocessing and inference overlap. Results are
-identical to a sequential run. Per-file problems (unreadable or corrupt images) are reported in the
+identical to a sequential run. When the backend also runs on the CPU, the cores are partitioned between the
+two stages (:func:`leukedge.engines.base.plan_threads`): the rayon pool of the preprocessing gets exactly its
+share and the backend's intra-op threads the rest, without spin-waiting, so the stages overlap instead of
+competing. Per-file problems (unreadable or corrupt images) are reported in the
 results file and never stop the run.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import inspect
 import io
 import json
 import os
@@ -26,7 +30,7 @@ import numpy as np
 
 from . import __version__
 from .config import PreprocessConfig
-from .engines.base import Backend, ModelSpec, get_backend, resolve_model
+from .engines.base import THREAD_RULE, Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
 from .engines.sidecar import atomic_write_text
 
 RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
@@ -209,10 +213,14 @@ class Predictor:
     ``model``: bundle dir, export dir, .onnx or engine file (default: the shipped default bundle).
     ``engine``: optional engine file to use with ``model``'s preprocessing (a mismatch is refused).
     ``expected_config``: the caller's preprocessing config; refused if the model's differs.
+    ``threads`` / ``backend_threads``: preprocessing (rayon) / backend intra-op threads, 0 = automatic;
+    the resulting split is ``self.threads`` (a :class:`ThreadPlan`; rule: ``THREAD_RULE``).
+    A ``backend_obj`` is re-configured to the plan's backend thread count.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", batch: int = 32,
-                 threads: int = 0, pipeline: bool = True, device: str = "auto", precision: str = "auto",
+                 threads: int = 0, backend_threads: int = 0, pipeline: bool = True, device: str = "auto",
+                 precision: str = "auto",
                  engine: str | os.PathLike | None = None, expected_config: PreprocessConfig | None = None,
                  preprocess_fn: PreprocessFn | None = None, backend_obj: Backend | None = None,
                  spec: ModelSpec | None = None) -> None:
@@ -228,15 +236,23 @@ class Predictor:
             check_preprocess(info, engine, spec.config, f"{spec.kind} {spec.path}")
             spec.engine = Path(engine)
         self.spec = spec
+        # Create a CPU backend directly with its share of the cores (an ONNX Runtime session fixes its thread
+        # count); if it turns out to run on a GPU, preprocessing gets every core instead.
+        guess = plan_threads(backend_on_cpu=True, pipeline=pipeline, preprocess=threads, backend=backend_threads)
         self.backend = backend_obj or get_backend(backend, spec, device=device, expected_config=expected_config,
-                                                  threads=threads, precision=precision)
+                                                  threads=guess.backend, precision=precision,
+                                                  exclusive=guess.partitioned)
         if backend_obj is not None and expected_config is not None:
             expected_config.require_same_pixels(spec.config, what="caller", against=f"model {spec.path}")
+        self.threads: ThreadPlan = plan_threads(backend_on_cpu=self.backend.on_cpu, pipeline=pipeline,
+                                                preprocess=threads, backend=backend_threads)
+        if self.backend.on_cpu:
+            self.backend.set_threads(self.threads.backend, exclusive=self.threads.partitioned)
         self.reason = getattr(self.backend, "reason", "")
         self.class_names = spec.class_names
         self.pos_index = self.class_names.index("all") if "all" in self.class_names else len(self.class_names) - 1
-        self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=threads, pipeline=pipeline,
-                                  preprocess_fn=preprocess_fn)
+        self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=self.threads.preprocess,
+                                  pipeline=pipeline, preprocess_fn=preprocess_fn)
         self.config = self.runner.config
 
     @property
@@ -343,6 +359,7 @@ def run_inference(
     batch: int = 32,
     backend: str = "auto",
     threads: int = 0,
+    backend_threads: int = 0,
     pipeline: bool = True,
     warmup: int = 2,
     limit: int | None = None,
@@ -358,8 +375,9 @@ def run_inference(
     if limit is not None:
         entries = entries[:limit]
     own = predictor is None
-    pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, pipeline=pipeline,
-                                  device=device, precision=precision, engine=engine, preprocess_fn=preprocess_fn)
+    pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, backend_threads=backend_threads,
+                                  pipeline=pipeline, device=device, precision=precision, engine=engine,
+                                  preprocess_fn=preprocess_fn)
     try:
         pred.runner.warmup(warmup)
         prog_cb = None
@@ -391,7 +409,8 @@ def run_inference(
             "input_size": pred.config.size,
             "batch": pred.batch,
             "pipeline": pred.runner.pipeline,
-            "threads": threads,
+            "threads": {**pred.threads.to_dict(), "preprocess": pred.runner.threads,
+                        "backend": getattr(pred.backend, "threads", pred.threads.backend)},
             "warmup": warmup,
             "n_files": n,
             "n_ok": n_ok,
@@ -448,6 +467,12 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
     if thr.get("backend"):
         parts.append(f"backend alone {thr['backend']:.1f} img/s")
     console.print("throughput: " + ", ".join(p for p in parts if p))
+    th = stats.get("threads")
+    if isinstance(th, dict) and th:
+        be = th.get("backend") or "runtime default"
+        console.print(f"threads: preprocess {th.get('preprocess')}, backend {be} of {th.get('cores')} cores"
+                      f" ({'partitioned' if th.get('partitioned') else 'not partitioned'}: {th.get('rule')})",
+                      soft_wrap=True)
 
 
 @click.command("infer")
@@ -464,15 +489,23 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="Preprocessing threads (0: all cores).")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Rust preprocessing threads (0: automatic, see below).")
+@click.option("--backend-threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Intra-op threads of a CPU backend: ONNX Runtime CPU EP / torch.set_num_threads "
+                   "(0: automatic, see below; ignored on a GPU).")
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed warm-up batches.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="Preprocess batch k+1 while batch k runs on the backend.")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
-              backend: str, device: str, precision: str, threads: int, warmup: int, limit: int | None,
-              pipeline: bool) -> None:
-    """Classify every cell image under SOURCES (files, folders, globs, list files)."""
+              backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
+              limit: int | None, pipeline: bool) -> None:
+    """Classify every cell image under SOURCES (files, folders, globs, list files).
+
+    Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
+    OUT.stats.json under "threads"):
+    """
     from rich.console import Console
 
     from .config import ConfigMismatchError
@@ -482,7 +515,7 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     console = Console()
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
-                            pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
+                            backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
                             engine=engine, progress=True)
     except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -494,3 +527,6 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     if len(bad) > 10:
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
     console.print(f"{res.n_ok} ok, {res.n_error} failed → {res.out_path} (stats {res.stats_path})")
+
+
+infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE

@@ -206,3 +206,109 @@ def test_cli_errors(model_dirs, tmp_path):
     (tmp_path / "c").mkdir()
     r = CliRunner().invoke(infer_cmd, [str(tmp_path / "c"), "--model", str(exp), "-o", str(tmp_path / "o.txt")])
     assert r.exit_code != 0
+
+
+# --------------------------------------------------------------------------------------------
+# core partitioning between Rust preprocessing and a CPU backend
+def test_plan_threads_rule():
+    from leukedge.engines.base import plan_threads
+
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=2)
+    assert (p.preprocess, p.backend, p.partitioned) == (1, 1, True)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=8)
+    assert (p.preprocess, p.backend, p.partitioned) == (2, 6, True)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=64)
+    assert p.preprocess + p.backend == 64 and p.preprocess >= 1 and p.backend >= 1
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=8, preprocess=3)
+    assert (p.preprocess, p.backend, p.partitioned) == (3, 5, True)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=8, backend=7)
+    assert (p.preprocess, p.backend) == (1, 7)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=2, preprocess=2)  # asked for: oversubscribed
+    assert (p.preprocess, p.backend, p.partitioned) == (2, 1, False)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=1)
+    assert (p.preprocess, p.backend, p.partitioned) == (1, 1, False)
+    p = plan_threads(backend_on_cpu=True, pipeline=False, cores=8)  # stages take turns: all cores each
+    assert (p.preprocess, p.backend, p.partitioned) == (8, 8, False)
+    p = plan_threads(backend_on_cpu=False, pipeline=True, cores=8)  # GPU: preprocessing keeps every core
+    assert (p.preprocess, p.backend, p.partitioned) == (8, 0, False)
+    with pytest.raises(ValueError):
+        plan_threads(backend_on_cpu=True, preprocess=-1)
+
+
+@pytest.mark.parametrize("prep", _prep_fns())
+def test_partition_applied_and_outputs_unchanged(model_dirs, cells, tmp_path, monkeypatch, prep):
+    """4 usable cores, ONNX Runtime on the CPU, pipelined: the Rust core is called with exactly its share,
+    the session with the rest and no spinning; the stats say so; results equal the sequential run."""
+    import leukedge.engines.base as base
+    from leukedge.infer import _native_preprocess
+
+    _, exp = model_dirs
+    monkeypatch.setattr(base, "usable_cores", lambda: 4)
+    inner = prep or _native_preprocess()
+    seen: list[int] = []
+
+    def recording(items, config_json, out=None, threads=0):
+        seen.append(threads)
+        return inner(items, config_json, out=out, threads=threads)
+
+    pred = Predictor(exp, backend="onnxruntime", device="cpu", batch=4, pipeline=True, preprocess_fn=recording)
+    try:
+        assert (pred.threads.preprocess, pred.threads.backend, pred.threads.partitioned) == (1, 3, True)
+        cfg = pred.backend.session_config()
+        assert cfg["intra_op_num_threads"] == "3" and cfg["session.intra_op.allow_spinning"] == "0"
+        out = tmp_path / "part.csv"
+        res = run_inference(None, [cells], out, predictor=pred, warmup=1)
+    finally:
+        pred.close()
+    assert seen and set(seen) == {1}
+    st = json.loads(stats_path_for(out).read_text())["threads"]
+    assert st["preprocess"] == 1 and st["backend"] == 3 and st["partitioned"] is True and st["cores"] == 4
+    assert res.stats["threads"] == st
+
+    seen.clear()
+    seq_out = tmp_path / "seq.csv"
+    seq = run_inference(exp, [cells], seq_out, batch=4, backend="onnxruntime", device="cpu", pipeline=False,
+                        warmup=0, preprocess_fn=recording)
+    assert set(seen) == {4}
+    assert seq.stats["threads"]["partitioned"] is False and seq.stats["threads"]["backend"] == 4
+    assert out.read_text() == seq_out.read_text()
+
+
+def test_explicit_threads_and_torch_backend(model_dirs, cells, tmp_path, monkeypatch):
+    import torch
+
+    import leukedge.engines.base as base
+
+    bundle, _ = model_dirs
+    monkeypatch.setattr(base, "usable_cores", lambda: 4)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    during: list[int] = []
+
+    def recording(items, config_json, out=None, threads=0):
+        seen.append(threads)
+        return fake_preprocess(items, config_json, out=out, threads=threads)
+
+    pred = Predictor(bundle, backend="torch", device="cpu", batch=4, threads=2, preprocess_fn=recording)
+    orig_infer = pred.backend.infer
+    pred.backend.infer = lambda x: (during.append(torch.get_num_threads()), orig_infer(x))[1]
+    try:
+        assert (pred.threads.preprocess, pred.threads.backend) == (2, 2)
+        res = run_inference(None, [cells], tmp_path / "t.csv", predictor=pred, warmup=0)
+    finally:
+        pred.close()
+    assert set(seen) == {2} and set(during) == {2}
+    assert res.stats["threads"]["backend"] == 2 and res.stats["threads"]["preprocess"] == 2
+    assert torch.get_num_threads() == before  # restored on close
+
+
+def test_cli_backend_threads(model_dirs, cells, tmp_path):
+    _, exp = model_dirs
+    out = tmp_path / "cli.csv"
+    r = CliRunner().invoke(infer_cmd, [str(cells), "--model", str(exp), "-o", str(out), "--batch", "8",
+                                       "--backend", "onnxruntime", "--device", "cpu", "--threads", "1",
+                                       "--backend-threads", "1"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(stats_path_for(out).read_text())["threads"]
+    assert st["preprocess"] == 1 and st["backend"] == 1 and "threads: preprocess 1, backend 1" in r.output
+    assert "--backend-threads" in CliRunner().invoke(infer_cmd, ["--help"]).output

@@ -23,6 +23,83 @@ EXPORT_FP32 = "model_fp32.onnx"
 EXPORT_FP16 = "model_fp16.onnx"
 
 
+# Expected share of the per-image CPU cost taken by the Rust preprocessing when the network also runs on the
+# CPU (benchmarks/results/infer.json: decode + stain + resize of a 450x450 cell is ~3-5x cheaper than even the
+# "tiny" CNN on ONNX Runtime; real models are heavier still). Used only to split cores automatically.
+EXPECTED_PREPROCESS_SHARE = 0.25
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How the cores are shared between Rust preprocessing (rayon pool) and the backend (intra-op threads).
+
+    ``backend`` = 0 means "the runtime's own default" (GPU backends, where the CPU side is negligible).
+    ``partitioned``: the two stages run at the same time on disjoint core counts (pipelined CPU backend).
+    """
+
+    preprocess: int
+    backend: int
+    cores: int
+    backend_on_cpu: bool
+    pipeline: bool
+    partitioned: bool
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preprocess": self.preprocess, "backend": self.backend, "cores": self.cores,
+                "backend_on_cpu": self.backend_on_cpu, "pipeline": self.pipeline, "partitioned": self.partitioned,
+                "rule": self.rule}
+
+    def __str__(self) -> str:
+        be = "runtime default" if self.backend == 0 else str(self.backend)
+        return (f"{self.cores} cores: preprocess {self.preprocess}, backend {be}"
+                f" ({'partitioned' if self.partitioned else 'not partitioned'})")
+
+
+THREAD_RULE = (
+    "GPU backend: preprocessing gets every core. CPU backend, pipelined: the cores are split so the two "
+    "stages never compete - preprocessing gets round(cores x {share}) clamped to [1, cores-1] (its expected "
+    "share of the per-image cost), the backend the rest; a stage given explicitly keeps its count and the other "
+    "gets the remaining cores (at least 1). CPU backend, sequential (--no-pipeline): the stages take turns, so "
+    "each gets every core. One core: both stages get 1 thread."
+).format(share=EXPECTED_PREPROCESS_SHARE)
+
+
+def plan_threads(*, backend_on_cpu: bool, pipeline: bool = True, preprocess: int = 0, backend: int = 0,
+                 cores: int | None = None, preprocess_share: float = EXPECTED_PREPROCESS_SHARE) -> ThreadPlan:
+    """Thread counts for both stages (0 = automatic); the rule is :data:`THREAD_RULE`."""
+    n = int(cores or usable_cores())
+    if preprocess < 0 or backend < 0:
+        raise ValueError("thread counts must be >= 0 (0 = automatic)")
+    if not backend_on_cpu:
+        return ThreadPlan(preprocess or n, backend, n, False, pipeline, False,
+                          "GPU backend: preprocessing uses every core" if not preprocess else "given")
+    if not pipeline:
+        return ThreadPlan(preprocess or n, backend or n, n, True, False, False,
+                          "sequential: each stage uses every core in turn")
+    if n == 1:
+        return ThreadPlan(preprocess or 1, backend or 1, n, True, True, False, "one core: nothing to partition")
+    if preprocess and backend:
+        rule = "given"
+    elif preprocess:
+        backend, rule = max(1, n - preprocess), "backend gets the cores preprocessing leaves"
+    elif backend:
+        preprocess, rule = max(1, n - backend), "preprocessing gets the cores the backend leaves"
+    else:
+        preprocess = min(n - 1, max(1, round(n * preprocess_share)))
+        backend = n - preprocess
+        rule = f"auto split: preprocessing round({n} x {preprocess_share:g}) in [1, {n - 1}], backend the rest"
+    return ThreadPlan(preprocess, backend, n, True, True, preprocess + backend <= n, rule)
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (missing package, no GPU, no suitable model file)."""
 
@@ -56,6 +133,24 @@ class Backend(abc.ABC):
         out = self.infer(batch)
         dt = (time.perf_counter() - t0) * 1e3
         return out, Timing(total_ms=dt, compute_ms=dt)
+
+    device_kind: str | None = None  # "cpu" | "gpu"; None: inferred from ``name``
+
+    @property
+    def on_cpu(self) -> bool:
+        """True when the network runs on the host CPU (so it competes with preprocessing for cores)."""
+        if self.device_kind is not None:
+            return self.device_kind == "cpu"
+        return not (self.name.startswith("tensorrt") or "cuda" in self.name)
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads the backend uses (0: the runtime's default)."""
+        return 0
+
+    def set_threads(self, threads: int, *, exclusive: bool = False) -> None:  # noqa: B027 - optional hook
+        """Use ``threads`` intra-op threads (0: the runtime default). ``exclusive``: the other cores are busy
+        with preprocessing, so the backend must not spin-wait on them. No-op for GPU backends."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -219,8 +314,12 @@ def get_backend(
     expected_config: PreprocessConfig | None = None,
     threads: int = 0,
     precision: str = "auto",
+    exclusive: bool = False,
 ) -> Backend:
     """Create a backend for ``model``. ``backend.reason`` says why this one was picked.
+
+    ``threads``: intra-op threads of a CPU backend (ONNX Runtime CPU EP, PyTorch on CPU; 0 = runtime default).
+    ``exclusive``: those threads share the machine with concurrent preprocessing (no spin-waiting).
 
     ``expected_config``: if given, the model's preprocessing must match it (mismatch refused).
     ``precision`` (ONNX Runtime): "fp32", "fp16" or "auto" (fp16 on CUDA, fp32 on CPU).
@@ -243,6 +342,7 @@ def get_backend(
 
                 flavour = None if kind == "auto" else kind
                 b = TensorRTBackend(spec.engine, flavour=flavour)
+                b.device_kind = "gpu"
                 b.reason = f"engine {spec.engine.name} usable on {b.gpu_name}"
                 b.spec = spec
                 return b
@@ -262,7 +362,7 @@ def get_backend(
             try:
                 from .onnxrt import OnnxRuntimeBackend
 
-                b = OnnxRuntimeBackend(onnx_path, device=device, threads=threads)
+                b = OnnxRuntimeBackend(onnx_path, device=device, threads=threads, exclusive=exclusive)
                 b.reason = "; ".join(reasons + [f"ONNX Runtime ({b.provider}) on {onnx_path.name}"])
                 b.spec = spec
                 b.input_size = spec.config.size
@@ -279,7 +379,7 @@ def get_backend(
         if spec.bundle is not None:
             from .torch_backend import TorchBackend
 
-            b = TorchBackend.from_bundle(spec.bundle, device=device)
+            b = TorchBackend.from_bundle(spec.bundle, device=device, threads=threads)
             b.reason = "; ".join(reasons + [f"PyTorch reference on {b.device}"])
             b.spec = spec
             return b

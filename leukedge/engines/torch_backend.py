@@ -11,7 +11,8 @@ from .base import Backend, Timing
 
 
 class TorchBackend(Backend):
-    def __init__(self, module, *, device: str = "auto", input_size: int | None = None, half: bool = False) -> None:
+    def __init__(self, module, *, device: str = "auto", input_size: int | None = None, half: bool = False,
+                 threads: int = 0) -> None:
         import torch
 
         if device == "auto":
@@ -28,14 +29,42 @@ class TorchBackend(Backend):
         self.input_size = input_size
         self.name = f"torch-{device}" + ("-fp16" if self.half else "")
         self.description = f"PyTorch {torch.__version__} on {device}"
+        self.device_kind = "cpu" if device == "cpu" else "gpu"
+        self._threads = 0
+        self._saved_threads: int | None = None
+        if threads:
+            self.set_threads(threads)
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def set_threads(self, threads: int, *, exclusive: bool = False) -> None:
+        """``torch.set_num_threads`` for CPU inference (process-wide in PyTorch; restored by :meth:`close`).
+        0 restores the count in force before the first call. No-op on CUDA."""
+        if not self.on_cpu:
+            return
+        torch = self.torch
+        threads = int(threads)
+        if threads == self._threads:
+            return
+        if self._saved_threads is None:
+            self._saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or self._saved_threads)
+        self._threads = threads
+
+    def close(self) -> None:
+        if self._saved_threads is not None:
+            self.torch.set_num_threads(self._saved_threads)
+            self._saved_threads, self._threads = None, 0
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, *, device: str = "auto") -> "TorchBackend":
+    def from_bundle(cls, path: str | os.PathLike, *, device: str = "auto", threads: int = 0) -> "TorchBackend":
         from ..models import load_bundle
 
         bundle = load_bundle(path)
         size = getattr(bundle.config, "size", None)
-        b = cls(bundle.model, device=device, input_size=size)
+        b = cls(bundle.model, device=device, input_size=size, threads=threads)
         b.bundle = bundle
         return b
 
