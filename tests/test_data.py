@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from leukedge.data import (
@@ -200,8 +200,14 @@ def _sides(items, splits, key):
 
 @settings(max_examples=40, deadline=None)
 @given(n_subjects=st.integers(4, 30), seed=st.integers(0, 10_000), frac=st.floats(0.1, 0.5), dups=st.integers(0, 3))
+@example(n_subjects=4, seed=1, frac=0.5, dups=3)  # duplicates link all four subjects into one group
 def test_subject_split_never_leaks(n_subjects, seed, frac, dups):
     recs = _fake_records(n_subjects, seed, dups)
+    if len(set(subject_groups(recs).tolist())) < 2:
+        # duplicates linked every subject into one group: no leak-free split exists, and it says so
+        with pytest.raises(ValueError, match="at least 2 subjects"):
+            assign_splits(recs, strategy="subject", val_fraction=frac, seed=seed)
+        return
     splits = assign_splits(recs, strategy="subject", val_fraction=frac, seed=seed)
     assert set(splits) <= {"train", "val"} and "val" in splits and "train" in splits
     assert all(len(v) == 1 for v in _sides(recs, splits, lambda r: r.subject).values())

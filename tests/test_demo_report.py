@@ -75,4 +75,4 @@ def test_report_banner_only_for_synthetic(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     html = build_report(tmp_path).read_text()
     assert "SYNTHETIC" not in html and "Not for clinical use" in html
-    assert "<td>hem</td><td>1</td><td>1</td>" in html
+    assert '<td>hem</td><td class="num">1</td><td class="num">1</td>' in html
