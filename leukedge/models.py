@@ -114,6 +114,12 @@ def _build_efficientnet_lite0(num_classes: int, input_size: int, pretrained: boo
         model.load_state_dict(state, strict=True)
     if not isinstance(model._swish, nn.ReLU6):  # pragma: no cover - guards a dependency change
         raise RuntimeError("efficientnet-lite0 is expected to use ReLU6 activations")
+    # The TF port keeps BatchNorm momentum 0.01 (TF's 0.99), tuned for hundreds of ImageNet epochs;
+    # fine-tuning here runs for a few hundred steps, so use PyTorch's usual 0.1 or the running
+    # statistics would lag far behind the weights and wreck evaluation-mode predictions.
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = 0.1
     model._fc = nn.Linear(model._fc.in_features, num_classes)
     return model
 
@@ -304,6 +310,7 @@ def save_bundle(
             t = t.half()
         state[k] = t.clone()
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
+    (out / WEIGHTS_FILE).chmod(0o644)
     # The model consumes normalised NCHW float32; the pixel hash ignores layout/dtype.
     model_cfg = config.replace(layout="nchw", dtype="float32")
     meta: dict[str, Any] = {

@@ -45,11 +45,16 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, *,
         vals = [h.get(key) for h in history]
         if any(v is not None for v in vals):
             ax.plot(epochs, [np.nan if v is None else v for v in vals], "o-", label=label)
-    if best_epoch is not None:
+    has_val = any(h.get("val_f1") is not None for h in history)
+    if best_epoch is not None and has_val:
         ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch {best_epoch}")
+    if not has_val:
+        ax.plot(epochs, [h.get("train_acc") for h in history], "o-", label="train accuracy")
+        ax.text(0.5, 0.2, "no validation set\n(fixed epoch budget)", ha="center", transform=ax.transAxes, color="grey")
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     ax = axes[2]
     ax.plot(epochs, [h.get("lr") for h in history], "o-")

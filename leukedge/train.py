@@ -355,8 +355,12 @@ def _iterate(images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], 
         return (ds[i] for i in range(len(ds)))
     from torch.utils.data import DataLoader
 
+    import torch
+
+    # An own generator keeps the DataLoader from drawing on the global RNG (dropout), so results
+    # do not depend on the number of workers.
     return iter(DataLoader(_BatchSet(images, labels, batches), batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=False))
+                           persistent_workers=False, generator=torch.Generator().manual_seed(0)))
 
 
 def predict_rows(model: Any, images: np.ndarray, rows: np.ndarray, cfg: PreprocessConfig, device: str,
@@ -407,13 +411,26 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
     ``split.json``, ``training_curves.png`` and ``checkpoints/`` (last + best, for ``resume``).
     """
     import torch
+
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _train(cache_path, out_dir, cfg, on_epoch_end)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
+           on_epoch_end: Callable[[dict[str, Any]], bool | None] | None) -> TrainResult:
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import plots
     from .evaluate import compute_metrics
     from .models import build_model, default_arch_kwargs, freeze_stem, save_bundle
 
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     console = _make_console(not cfg.quiet)
     log = console.print
     if cfg.epochs < 1:
@@ -421,8 +438,6 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
     if cfg.batch_size < 2:
         raise ValueError("batch_size must be >= 2 (BatchNorm)")
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
 
     if isinstance(cache_path, (str, Path)):
         from .preprocess import load_cache
@@ -654,18 +669,12 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
-def _arch_help() -> str:
-    from .models import ARCHS
-
-    return "; ".join(f"{k}: {v}" for k, v in ARCHS.items())
-
-
 @click.command("train")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run directory: bundle/, history.json, metrics.json, training_curves.png, checkpoints/.")
 @click.option("--arch", type=click.Choice(["tiny", "efficientnet_lite0", "resnet18", "mobilenetv3_small_100", "efficientnet_b0"]),
-              default="efficientnet_lite0", show_default=True, help="Architecture (see `leukedge train --help`).")
+              default="efficientnet_lite0", show_default=True, help="Architecture (see the list above).")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(2, 4096), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Peak AdamW learning rate.")
@@ -699,9 +708,12 @@ def train_cmd(cache: str, out_dir: str, arch: str, epochs: int, batch_size: int,
               resplit: bool, no_validation: bool, no_augment: bool, freeze_blocks: int, fp16_weights: bool, quiet: bool) -> None:
     """Train a classifier on the preprocessed dataset CACHE (from `leukedge preprocess`).
 
-    Validation is patient-disjoint: the official C-NMC folds when the cache spans several
-    (--val-fold), otherwise a subject-grouped, class-stratified split. The model with the best
-    validation weighted F1 is saved as a bundle in OUT/bundle, with its preprocessing settings.
+    Validation is patient-disjoint. By default the cache's own train/val split is used (made by
+    `leukedge preprocess`: the last official C-NMC fold when the data spans several folds, else a
+    subject-grouped, class-stratified split); --val-fold, --val-fraction with --resplit, or
+    --image-level-split (leaks patients, loudly) make a new one. The model with the best
+    validation weighted F1 is saved as a bundle in OUT/bundle together with its preprocessing
+    settings, next to history.json, metrics.json and training_curves.png.
 
     \b
     Architectures:
