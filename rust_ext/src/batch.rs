@@ -59,6 +59,8 @@ pub struct Pipeline {
     /// `lut[c][v] = (v/255 - mean[c]) / std[c]` computed in float32 exactly like
     /// `leukedge.config.normalize_uint8`.
     lut: [[f32; 256]; 3],
+    /// `lut` rounded to float16 (built once, not per item).
+    lut16: [[f16; 256]; 3],
 }
 
 impl Pipeline {
@@ -66,7 +68,13 @@ impl Pipeline {
         cfg.validate()?;
         let params = StainParams::from_config(&cfg.stain)?;
         let lut = std::array::from_fn(|c| std::array::from_fn(|v| ((v as f32) / 255.0f32 - cfg.mean[c]) / cfg.std[c]));
-        Ok(Pipeline { cfg, params, lut })
+        let lut16 = std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(lut[c][v])));
+        Ok(Pipeline {
+            cfg,
+            params,
+            lut,
+            lut16,
+        })
     }
 
     pub fn from_json(json: &str) -> Result<Pipeline> {
@@ -130,8 +138,7 @@ impl Pipeline {
             }
             (ItemOut::F32(o), Layout::Nchw) => planar(rgb, o, s2, |c, v| self.lut[c][v as usize]),
             (ItemOut::F16(o), layout) => {
-                let lut16: [[f16; 256]; 3] =
-                    std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(self.lut[c][v])));
+                let lut16 = &self.lut16;
                 match layout {
                     Layout::Nhwc => {
                         for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
@@ -259,10 +266,16 @@ impl ItemOut<'_> {
 fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -> T) {
     let (r, rest) = out.split_at_mut(s2);
     let (g, b) = rest.split_at_mut(s2);
-    for (i, p) in rgb.chunks_exact(3).enumerate() {
-        r[i] = f(0, p[0]);
-        g[i] = f(1, p[1]);
-        b[i] = f(2, p[2]);
+    let b = &mut b[..s2];
+    for (((p, r), g), b) in rgb
+        .chunks_exact(3)
+        .zip(r.iter_mut())
+        .zip(g.iter_mut())
+        .zip(b.iter_mut())
+    {
+        *r = f(0, p[0]);
+        *g = f(1, p[1]);
+        *b = f(2, p[2]);
     }
 }
 
@@ -321,6 +334,11 @@ mod tests {
         // (200/255 - 0.485) / 0.229 in float32
         let v = ((200.0f32 / 255.0f32) - 0.485f32) / 0.229f32;
         assert_eq!(p.lut[0][200], v);
+        for c in 0..3 {
+            for v in 0..256 {
+                assert_eq!(p.lut16[c][v], f16::from_f32(p.lut[c][v]));
+            }
+        }
     }
 
     #[test]

@@ -216,17 +216,63 @@ fn decode_bmp24_fast(bytes: &[u8], source: &str, max_pixels: u64) -> Option<Resu
     if offset < 14 + dib as usize || needed > bytes.len() {
         return None; // truncated or odd: let the general decoder report it
     }
-    let mut data = vec![0u8; w * h * 3];
-    for (y, row) in data.chunks_exact_mut(w * 3).enumerate() {
+    // Every byte is written by `bgr_to_rgb` before `set_len` (no zero-fill of 600 kB per cell).
+    let mut data: Vec<u8> = Vec::with_capacity(w * h * 3);
+    for (y, row) in data.spare_capacity_mut()[..w * h * 3]
+        .chunks_exact_mut(w * 3)
+        .enumerate()
+    {
         let sy = if height > 0 { h - 1 - y } else { y };
         let src = &bytes[offset + sy * stride..offset + sy * stride + w * 3];
-        for (d, s) in row.chunks_exact_mut(3).zip(src.chunks_exact(3)) {
-            d[0] = s[2];
-            d[1] = s[1];
-            d[2] = s[0];
+        bgr_to_rgb(src, row);
+    }
+    // SAFETY: the loop above initialised all `w * h * 3` bytes (rows are disjoint and cover
+    // the buffer; `bgr_to_rgb` writes every byte of its destination).
+    unsafe { data.set_len(w * h * 3) };
+    Some(Ok(Rgb8::new(w, h, data)))
+}
+
+/// Swap packed BGR to RGB (`src.len() == dst.len()`, a multiple of 3), writing every byte of
+/// `dst`. SSSE3 byte shuffle (5 pixels per step) when available, else scalar.
+pub fn bgr_to_rgb(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    assert_eq!(src.len(), dst.len());
+    assert_eq!(src.len() % 3, 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("ssse3") {
+            // SAFETY: the CPU supports SSSE3.
+            unsafe { bgr_to_rgb_ssse3(src, dst) };
+            return;
         }
     }
-    Some(Ok(Rgb8::new(w, h, data)))
+    bgr_to_rgb_scalar(src, dst);
+}
+
+fn bgr_to_rgb_scalar(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(3)) {
+        d[0].write(s[2]);
+        d[1].write(s[1]);
+        d[2].write(s[0]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn bgr_to_rgb_ssse3(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    // bytes 0..15 = 5 swapped pixels; byte 15 is junk, rewritten by the next step / the tail
+    let mask = _mm_setr_epi8(2, 1, 0, 5, 4, 3, 8, 7, 6, 11, 10, 9, 14, 13, 12, 15);
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n = src.len() = dst.len(); unaligned loads/stores.
+        unsafe {
+            let v = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, _mm_shuffle_epi8(v, mask));
+        }
+        i += 15;
+    }
+    bgr_to_rgb_scalar(&src[i..], &mut dst[i..]);
 }
 
 /// Decode encoded image bytes. `source` is only used in error messages.
@@ -346,6 +392,22 @@ pub(crate) mod tests {
         let mut flipped = img.to_rgb8();
         image::imageops::flip_vertical_in_place(&mut flipped);
         assert_eq!(d.data, flipped.into_raw());
+    }
+
+    #[test]
+    fn bgr_to_rgb_all_lengths() {
+        for px in 0..40usize {
+            let src: Vec<u8> = (0..px * 3).map(|i| (i * 37 % 251) as u8).collect();
+            let mut dst = vec![std::mem::MaybeUninit::new(0xAAu8); px * 3];
+            bgr_to_rgb(&src, &mut dst);
+            let got: Vec<u8> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let want: Vec<u8> = src.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
+            assert_eq!(got, want, "{px} pixels");
+            let mut dst2 = vec![std::mem::MaybeUninit::new(0u8); px * 3];
+            bgr_to_rgb_scalar(&src, &mut dst2);
+            let got2: Vec<u8> = dst2.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(got2, want);
+        }
     }
 
     #[test]

@@ -21,6 +21,15 @@
 //! 255 and truncated to uint8 (`astype(np.uint8)`, as torchstain does). Fitting on reference
 //! images yields `{HE, maxC}` that are then used as `HERef`/`maxCRef` (torchstain's `fit`).
 //!
+//! **Speed** (bit-identical to the straightforward per-pixel code, see the tests):
+//! [`normalize_in_place`] makes one pass that blackens the background and gathers the
+//! foreground indices/values into per-thread scratch buffers (runs of 8 pure-black pixels are
+//! skipped with three 64-bit loads); the fit and the recomposition then touch foreground pixels
+//! only. Per-pixel dot products with OD vectors are 256-entry tables per channel (AVX2 gathers,
+//! 4 pixels per step, when available); percentiles select exact order statistics inside a
+//! sampled bracket; the output is `Io * T0[r] * T1[g] * T2[b]` per channel (3x3 tables of
+//! `exp(-Q * OD)`, `Q = HERef diag(maxCRef/maxC) pinv(HE)`).
+//!
 //! **Reinhard** works in CIE L\*a\*b\* (sRGB, D65 white) with exactly the formulas of
 //! torchstain's NumPy backend (`rgb2lab`/`lab2rgb`, themselves skimage's), so that on images
 //! without background it matches `NumpyReinhardNormalizer`. We chose CIE Lab rather than
@@ -86,6 +95,19 @@ pub fn foreground_mask(rgb: &[u8], rule: MaskRule) -> Vec<bool> {
     rgb.chunks_exact(3).map(|p| !rule.is_background(p)).collect()
 }
 
+/// True when every byte is zero (OR of 64-bit words, 32 bytes per step).
+#[inline]
+pub fn all_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(32);
+    for b in &mut blocks {
+        let w = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().unwrap());
+        if w(0) | w(8) | w(16) | w(24) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&v| v == 0)
+}
+
 /// Bounding box `(x0, y0, x1, y1)` (end-exclusive) of the foreground, or `None` if there is none.
 pub fn foreground_bbox(
     rgb: &[u8],
@@ -97,6 +119,10 @@ pub fn foreground_bbox(
     let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0usize, 0usize);
     for y in 0..height {
         let row = &rgb[y * width * 3..(y + 1) * width * 3];
+        // a row of pure black pixels is background whatever the thresholds
+        if all_zero(row) {
+            continue;
+        }
         let first = row.chunks_exact(3).position(|p| !rule.is_background(p));
         if let Some(f) = first {
             let last = row.chunks_exact(3).rposition(|p| !rule.is_background(p)).unwrap();
@@ -116,6 +142,71 @@ pub fn foreground_pixels(rgb: &[u8], rule: MaskRule, out: &mut Vec<[u8; 3]>) {
             out.push([p[0], p[1], p[2]]);
         }
     }
+}
+
+/// One pass over a packed RGB8 image: background pixels are set to black, the index and value
+/// of every foreground pixel are appended to `idx` / `px` (in image order). Runs of 8 pure
+/// black pixels (the C-NMC background) are skipped with three 64-bit loads.
+pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px: &mut Vec<[u8; 3]>) {
+    let n = rgb.len() / 3;
+    assert!(n <= u32::MAX as usize, "image too large for 32-bit pixel indices");
+    assert_eq!(idx.len(), px.len());
+    let start = idx.len();
+    idx.reserve(n);
+    px.reserve(n);
+    let idx_out = &mut idx.spare_capacity_mut()[..n];
+    let px_out = &mut px.spare_capacity_mut()[..n];
+    let mut cnt = 0usize;
+    // Branch-free per pixel: the slot `cnt` is always written and kept only for foreground
+    // (`cnt <= j < n`, so it is in bounds); background pixels are stored back as black.
+    let mut one = |rgb: &mut [u8], j: usize| {
+        let q = &mut rgb[3 * j..3 * j + 3];
+        let p = [q[0], q[1], q[2]];
+        let fg = !rule.is_background(&p);
+        let m = if fg { 0xFF } else { 0 };
+        q[0] = p[0] & m;
+        q[1] = p[1] & m;
+        q[2] = p[2] & m;
+        idx_out[cnt].write(j as u32);
+        px_out[cnt].write(p);
+        cnt += fg as usize;
+    };
+    let mut i = 0;
+    while i + 8 <= n {
+        let c = &rgb[3 * i..3 * i + 24];
+        let a = u64::from_ne_bytes(c[0..8].try_into().unwrap());
+        let b = u64::from_ne_bytes(c[8..16].try_into().unwrap());
+        let d = u64::from_ne_bytes(c[16..24].try_into().unwrap());
+        if a | b | d != 0 {
+            for j in i..i + 8 {
+                one(rgb, j);
+            }
+        }
+        i += 8;
+    }
+    for j in i..n {
+        one(rgb, j);
+    }
+    // SAFETY: slots `0..cnt` of both spare capacities were written above.
+    unsafe {
+        idx.set_len(start + cnt);
+        px.set_len(start + cnt);
+    }
+}
+
+/// `out` = the elements of `src` for which `keep` is true, in order (branch-free copy).
+pub fn filter_into<T: Copy>(src: &[T], keep: impl Fn(&T) -> bool, out: &mut Vec<T>) {
+    out.clear();
+    out.reserve(src.len());
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
+    let mut cnt = 0usize;
+    for (i, x) in src.iter().enumerate() {
+        // cnt <= i < src.len(): in bounds
+        spare[cnt.min(i)].write(*x);
+        cnt += keep(x) as usize;
+    }
+    // SAFETY: slots 0..cnt were written (each kept element at its final slot).
+    unsafe { out.set_len(cnt) };
 }
 
 /// Set every background pixel to black.
@@ -215,93 +306,106 @@ fn kth_pair_sampled(values: &[f64], k: usize) -> Option<(f64, f64)> {
     if below > k || below + inside.len() <= need_hi {
         return None;
     }
-    inside.sort_unstable_by(f64::total_cmp);
-    Some((inside[k - below], inside[need_hi - below]))
+    Some(kth_two(&mut inside, k - below, need_hi - below))
 }
 
-/// Exact NumPy "linear" percentiles of `f(value(i)), i < n` (`f` non-decreasing) without
-/// materialising the values when possible: a strided sample brackets the needed ranks and one
-/// pass counts/gathers around each bracket. Falls back to materialising the values and
-/// [`percentile_mapped`] when a bracket misses or `n` is small. `value` must be deterministic.
+/// The `a`-th and `b`-th smallest values (`b` is `a` or `a + 1`) in `total_cmp` order, by
+/// selection instead of a full sort (same values as sorting).
+fn kth_two(v: &mut [f64], a: usize, b: usize) -> (f64, f64) {
+    debug_assert!(b == a || b == a + 1);
+    let (_, x, right) = v.select_nth_unstable_by(a, f64::total_cmp);
+    let x = *x;
+    if b == a {
+        return (x, x);
+    }
+    let y = right.iter().copied().min_by(f64::total_cmp).expect("b < len");
+    (x, y)
+}
+
+/// Exact NumPy "linear" percentiles of `f(value(i)), i < n` (`f` non-decreasing): the values
+/// are materialised once and handed to [`percentiles_of`]. `value` must be deterministic.
 pub fn percentiles_stream(
     n: usize,
     value: impl Fn(usize) -> f64,
     pcts: &[f64],
     f: impl Fn(f64) -> f64 + Copy,
 ) -> Vec<f64> {
+    assert!(n > 0, "percentile of an empty array");
+    let mut all: Vec<f64> = (0..n).map(value).collect();
+    percentiles_of(&mut all, pcts, f)
+}
+
+/// Exact NumPy "linear" percentiles of `f(v)` over `values` (`f` non-decreasing), possibly
+/// reordering `values`. For large inputs a strided sample of 512 values brackets each needed
+/// rank; one tight pass per percentile counts the values below the bracket and gathers those
+/// inside, and a selection on the (few) gathered values gives the exact order statistics.
+/// Falls back to [`percentile_mapped`] (selection on everything) when a bracket misses, on
+/// NaN, or for small inputs, so the result is always exact.
+pub fn percentiles_of(values: &mut [f64], pcts: &[f64], f: impl Fn(f64) -> f64 + Copy) -> Vec<f64> {
     const M: usize = 512;
     const MARGIN: usize = 8;
+    let n = values.len();
     assert!(n > 0, "percentile of an empty array");
-    let exact = |pct: f64| -> f64 {
-        let mut all: Vec<f64> = (0..n).map(&value).collect();
-        percentile_mapped(&mut all, pct, f)
-    };
     if n < 4 * M {
-        let mut all: Vec<f64> = (0..n).map(&value).collect();
-        return pcts.iter().map(|&p| percentile_mapped(&mut all, p, f)).collect();
+        return pcts.iter().map(|&p| percentile_mapped(values, p, f)).collect();
     }
-    // ranks needed per percentile: (k, k+1 clamped, gamma)
-    let ranks: Vec<(usize, usize, f64)> = pcts
-        .iter()
-        .map(|&p| match np_virtual_index(n, p) {
-            Ok((k, g)) => (k, (k + 1).min(n - 1), g),
-            Err(i) => (i, i, 0.0),
-        })
-        .collect();
     let step = n / M;
-    let mut sample: Vec<f64> = (0..M).map(|i| value(i * step)).collect();
+    let mut sample: Vec<f64> = (0..M).map(|i| values[i * step]).collect();
     if sample.iter().any(|v| v.is_nan()) {
-        return pcts.iter().map(|&p| exact(p)).collect();
+        return pcts.iter().map(|&p| percentile_mapped(values, p, f)).collect();
     }
     sample.sort_unstable_by(f64::total_cmp);
-    let brackets: Vec<(f64, f64)> = ranks
-        .iter()
-        .map(|&(k, _, _)| {
-            let pos = (k as f64 / n as f64 * M as f64) as usize;
-            let lo = if pos >= MARGIN {
-                sample[pos - MARGIN]
-            } else {
-                f64::NEG_INFINITY
-            };
-            let hi = if pos + MARGIN + 1 < M {
-                sample[pos + MARGIN + 1]
-            } else {
-                f64::INFINITY
-            };
-            (lo, hi)
-        })
-        .collect();
-    let mut below = vec![0usize; pcts.len()];
-    let mut inside: Vec<Vec<f64>> = (0..pcts.len())
-        .map(|_| Vec::with_capacity(4 * MARGIN * step + 16))
-        .collect();
-    for i in 0..n {
-        let v = value(i);
-        for (j, &(lo, hi)) in brackets.iter().enumerate() {
-            if v < lo {
-                below[j] += 1;
-            } else if v <= hi {
-                inside[j].push(v);
+    let mut inside: Vec<f64> = Vec::with_capacity(4 * MARGIN * step + 16);
+    let mut out = Vec::with_capacity(pcts.len());
+    for &p in pcts {
+        // ranks needed: (k, k+1 clamped, gamma)
+        let (k, k1, g) = match np_virtual_index(n, p) {
+            Ok((k, g)) => (k, (k + 1).min(n - 1), g),
+            Err(i) => (i, i, 0.0),
+        };
+        let pos = (k as f64 / n as f64 * M as f64) as usize;
+        let lo = if pos >= MARGIN {
+            sample[pos - MARGIN]
+        } else {
+            f64::NEG_INFINITY
+        };
+        let hi = if pos + MARGIN + 1 < M {
+            sample[pos + MARGIN + 1]
+        } else {
+            f64::INFINITY
+        };
+        let mut below = 0usize;
+        inside.clear();
+        // branch-free counting in blocks of 8; the rare blocks with values inside the
+        // bracket are gathered in a second look
+        let mut blocks = values.chunks_exact(8);
+        for b in &mut blocks {
+            let mut nb = 0usize;
+            let mut any = false;
+            for &v in b {
+                nb += (v < lo) as usize;
+                any |= (v >= lo) & (v <= hi);
+            }
+            below += nb;
+            if any {
+                inside.extend(b.iter().filter(|&&v| v >= lo && v <= hi));
             }
         }
+        for &v in blocks.remainder() {
+            below += (v < lo) as usize;
+            if v >= lo && v <= hi {
+                inside.push(v);
+            }
+        }
+        // NaN is neither below nor inside (it sorts last, like "above" the bracket)
+        if below > k || below + inside.len() <= k1 {
+            out.push(percentile_mapped(values, p, f));
+            continue;
+        }
+        let (a, b) = kth_two(&mut inside, k - below, k1 - below);
+        out.push(if k1 == k { f(a) } else { np_lerp(f(a), f(b), g) });
     }
-    pcts.iter()
-        .enumerate()
-        .map(|(j, &p)| {
-            let (k, k1, g) = ranks[j];
-            let ins = &mut inside[j];
-            if below[j] > k || below[j] + ins.len() <= k1 || ins.iter().any(|v| v.is_nan()) {
-                return exact(p);
-            }
-            ins.sort_unstable_by(f64::total_cmp);
-            let (a, b) = (ins[k - below[j]], ins[k1 - below[j]]);
-            if k1 == k {
-                f(a)
-            } else {
-                np_lerp(f(a), f(b), g)
-            }
-        })
-        .collect()
+    out
 }
 
 /// The `k`-th and `(k+1)`-th smallest values (the second equals the first when `k = n-1`).
@@ -650,6 +754,67 @@ fn tdot(t: &[[f64; 256]; 3], p: [u8; 3]) -> f64 {
     t[0][p[0] as usize] + t[1][p[1] as usize] + t[2][p[2] as usize]
 }
 
+/// `out[i] = tdot(t, px[i])` for every pixel (AVX2 gathers, 4 pixels per step, when available;
+/// the same additions in the same order, so bit-identical to the scalar loop).
+pub fn tdot_all(t: &[[f64; 256]; 3], px: &[[u8; 3]], out: &mut Vec<f64>) {
+    out.clear();
+    out.reserve(px.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            unsafe { tdot_all_avx2(t, px, out) };
+            return;
+        }
+    }
+    out.extend(px.iter().map(|&p| tdot(t, p)));
+}
+
+/// Channel `c` of 4 packed RGB pixels starting at `p` (16 bytes readable) as 4 x i32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn rgb4_indices(p: *const u8) -> [std::arch::x86_64::__m128i; 3] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let m = |c: i8| _mm_setr_epi8(c, -1, -1, -1, c + 3, -1, -1, -1, c + 6, -1, -1, -1, c + 9, -1, -1, -1);
+    [
+        _mm_shuffle_epi8(v, m(0)),
+        _mm_shuffle_epi8(v, m(1)),
+        _mm_shuffle_epi8(v, m(2)),
+    ]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tdot_all_avx2(t: &[[f64; 256]; 3], px: &[[u8; 3]], out: &mut Vec<f64>) {
+    use std::arch::x86_64::*;
+    let n = px.len();
+    let base = px.as_ptr() as *const u8;
+    let dst = out.spare_capacity_mut()[..n].as_mut_ptr() as *mut f64;
+    let mut j = 0;
+    // 16-byte loads: need 3 * j + 16 <= 3 * n
+    while 3 * j + 16 <= 3 * n {
+        // SAFETY: bounds above; indices are u8 values < 256 = table length; j + 4 <= n
+        // elements of spare capacity.
+        unsafe {
+            let [ir, ig, ib] = rgb4_indices(base.add(3 * j));
+            let a = _mm256_i32gather_pd::<8>(t[0].as_ptr(), ir);
+            let b = _mm256_i32gather_pd::<8>(t[1].as_ptr(), ig);
+            let c = _mm256_i32gather_pd::<8>(t[2].as_ptr(), ib);
+            _mm256_storeu_pd(dst.add(j), _mm256_add_pd(_mm256_add_pd(a, b), c));
+        }
+        j += 4;
+    }
+    for (k, &p) in px.iter().enumerate().skip(j) {
+        // SAFETY: k < n elements of spare capacity.
+        unsafe { dst.add(k).write(tdot(t, p)) };
+    }
+    // SAFETY: all n slots were written.
+    unsafe { out.set_len(n) };
+}
+
 /// Pseudo-inverse of a full-rank 3x2 matrix; `None` when the columns are (nearly) collinear.
 pub fn pinv_3x2(he: &[[f64; 2]; 3]) -> Option<[[f64; 3]; 2]> {
     let mut g = [[0.0; 2]; 2];
@@ -675,6 +840,7 @@ pub fn pinv_3x2(he: &[[f64; 2]; 3]) -> Option<[[f64; 3]; 2]> {
 
 /// The stain matrix from the OD pixels (torchstain's `__find_HE` after `eigh(cov)`).
 /// Returns `Err(reason)` when degenerate.
+#[inline(never)]
 fn macenko_stain_vectors(
     fg: &[[u8; 3]],
     lut: &[f64; 256],
@@ -683,39 +849,36 @@ fn macenko_stain_vectors(
     // Pixels whose OD is >= beta in every channel (torchstain: ~np.any(OD < beta, axis=1)).
     // OD is decreasing in the value, so this is a per-channel threshold on the value.
     let ok: [bool; 256] = std::array::from_fn(|v| !(lut[v] < s.beta));
-    let od_px: Vec<[u8; 3]> = fg
-        .iter()
-        .copied()
-        .filter(|p| ok[p[0] as usize] && ok[p[1] as usize] && ok[p[2] as usize])
-        .collect();
+    let is_od = |p: &[u8; 3]| ok[p[0] as usize] & ok[p[1] as usize] & ok[p[2] as usize];
+    // Covariance (np.cov: centred, ddof = 1) in one pass over data shifted by the first
+    // pixel's OD (shifted sums avoid the cancellation of the naive formula), fused with the
+    // selection of the OD pixels.
+    let mut od_px: Vec<[u8; 3]> = Vec::new();
+    filter_into(fg, is_od, &mut od_px);
+    let mut sum = [0.0f64; 3];
+    let mut sxx = [[0.0f64; 3]; 3];
+    if let Some(p0) = od_px.first() {
+        let shift = [lut[p0[0] as usize], lut[p0[1] as usize], lut[p0[2] as usize]];
+        for p in &od_px {
+            let d = [
+                lut[p[0] as usize] - shift[0],
+                lut[p[1] as usize] - shift[1],
+                lut[p[2] as usize] - shift[2],
+            ];
+            for i in 0..3 {
+                sum[i] += d[i];
+                for j in i..3 {
+                    sxx[i][j] += d[i] * d[j];
+                }
+            }
+        }
+    }
     let n = od_px.len();
     if n < MIN_OD_PIXELS {
         return Err(format!(
             "only {n} pixels have optical density >= beta={} (need {MIN_OD_PIXELS})",
             s.beta
         ));
-    }
-    // Covariance (np.cov: centred, ddof = 1) in one pass over data shifted by the first
-    // pixel's OD (shifted sums avoid the cancellation of the naive formula).
-    let shift = [
-        lut[od_px[0][0] as usize],
-        lut[od_px[0][1] as usize],
-        lut[od_px[0][2] as usize],
-    ];
-    let mut sum = [0.0f64; 3];
-    let mut sxx = [[0.0f64; 3]; 3];
-    for p in &od_px {
-        let d = [
-            lut[p[0] as usize] - shift[0],
-            lut[p[1] as usize] - shift[1],
-            lut[p[2] as usize] - shift[2],
-        ];
-        for i in 0..3 {
-            sum[i] += d[i];
-            for j in i..3 {
-                sxx[i][j] += d[i] * d[j];
-            }
-        }
     }
     let nf = n as f64;
     let mut cov = [[0.0f64; 3]; 3];
@@ -747,17 +910,17 @@ fn macenko_stain_vectors(
     let t2 = dot_tables(e2, lut);
     // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
     // percentiles can be selected on that key and only the two neighbours need an atan2.
-    let all_pos = std::cell::Cell::new(true);
-    let key = |i: usize| -> f64 {
-        let p = od_px[i];
-        let y = tdot(&t2, p);
-        if !(y > 0.0) {
-            all_pos.set(false);
-        }
-        -tdot(&t1, p) / y
-    };
-    let phis = percentiles_stream(n, key, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
-    let (min_phi, max_phi) = if all_pos.get() {
+    let mut ys = Vec::new();
+    tdot_all(&t2, &od_px, &mut ys);
+    let mut keys = Vec::new();
+    tdot_all(&t1, &od_px, &mut keys);
+    let mut all_pos = true;
+    for (k, &y) in keys.iter_mut().zip(&ys) {
+        all_pos &= y > 0.0;
+        *k = -*k / y;
+    }
+    let (min_phi, max_phi) = if all_pos {
+        let phis = percentiles_of(&mut keys, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
         (phis[0], phis[1])
     } else {
         let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(&t2, *p).atan2(tdot(&t1, *p))).collect();
@@ -795,10 +958,12 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     let pinv = pinv_3x2(&he).ok_or_else(|| "stain vectors are collinear".to_string())?;
     let t0 = dot_tables(pinv[0], &lut);
     let t1 = dot_tables(pinv[1], &lut);
-    let max_c = [
-        percentiles_stream(fg.len(), |i| tdot(&t0, fg[i]), &[99.0], |v| v)[0],
-        percentiles_stream(fg.len(), |i| tdot(&t1, fg[i]), &[99.0], |v| v)[0],
-    ];
+    let mut c: Vec<f64> = Vec::new();
+    tdot_all(&t0, fg, &mut c);
+    let c0 = percentiles_of(&mut c, &[99.0], |v| v)[0];
+    tdot_all(&t1, fg, &mut c);
+    let c1 = percentiles_of(&mut c, &[99.0], |v| v)[0];
+    let max_c = [c0, c1];
     if !(max_c[0].is_finite() && max_c[1].is_finite() && max_c[0] > 1e-6 && max_c[1] > 1e-6) {
         return Err(format!(
             "degenerate stain concentrations (maxC = [{:.3e}, {:.3e}])",
@@ -812,17 +977,16 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     })
 }
 
-/// Write the Macenko-normalised image: foreground pixels are recomposed with the target
-/// parameters, background pixels become black.
-pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &MacenkoParams, io: f64) {
+/// Recomposition tables: `Inorm_k = Io * exp(-sum_j HERef[k][j] * (maxCRef[j]/maxC[j]) * C_j)`
+/// with `C = pinv @ OD` equals `Io * prod_c exp(-Q[k][c] * OD_c)`, `Q = HERef * diag(scale) *
+/// pinv` (a 3x3 matrix), so `t[k][c][v] = exp(-Q[k][c] * OD[v])` with `Io` folded into `c = 0`.
+pub fn macenko_tables(src: &MacenkoFit, target: &MacenkoParams, io: f64) -> Box<[[[f64; 256]; 3]; 3]> {
     let lut = od_lut(io);
-    // Inorm_k = Io * exp(-sum_j HERef[k][j] * (maxCRef[j]/maxC[j]) * C_j),  C = pinv @ OD
-    //         = Io * prod_c exp(-Q[k][c] * OD_c)  with Q = HERef * diag(scale) * pinv.
     let scale = [
         target.max_c[0] / src.params.max_c[0],
         target.max_c[1] / src.params.max_c[1],
     ];
-    let mut tables = [[[0.0f64; 256]; 3]; 3];
+    let mut tables = Box::new([[[0.0f64; 256]; 3]; 3]);
     for k in 0..3 {
         for c in 0..3 {
             let q = target.he[k][0] * scale[0] * src.pinv[0][c] + target.he[k][1] * scale[1] * src.pinv[1][c];
@@ -835,24 +999,89 @@ pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &
             tables[k][0][v] *= io;
         }
     }
+    tables
+}
+
+/// One recomposed pixel. torchstain: `Inorm[Inorm > 255] = 255; astype(uint8)` truncates;
+/// Rust's saturating `as u8` does exactly that (and maps NaN / negatives to 0).
+#[inline(always)]
+fn macenko_pixel(t: &[[[f64; 256]; 3]; 3], p: [u8; 3]) -> [u8; 3] {
+    let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
+    std::array::from_fn(|k| (t[k][0][r] * t[k][1][g] * t[k][2][b]) as u8)
+}
+
+/// Write the Macenko-normalised image: foreground pixels are recomposed with the target
+/// parameters, background pixels become black.
+pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &MacenkoParams, io: f64) {
+    let tables = macenko_tables(src, target, io);
     for p in rgb.chunks_exact_mut(3) {
         if rule.is_background(p) {
             p.copy_from_slice(&[0, 0, 0]);
             continue;
         }
-        let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
-        for k in 0..3 {
-            let v = tables[k][0][r] * tables[k][1][g] * tables[k][2][b];
-            // torchstain: Inorm[Inorm > 255] = 255; astype(uint8) truncates.
-            p[k] = if v > 255.0 {
-                255
-            } else if v >= 0.0 {
-                v as u8
-            } else {
-                0
-            };
+        p.copy_from_slice(&macenko_pixel(&tables, [p[0], p[1], p[2]]));
+    }
+}
+
+/// Recompose only the given foreground pixels (`idx[i]` = pixel index of `px[i]`, as produced
+/// by [`gather_foreground`]); the rest of `rgb` is left as is.
+pub fn macenko_apply_foreground(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tables: &[[[f64; 256]; 3]; 3]) {
+    assert_eq!(idx.len(), px.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            unsafe { macenko_apply_foreground_avx2(rgb, idx, px, tables) };
+            return;
         }
     }
+    macenko_apply_foreground_scalar(rgb, idx, px, tables);
+}
+
+fn macenko_apply_foreground_scalar(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tables: &[[[f64; 256]; 3]; 3]) {
+    for (&i, &p) in idx.iter().zip(px) {
+        let i = i as usize * 3;
+        rgb[i..i + 3].copy_from_slice(&macenko_pixel(tables, p));
+    }
+}
+
+/// Four pixels per step with AVX2 gathers; the same float operations in the same order as
+/// [`macenko_pixel`] (`(t0 * t1) * t2`, then `max(.,0)`, `min(.,255)`, truncation = the
+/// saturating `as u8`, NaN -> 0), so the output is bit-identical to the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn macenko_apply_foreground_avx2(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tables: &[[[f64; 256]; 3]; 3]) {
+    use std::arch::x86_64::*;
+    let n = px.len();
+    let zero = _mm256_setzero_pd();
+    let max = _mm256_set1_pd(255.0);
+    let base = px.as_ptr() as *const u8;
+    let mut j = 0;
+    // 16-byte loads: need 3 * j + 16 <= 3 * n
+    while 3 * j + 16 <= 3 * n {
+        // SAFETY: 16 readable bytes at pixel j (bound above).
+        let [ir, ig, ib] = unsafe { rgb4_indices(base.add(3 * j)) };
+        let mut out = [[0i32; 4]; 3];
+        for k in 0..3 {
+            // SAFETY: indices are u8 values < 256 = table length.
+            let v = unsafe {
+                let a = _mm256_i32gather_pd::<8>(tables[k][0].as_ptr(), ir);
+                let b = _mm256_i32gather_pd::<8>(tables[k][1].as_ptr(), ig);
+                let c = _mm256_i32gather_pd::<8>(tables[k][2].as_ptr(), ib);
+                _mm256_mul_pd(_mm256_mul_pd(a, b), c)
+            };
+            // max(v, 0) returns 0 for NaN (second operand), like `as u8`
+            let v = _mm256_min_pd(_mm256_max_pd(v, zero), max);
+            // SAFETY: 4 x i32 store into a 16-byte array.
+            unsafe { _mm_storeu_si128(out[k].as_mut_ptr() as *mut __m128i, _mm256_cvttpd_epi32(v)) };
+        }
+        for (l, &i) in idx[j..j + 4].iter().enumerate() {
+            let i = i as usize * 3;
+            rgb[i..i + 3].copy_from_slice(&[out[0][l] as u8, out[1][l] as u8, out[2][l] as u8]);
+        }
+        j += 4;
+    }
+    macenko_apply_foreground_scalar(rgb, &idx[j..], &px[j..], tables);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1014,6 +1243,25 @@ pub fn reinhard_apply(rgb: &mut [u8], rule: MaskRule, src: &ReinhardParams, targ
     }
 }
 
+/// Reinhard transfer of the given foreground pixels only (see [`macenko_apply_foreground`]).
+pub fn reinhard_apply_foreground(
+    rgb: &mut [u8],
+    idx: &[u32],
+    px: &[[u8; 3]],
+    src: &ReinhardParams,
+    target: &ReinhardParams,
+    lab: &Lab,
+) {
+    assert_eq!(idx.len(), px.len());
+    let gain: [f64; 3] = std::array::from_fn(|c| target.std[c] / src.std[c]);
+    for (&i, &p) in idx.iter().zip(px) {
+        let l = lab.from_rgb(p);
+        let t: [f64; 3] = std::array::from_fn(|c| (l[c] as f64 - src.mean[c]) * gain[c] + target.mean[c]);
+        let i = i as usize * 3;
+        rgb[i..i + 3].copy_from_slice(&lab.to_rgb(t));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------------
@@ -1027,55 +1275,72 @@ pub struct StainOutcome {
     pub reason: Option<String>,
 }
 
+thread_local! {
+    /// Per-thread scratch of [`normalize_in_place`]: foreground pixel indices and values.
+    static FOREGROUND: std::cell::RefCell<(Vec<u32>, Vec<[u8; 3]>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Scratch buffers above this many pixels are released after use (huge images).
+const KEEP_SCRATCH_PIXELS: usize = 1 << 22;
+
 /// Normalise one packed RGB8 image in place according to `cfg`, using `target` as the
 /// reference. Never fails: degenerate inputs give a fallback (see module docs).
+///
+/// One pass blackens the background and gathers the foreground (indices + values, in
+/// per-thread scratch buffers); the fit and the recomposition then touch foreground pixels only.
 pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> StainOutcome {
     let rule = MaskRule::from_config(cfg);
     if matches!(target, StainParams::None) || cfg.method == StainMethod::None {
         return StainOutcome::default();
     }
-    let mut fg = Vec::with_capacity(rgb.len() / 3 / 4);
-    foreground_pixels(rgb, rule, &mut fg);
-    let fallback = |rgb: &mut [u8], reason: String| {
-        blacken_background(rgb, rule);
-        StainOutcome {
-            fallback: true,
-            reason: Some(reason),
-        }
+    let fallback = |reason: String| StainOutcome {
+        fallback: true,
+        reason: Some(reason),
     };
-    if fg.len() < cfg.min_foreground.max(1) {
-        return fallback(
-            rgb,
-            format!(
+    FOREGROUND.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (idx, fg) = &mut *guard;
+        idx.clear();
+        fg.clear();
+        gather_foreground(rgb, rule, idx, fg);
+        let outcome = if fg.len() < cfg.min_foreground.max(1) {
+            fallback(format!(
                 "only {} foreground pixels (min_foreground={})",
                 fg.len(),
                 cfg.min_foreground
-            ),
-        );
-    }
-    match target {
-        StainParams::Macenko(t) => {
-            let s = MacenkoSettings::from_config(cfg);
-            match macenko_fit_pixels(&fg, &s) {
-                Ok(fit) => {
-                    macenko_apply(rgb, rule, &fit, t, s.io);
-                    StainOutcome::default()
+            ))
+        } else {
+            match target {
+                StainParams::Macenko(t) => {
+                    let s = MacenkoSettings::from_config(cfg);
+                    match macenko_fit_pixels(fg, &s) {
+                        Ok(fit) => {
+                            macenko_apply_foreground(rgb, idx, fg, &macenko_tables(&fit, t, s.io));
+                            StainOutcome::default()
+                        }
+                        Err(r) => fallback(r),
+                    }
                 }
-                Err(r) => fallback(rgb, r),
-            }
-        }
-        StainParams::Reinhard(t) => {
-            let lab = Lab::new();
-            match reinhard_fit_pixels(&fg, &lab) {
-                Ok(src) => {
-                    reinhard_apply(rgb, rule, &src, t, &lab);
-                    StainOutcome::default()
+                StainParams::Reinhard(t) => {
+                    let lab = Lab::new();
+                    match reinhard_fit_pixels(fg, &lab) {
+                        Ok(src) => {
+                            reinhard_apply_foreground(rgb, idx, fg, &src, t, &lab);
+                            StainOutcome::default()
+                        }
+                        Err(r) => fallback(r),
+                    }
                 }
-                Err(r) => fallback(rgb, r),
+                StainParams::None => StainOutcome::default(),
             }
+        };
+        if idx.capacity() > KEEP_SCRATCH_PIXELS {
+            *idx = Vec::new();
+            *fg = Vec::new();
         }
-        StainParams::None => StainOutcome::default(),
-    }
+        outcome
+    })
 }
 
 /// Fit parameters for `cfg.method` on the foreground pixels of several reference images
@@ -1195,6 +1460,192 @@ pub(crate) mod tests {
         img[(w + 2) * 3] = 200; // (x=2, y=1)
         img[(2 * w + 3) * 3 + 1] = 200; // (x=3, y=2)
         assert_eq!(foreground_bbox(&img, w, h, r), Some((2, 1, 4, 3)));
+    }
+
+    #[test]
+    fn gather_equals_mask_collect_and_blacken() {
+        let mut rng = Rng::new(21);
+        for (w, h) in [(1usize, 1usize), (7, 3), (40, 30), (91, 17)] {
+            for white in [None, Some(200u8)] {
+                let rule = MaskRule {
+                    black_threshold: 10,
+                    white_threshold: white,
+                };
+                // mix of pure black runs, dark-but-not-zero background, bright and coloured pixels
+                let img: Vec<u8> = (0..w * h)
+                    .flat_map(|_| match rng.next() % 5 {
+                        0 | 1 => [0, 0, 0],
+                        2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
+                        3 => [250, 240, 230],
+                        _ => [
+                            (rng.next() % 256) as u8,
+                            (rng.next() % 256) as u8,
+                            (rng.next() % 256) as u8,
+                        ],
+                    })
+                    .collect();
+                let mut want_px = Vec::new();
+                foreground_pixels(&img, rule, &mut want_px);
+                let want_idx: Vec<u32> = (0..w * h)
+                    .filter(|&i| !rule.is_background(&img[3 * i..3 * i + 3]))
+                    .map(|i| i as u32)
+                    .collect();
+                let mut want_img = img.clone();
+                blacken_background(&mut want_img, rule);
+                let mut got_img = img.clone();
+                let (mut idx, mut px) = (vec![7u32], vec![[1u8, 2, 3]]); // appends
+                gather_foreground(&mut got_img, rule, &mut idx, &mut px);
+                assert_eq!(&idx[1..], &want_idx[..], "{w}x{h} {white:?}");
+                assert_eq!(&px[1..], &want_px[..]);
+                assert_eq!(got_img, want_img);
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_and_filter_into() {
+        for n in 0..80 {
+            let mut v = vec![0u8; n];
+            assert!(all_zero(&v));
+            for k in 0..n {
+                v[k] = 1;
+                assert!(!all_zero(&v), "n={n} k={k}");
+                v[k] = 0;
+            }
+        }
+        let src: Vec<u32> = (0..100).collect();
+        let mut out = vec![999];
+        filter_into(&src, |x| x % 3 == 1, &mut out);
+        assert_eq!(out, src.iter().copied().filter(|x| x % 3 == 1).collect::<Vec<_>>());
+        filter_into(&src, |_| false, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn percentiles_of_is_exact_with_nan_and_ties() {
+        let mut rng = Rng::new(8);
+        for n in [1usize, 3, 2047, 2048, 9000, 40_000] {
+            for dist in 0..4 {
+                let v: Vec<f64> = (0..n)
+                    .map(|i| match dist {
+                        0 => rng.unit(),
+                        1 => (rng.next() % 3) as f64,
+                        2 => -(rng.unit().powi(6)),
+                        _ => {
+                            if i == n / 3 {
+                                f64::NAN
+                            } else {
+                                rng.unit()
+                            }
+                        }
+                    })
+                    .collect();
+                let pcts = [1.0, 99.0, 0.0, 100.0, 37.5];
+                let mut w = v.clone();
+                let got = percentiles_of(&mut w, &pcts, |x| x * 3.0);
+                let mut sorted = v.clone();
+                sorted.sort_by(f64::total_cmp);
+                for (j, &p) in pcts.iter().enumerate() {
+                    let want = match np_virtual_index(n, p) {
+                        Ok((k, g)) => np_lerp(3.0 * sorted[k], 3.0 * sorted[k + 1], g),
+                        Err(i) => 3.0 * sorted[i],
+                    };
+                    assert!(
+                        got[j] == want || (got[j].is_nan() && want.is_nan()),
+                        "n={n} dist={dist} p={p}: {} vs {want}",
+                        got[j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tdot_all_equals_scalar() {
+        let mut rng = Rng::new(5);
+        let lut = od_lut(240.0);
+        let t = dot_tables([0.3, -1.7, 0.9], &lut);
+        for n in [0usize, 1, 3, 4, 5, 1001] {
+            let px: Vec<[u8; 3]> = (0..n)
+                .map(|_| {
+                    [
+                        (rng.next() % 256) as u8,
+                        (rng.next() % 256) as u8,
+                        (rng.next() % 256) as u8,
+                    ]
+                })
+                .collect();
+            let mut out = vec![1.0];
+            tdot_all(&t, &px, &mut out);
+            let want: Vec<f64> = px.iter().map(|&p| tdot(&t, p)).collect();
+            assert_eq!(out, want, "n={n}");
+        }
+    }
+
+    #[test]
+    fn apply_simd_equals_scalar_including_saturation() {
+        // tables with values around the 0 / 255 boundaries, huge values, NaN and negatives
+        let mut rng = Rng::new(77);
+        let mut t = Box::new([[[0.0f64; 256]; 3]; 3]);
+        for k in 0..3 {
+            for c in 0..3 {
+                for v in 0..256 {
+                    t[k][c][v] = match rng.next() % 8 {
+                        0 => f64::NAN,
+                        1 => -rng.unit(),
+                        2 => 1e300,
+                        3 => 255.0 + rng.unit(),
+                        _ => rng.unit() * if c == 0 { 300.0 } else { 1.2 },
+                    };
+                }
+            }
+        }
+        let n = 1003;
+        let px: Vec<[u8; 3]> = (0..n)
+            .map(|_| {
+                [
+                    (rng.next() % 256) as u8,
+                    (rng.next() % 256) as u8,
+                    (rng.next() % 256) as u8,
+                ]
+            })
+            .collect();
+        let idx: Vec<u32> = (0..n as u32).map(|i| (i * 7) % (n as u32 * 2)).collect();
+        let mut a = vec![1u8; n * 2 * 3];
+        let mut b = a.clone();
+        macenko_apply_foreground(&mut a, &idx, &px, &t);
+        macenko_apply_foreground_scalar(&mut b, &idx, &px, &t);
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&v| v == 255) && a.iter().any(|&v| v == 0));
+    }
+
+    #[test]
+    fn foreground_apply_equals_full_image_apply() {
+        let (w, h) = (120, 90);
+        let img = synthetic_cell(w, h, 12);
+        let rule = MaskRule {
+            black_threshold: 10,
+            white_threshold: None,
+        };
+        let mut fg = Vec::new();
+        foreground_pixels(&img, rule, &mut fg);
+        let fit = macenko_fit_pixels(&fg, &MacenkoSettings::default()).unwrap();
+        let target = MacenkoParams::default();
+        let mut full = img.clone();
+        macenko_apply(&mut full, rule, &fit, &target, 240.0);
+        let mut part = img.clone();
+        let (mut idx, mut px) = (Vec::new(), Vec::new());
+        gather_foreground(&mut part, rule, &mut idx, &mut px);
+        assert_eq!(px, fg);
+        macenko_apply_foreground(&mut part, &idx, &px, &macenko_tables(&fit, &target, 240.0));
+        assert_eq!(part, full);
+        // and normalize_in_place (scratch buffers, reused twice) gives the same
+        for _ in 0..2 {
+            let mut n = img.clone();
+            let o = normalize_in_place(&mut n, &StainConfig::default(), &StainParams::Macenko(target));
+            assert!(!o.fallback);
+            assert_eq!(n, full);
+        }
     }
 
     #[test]
