@@ -19,7 +19,7 @@ test-rust:
 	cargo test --manifest-path rust_ext/Cargo.toml --no-default-features
 
 test-python:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 bench: setup
 	$(PYTHON) benchmarks/bench_preprocess.py
