@@ -32,8 +32,12 @@ from .engines.sidecar import atomic_write_text, sha256_file
 
 # Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
 FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
-# FP16 weights/activations: ~3 significant digits; logits of a small CNN move by ~1e-3..1e-2.
-FP16_TOL = {"max_abs_prob": 0.02, "min_top1": 0.98}
+# FP16 weights/activations keep ~3 significant digits. A small CNN's P(all) moves by ~1e-4; an
+# ImageNet-initialised EfficientNet-Lite0 (activations up to ~60 in its early blocks) moves by up to
+# ~0.03 on a few cells while every predicted class agrees (measured on the shipped default model).
+# The decision is made at the class level, so FP16 is judged on top-1 agreement plus a bound on
+# the probability shift that still catches a broken conversion (overflow, wrong casts: |dp| ~ 0.5).
+FP16_TOL = {"max_abs_prob": 0.05, "min_top1": 0.98}
 
 META_PREFIX = "leukedge."
 
