@@ -213,8 +213,11 @@ def test_cli_errors(model_dirs, tmp_path):
 def test_plan_threads_rule():
     from leukedge.engines.base import plan_threads
 
+    # under one core's worth of preprocessing: both stages share every core, still pipelined
     p = plan_threads(backend_on_cpu=True, pipeline=True, cores=2)
-    assert (p.preprocess, p.backend, p.partitioned) == (1, 1, True)
+    assert (p.preprocess, p.backend, p.partitioned, p.pipeline) == (2, 2, False, True)
+    p = plan_threads(backend_on_cpu=True, pipeline=True, cores=4)
+    assert (p.preprocess, p.backend, p.partitioned) == (1, 3, True)
     p = plan_threads(backend_on_cpu=True, pipeline=True, cores=8)
     assert (p.preprocess, p.backend, p.partitioned) == (2, 6, True)
     p = plan_threads(backend_on_cpu=True, pipeline=True, cores=64)
