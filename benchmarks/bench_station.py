@@ -87,9 +87,15 @@ def pick_model(arg: str | None, work: Path, arch: str | None, size: int) -> tupl
 
         p = default_bundle_path()
         if (p / "bundle.json").is_file():
-            return str(p), "packaged default model"
-    except Exception:  # noqa: BLE001
-        pass
+            # the package ships weights only; export a copy so ONNX Runtime can run it
+            from leukedge.export import export_bundle
+
+            copy = work / "default_model"
+            shutil.copytree(p, copy)
+            export_bundle(copy, copy / "export", fp16=True, check=False)
+            return str(copy), "packaged default model"
+    except Exception as exc:  # noqa: BLE001
+        print(f"packaged default model unusable ({exc}); using a random tiny CNN", file=sys.stderr)
     return str(random_model(work, "tiny", 64)), "randomly initialised tiny CNN at 64 px (no default model found)"
 
 
@@ -278,7 +284,7 @@ def main() -> None:
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--rates", default="2,5,10,20,40,80",
+    ap.add_argument("--rates", default="2,5,10,20,40,80,160,320",
                     help="arrival rates to test in increasing order (files/s); stops at the first saturated one")
     ap.add_argument("--refine", type=int, default=2, help="bisection steps between the last sustained and first saturated rate")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate")
