@@ -193,8 +193,9 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
     def stage_infer() -> str:
         cache = load_cache(out / "cache")
         val = [r["path"] for r in cache.manifest if r.get("split") == "val"] or [r["path"] for r in cache.manifest]
+        # the engine built in stage 6 is offered to `auto`, which runs it when a GPU can, else says why not
         res = run_inference(state.get("onnx_dir") or state["bundle"], val, out / "infer" / "predictions.csv",
-                            batch=16, backend=backend, progress=True)
+                            batch=16, backend=backend, engine=state.get("engine"), progress=True)
         print_stats(res.stats, console)
         summary["infer"] = {k: res.stats.get(k) for k in ("backend", "backend_reason", "batch", "n_files",
                                                            "throughput_img_s")}

@@ -35,6 +35,9 @@ def test_demo_quick_runs_every_stage(demo_dir: Path) -> None:
     if eng["status"] == "ok":
         assert (demo_dir / "engine" / "model.engine").stat().st_size > 0
         assert json.loads((demo_dir / "engine" / "model.engine.json").read_text())
+        # infer was offered that engine: it ran on it, or says why it could not
+        inf = summary["infer"]
+        assert inf["backend"].startswith("tensorrt") or "model.engine not usable" in inf["backend_reason"], inf
     else:
         assert eng["note"].startswith("skipped:") and len(eng["note"]) > 12
     assert summary["synthetic"] is True
