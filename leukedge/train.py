@@ -265,6 +265,14 @@ def augment_batch(x: "torch.Tensor", g: "torch.Generator", black_threshold: int 
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 2 % at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
 def resolve_device(name: str) -> str:
     import torch
 
@@ -510,13 +518,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
     warmup = min(warmup, total_steps - 1)
 
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total_steps))
     use_amp = bool(cfg.amp and device == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from leukedge.config import PreprocessConfig, StainConfig  # noqa: E402
+from leukedge.train import warmup_cosine  # noqa: E402
 
 
 def default_preprocess(size: int) -> PreprocessConfig:
@@ -173,8 +174,6 @@ def extract_features(args: argparse.Namespace, cache_dir: Path, work: Path):
 
 def train_top(args: argparse.Namespace, feats, labels, train_rows, val_rows, tag: str):
     """Train blocks[freeze_blocks:] + head on cached features; returns (model, history, val_prob)."""
-    import math
-
     import numpy as np
     import torch
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
@@ -205,13 +204,7 @@ def train_top(args: argparse.Namespace, feats, labels, train_rows, val_rows, tag
     total = steps * args.epochs
     warm = int(args.warmup_epochs * steps)
 
-    def lam(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        t = (step - warm) / max(1, total - warm)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warm, total))
     history = []
     val_prob = None
     for epoch in range(1, args.epochs + 1):

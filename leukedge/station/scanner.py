@@ -25,7 +25,6 @@ Only :class:`Scanner` state is touched by the scanner thread; the station talks 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import queue
 import re
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..data import file_sha256 as sha256_file
 from .db import KnownFile
 
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -387,14 +387,3 @@ def _is_regular(st: os.stat_result) -> bool:
     import stat as _stat
 
     return _stat.S_ISREG(st.st_mode)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()

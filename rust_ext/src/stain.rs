@@ -268,6 +268,22 @@ fn percentile_mapped(values: &mut [f64], pct: f64, f: impl Fn(f64) -> f64) -> f6
     }
 }
 
+/// Bracket around position `pos` of a sorted sample: the values `margin` places below and above it
+/// (open-ended at the sample's ends). The true order statistic lies inside with high probability.
+fn sample_bracket(sample: &[f64], pos: usize, margin: usize) -> (f64, f64) {
+    let lo = if pos >= margin {
+        sample[pos - margin]
+    } else {
+        f64::NEG_INFINITY
+    };
+    let hi = if pos + margin + 1 < sample.len() {
+        sample[pos + margin + 1]
+    } else {
+        f64::INFINITY
+    };
+    (lo, hi)
+}
+
 /// Sample-bracketing selection: a strided sample of 512 values gives thresholds that (very
 /// likely) bracket ranks `k` and `k+1`; one pass counts the values below the bracket and
 /// gathers those inside, which are then sorted. Returns `None` when the bracket missed (the
@@ -283,16 +299,7 @@ fn kth_pair_sampled(values: &[f64], k: usize) -> Option<(f64, f64)> {
     }
     sample.sort_unstable_by(f64::total_cmp);
     let pos = (k as f64 / n as f64 * M as f64) as usize;
-    let t_lo = if pos >= MARGIN {
-        sample[pos - MARGIN]
-    } else {
-        f64::NEG_INFINITY
-    };
-    let t_hi = if pos + MARGIN + 1 < M {
-        sample[pos + MARGIN + 1]
-    } else {
-        f64::INFINITY
-    };
+    let (t_lo, t_hi) = sample_bracket(&sample, pos, MARGIN);
     let mut below = 0usize;
     let mut inside: Vec<f64> = Vec::with_capacity(4 * MARGIN * n / M + 16);
     for &v in values {
@@ -364,16 +371,7 @@ pub fn percentiles_of(values: &mut [f64], pcts: &[f64], f: impl Fn(f64) -> f64 +
             Err(i) => (i, i, 0.0),
         };
         let pos = (k as f64 / n as f64 * M as f64) as usize;
-        let lo = if pos >= MARGIN {
-            sample[pos - MARGIN]
-        } else {
-            f64::NEG_INFINITY
-        };
-        let hi = if pos + MARGIN + 1 < M {
-            sample[pos + MARGIN + 1]
-        } else {
-            f64::INFINITY
-        };
+        let (lo, hi) = sample_bracket(&sample, pos, MARGIN);
         let mut below = 0usize;
         inside.clear();
         // branch-free counting in blocks of 8; the rare blocks with values inside the
