@@ -114,8 +114,8 @@ def bench_backend(backend, x_all: np.ndarray, batch: int, warmup: int = 3, min_t
 
 def bench_concurrent(backend, x_all: np.ndarray, paths: list[str], cfg, batch: int, threads: int,
                      min_time: float = 1.0) -> dict:
-    """Both stages at once, flat out, with the thread counts of the end-to-end run (no pipeline bookkeeping): how much each slows down
-    when the other runs. On an idle machine with disjoint cores both stay near 1.0; below that the cores are
+    """Both stages at once, flat out, with the thread counts of the end-to-end run (no pipeline bookkeeping):
+    how much each slows down when the other runs. On an idle machine with disjoint cores both stay near 1.0; below that the cores are
     not really independent (shared by other processes' load, SMT siblings, memory bandwidth) and no pipeline
     can reach the stage-alone speed."""
     import threading

@@ -96,7 +96,7 @@ def pick_model(arg: str | None, work: Path, arch: str | None, size: int) -> tupl
             return str(copy), "packaged default model"
     except Exception as exc:  # noqa: BLE001
         print(f"packaged default model unusable ({exc}); using a random tiny CNN", file=sys.stderr)
-    return str(random_model(work, "tiny", 64)), "randomly initialised tiny CNN at 64 px (no default model found)"
+    return str(random_model(work, "tiny", 64)), "randomly initialised tiny CNN at 64 px (default model unavailable)"
 
 
 def run_rate(pred, info, cells: list[bytes], rate: float, duration: float, work: Path, opts) -> dict:

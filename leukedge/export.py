@@ -27,8 +27,9 @@ import numpy as np
 
 from . import __version__
 from .config import PreprocessConfig
+from .data import file_sha256
 from .engines.base import EXPORT_FP16, EXPORT_FP32
-from .engines.sidecar import atomic_write_text, sha256_file
+from .engines.sidecar import atomic_write_text
 
 # Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
 FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
@@ -259,7 +260,7 @@ def export_model(
         "preprocess_hash": config.pixel_hash(),
         "opset": opset,
         "exporter": f"torch.onnx ({exporter}), torch {torch.__version__}, onnx {onnx.__version__}",
-        "files": {k: {"path": p.name, "sha256": sha256_file(p), **(_io_desc(onnx.load(str(p))) if p.suffix == ".onnx" else {})}
+        "files": {k: {"path": p.name, "sha256": file_sha256(p), **(_io_desc(onnx.load(str(p))) if p.suffix == ".onnx" else {})}
                   for k, p in files.items()},
         "fp16": {"method": "onnxconverter_common.float16.convert_float_to_float16", "io_dtype": io_dtype} if fp16 else None,
         "export_seconds": round(export_s, 3),

@@ -25,8 +25,9 @@ import click
 import numpy as np
 
 from .. import __version__
+from ..data import file_sha256
 from .base import EXPORT_FP16, EXPORT_FP32, BackendUnavailable, onnx_config
-from .sidecar import atomic_write_bytes, sha256_file, sidecar_path, write_sidecar
+from .sidecar import atomic_write_bytes, sidecar_path, write_sidecar
 from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
 
 RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
@@ -246,7 +247,7 @@ def build_engine(
         "profile": {"input": inp.name, "min": min_batch, "opt": opt_batch, "max": max_batch, "chw": list(chw)},
         "workspace_mib": workspace_mib,
         "timing_cache": tc_used,
-        "onnx": {"path": str(onnx_path), "source": str(Path(onnx_src).resolve()), "sha256": sha256_file(onnx_path),
+        "onnx": {"path": str(onnx_path), "source": str(Path(onnx_src).resolve()), "sha256": file_sha256(onnx_path),
                  "graph_precision": graph_prec},
         "preprocess": config.to_dict(),
         "preprocess_hash": config.pixel_hash(),

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigMismatchError, PreprocessConfig
-from ..data import file_sha256 as sha256_file  # noqa: F401 - re-exported for build/export/station
 
 SIDECAR_FORMAT = 1
 

@@ -68,7 +68,7 @@ def _resolve_db(watch_dir: str | None, db_path: str | None) -> Path:
 # -- model loading ---------------------------------------------------------------------------------
 def _model_id(spec: Any) -> str:
     """Stable short identity of the weights a ModelSpec points at."""
-    from ..engines.sidecar import sha256_file
+    from ..data import file_sha256
 
     for attr in ("engine", "onnx_fp32", "onnx_fp16"):
         p = getattr(spec, attr, None)
@@ -81,7 +81,7 @@ def _model_id(spec: Any) -> str:
     name = Path(spec.bundle or spec.path).name
     if p is None:
         return name
-    return f"{name}@{sha256_file(p)[:12]}"
+    return f"{name}@{file_sha256(p)[:12]}"
 
 
 def open_predictor(model: str | None, backend: str, *, fallback: bool, device: str, threads: int,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..data import file_sha256 as sha256_file
+from ..data import file_sha256
 from .db import KnownFile
 
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -342,7 +342,7 @@ class Scanner:
     def _hash_ready(self, path: str, cand: _Candidate) -> ReadyFile | None:
         key = (cand.size, cand.mtime_ns)
         try:
-            digest = sha256_file(path)
+            digest = file_sha256(path)
             st = os.stat(path)
         except OSError as exc:
             # Unreadable (permissions, vanished): keep it settling and retry on the next poll;
