@@ -219,7 +219,7 @@ def main() -> int:
     console.print(f"{cores} usable cores, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     rows = []
     input_size = args.size
-    pre_cache: dict[tuple[str, int, int], dict] = {}
+    pre_cache: dict[tuple[str, int, int], list[dict]] = {}  # preprocessing runs, shared by backends
     for label, kw in specs:
         if wanted and label not in wanted:
             continue
