@@ -18,6 +18,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "preprocess": ("leukedge.preprocess", "preprocess_cmd", "Decode, stain-normalise and resize images into a dataset cache."),
     "data": ("leukedge.data", "data_group", "Inspect C-NMC folders and generate synthetic cells."),
     "train": ("leukedge.train", "train_cmd", "Train a classifier on a preprocessed cache (subject-disjoint validation)."),
+    "cv": ("leukedge.cv", "cv_cmd", "Subject-grouped K-fold cross-validation of a training recipe (several seeds)."),
     "evaluate": ("leukedge.evaluate", "evaluate_cmd", "Evaluate a model bundle: weighted F1, ROC-AUC, per-subject breakdown, plots."),
     "export": ("leukedge.export", "export_cmd", "Export a model bundle to ONNX (FP32 and FP16) and check it against PyTorch."),
     "build-engine": ("leukedge.engines.build", "build_engine_cmd", "Compile an ONNX export into a TensorRT / TensorRT-RTX FP16 engine."),

@@ -226,7 +226,8 @@ def export_model(
         "preprocess": config.to_json(indent=None),
         "preprocess_hash": config.pixel_hash(),
         "version": __version__,
-        "meta": json.dumps({k: meta[k] for k in ("arch", "class_names", "positive_class", "input_size", "synthetic") if k in meta}),
+        "meta": json.dumps({k: meta[k] for k in ("arch", "class_names", "positive_class", "input_size", "synthetic", "test_time")
+                            if k in meta}),
     }
     _set_meta(m32, {**base_meta, "precision": "float32"})
     m32.producer_name = "leukedge"

@@ -198,10 +198,130 @@ def freeze_stem(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
     return frozen
 
 
+class FrozenPrefix(nn.Module):
+    """The stem and the first ``n_blocks`` blocks of an EfficientNet-Lite0 (what :func:`freeze_stem`
+    freezes), as a module of its own: its output is what :func:`top_forward` continues from."""
+
+    def __init__(self, model: nn.Module, n_blocks: int) -> None:
+        super().__init__()
+        self.model, self.n_blocks = model, int(n_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        h = m._swish(m._bn0(m._conv_stem(x)))  # type: ignore[operator]
+        for i in range(self.n_blocks):
+            h = m._blocks[i](h)  # type: ignore[index]
+        return h
+
+
+def top_forward(model: nn.Module, h: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """EfficientNet-Lite0 from block ``n_blocks`` on (the rest of ``model.forward``: blocks with their
+    drop-connect rates, head convolution, pooling, dropout, classifier), applied to the output ``h``
+    of :class:`FrozenPrefix`. ``top_forward(m, FrozenPrefix(m, k)(x), k) == m(x)``."""
+    m: Any = model
+    n = len(m._blocks)
+    dc = m._global_params.drop_connect_rate
+    for i in range(n_blocks, n):
+        h = m._blocks[i](h, drop_connect_rate=(dc * float(i) / n) if dc else None)
+    h = m._swish(m._bn1(m._conv_head(h)))
+    h = m._avg_pooling(h).flatten(1)
+    return m._fc(m._dropout(h))
+
+
 def default_arch_kwargs(arch: str) -> dict[str, Any]:
     return {"tiny": {"width": 16, "dropout": 0.1}, "efficientnet_lite0": {"dropout_rate": 0.2, "drop_connect_rate": 0.2}}.get(
         arch, {}
     )
+
+
+# ----------------------------------------------------------------------------------------
+# test-time computation (travels inside the bundle and its ONNX graph)
+# ----------------------------------------------------------------------------------------
+#: Test-time augmentation modes and their number of views of each cell.
+TTA_MODES: dict[str, int] = {"none": 1, "flip": 2, "d4": 8}
+
+
+def dihedral_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of an NCHW batch that test-time augmentation averages over.
+
+    ``none``: the batch itself; ``flip``: itself and its mirror image; ``d4``: the 8 symmetries of
+    the square (4 rotations, each optionally mirrored). View ``i`` of ``d4`` is ``rot90(k=i % 4)``
+    of the batch, mirrored (last axis flipped) first when ``i >= 4``; the training-time feature cache
+    uses the same order.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return [x]
+    if mode == "flip":
+        return [x, x.flip(-1)]
+    views = []
+    for mirror in (False, True):
+        base = x.flip(-1) if mirror else x
+        for k in range(4):
+            views.append(_rot90(base, k))
+    return views
+
+
+def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.rot90(x, k, (-2, -1))`` written with flips and a transpose, which ONNX can express."""
+    k %= 4
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-2).flip(-1)
+    if k == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x
+
+
+def logit_bias(threshold: float) -> float:
+    """Shift of the ``all`` logit that moves the decision threshold ``threshold`` to 0.5."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"decision threshold must lie strictly between 0 and 1, got {threshold}")
+    return -float(np.log(threshold / (1.0 - threshold)))
+
+
+class TestTimeModel(nn.Module):
+    """One or more member models, each run on every test-time view of the batch; output the log of the
+    mean class probability (valid logits: their softmax is that mean), with the ``all`` logit shifted so
+    that a decision threshold chosen out of fold becomes 0.5.
+
+    The views of all images go through each member as one batch of ``views x N``, which is what the
+    exported ONNX graph does too: one input batch in, one pair of logits per cell out.
+    """
+
+    def __init__(self, members: list[nn.Module] | nn.Module, tta: str = "none", threshold: float = 0.5) -> None:
+        super().__init__()
+        if isinstance(members, nn.Module):
+            members = [members]
+        if not members:
+            raise ValueError("a test-time model needs at least one member")
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        self.members = nn.ModuleList(members)
+        self.tta = tta
+        self.threshold = float(threshold)
+        self.register_buffer("bias", torch.tensor([0.0, logit_bias(threshold)]), persistent=False)
+
+    @property
+    def trivial(self) -> bool:
+        return len(self.members) == 1 and self.tta == "none" and self.threshold == 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trivial:
+            return self.members[0](x)
+        views = dihedral_views(x, self.tta)
+        xs = torch.cat(views, 0) if len(views) > 1 else x
+        prob = None
+        for m in self.members:
+            p = torch.softmax(m(xs), dim=-1).reshape(len(views), -1, 2).mean(0)
+            prob = p if prob is None else prob + p
+        prob = prob / len(self.members)
+        return torch.log(prob.clamp_min(1e-6)) + self.bias  # 1e-6: representable in float16 graphs
+
+    def describe(self) -> dict[str, Any]:
+        return {"members": len(self.members), "tta": self.tta, "views": TTA_MODES[self.tta], "threshold": self.threshold}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -303,8 +423,15 @@ def save_bundle(
     input_size = int(input_size or config.size)
     if input_size != config.size:
         raise BundleError(f"input_size={input_size} differs from the preprocessing size {config.size}")
+    test_time: dict[str, Any] | None = None
+    if isinstance(model, TestTimeModel):
+        test_time = model.describe()
+        members = list(model.members)
+        named = members[0].state_dict() if len(members) == 1 else model.members.state_dict()
+    else:
+        members, named = [model], model.state_dict()
     state = {}
-    for k, v in model.state_dict().items():
+    for k, v in named.items():
         t = v.detach().to("cpu").contiguous()
         if half and t.is_floating_point():
             t = t.half()
@@ -327,9 +454,11 @@ def save_bundle(
         "versions": library_versions(),
         "synthetic": bool(synthetic),
         "weights_dtype": "float16" if half else "float32",
-        "parameters": count_parameters(model),
+        "parameters": sum(count_parameters(m) for m in members),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if test_time is not None:
+        meta["test_time"] = test_time
     if extra:
         meta.update(extra)
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
@@ -377,18 +506,35 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     weights = p / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{p}: missing {WEIGHTS_FILE}")
-    model = build_model(meta["arch"], num_classes=int(meta.get("num_classes", 2)), input_size=int(meta["input_size"]),
-                        pretrained=False, **meta.get("arch_kwargs", {}))
+    test_time = meta.get("test_time") or {}
+    if not isinstance(test_time, dict):
+        raise BundleError(f"{p / META_FILE}: test_time must be an object, got {type(test_time).__name__}")
+    try:
+        n_members = int(test_time.get("members", 1))
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{p / META_FILE}: test_time.members must be an integer") from exc
+    if not 1 <= n_members <= 64:
+        raise BundleError(f"{p / META_FILE}: test_time.members must be 1-64, got {n_members}")
+    members = [build_model(meta["arch"], num_classes=int(meta.get("num_classes", 2)), input_size=int(meta["input_size"]),
+                           pretrained=False, **meta.get("arch_kwargs", {})) for _ in range(n_members)]
+    target: nn.Module = members[0] if n_members == 1 else nn.ModuleList(members)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
         raise BundleError(f"{weights}: cannot read weights: {exc}") from exc
-    ref = model.state_dict()
+    ref = target.state_dict()
     state = {k: (v.to(ref[k].dtype) if k in ref else v) for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{weights}: weights do not fit arch {meta['arch']!r}: {exc}") from exc
+    model: nn.Module = members[0]
+    if test_time:
+        try:
+            model = TestTimeModel(members, tta=str(test_time.get("tta", "none")),
+                                  threshold=float(test_time.get("threshold", 0.5)))
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{p / META_FILE}: invalid test_time section: {exc}") from exc
     model.float().eval().to(device)
     return Bundle(model=model, config=config, meta=meta, path=p)
 

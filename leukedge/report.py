@@ -126,6 +126,42 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
     return "".join(parts)
 
 
+def _cv_section(cv: dict | None, pngs: list[Path], run_dir: Path) -> str:
+    """Cross-validation (``cv.json`` from ``leukedge cv``): scores per fold, mean ± sd, per subject, plots."""
+    if not isinstance(cv, dict) or "fold_runs" not in cv:
+        return ""
+    f1, auc = cv.get("weighted_f1") or {}, cv.get("roc_auc") or {}
+
+    def ms(d: dict) -> str:
+        return "–" if d.get("mean") is None else f"{d['mean']:.4f} ± {d.get('sd', 0.0):.4f} (n={d.get('n')})"
+
+    parts = ['<section id="cv"><h2>Cross-validation</h2>', f"<p>{html.escape(str(cv.get('scheme', '')))}</p>",
+             _table(["metric", "value"], [("weighted F1 (mean ± sd over folds)", ms(f1)), ("ROC-AUC", ms(auc)),
+                                          ("pooled out-of-fold weighted F1 (over seeds)", ms(cv.get("pooled_weighted_f1") or {})),
+                                          ("out-of-fold best threshold", ms(cv.get("oof_threshold") or {})),
+                                          ("worst subjects", ", ".join(cv.get("worst_subjects") or []))], "kv")]
+    by_tta = cv.get("weighted_f1_by_tta")
+    if isinstance(by_tta, dict):
+        parts.append("<h3>Weighted F1 with each test-time augmentation (same fold models)</h3>")
+        parts.append(_table(["TTA", "weighted F1"], [(k, ms(v)) for k, v in by_tta.items()]))
+    parts.append("<h3>Folds</h3>")
+    parts.append(_table(["seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"],
+                        [(r.get("seed"), r.get("fold"), r.get("n_val"), ", ".join(r.get("val_subjects") or []),
+                          r.get("weighted_f1"), r.get("roc_auc")) for r in cv["fold_runs"]]))
+    subjects = cv.get("per_subject") or []
+    if subjects:
+        parts.append("<h3>Per subject, worst first</h3>")
+        parts.append(_table(["subject", "class", "cells", "accuracy", "sd over seeds", "mean P(all)"],
+                            [(r.get("subject"), r.get("true_class"), r.get("n"), r.get("accuracy"), r.get("accuracy_sd"),
+                              r.get("mean_prob_all")) for r in subjects]))
+    recipe = cv.get("recipe")
+    if recipe:
+        parts.append(f"<details><summary>Recipe</summary><pre>{html.escape(json.dumps(recipe, indent=2))}</pre></details>")
+    parts.append("</section>")
+    return "".join(parts) + _plots_section([p for p in pngs if p.parent == run_dir], run_dir, ("cv_",), "cv-plots",
+                                           "Cross-validation plots", wide=True)
+
+
 def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid: str, title: str,
                    wide: bool = False) -> str:
     chosen, seen = [], set()
@@ -235,14 +271,16 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     bundles = [(p, j) for p in _find(run_dir, "bundle.json") if isinstance(j := _load_json(p), dict)]
     caches = [(p, j) for p in _find(run_dir, "cache.json") if isinstance(j := _load_json(p), dict)]
     demo = _load_json(run_dir / "demo_summary.json")
+    cv = _load_json(run_dir / "cv.json")
     pngs = [p for p in _find(run_dir, "*.png")]
-    if not (evals or histories or stats or exports or engines or pngs or demo):
+    if not (evals or histories or stats or exports or engines or pngs or demo or cv):
         raise FileNotFoundError(
             f"{run_dir}: no evaluation metrics.json, history.json, *.stats.json, export_report.json or plots found; "
             "point `leukedge report` at a train, evaluate, infer or demo output directory"
         )
 
-    synthetic = _is_synthetic([j for _, j in evals + stats + exports + bundles + caches] + [demo or {}])
+    synthetic = _is_synthetic([j for _, j in evals + stats + exports + bundles + caches] + [demo or {}]
+                              + [cv if isinstance(cv, dict) else {}])
     banners = ['<div class="banner clinical">Research software. Not for clinical use: leukedge predictions must not '
                'be used for diagnosis or treatment decisions.</div>']
     if synthetic:
@@ -258,8 +296,10 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         f"· leukedge {__version__}</p>",
         *banners,
         _demo_section(demo if isinstance(demo, dict) else None),
+        _cv_section(cv if isinstance(cv, dict) else None, pngs, run_dir),
         _metrics_section(evals, run_dir),
-        _plots_section(pngs, run_dir, ("roc", "confusion"), "plots", "ROC curve and confusion matrix"),
+        _plots_section([p for p in pngs if not p.name.startswith("cv_")], run_dir, ("roc", "confusion"), "plots",
+                       "ROC curve and confusion matrix"),
         _plots_section(pngs, run_dir, ("curve", "history", "training"), "training", "Training curves", wide=True),
         _latency_section(stats, run_dir),
         _plots_section(pngs, run_dir, ("latency", "throughput"), "latency-plots", "Latency plots"),

@@ -1,0 +1,293 @@
+"""Subject-grouped, class-stratified K-fold cross-validation with exactly `leukedge train`'s recipe.
+
+Every fold is an ordinary ``leukedge train`` run (``RUN/seed<S>/fold<K>``) on the cache rows of the
+other folds, validated on its own fold's subjects, which it has never seen; identical files under
+different subject names stay in one fold (:func:`leukedge.data.group_kfold`). Several seeds give
+several different partitions of the subjects, because with a few dozen patients one split says
+little. The out-of-fold probabilities are those of the model each fold keeps, with its test-time
+computation (TTA, threshold), so they are what ``leukedge evaluate`` of that fold's bundle gives.
+
+Outputs in ``RUN``: ``cv.json`` (recipe, per-fold and mean ± sd metrics, per-seed pooled metrics,
+per-subject table, out-of-fold threshold), ``oof_predictions.csv``, ``per_subject.csv``, plots
+(``cv_folds.png``, ``cv_per_subject.png``, ``cv_roc.png``) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+import numpy as np
+
+from .train import TrainConfig, _as_int, _write_json, config_from_cli, recipe_of, train_options, usable_rows
+
+CV_FILE = "cv.json"
+OOF_FILE = "oof_predictions.csv"
+
+
+@dataclass
+class CVResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    oof: list[dict[str, Any]]
+
+
+def _mean_sd(values: Sequence[float | None]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None]
+    return {"mean": float(np.mean(vals)) if vals else None,
+            "sd": float(statistics.stdev(vals)) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def best_threshold(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """The threshold on P(all) (grid 0.05-0.95) that maximises weighted F1, and that F1."""
+    from sklearn.metrics import f1_score
+
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    scores = [f1_score(y, (p >= t).astype(int), labels=[0, 1], average="weighted", zero_division=0) for t in grid]
+    i = int(np.argmax(scores))
+    return float(grid[i]), float(scores[i])
+
+
+def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(train rows, validation rows) of the cache for each of ``k`` subject-grouped folds."""
+    from .data import group_kfold
+
+    rows = [i for i in usable_rows(manifest) if str(manifest[i].get("split") or "") != "test"]
+    items = [manifest[i] for i in rows]
+    folds = []
+    for tr, va in group_kfold(items, k=k, seed=seed):
+        tr_rows, va_rows = [rows[i] for i in tr], [rows[i] for i in va]
+        leak = {str(manifest[i].get("subject")) for i in tr_rows} & {str(manifest[i].get("subject")) for i in va_rows}
+        if leak:
+            raise RuntimeError(f"internal error: subjects in two folds: {sorted(leak)[:5]}")
+        folds.append((tr_rows, va_rows))
+    return folds
+
+
+def _read_fold_predictions(path: Path) -> dict[int, float] | None:
+    try:
+        with path.open(newline="") as fh:
+            return {int(r["row"]): float(r["probability"]) for r in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
+                   seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, **overrides: Any) -> CVResult:
+    """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
+
+    Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
+    ``config.resume`` is set; an interrupted fold continues from its checkpoints.
+    """
+    from .evaluate import compute_metrics
+    from .preprocess import load_cache
+    from .train import train
+
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    if folds < 2:
+        raise ValueError("--folds must be at least 2")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_cache(cache)
+    manifest = list(loaded.manifest)
+    synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
+    labels = np.array([_as_int(r.get("label")) for r in manifest])
+    t0 = time.time()
+    fold_rows: list[dict[str, Any]] = []
+    oof: list[dict[str, Any]] = []
+    for seed in seeds:
+        splits = make_folds(manifest, folds, int(seed))
+        for k, (tr, va) in enumerate(splits):
+            run = out / f"seed{seed}" / f"fold{k}"
+            pred_file = run / "val_predictions.csv"
+            subj_va = sorted({str(manifest[i].get("subject")) for i in va})
+            log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
+                f"{len(subj_va)} unseen subjects")
+            prev = _read_fold_predictions(pred_file) if cfg.resume and (run / "metrics.json").is_file() else None
+            if prev is not None and set(prev) == set(va):
+                probs = np.array([prev[i] for i in va])
+                hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
+                log("  finished before: reusing its predictions")
+            else:
+                res = train(cache, run, dataclasses.replace(cfg, seed=int(seed), train_indices=tr, val_indices=va,
+                                                            no_validation=False))
+                order = {r: j for j, r in enumerate(res.val_indices)}
+                probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
+                hist = res.history
+                with pred_file.open("w", newline="") as fh:
+                    w = csv.writer(fh)
+                    w.writerow(["row", "probability"])
+                    w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
+            y = labels[va]
+            m = compute_metrics(y, probs)
+            try:
+                by_tta = (json.loads((run / "metrics.json").read_text()).get("val") or {}).get("by_tta")
+            except (OSError, ValueError):
+                by_tta = None
+            fold_rows.append({"seed": int(seed), "fold": k, "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va,
+                              "val_counts": m["class_counts"], "weighted_f1": m["weighted_f1"], "roc_auc": m["roc_auc"],
+                              "accuracy": m["accuracy"], "history": hist, "by_tta": by_tta,
+                              "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))})
+            log(f"  seed {seed} fold {k}: weighted F1 {m['weighted_f1']:.4f}, ROC-AUC "
+                f"{'n/a' if m['roc_auc'] is None else format(m['roc_auc'], '.4f')}")
+            for i, p in zip(va, probs):
+                r = manifest[i]
+                oof.append({"seed": int(seed), "fold": k, "row": int(i), "path": r.get("path"), "subject": r.get("subject"),
+                            "label": int(labels[i]), "probability": float(p)})
+    summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic)
+    summary["cache"] = str(cache)
+    summary["seconds"] = round(time.time() - t0, 1)
+    write_outputs(out, summary, oof)
+    return CVResult(out_dir=out, summary=summary, oof=oof)
+
+
+def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: TrainConfig, *, folds: int,
+              seeds: Sequence[int], synthetic: bool = False) -> dict[str, Any]:
+    """cv.json: per fold, mean ± sd over every (seed, fold), pooled per seed, per subject, OOF threshold."""
+    from .evaluate import compute_metrics
+
+    per_seed = []
+    for s in seeds:
+        rows = [r for r in oof if r["seed"] == int(s)]
+        y = np.array([r["label"] for r in rows])
+        p = np.array([r["probability"] for r in rows])
+        m = compute_metrics(y, p)
+        t, f1_t = best_threshold(y, p)
+        per_seed.append({"seed": int(s), "pooled_weighted_f1": m["weighted_f1"], "pooled_roc_auc": m["roc_auc"],
+                         "per_class_f1": {c: d["f1"] for c, d in m["per_class"].items()},
+                         "fold_mean_weighted_f1": float(np.mean([f["weighted_f1"] for f in fold_rows if f["seed"] == int(s)])),
+                         "oof_best_threshold": t, "oof_best_threshold_weighted_f1": f1_t})
+    subjects: dict[str, list[dict[str, Any]]] = {}
+    for r in oof:
+        subjects.setdefault(str(r["subject"]), []).append(r)
+    table = []
+    thr = 0.5  # the probabilities already include the recipe's threshold shift
+    for subj, rows in subjects.items():
+        y = np.array([r["label"] for r in rows])
+        p = np.array([r["probability"] for r in rows])
+        acc_by_seed = [float(((p[m] >= thr).astype(int) == y[m]).mean())
+                       for s in seeds if (m := np.array([r["seed"] == int(s) for r in rows])).any()]
+        table.append({"subject": subj, "true_class": "all" if y.mean() > 0.5 else "hem",
+                      "n": int(len(rows) // max(1, len(acc_by_seed))),
+                      "accuracy": float(np.mean(acc_by_seed)), "accuracy_sd": float(np.std(acc_by_seed)),
+                      "mean_prob_all": float(p.mean()), "predicted_blast_fraction": float((p >= thr).mean())})
+    table.sort(key=lambda r: (r["accuracy"], r["subject"]))
+    return {
+        "scheme": f"{folds}-fold subject-grouped, class-stratified (identical files linked), seeds {', '.join(map(str, seeds))}",
+        "folds": folds,
+        "seeds": [int(s) for s in seeds],
+        "recipe": recipe_of(cfg),
+        "synthetic": synthetic,
+        "weighted_f1": _mean_sd([f["weighted_f1"] for f in fold_rows]),
+        "roc_auc": _mean_sd([f["roc_auc"] for f in fold_rows]),
+        "accuracy": _mean_sd([f["accuracy"] for f in fold_rows]),
+        "weighted_f1_by_tta": {mode: _mean_sd([(f.get("by_tta") or {}).get(mode, {}).get("val_f1") for f in fold_rows])
+                               for mode in ("none", "flip", "d4")} if all(f.get("by_tta") for f in fold_rows) else None,
+        "pooled_weighted_f1": _mean_sd([s["pooled_weighted_f1"] for s in per_seed]),
+        "oof_threshold": _mean_sd([s["oof_best_threshold"] for s in per_seed]),
+        "per_seed": per_seed,
+        "fold_runs": [{k: v for k, v in f.items() if k != "history"} for f in fold_rows],
+        "per_subject": table,
+        "worst_subjects": [r["subject"] for r in table[:3]],
+        "_histories": [{"seed": f["seed"], "fold": f["fold"], "history": f["history"], "best_val_f1": f["best_val_f1"]}
+                       for f in fold_rows],
+    }
+
+
+def write_outputs(out: Path, summary: dict[str, Any], oof: list[dict[str, Any]]) -> None:
+    from . import plots
+    from .report import build_report
+
+    histories = summary.pop("_histories", [])
+    _write_json(out / CV_FILE, summary)
+    with (out / OOF_FILE).open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["seed", "fold", "row", "path", "subject", "label", "probability"])
+        w.writeheader()
+        w.writerows(oof)
+    with (out / "per_subject.csv").open("w", newline="") as fh:
+        cols = ["subject", "true_class", "n", "accuracy", "accuracy_sd", "mean_prob_all", "predicted_blast_fraction"]
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(summary["per_subject"])
+    syn = bool(summary.get("synthetic"))
+    plots.plot_cv_folds([{"fold": f"s{h['seed']}/{h['fold']}", **h} for h in histories], out / "cv_folds.png", synthetic=syn)
+    plots.plot_per_subject(summary["per_subject"], out / "cv_per_subject.png", synthetic=syn)
+    seed0 = summary["seeds"][0]
+    rows = [r for r in oof if r["seed"] == seed0]
+    plots.plot_roc(np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]), out / "cv_roc.png",
+                   title=f"Out-of-fold ROC (seed {seed0})", synthetic=syn)
+    build_report(out, title="leukedge cross-validation")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 0,1,2") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{text!r}: give distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+@click.command("cv")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Run directory: cv.json, oof_predictions.csv, per_subject.csv, plots, report.html, seed*/fold*/.")
+@click.option("--folds", type=click.IntRange(2, 50), default=3, show_default=True, help="Number of subject-grouped folds.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one partition of the subjects each.")
+@train_options
+@click.pass_context
+def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str, **params: Any) -> None:
+    """Cross-validate a training recipe on CACHE with subject-grouped, class-stratified folds.
+
+    Takes exactly the options of `leukedge train` (or its --recipe file). Prints and writes, per fold
+    and as mean ± sd over all folds of all seeds, weighted F1 and ROC-AUC; a per-subject table, worst
+    subjects first; the out-of-fold predictions (CSV) and the threshold that would have maximised
+    their weighted F1; plots in OUT/report.html. --resume continues an interrupted run.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import PretrainedWeightsUnavailable
+    from .train import _run_errors
+
+    seed_list = parse_seeds(seeds)
+    cfg = config_from_cli(ctx, params, defaults={"select": "last"})
+    console = Console(stderr=True)
+    try:
+        res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, log=console.print)
+    except PretrainedWeightsUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    except _run_errors() as exc:
+        raise click.ClickException(f"{cache}: {exc}") from exc
+    s = res.summary
+    out = Console()
+    t = Table(title=f"cross-validation: {s['scheme']}")
+    for c in ("seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"):
+        t.add_column(c, justify="right" if c not in ("val subjects",) else "left")
+    for f in s["fold_runs"]:
+        t.add_row(str(f["seed"]), str(f["fold"]), str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
+                  "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
+    out.print(t)
+    st = Table(title="per subject, worst first (accuracy over seeds)")
+    for c in ("subject", "class", "cells", "accuracy", "mean P(all)"):
+        st.add_column(c, justify="left" if c in ("subject", "class") else "right")
+    for r in s["per_subject"]:
+        st.add_row(r["subject"], r["true_class"], str(r["n"]), f"{r['accuracy']:.3f} ± {r['accuracy_sd']:.3f}",
+                   f"{r['mean_prob_all']:.3f}")
+    out.print(st)
+    f1, auc = s["weighted_f1"], s["roc_auc"]
+    out.print(f"[bold green]weighted F1 {f1['mean']:.4f} ± {f1['sd']:.4f}[/], ROC-AUC "
+              + ("n/a" if auc["mean"] is None else f"{auc['mean']:.4f} ± {auc['sd']:.4f}")
+              + f" over {f1['n']} folds ({len(seed_list)} seed(s)); worst subjects {', '.join(s['worst_subjects'])}; "
+              f"out-of-fold best threshold {s['oof_threshold']['mean']:.2f} ± {s['oof_threshold']['sd']:.2f}")
+    out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
