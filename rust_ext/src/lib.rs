@@ -268,6 +268,11 @@ fn py_resize<'py>(
             "resize: target size {width}x{height} must be between 1 and 65535"
         )));
     }
+    if (width as u64) * (height as u64) > DEFAULT_MAX_PIXELS {
+        return Err(PyValueError::new_err(format!(
+            "resize: target size {width}x{height} exceeds {DEFAULT_MAX_PIXELS} pixels"
+        )));
+    }
     let two_d = image.cast::<PyUntypedArray>().map(|a| a.ndim() == 2).unwrap_or(false);
     let p = pixels_from(image, "image", true)?;
     let (w, h, c) = (p.width, p.height, p.channels);
