@@ -335,9 +335,11 @@ def run_preprocess(
     n = len(records)
     read_errors: dict[int, str] = {}
 
+    max_bytes = native.max_file_bytes(cfg.max_pixels) if hasattr(native, "max_file_bytes") else None
+
     def sha(i: int) -> str | None:
-        try:
-            return file_sha256(records[i].path)
+        try:  # special files (FIFO, /dev/zero) and oversized files are refused unread
+            return file_sha256(records[i].path, max_bytes=max_bytes)
         except OSError as exc:
             read_errors[i] = f"cannot read file: {exc.strerror or exc}"
             return None

@@ -129,3 +129,72 @@ def test_bounded_padding_is_close_to_exact_padding(native):
     assert st1[0]["ok"] and st2[0]["ok"]
     diff = np.abs(exact.astype(int) - bounded.astype(int))
     assert diff.mean() < 2 and (bounded[0, :, :14] == 0).all() and (bounded[0, :, 15:17] > 0).all()
+
+
+# ==================================================================================================
+# 2. Special files (FIFO, symlink to /dev/zero, symlink loops) never hang or exhaust memory
+# ==================================================================================================
+@pytest.fixture()
+def hostile_folder(tmp_path) -> Path:
+    d = tmp_path / "hostile"
+    good = synth_cell(d / "hem" / "good.bmp", seed=1)
+    os.mkfifo(d / "hem" / "fifo.bmp")
+    os.symlink("/dev/zero", d / "hem" / "zero.bmp")
+    os.symlink("..", d / "hem" / "loop1")
+    os.symlink("..", d / "hem" / "loop2")
+    assert good.is_file()
+    return d
+
+
+def test_discovery_survives_symlink_loops(hostile_folder):
+    code = f"""
+        from leukedge.data import discover
+        print(sorted(r.path.name for r in discover([{str(hostile_folder)!r}])))
+    """
+    res = run_py(code, timeout=60)  # before: 2 links to '..' made the walk exponential (a hang)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "['fifo.bmp', 'good.bmp', 'zero.bmp']"
+
+
+def test_native_refuses_special_files_without_reading(native, hostile_folder):
+    code = f"""
+        from leukedge import _native
+        x, st = _native.preprocess_batch([{str(hostile_folder / 'hem/fifo.bmp')!r}, {str(hostile_folder / 'hem/zero.bmp')!r},
+                                          {str(hostile_folder / 'hem/good.bmp')!r}], '{{"size": 32}}', threads=1)
+        for s in st: print(s["ok"], s["error"])
+    """
+    res = run_py(code, timeout=60, mem_bytes=2 * GIB)  # before: FIFO blocked forever, /dev/zero grew without end
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("False") and "FIFO" in lines[0] and "fifo.bmp" in lines[0]
+    assert lines[1].startswith("False") and "character device" in lines[1]
+    assert lines[2].startswith("True")
+    with pytest.raises(native.DecodeError, match="not a regular file"):
+        native.decode("/dev/zero")
+
+
+def test_preprocess_and_infer_report_special_files_per_file(hostile_folder, tmp_path, tiny_model):
+    res = cli("preprocess", str(hostile_folder), "-o", str(tmp_path / "cache"), "--size", "32", "--threads", "1",
+              "--allow-errors", timeout=120, mem_bytes=3 * GIB)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    manifest = (tmp_path / "cache" / "manifest.csv").read_text()
+    assert "not a regular file (a FIFO" in manifest and "not a regular file (a character device" in manifest
+    res = cli("infer", str(hostile_folder), "-m", str(tiny_model), "--backend", "onnxruntime", "-o",
+              str(tmp_path / "r.csv"), timeout=120, mem_bytes=4 * GIB)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    rows = (tmp_path / "r.csv").read_text().splitlines()[1:]
+    assert sum(",ok," in r for r in rows) == 1 and sum(",error," in r for r in rows) == 2
+
+
+def test_file_sha256_refuses_special_and_oversized_files(tmp_path):
+    from leukedge.data import FileTooLarge, NotRegularFile, file_sha256
+
+    os.mkfifo(tmp_path / "f.bmp")
+    with pytest.raises(NotRegularFile, match="FIFO"):
+        file_sha256(tmp_path / "f.bmp")  # would block in open() before the fix
+    with pytest.raises(NotRegularFile, match="character device"):
+        file_sha256("/dev/zero")
+    (tmp_path / "big.bmp").write_bytes(b"x" * 100)
+    with pytest.raises(FileTooLarge):
+        file_sha256(tmp_path / "big.bmp", max_bytes=99)
+    assert len(file_sha256(tmp_path / "big.bmp", max_bytes=100)) == 64

@@ -342,7 +342,10 @@ class Scanner:
     def _hash_ready(self, path: str, cand: _Candidate) -> ReadyFile | None:
         key = (cand.size, cand.mtime_ns)
         try:
-            digest = file_sha256(path)
+            if cand.size > self.max_bytes:  # refused unread: never hash gigabytes to reject them
+                digest = f"too-large:{cand.size}:{cand.mtime_ns}"
+            else:
+                digest = file_sha256(path)
             st = os.stat(path)
         except OSError as exc:
             # Unreadable (permissions, vanished): keep it settling and retry on the next poll;

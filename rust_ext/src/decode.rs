@@ -329,18 +329,83 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
     Ok(dynamic_to_rgb8(img))
 }
 
-/// Read and decode a file.
-pub fn decode_path(path: &Path, max_pixels: u64) -> Result<Rgb8> {
-    let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| {
+/// Largest file accepted for `max_pixels`: an uncompressed image of that many pixels at 8 bytes
+/// per pixel (16-bit RGBA) plus 64 MiB of headers and metadata, the same bound as the decoders'
+/// allocation limit. Anything bigger cannot be a genuine image within the pixel limit.
+pub fn max_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// Read a file for decoding: only regular files (a FIFO would block forever, `/dev/zero` never
+/// ends), and only up to `max_bytes` (checked against the file's size before reading, and the
+/// read itself is bounded in case the file grows meanwhile).
+pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let name = || path.display().to_string();
+    let io_err = |e: std::io::Error| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_string(),
             std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
             _ => e.to_string(),
         };
-        Error::decode(name.clone(), DecodeReason::Io(why))
-    })?;
-    decode_bytes(&bytes, &name, max_pixels)
+        Error::decode(name(), DecodeReason::Io(why))
+    };
+    let check = |meta: &std::fs::Metadata| -> Result<()> {
+        if !meta.is_file() {
+            return Err(Error::decode(
+                name(),
+                DecodeReason::Io(format!("not a regular file ({})", file_kind(meta))),
+            ));
+        }
+        if meta.len() > max_bytes {
+            return Err(Error::decode(
+                name(),
+                DecodeReason::LimitExceeded(format!(
+                    "file of {} bytes is larger than {max_bytes} bytes (the most an image within max_pixels can need)",
+                    meta.len()
+                )),
+            ));
+        }
+        Ok(())
+    };
+    // stat before open: opening a FIFO for reading blocks until a writer appears
+    check(&std::fs::metadata(path).map_err(io_err)?)?;
+    let f = std::fs::File::open(path).map_err(io_err)?;
+    let meta = f.metadata().map_err(io_err)?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max_bytes + 1).read_to_end(&mut bytes).map_err(io_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Error::decode(
+            name(),
+            DecodeReason::LimitExceeded(format!("file grew beyond {max_bytes} bytes while being read")),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO / named pipe"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Read and decode a file.
+pub fn decode_path(path: &Path, max_pixels: u64) -> Result<Rgb8> {
+    let bytes = read_image_file(path, max_file_bytes(max_pixels))?;
+    decode_bytes(&bytes, &path.display().to_string(), max_pixels)
 }
 
 #[cfg(test)]
@@ -538,5 +603,23 @@ pub(crate) mod tests {
             e.contains("/nonexistent/dir/x.bmp") && e.contains("no such file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn special_and_oversized_files_are_refused_without_reading() {
+        let e = decode_path(Path::new("/dev/zero"), DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("/dev/zero") && e.contains("not a regular file") && e.contains("character device"), "{e}");
+        let e = decode_path(Path::new("/tmp"), DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("leukedge-decode-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.bmp");
+        std::fs::write(&big, vec![0u8; 5000]).unwrap();
+        let e = read_image_file(&big, 4000).unwrap_err().to_string();
+        assert!(e.contains("big.bmp") && e.contains("5000 bytes"), "{e}");
+        assert_eq!(read_image_file(&big, 5000).unwrap().len(), 5000);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(max_file_bytes(1), 8 + (64 << 20));
+        assert_eq!(max_file_bytes(u64::MAX), u64::MAX);
     }
 }
