@@ -198,3 +198,22 @@ def test_file_sha256_refuses_special_and_oversized_files(tmp_path):
     with pytest.raises(FileTooLarge):
         file_sha256(tmp_path / "big.bmp", max_bytes=99)
     assert len(file_sha256(tmp_path / "big.bmp", max_bytes=100)) == 64
+
+
+# ==================================================================================================
+# 3. A truncated JPEG is an error, not a grey-filled cell
+# ==================================================================================================
+def test_truncated_jpeg_is_refused_like_pillow(native, tmp_path):
+    from PIL import Image
+
+    src = real_cells(1)[0]
+    Image.open(src).convert("RGB").save(tmp_path / "cell.jpg", quality=90)
+    data = (tmp_path / "cell.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError):
+        Image.open(tmp_path / "half.jpg").load()  # Pillow refuses it ...
+    with pytest.raises(native.DecodeError, match="truncated"):
+        native.decode(str(tmp_path / "half.jpg"))  # ... and so do we (before: decoded, missing half grey)
+    assert native.decode(str(tmp_path / "cell.jpg")).shape[:2] == Image.open(src).size[::-1]
+    _, st = native.preprocess_batch([str(tmp_path / "half.jpg"), str(tmp_path / "cell.jpg")], '{"size": 32}')
+    assert [s["ok"] for s in st] == [False, True] and "half.jpg" in st[0]["error"]

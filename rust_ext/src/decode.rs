@@ -275,6 +275,38 @@ unsafe fn bgr_to_rgb_ssse3(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
     bgr_to_rgb_scalar(&src[i..], &mut dst[i..]);
 }
 
+/// True when a JPEG stream reaches its end-of-image marker (EOI, `FF D9`) after its first
+/// start-of-scan (SOS). The JPEG decoder fills the missing part of a cut-off file with grey and
+/// reports success; Pillow (libjpeg) refuses such a file as truncated, and so do we.
+///
+/// Marker segments before SOS are skipped by their lengths (so an EXIF thumbnail's own EOI does
+/// not count). In entropy-coded data `FF` is always followed by `00` or a restart marker, so the
+/// first `FF D9` after SOS is the real EOI (progressive files have several scans and one EOI).
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    loop {
+        // fill bytes (FF FF ...) may precede a marker
+        while bytes.get(i) == Some(&0xFF) && bytes.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        match (bytes.get(i), bytes.get(i + 1)) {
+            (Some(0xFF), Some(&m)) => match m {
+                0xDA => break,              // SOS: entropy-coded data follows
+                0xD9 => return true,        // EOI before any scan: let the decoder judge
+                0x01 | 0xD0..=0xD7 => i += 2, // standalone markers
+                _ => {
+                    let Some(len) = bytes.get(i + 2..i + 4) else {
+                        return false;
+                    };
+                    i += 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
+                }
+            },
+            _ => return false, // ran out of data (or garbage) before the first scan
+        }
+    }
+    bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 /// Decode encoded image bytes. `source` is only used in error messages.
 pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8> {
     if bytes.is_empty() {
@@ -296,6 +328,14 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
         ));
     }
     let fname = format_name(format);
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(Error::decode(
+            source,
+            DecodeReason::Truncated(
+                "JPEG: the data ends before the end-of-image marker; the file is cut off or still being written".into(),
+            ),
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.no_limits();
     // Parse the header only (no pixel allocation yet).
@@ -603,6 +643,28 @@ pub(crate) mod tests {
             e.contains("/nonexistent/dir/x.bmp") && e.contains("no such file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let img = DynamicImage::ImageRgb8(sample_rgb(64, 48));
+        let jpg = encode(&img, ImageFormat::Jpeg);
+        assert!(jpeg_is_complete(&jpg));
+        assert!(decode_bytes(&jpg, "whole.jpg", DEFAULT_MAX_PIXELS).is_ok());
+        for cut in [jpg.len() - 2, jpg.len() / 2, jpg.len() * 3 / 4, 200] {
+            let e = decode_bytes(&jpg[..cut], "half.jpg", DEFAULT_MAX_PIXELS)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("half.jpg") && e.contains("truncated"), "{cut}: {e}");
+        }
+        // trailing bytes after EOI are fine
+        let mut padded = jpg.clone();
+        padded.extend_from_slice(&[0u8; 32]);
+        assert!(decode_bytes(&padded, "padded.jpg", DEFAULT_MAX_PIXELS).is_ok());
+        // garbage after SOI never panics
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF]));
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF]));
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8]));
     }
 
     #[test]
