@@ -260,13 +260,19 @@ class Predictor:
         return self.runner.batch
 
     def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
-        probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
+        finite = np.isfinite(logits[: len(b.items)]).all(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
         preds = logits[: len(b.items)].argmax(1)
         out = []
         for j, (item, st) in enumerate(zip(b.items, b.statuses)):
             m = meta[b.index * self.batch + j] if meta is not None else {}
             path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
-            if st.get("ok"):
+            if st.get("ok") and not finite[j]:
+                out.append(FileResult(path, None, None, "error",
+                                      "the model produced a non-finite output (NaN or inf) for this image; its weights "
+                                      "are probably corrupt", m.get("subject"), m.get("true_label"), False))
+            elif st.get("ok"):
                 out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
                                       m.get("subject"), m.get("true_label"), bool(st.get("stain_fallback", False))))
             else:

@@ -384,6 +384,14 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
         raise BundleError(f"{weights}: cannot read weights: {exc}") from exc
     ref = model.state_dict()
+    for k, v in state.items():
+        # a float parameter stored as int8 (or any integer type) is not a lossless cast but a corrupt
+        # or hand-edited file, and NaN/inf weights only ever give NaN probabilities
+        if k in ref and ref[k].is_floating_point() and not v.is_floating_point():
+            raise BundleError(f"{weights}: tensor {k!r} is {str(v.dtype).removeprefix('torch.')}, expected a float type; "
+                              "the weights file is corrupt or was edited")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise BundleError(f"{weights}: tensor {k!r} holds NaN or infinite values; the weights file is corrupt")
     state = {k: (v.to(ref[k].dtype) if k in ref else v) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -217,3 +217,58 @@ def test_truncated_jpeg_is_refused_like_pillow(native, tmp_path):
     assert native.decode(str(tmp_path / "cell.jpg")).shape[:2] == Image.open(src).size[::-1]
     _, st = native.preprocess_batch([str(tmp_path / "half.jpg"), str(tmp_path / "cell.jpg")], '{"size": 32}')
     assert [s["ok"] for s in st] == [False, True] and "half.jpg" in st[0]["error"]
+
+
+# ==================================================================================================
+# 4. A model whose outputs are NaN never yields "status ok"
+# ==================================================================================================
+def _edit_weights(bundle: Path, dest: Path, fn) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("export"))
+    state = load_file(str(dest / "model.safetensors"))
+    save_file(fn(state), str(dest / "model.safetensors"))
+    return dest
+
+
+def test_nan_or_int8_weights_are_refused(tiny_model, tmp_path):
+    import torch
+
+    from leukedge.models import BundleError, load_bundle
+
+    def nan(state):
+        k = next(k for k, v in state.items() if v.is_floating_point() and v.ndim > 1)
+        state[k] = torch.full_like(state[k], float("nan"))
+        return state
+
+    def int8(state):
+        return {k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}
+
+    with pytest.raises(BundleError, match="NaN"):
+        load_bundle(_edit_weights(tiny_model, tmp_path / "nan", nan))
+    with pytest.raises(BundleError, match="int8"):
+        load_bundle(_edit_weights(tiny_model, tmp_path / "int8", int8))
+    cell = synth_cell(tmp_path / "c.bmp")
+    res = CliRunner().invoke(__import__("leukedge.infer", fromlist=["infer_cmd"]).infer_cmd,
+                             [str(cell), "-m", str(tmp_path / "nan"), "--backend", "torch", "-o", str(tmp_path / "o.csv")])
+    assert "NaN" in one_clear_line(res)  # before: "probability nan, label hem, status ok", exit 0
+
+
+def test_non_finite_model_output_is_an_error_per_file(tiny_model, tmp_path):
+    from leukedge.engines.base import Backend, resolve_model
+    from leukedge.infer import Predictor
+
+    class NanBackend(Backend):
+        name = "nan-test"
+        device_kind = "cpu"
+
+        def infer(self, batch):
+            out = np.zeros((len(batch), 2), np.float32)
+            out[0] = np.nan
+            return out
+
+    cells = [str(synth_cell(tmp_path / f"c{i}.bmp", seed=i)) for i in range(3)]
+    pred = Predictor(spec=resolve_model(tiny_model), backend_obj=NanBackend(), pipeline=False)
+    res = pred.predict(cells)
+    assert [r.status for r in res] == ["error", "ok", "ok"]
+    assert res[0].probability is None and "non-finite" in res[0].error
