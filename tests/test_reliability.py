@@ -272,3 +272,30 @@ def test_non_finite_model_output_is_an_error_per_file(tiny_model, tmp_path):
     res = pred.predict(cells)
     assert [r.status for r in res] == ["error", "ok", "ok"]
     assert res[0].probability is None and "non-finite" in res[0].error
+
+
+# ==================================================================================================
+# 5. Contradictory thresholds are refused
+# ==================================================================================================
+def test_white_threshold_below_black_threshold_is_refused(tmp_path):
+    from leukedge.preprocess import preprocess_cmd
+
+    with pytest.raises(ValueError, match="white_threshold"):
+        StainConfig(black_threshold=100, white_threshold=50)
+    cell = synth_cell(tmp_path / "d" / "c.bmp")
+    res = CliRunner().invoke(preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"), "--black-threshold", "100",
+                                              "--white-threshold", "50"])
+    assert "--white-threshold" in one_clear_line(res)  # before: every image black, status ok
+    with pytest.raises(native.ConfigError, match="white_threshold"):
+        native.preprocess_batch([str(cell)], json.dumps({"stain": {"black_threshold": 100, "white_threshold": 50}}))
+
+
+@pytest.mark.parametrize("opt", [("--stain-io", "nan"), ("--stain-beta", "inf"), ("--stain-alpha", "nan"),
+                                 ("--mean", "nan", "0.4", "0.4"), ("--std", "0.2", "inf", "0.2")])
+def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
+    from leukedge.preprocess import preprocess_cmd
+
+    cell = synth_cell(tmp_path / "d" / "c.bmp")
+    line = one_clear_line(CliRunner().invoke(preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
+                                                              "--split-by", "none", *opt]))
+    assert "finite" in line and opt[0] in line  # before: "expected value at line 1 column 218"
