@@ -290,6 +290,115 @@ def test_white_threshold_below_black_threshold_is_refused(tmp_path):
         native.preprocess_batch([str(cell)], json.dumps({"stain": {"black_threshold": 100, "white_threshold": 50}}))
 
 
+# ==================================================================================================
+# 6. A current row follows its file: renamed, moved or deleted files stop counting
+# ==================================================================================================
+def _fake_predict(paths):
+    return [{"path": p, "probability": 0.9, "label": "all", "status": "ok", "error": None} for p in paths]
+
+
+def _run_station_until(settings, done, timeout=60.0):
+    from leukedge.station import ModelInfo, Station
+
+    st = Station(settings, _fake_predict, ModelInfo("m", "m@1", "h", "fake"), install_signal_handlers=False)
+    import threading
+
+    th = threading.Thread(target=st.run, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    try:
+        while not done():
+            assert time.monotonic() - t0 < timeout, "station did not get there in time"
+            assert th.is_alive(), "station stopped"
+            time.sleep(0.05)
+    finally:
+        st.request_stop("test done")
+        th.join(timeout=30)
+    return st
+
+
+def _current(db: Path) -> dict[str, int]:
+    from leukedge.station import db as sdb
+
+    conn = sdb.connect(db, readonly=True)
+    try:
+        return {s["sample_id"]: s["n_cells"] for s in sdb.sample_totals(conn)}
+    finally:
+        conn.close()
+
+
+def test_station_rows_follow_renamed_moved_and_deleted_files(tmp_path):
+    from leukedge.station import StationSettings
+
+    watch = tmp_path / "watch"
+    for i in range(6):
+        synth_cell(watch / "s1" / f"c{i}.bmp", seed=i, size=64)
+    db = tmp_path / "st.sqlite"
+    s = StationSettings(watch_dir=watch, db_path=db, batch_size=8, max_wait_ms=50, settle_ms=100, poll_ms=20,
+                        heartbeat_s=0.2, full_scan_s=0.5)
+    _run_station_until(s, lambda: db.exists() and _current_safe(db) == {"s1": 6})
+    os.rename(watch / "s1" / "c0.bmp", watch / "s1" / "c0-renamed.bmp")
+    (watch / "s2").mkdir()
+    os.rename(watch / "s1" / "c1.bmp", watch / "s2" / "c1.bmp")
+    os.unlink(watch / "s1" / "c2.bmp")
+    # before the fix: 9 cells for 6 files (old rows kept counting next to the new ones)
+    _run_station_until(s, lambda: _current_safe(db) == {"s1": 4, "s2": 1})
+    # a restart keeps the counts, and a file that comes back counts again
+    os.rename(watch / "s1" / "c0-renamed.bmp", watch / "s1" / "c0.bmp")
+    _run_station_until(s, lambda: _current_safe(db) == {"s1": 4, "s2": 1}
+                       and query_one(db, "SELECT COUNT(*) FROM results WHERE superseded = 0 AND path LIKE '%c0.bmp'") == 1)
+
+
+def query_one(db: Path, sql: str):
+    c = sqlite3.connect(db, timeout=10)
+    try:
+        return c.execute(sql).fetchone()[0]
+    finally:
+        c.close()
+
+
+def _current_safe(db: Path) -> dict[str, int]:
+    try:
+        return {k: v for k, v in _current(db).items() if v}
+    except Exception:  # noqa: BLE001 - the station may still be creating the database
+        return {}
+
+
+# ==================================================================================================
+# 10. An unreadable file that is later fixed (chmod 644) is retried
+# ==================================================================================================
+def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):
+    import leukedge.station.scanner as sc
+
+    real = sc.file_sha256
+    locked = {"on": True}
+
+    def sha(path, *a, **k):
+        if locked["on"] and str(path).endswith("c.bmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(sc, "file_sha256", sha)
+    cell = synth_cell(tmp_path / "w" / "s" / "c.bmp")
+    scanner = sc.Scanner(tmp_path / "w", settle_s=0.0, full_scan_s=0.0)
+
+    def poll(n=20):
+        for _ in range(n):
+            ready = scanner.scan()
+            if ready:
+                return ready
+            time.sleep(0.01)
+        return []
+
+    first = poll()
+    assert len(first) == 1 and first[0].error and "Permission denied" in first[0].error
+    scanner.report_done(first[0].path, first[0].sha256, first[0].size, first[0].mtime_ns)
+    assert poll(5) == []  # still unreadable: not stored twice
+    locked["on"] = False   # chmod 644: neither size nor mtime change
+    again = poll()
+    assert len(again) == 1 and again[0].error is None and again[0].sha256 == real(cell)
+
+
 @pytest.mark.parametrize("opt", [("--stain-io", "nan"), ("--stain-beta", "inf"), ("--stain-alpha", "nan"),
                                  ("--mean", "nan", "0.4", "0.4"), ("--std", "0.2", "inf", "0.2")])
 def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
