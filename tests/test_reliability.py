@@ -365,6 +365,37 @@ def _current_safe(db: Path) -> dict[str, int]:
 
 
 # ==================================================================================================
+# 7. The station records the model that ran: export.json file hashes are checked
+# ==================================================================================================
+def test_export_with_another_models_onnx_is_refused_and_model_id_is_what_ran(tiny_model, tmp_path):
+    import torch
+    from rich.console import Console
+
+    from leukedge.data import file_sha256
+    from leukedge.engines.base import resolve_model
+    from leukedge.export import export_model
+    from leukedge.models import build_model
+    from leukedge.station import open_predictor
+
+    torch.manual_seed(1)
+    other = build_model("tiny", width=4).eval()
+    cfg = PreprocessConfig(size=32)
+    export_model(other, cfg, tmp_path / "other", meta={"arch": "tiny"}, fp16=False, check=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_model / "export", mixed)
+    shutil.copy(tmp_path / "other" / "model_fp32.onnx", mixed / "model_fp32.onnx")
+    with pytest.raises(ValueError, match="sha256"):
+        resolve_model(mixed)  # before: accepted, and the station named the bundle from export.json
+    pred, info = open_predictor(str(tiny_model / "export"), "onnxruntime", fallback=False, device="cpu", threads=1,
+                                batch_size=4, console=Console(quiet=True))
+    try:
+        ran = file_sha256(tiny_model / "export" / "model_fp32.onnx")[:12]
+        assert info.model_id == f"export@{ran}"
+    finally:
+        pred.close()
+
+
+# ==================================================================================================
 # 10. An unreadable file that is later fixed (chmod 644) is retried
 # ==================================================================================================
 def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):

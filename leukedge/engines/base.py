@@ -306,12 +306,36 @@ def _fill_export(spec: ModelSpec, exp: Path) -> None:
         spec.onnx_fp32 = exp / EXPORT_FP32
     if (exp / EXPORT_FP16).is_file():
         spec.onnx_fp16 = exp / EXPORT_FP16
+    _check_export_hashes(exp)
     eng = find_engine(exp)
     if eng is not None:
         info = read_sidecar(eng)
         check_preprocess(info, eng, spec.config, f"{spec.kind} {spec.path}")
         spec.engine = eng
         spec.meta.setdefault("sidecar", info)
+
+
+def _check_export_hashes(exp: Path) -> None:
+    """Refuse an export folder whose ONNX files are not the ones its ``export.json`` lists (e.g. another
+    model's file copied in): the model is identified by what runs, not by what the folder names."""
+    manifest = exp / "export.json"
+    if not manifest.is_file():
+        return
+    from ..data import file_sha256
+
+    try:
+        files = json.loads(manifest.read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{manifest}: unreadable export manifest: {exc}") from exc
+    for entry in files.values() if isinstance(files, dict) else []:
+        if not isinstance(entry, dict) or not str(entry.get("path", "")).endswith(".onnx") or not entry.get("sha256"):
+            continue
+        f = exp / Path(str(entry["path"])).name
+        if f.is_file() and file_sha256(f) != entry["sha256"]:
+            raise ValueError(
+                f"{f} does not match {manifest.name} (sha256 {file_sha256(f)[:12]} != {str(entry['sha256'])[:12]}): "
+                "the folder holds another model's ONNX file; export the model again"
+            )
 
 
 # --------------------------------------------------------------------------------------------

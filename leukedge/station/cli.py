@@ -66,10 +66,17 @@ def _resolve_db(watch_dir: str | None, db_path: str | None) -> Path:
 
 
 # -- model loading ---------------------------------------------------------------------------------
-def _model_id(spec: Any) -> str:
-    """Stable short identity of the weights a ModelSpec points at."""
+def _model_id(spec: Any, backend: Any = None) -> str:
+    """Stable short identity of the weights that actually run: ``<what --model named>@<sha256 prefix>`` of
+    the file the backend loaded (the ONNX file, the engine, or the bundle's weights for PyTorch), never
+    of a file that a model folder's metadata merely names."""
     from ..data import file_sha256
 
+    ran = getattr(backend, "path", None)
+    if ran is None and getattr(getattr(backend, "bundle", None), "path", None) is not None:
+        ran = Path(backend.bundle.path) / "model.safetensors"
+    if ran is not None and Path(ran).is_file():
+        return f"{Path(spec.path).name}@{file_sha256(ran)[:12]}"
     for attr in ("engine", "onnx_fp32", "onnx_fp16"):
         p = getattr(spec, attr, None)
         if p is not None and Path(p).is_file():
@@ -123,7 +130,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
     class_names = list(getattr(spec, "class_names", None) or ["hem", "all"])
     info = ModelInfo(
         model=str(model),
-        model_id=getattr(pred, "model_id", None) or (_model_id(spec) if spec is not None else Path(model).name),
+        model_id=getattr(pred, "model_id", None) or (_model_id(spec, backend_obj) if spec is not None else Path(model).name),
         preprocess_hash=config.pixel_hash() if config is not None else "",
         backend=backend_name,
         positive_label=class_names[1] if len(class_names) > 1 else "all",
