@@ -396,6 +396,43 @@ def test_export_with_another_models_onnx_is_refused_and_model_id_is_what_ran(tin
 
 
 # ==================================================================================================
+# 8. infer: the output is checked before the work; a write failure says where
+# ==================================================================================================
+def test_infer_refuses_a_bad_output_before_inference(tmp_path, monkeypatch):
+    import leukedge.infer as inf
+
+    class Boom:
+        def __init__(self, *a, **k):
+            raise AssertionError("inference started before the output was checked")
+
+    monkeypatch.setattr(inf, "Predictor", Boom)
+    cell = synth_cell(tmp_path / "c.bmp")
+    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-o", str(tmp_path / "x.txt")])
+    assert ".csv or .jsonl" in one_clear_line(res)
+    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-o", "/proc/leukedge-test/results.csv"])  # read-only
+    assert "cannot write the results file /proc/leukedge-test/results.csv" in one_clear_line(res)
+
+
+def test_infer_write_failure_is_one_line_and_leaves_no_temp_file(tiny_model, tmp_path, monkeypatch):
+    import leukedge.engines.sidecar as sidecar
+    import leukedge.infer as inf
+
+    cell = synth_cell(tmp_path / "in" / "c.bmp")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sidecar.os, "replace", full_disk)
+    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-m", str(tiny_model), "--backend", "onnxruntime",
+                                             "-o", str(out / "r.csv")])
+    line = one_clear_line(res)
+    assert "could not be written to" in line and str(out / "r.csv") in line and "No space left" in line
+    assert list(out.iterdir()) == []
+
+
+# ==================================================================================================
 # 10. An unreadable file that is later fixed (chmod 644) is retried
 # ==================================================================================================
 def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):
