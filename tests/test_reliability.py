@@ -433,6 +433,75 @@ def test_infer_write_failure_is_one_line_and_leaves_no_temp_file(tiny_model, tmp
 
 
 # ==================================================================================================
+# 9. The station database: read-only medium, corrupt file
+# ==================================================================================================
+def _station_db_with_rows(watch: Path, db: Path, sample: str = "s1", n: int = 2) -> None:
+    from leukedge.station import StationSettings
+
+    for i in range(n):
+        synth_cell(watch / sample / f"c{i}.bmp", seed=i, size=64)
+    s = StationSettings(watch_dir=watch, db_path=db, batch_size=8, max_wait_ms=50, settle_ms=50, poll_ms=20,
+                        heartbeat_s=0.2)
+    _run_station_until(s, lambda: db.exists() and sum(_current_safe(db).values()) == n)
+
+
+def _make_read_only(d: Path) -> None:
+    """``d`` as on a read-only medium: nothing can be created in it, not even by root."""
+    if os.geteuid() != 0:
+        os.chmod(d, 0o555)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
+        pytest.skip("running as root and cannot set the immutable attribute to emulate a read-only medium")
+
+
+def _make_writable(d: Path) -> None:
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+    os.chmod(d, 0o755)
+
+
+def test_status_of_a_database_on_a_read_only_medium(tmp_path):
+    from leukedge.station import station_group
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    db = ro / "st.sqlite"
+    _station_db_with_rows(tmp_path / "watch", db)
+    for f in ro.iterdir():  # the checkpointed database alone, as copied onto a card
+        if f != db:
+            f.unlink()
+    _make_read_only(ro)
+    try:
+        assert not (ro / "probe").exists()
+        res = CliRunner().invoke(station_group, ["status", "--db", str(db), "--json"])
+        assert res.exit_code == 0, res.output  # before: sqlite3.OperationalError: unable to open database file
+        assert json.loads(res.output[res.output.index("{"):])["totals"]["ok"] == 2
+        res = CliRunner().invoke(station_group, ["export", "--db", str(db), "-o", str(tmp_path / "e.csv")])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "e.csv").read_text().count("\n") == 2
+    finally:
+        _make_writable(ro)
+
+
+def test_corrupt_database_is_reported_clearly(tmp_path):
+    from leukedge.station import station_group
+
+    db = tmp_path / "st.sqlite"
+    db.write_bytes(b"this is not a database at all" * 100)
+    (tmp_path / "st.sqlite-wal").write_bytes(b"x" * 10)
+    for args in (["status", "--db", str(db)], ["export", "--db", str(db), "-o", str(tmp_path / "e.csv")]):
+        line = one_clear_line(CliRunner().invoke(station_group, args))
+        assert "damaged" in line and str(db) in line and "st.sqlite-wal" in line
+    from leukedge.station import StationError, StationSettings
+    from leukedge.station.core import ModelInfo, Station
+
+    st = Station(StationSettings(watch_dir=tmp_path, db_path=db), _fake_predict, ModelInfo("m", "m", "h", "fake"),
+                 install_signal_handlers=False)
+    with pytest.raises(StationError, match="damaged"):
+        st.run()
+
+
+# ==================================================================================================
 # 10. An unreadable file that is later fixed (chmod 644) is retried
 # ==================================================================================================
 def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):
@@ -465,6 +534,27 @@ def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):
     locked["on"] = False   # chmod 644: neither size nor mtime change
     again = poll()
     assert len(again) == 1 and again[0].error is None and again[0].sha256 == real(cell)
+
+
+# ==================================================================================================
+# 11. Rich markup in paths and sample ids is shown as text
+# ==================================================================================================
+def test_markup_in_paths_and_sample_ids_is_escaped(tiny_model, tmp_path):
+    from leukedge.infer import infer_cmd
+    from leukedge.station import station_group
+
+    bad = tmp_path / "in" / "x[/]y.bmp"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"BM not really")
+    res = CliRunner().invoke(infer_cmd, [str(bad), "-m", str(tiny_model), "--backend", "onnxruntime",
+                                         "-o", str(tmp_path / "r.csv")])
+    assert res.exit_code == 0, res.output  # before: rich.errors.MarkupError on the error line
+    assert "x[/]y.bmp" in res.output.replace("\n", "")
+    watch, db = tmp_path / "watch", tmp_path / "st.sqlite"
+    _station_db_with_rows(watch, db, sample="[red]", n=1)
+    res = CliRunner().invoke(station_group, ["status", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "[red]" in res.output  # before: rendered blank (taken as a style)
 
 
 @pytest.mark.parametrize("opt", [("--stain-io", "nan"), ("--stain-beta", "inf"), ("--stain-alpha", "nan"),

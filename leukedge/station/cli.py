@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import db as sdb
@@ -313,21 +315,22 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     """Per-sample totals (cells, blasts, blast fraction, errors), throughput over the last minute
     and the queue length of a running station."""
     path = _resolve_db(watch_dir, db_path)
-    try:
-        conn = sdb.connect(path, readonly=True)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    conn = _open_readonly(path)
     try:
         data = status_data(conn)
+    except sqlite3.DatabaseError as exc:  # corruption found while reading
+        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
         conn.close()
+    if getattr(conn, "note", ""):
+        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
     console = Console()
-    st = data["station"]
+    st = _escaped(data["station"])
     if st is None:
-        console.print(f"{path}: no station run recorded yet")
+        console.print(f"{escape(str(path))}: no station run recorded yet")
     elif st["running"]:
         console.print(
             f"[bold green]running[/] (pid {st['pid']} on {st['host']}, heartbeat {_fmt_age(st['heartbeat_age_s'])} ago) "
@@ -356,9 +359,24 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     for s in data["samples"]:
         frac = "-" if s["blast_fraction"] is None else f"{100 * s['blast_fraction']:.1f} %"
         last = "-" if s["last_result_at"] is None else time.strftime("%H:%M:%S", time.localtime(s["last_result_at"]))
-        table.add_row(str(s["sample_id"]), f"{s['n_cells']:,}", f"{s['n_blasts']:,}", frac,
+        table.add_row(escape(str(s["sample_id"])), f"{s['n_cells']:,}", f"{s['n_blasts']:,}", frac,
                       f"[red]{s['n_errors']}[/]" if s["n_errors"] else "0", last)
     console.print(table)
+
+
+def _open_readonly(path: Path):
+    """Open the database for status / export, or a one-line click error (missing or damaged)."""
+    try:
+        return sdb.connect(path, readonly=True)
+    except (FileNotFoundError, sdb.DatabaseDamaged) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _escaped(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``d`` with its strings escaped for rich markup (paths, host names and reasons may hold ``[...]``)."""
+    if d is None:
+        return None
+    return {k: escape(v) if isinstance(v, str) else v for k, v in d.items()}
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -412,10 +430,7 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
     path = _resolve_db(watch_dir, db_path)
     if fmt is None:
         fmt = "json" if output.lower().endswith(".json") else "csv"
-    try:
-        conn = sdb.connect(path, readonly=True)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    conn = _open_readonly(path)
     try:
         conn.execute("BEGIN")  # one consistent snapshot while the station keeps writing
         if cells:
@@ -427,8 +442,12 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
                 if r.get(k) is not None:
                     r[k] = _iso(r[k])
         conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:  # corruption found while reading
+        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
         conn.close()
+    if getattr(conn, "note", ""):
+        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
     text = render_export(rows, cols, fmt)
     if output == "-":
         sys.stdout.write(text)

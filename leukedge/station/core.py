@@ -152,7 +152,10 @@ class Station:
         if not s.watch_dir.is_dir():
             raise StationError(f"watch folder {s.watch_dir} does not exist or is not a folder")
         sample_fn = make_sample_fn(str(s.watch_dir), s.sample_pattern)
-        self.conn = sdb.connect(s.db_path)
+        try:
+            self.conn = sdb.connect(s.db_path)
+        except sdb.DatabaseDamaged as exc:
+            raise StationError(str(exc)) from exc
         other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
             self.conn.close()
