@@ -566,3 +566,16 @@ def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
     line = one_clear_line(CliRunner().invoke(preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
                                                               "--split-by", "none", *opt]))
     assert "finite" in line and opt[0] in line  # before: "expected value at line 1 column 218"
+
+
+# ==================================================================================================
+# 13. Smaller issues
+# ==================================================================================================
+def test_csv_export_escapes_formulas():
+    from leukedge.station.cli import render_export
+
+    text = render_export([{"sample_id": "=HYPERLINK(\"http://x\")", "n_cells": 3},
+                          {"sample_id": "+1", "n_cells": -1}, {"sample_id": "ok", "n_cells": 0}],
+                         ("sample_id", "n_cells"), "csv")
+    lines = text.splitlines()
+    assert lines[1].startswith("\"'=HYPERLINK") and lines[2] == "'+1,-1" and lines[3] == "ok,0"
