@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .bundle_meta import BundleMetaError, check_arch_kwargs, validate_bundle_meta
 from .config import PreprocessConfig, normalize_uint8
 
 BUNDLE_FORMAT = 1
@@ -170,6 +171,7 @@ def build_model(arch: str, *, num_classes: int = 2, input_size: int = 224, pretr
     """Build an architecture by name; the result maps ``(N,3,S,S)`` to logits ``(N,num_classes)``."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    arch_kwargs = check_arch_kwargs(arch, arch_kwargs)  # allow-listed: never checkpoint_path & co.
     if arch == "tiny":
         if pretrained:
             raise PretrainedWeightsUnavailable("the 'tiny' architecture has no pretrained weights (use --no-pretrained)")
@@ -349,9 +351,10 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{meta_path}: invalid JSON: {exc}") from exc
-    for key in ("format", "arch", "input_size", "preprocess", "preprocess_hash"):
-        if key not in meta:
-            raise BundleError(f"{meta_path}: missing key {key!r}")
+    try:
+        validate_bundle_meta(meta, meta_path, tuple(ARCHS))
+    except BundleMetaError as exc:
+        raise BundleError(str(exc)) from exc
     if meta["format"] != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path}: bundle format {meta['format']} is not supported (expected {BUNDLE_FORMAT})")
     return meta

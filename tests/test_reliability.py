@@ -557,6 +557,51 @@ def test_markup_in_paths_and_sample_ids_is_escaped(tiny_model, tmp_path):
     assert "[red]" in res.output  # before: rendered blank (taken as a style)
 
 
+# ==================================================================================================
+# 12. User errors are one line naming the file or setting, never a traceback
+# ==================================================================================================
+BAD_BUNDLES = {
+    "arch_kwargs_wrong_key": lambda m: {**m, "arch_kwargs": {"widht": 4}},
+    "arch_kwargs_wrong_type": lambda m: {**m, "arch_kwargs": {"width": "four"}},
+    "arch_kwargs_not_object": lambda m: {**m, "arch_kwargs": [4]},
+    "json_list": lambda m: [m],
+    "size_big": lambda m: {**m, "input_size": "big"},
+    "one_class_name": lambda m: {**m, "class_names": ["hem"]},
+    "unknown_arch": lambda m: {**m, "arch": "vgg99"},
+    "preprocess_size_big": lambda m: {**m, "preprocess": {**m["preprocess"], "size": "big"}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BUNDLES))
+def test_hand_edited_bundles_are_one_clear_line(tiny_model, tmp_path, case):
+    from leukedge.infer import infer_cmd
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_model, b, ignore=shutil.ignore_patterns("export"))
+    meta = json.loads((b / "bundle.json").read_text())
+    (b / "bundle.json").write_text(json.dumps(BAD_BUNDLES[case](meta)))
+    cell = synth_cell(tmp_path / "c.bmp")
+    line = one_clear_line(CliRunner().invoke(infer_cmd, [str(cell), "-m", str(b), "-o", str(tmp_path / "o.csv")]))
+    assert "bundle.json" in line
+
+
+@pytest.mark.parametrize("kind", ["not_onnx", "truncated"])
+def test_broken_onnx_files_are_one_clear_line(tiny_model, tmp_path, kind):
+    from leukedge.infer import infer_cmd
+
+    onnx_bytes = (tiny_model / "export" / "model_fp32.onnx").read_bytes()
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_model / "export", exp)
+    data = b"PK\x03\x04 this is a zip file" * 20 if kind == "not_onnx" else onnx_bytes[: len(onnx_bytes) // 2]
+    (exp / "model_fp32.onnx").write_bytes(data)
+    (tmp_path / "m.onnx").write_bytes(data)
+    cell = synth_cell(tmp_path / "c.bmp")
+    for model in (tmp_path / "m.onnx", exp):
+        line = one_clear_line(CliRunner().invoke(infer_cmd, [str(cell), "-m", str(model), "--backend", "onnxruntime",
+                                                             "-o", str(tmp_path / "o.csv")]))
+        assert "onnx" in line.lower()
+
+
 @pytest.mark.parametrize("opt", [("--stain-io", "nan"), ("--stain-beta", "inf"), ("--stain-alpha", "nan"),
                                  ("--mean", "nan", "0.4", "0.4"), ("--std", "0.2", "inf", "0.2")])
 def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
@@ -579,3 +624,17 @@ def test_csv_export_escapes_formulas():
                          ("sample_id", "n_cells"), "csv")
     lines = text.splitlines()
     assert lines[1].startswith("\"'=HYPERLINK") and lines[2] == "'+1,-1" and lines[3] == "ok,0"
+
+
+def test_arch_kwargs_are_allow_listed(tiny_model, tmp_path):
+    from leukedge.models import BundleError, build_model, load_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_model, b, ignore=shutil.ignore_patterns("export"))
+    meta = json.loads((b / "bundle.json").read_text())
+    meta.update(arch="resnet18", arch_kwargs={"checkpoint_path": "/etc/passwd"})
+    (b / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="checkpoint_path.*not an allowed"):
+        load_bundle(b)
+    with pytest.raises(ValueError, match="not an allowed"):
+        build_model("resnet18", pretrained_cfg_overlay={"file": "/etc/passwd"})

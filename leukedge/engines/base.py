@@ -212,7 +212,10 @@ def onnx_config(path: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
     """Preprocessing config and metadata of an ONNX file (metadata_props, else a sibling preprocess.json)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends: not an ONNX file
+        raise ValueError(f"{path}: not a valid ONNX model (truncated or another kind of file): {exc}") from exc
     props = {p.key: p.value for p in m.metadata_props}
     if "leukedge.preprocess" in props:
         cfg = PreprocessConfig.from_json(props["leukedge.preprocess"])
@@ -240,8 +243,15 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
     if not p.exists():
         raise FileNotFoundError(f"model {p} does not exist (expected a bundle dir, export dir, .onnx or engine file)")
     if p.is_dir() and (p / "bundle.json").is_file():
-        meta = json.loads((p / "bundle.json").read_text())
-        cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        from ..bundle_meta import BundleMetaError, validate_bundle_meta
+
+        try:
+            meta = validate_bundle_meta(json.loads((p / "bundle.json").read_text()), p / "bundle.json")
+            cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        except BundleMetaError:
+            raise
+        except (ValueError, TypeError) as exc:  # invalid JSON, bad preprocess settings
+            raise ValueError(f"{p}/bundle.json: not a valid model bundle: {exc}") from exc
         if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
             raise ValueError(f"{p}/bundle.json: preprocess_hash does not match its preprocessing config")
         spec = ModelSpec("bundle", p, cfg, meta, bundle=p)
