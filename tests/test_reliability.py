@@ -613,6 +613,17 @@ def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
     assert "finite" in line and opt[0] in line  # before: "expected value at line 1 column 218"
 
 
+def test_preprocess_on_a_full_disk_is_one_clear_line(tmp_path, monkeypatch):
+    import leukedge.preprocess as pp
+
+    cell = synth_cell(tmp_path / "d" / "c.bmp")
+    monkeypatch.setattr(pp.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    line = one_clear_line(CliRunner().invoke(pp.preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
+                                                                 "--size", "64", "--split-by", "none"]))
+    assert "not enough free disk space" in line and "1000" not in line
+    assert not (tmp_path / "c" / ".tmp").exists()
+
+
 # ==================================================================================================
 # 13. Smaller issues
 # ==================================================================================================
@@ -638,3 +649,56 @@ def test_arch_kwargs_are_allow_listed(tiny_model, tmp_path):
         load_bundle(b)
     with pytest.raises(ValueError, match="not an allowed"):
         build_model("resnet18", pretrained_cfg_overlay={"file": "/etc/passwd"})
+
+
+def test_preprocess_resumes_after_kill_9(tmp_path):
+    import leukedge.preprocess as pp
+    from leukedge.preprocess import load_cache, run_preprocess
+
+    src = tmp_path / "src"
+    for i in range(12):
+        synth_cell(src / ("all" if i % 2 else "hem") / f"c{i:02d}.png", seed=i, size=48)
+    out = tmp_path / "cache"
+    # the child computes 2 batches of 4, then is killed with SIGKILL during the third
+    code = f"""
+        import os, signal
+        import leukedge.preprocess as pp
+        from leukedge.config import PreprocessConfig
+        real = pp._native()
+        class Killer:
+            calls = 0
+            def __getattr__(self, name): return getattr(real, name)
+            def preprocess_batch(self, *a, **k):
+                Killer.calls += 1
+                if Killer.calls == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real.preprocess_batch(*a, **k)
+        pp._native = lambda: Killer()
+        pp.run_preprocess([{str(src)!r}], {str(out)!r}, PreprocessConfig(size=16), threads=1, batch_size=4, progress=False)
+    """
+    res = run_py(code, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert (out / ".tmp" / "images.npy").is_file()
+
+    real = pp._native()
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def preprocess_batch(self, items, *a, **k):
+            calls.append(list(items))
+            return real.preprocess_batch(items, *a, **k)
+
+    pp_native = pp._native
+    try:
+        pp._native = lambda: Recorder()
+        s = run_preprocess([src], out, PreprocessConfig(size=16), threads=1, batch_size=4, progress=False)
+    finally:
+        pp._native = pp_native
+    assert s.n_resumed == 8 and sum(map(len, calls)) == 4  # before: all 12 recomputed
+    assert not (out / ".tmp").exists()
+    resumed = np.array(load_cache(out).images)
+    run_preprocess([src], tmp_path / "fresh", PreprocessConfig(size=16), threads=1, batch_size=4, progress=False)
+    assert np.array_equal(resumed, np.array(load_cache(tmp_path / "fresh").images))
