@@ -702,3 +702,23 @@ def test_preprocess_resumes_after_kill_9(tmp_path):
     resumed = np.array(load_cache(out).images)
     run_preprocess([src], tmp_path / "fresh", PreprocessConfig(size=16), threads=1, batch_size=4, progress=False)
     assert np.array_equal(resumed, np.array(load_cache(tmp_path / "fresh").images))
+
+
+def test_restart_is_not_refused_while_the_killed_station_is_a_zombie(tmp_path):
+    from leukedge.station import db as sdb
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while sdb._is_zombie(child.pid) is False and time.monotonic() < deadline:
+        time.sleep(0.02)  # not reaped: the child stays a zombie until wait()
+    try:
+        conn = sdb.connect(tmp_path / "st.sqlite")
+        sdb.start_run(conn, watch_dir=str(tmp_path), model="m", model_id="m", preprocess_hash="h", backend="b",
+                      settings={})
+        conn.execute("UPDATE runs SET pid = ?", (child.pid,))
+        sdb.write_heartbeat(conn, 1, state="running")
+        assert sdb._is_zombie(child.pid)
+        assert sdb.live_station(conn) is None  # before: refused for 5 s ("another station ... is writing")
+        conn.close()
+    finally:
+        child.wait()

@@ -274,7 +274,19 @@ def live_station(conn: sqlite3.Connection, stale_after_s: float = 5.0) -> dict[s
             return None
         except PermissionError:
             pass
+        if _is_zombie(int(r["pid"])):  # killed (kill -9) but not yet reaped by its parent: dead
+            return None
     return dict(r)
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but is not yet reaped (state ``Z`` in /proc; False where unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so split at the last ")"
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def previous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:
