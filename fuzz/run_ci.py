@@ -24,6 +24,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--rss-limit-mb", type=int, default=1024)
     a = ap.parse_args()
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        print("fuzz: atheris is not installed (pip install -e '.[fuzz]'; x86-64 Linux wheels only)")
+        return 1
     with tempfile.TemporaryDirectory(prefix="leukedge-fuzz-") as tmp:
         new, real = Path(tmp) / "new", Path(tmp) / "real"
         new.mkdir()
