@@ -35,7 +35,9 @@ BMP, PNG, JPEG and TIFF, detected from content. Pixel-exact with
 (16-bit samples keep their high byte, ``v >> 8``, as Pillow does). 16-bit greyscale also maps
 with ``v >> 8`` (Pillow clips it to 255 instead). Alpha is dropped, not composited. EXIF
 orientation is not applied. Images with more than ``max_pixels`` pixels are refused from the
-header, before any pixel buffer is allocated (decompression-bomb guard).
+header, before any pixel buffer is allocated (decompression-bomb guard). Only regular files are
+read (a FIFO, device or folder is a ``DecodeError``), and only up to :func:`max_file_bytes`. A JPEG
+without its end-of-image marker (cut off, half written) is refused as truncated, as Pillow does.
 """
 
 import os
@@ -161,3 +163,7 @@ def preprocess_batch(
 
 def default_threads() -> int:
     """Number of worker threads used for ``threads=0`` (available CPU cores)."""
+
+def max_file_bytes(max_pixels: int = 64_000_000) -> int:
+    """The largest file ``decode`` / ``preprocess_batch`` read for ``max_pixels`` (8 bytes per pixel
+    plus 64 MiB); bigger files are refused before they are read."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,17 @@ class StainConfig:
             raise ValueError(f"stain.black_threshold={self.black_threshold} must be in [0, 255)")
         if self.white_threshold is not None and not 0 < self.white_threshold <= 255:
             raise ValueError(f"stain.white_threshold={self.white_threshold} must be in (0, 255]")
+        for name in ("io", "alpha", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"stain.{name}={getattr(self, name)} must be a finite number (--stain-{name})")
         if self.io <= 0 or self.beta <= 0 or not 0 < self.alpha < 50:
             raise ValueError("stain.io and stain.beta must be > 0 and stain.alpha in (0, 50)")
+        if self.white_threshold is not None and self.white_threshold <= self.black_threshold:
+            raise ValueError(
+                f"stain.white_threshold={self.white_threshold} must be above stain.black_threshold="
+                f"{self.black_threshold} (--white-threshold / --black-threshold): otherwise every grey level "
+                "counts as background and the images come out black"
+            )
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,8 @@ class PreprocessConfig:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std > 0")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError(f"mean={list(self.mean)} / std={list(self.std)}: need finite numbers (--mean / --std)")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

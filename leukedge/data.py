@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import glob as _glob
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -144,9 +146,50 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+class NotRegularFile(OSError):
+    """A path that is not a regular file (FIFO, device, socket, folder): never read."""
+
+
+class FileTooLarge(OSError):
+    """A file above the size limit: refused before it is read."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO / named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None = None):
+    """Open a regular file for binary reading, refusing anything else *before* reading it.
+
+    A FIFO would block ``open`` until a writer appears and ``/dev/zero`` never ends, so the file is
+    opened non-blocking and checked with ``fstat`` first. ``max_bytes``: refuse bigger files
+    (:class:`FileTooLarge`). Raises :class:`NotRegularFile` / :class:`FileTooLarge` (both ``OSError``).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise FileTooLarge(errno.EFBIG, f"file of {st.st_size:,} bytes is above the limit of {max_bytes:,} bytes",
+                               str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, max_bytes: int | None = None) -> str:
+    """sha256 of a regular file (streamed); special files and files above ``max_bytes`` are refused
+    unread (see :func:`open_regular`)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, max_bytes) as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -276,8 +319,29 @@ def _walk_images(root: Path, recursive: bool) -> list[Path]:
     if not recursive:
         return sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
     out: list[Path] = []
+    # Symlinked folders are followed, but each real folder is walked once: a link to an ancestor
+    # (``a -> ..``) would otherwise make the walk endless, and two of them exponential.
+    seen: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(root)
+        seen.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+
+    def first_visit(d: str) -> bool:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            log.warning("%s: folder already walked (symlink loop or second link); skipped", d)
+            return False
+        seen.add(key)
+        return True
+
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and first_visit(os.path.join(dirpath, d)))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f) and not f.startswith("."))
     return out
 

@@ -57,6 +57,10 @@ def _native_preprocess() -> PreprocessFn:
     return preprocess_batch
 
 
+class ResultsNotWritten(OSError):
+    """Inference ran, but its results file could not be written (full or read-only disk)."""
+
+
 @dataclass
 class FileResult:
     path: str
@@ -260,13 +264,19 @@ class Predictor:
         return self.runner.batch
 
     def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
-        probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
+        finite = np.isfinite(logits[: len(b.items)]).all(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
         preds = logits[: len(b.items)].argmax(1)
         out = []
         for j, (item, st) in enumerate(zip(b.items, b.statuses)):
             m = meta[b.index * self.batch + j] if meta is not None else {}
             path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
-            if st.get("ok"):
+            if st.get("ok") and not finite[j]:
+                out.append(FileResult(path, None, None, "error",
+                                      "the model produced a non-finite output (NaN or inf) for this image; its weights "
+                                      "are probably corrupt", m.get("subject"), m.get("true_label"), False))
+            elif st.get("ok"):
                 out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
                                       m.get("subject"), m.get("true_label"), bool(st.get("stain_fallback", False))))
             else:
@@ -346,6 +356,30 @@ def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Pat
     return path
 
 
+RESULT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse a results path that could not be written, *before* any work: a wrong suffix, a folder
+    that cannot be created, a read-only or full file system (a probe file is created and removed)."""
+    import tempfile
+
+    path = Path(path)
+    if path.suffix.lower() not in RESULT_SUFFIXES:
+        raise ValueError(f"{path}: results file must end in .csv or .jsonl")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; name the results file, e.g. {path / 'results.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe.") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ValueError(f"cannot write the results file {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def stats_path_for(out_path: str | os.PathLike) -> Path:
     p = Path(out_path)
     return p.with_name(p.name + ".stats.json")
@@ -371,6 +405,8 @@ def run_inference(
     preprocess_fn: PreprocessFn | None = None,
 ) -> InferResult:
     """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``."""
+    if out_path is not None:
+        check_output_path(out_path)
     entries = discover_sources(sources)
     if limit is not None:
         entries = entries[:limit]
@@ -436,9 +472,14 @@ def run_inference(
         }
         res = InferResult(results, stats, backend=pred.backend.name, reason=pred.reason)
         if out_path is not None:
-            res.out_path = write_results(results, out_path)
-            res.stats_path = stats_path_for(out_path)
-            atomic_write_text(res.stats_path, json.dumps(stats, indent=2) + "\n")
+            try:
+                res.out_path = write_results(results, out_path)
+                res.stats_path = stats_path_for(out_path)
+                atomic_write_text(res.stats_path, json.dumps(stats, indent=2) + "\n")
+            except OSError as exc:
+                raise ResultsNotWritten(
+                    f"the results of {n} file(s) could not be written to {out_path}: {exc.strerror or exc} "
+                    "(nothing was written there; free some space or choose another -o)") from exc
         return res
     finally:
         if own:
@@ -517,16 +558,20 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
                             backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
                             engine=engine, progress=True)
-    except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
+            ResultsNotWritten) as exc:
         raise click.ClickException(str(exc)) from exc
-    console.print(f"backend [bold]{res.backend}[/]: {res.reason}")
+    from rich.markup import escape
+
+    console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     print_stats(res.stats, console)
     bad = [r for r in res.results if r.status != "ok"]
     for r in bad[:10]:
-        console.print(f"[red]error[/] {r.path}: {r.error}")
+        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
     if len(bad) > 10:
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {res.out_path} (stats {res.stats_path})")
+    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
+                  f"(stats {escape(str(res.stats_path))})")
 
 
 infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .bundle_meta import BundleMetaError, check_arch_kwargs, validate_bundle_meta
 from .config import PreprocessConfig, normalize_uint8
 
 BUNDLE_FORMAT = 1
@@ -170,6 +171,7 @@ def build_model(arch: str, *, num_classes: int = 2, input_size: int = 224, pretr
     """Build an architecture by name; the result maps ``(N,3,S,S)`` to logits ``(N,num_classes)``."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    arch_kwargs = check_arch_kwargs(arch, arch_kwargs)  # allow-listed: never checkpoint_path & co.
     if arch == "tiny":
         if pretrained:
             raise PretrainedWeightsUnavailable("the 'tiny' architecture has no pretrained weights (use --no-pretrained)")
@@ -478,9 +480,10 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{meta_path}: invalid JSON: {exc}") from exc
-    for key in ("format", "arch", "input_size", "preprocess", "preprocess_hash"):
-        if key not in meta:
-            raise BundleError(f"{meta_path}: missing key {key!r}")
+    try:
+        validate_bundle_meta(meta, meta_path, tuple(ARCHS))
+    except BundleMetaError as exc:
+        raise BundleError(str(exc)) from exc
     if meta["format"] != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path}: bundle format {meta['format']} is not supported (expected {BUNDLE_FORMAT})")
     return meta
@@ -523,6 +526,14 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
         raise BundleError(f"{weights}: cannot read weights: {exc}") from exc
     ref = target.state_dict()
+    for k, v in state.items():
+        # a float parameter stored as int8 (or any integer type) is not a lossless cast but a corrupt
+        # or hand-edited file, and NaN/inf weights only ever give NaN probabilities
+        if k in ref and ref[k].is_floating_point() and not v.is_floating_point():
+            raise BundleError(f"{weights}: tensor {k!r} is {str(v.dtype).removeprefix('torch.')}, expected a float type; "
+                              "the weights file is corrupt or was edited")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise BundleError(f"{weights}: tensor {k!r} holds NaN or infinite values; the weights file is corrupt")
     state = {k: (v.to(ref[k].dtype) if k in ref else v) for k, v in state.items()}
     try:
         target.load_state_dict(state, strict=True)

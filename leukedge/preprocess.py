@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -250,6 +251,7 @@ class PreprocessSummary:
     n_failed: int = 0
     n_reused: int = 0
     n_computed: int = 0
+    n_resumed: int = 0  # rows finished by an earlier run that was killed (taken from OUT/.tmp)
     n_stain_fallback: int = 0
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> {"ok", "failed"}
     splits: dict[str, int] = field(default_factory=dict)
@@ -278,6 +280,58 @@ def _old_rows(out_dir: Path, cfg: PreprocessConfig) -> tuple[Cache | None, dict[
         return None, {}
     rows = {r["sha256"]: i for i, r in enumerate(old.manifest) if r["status"] == "ok" and r["sha256"]}
     return old, rows
+
+
+PARTIAL_FILE = "partial.json"
+PROGRESS_FILE = "progress.jsonl"
+
+
+def _partial_key(cfg: PreprocessConfig, records: Sequence[Record]) -> str:
+    """Identity of one run's work: pixel settings, size and every (path, sha256) in order."""
+    h = hashlib.sha256(f"{CACHE_VERSION}\n{cfg.pixel_hash()}\n{cfg.size}\n".encode())
+    for r in records:
+        h.update(f"{r.path.resolve()}\t{r.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _resume_partial(tmp: Path, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
+    """The half-written ``images.npy`` and finished rows of a killed run in ``tmp``, if it did exactly
+    this work (same files, contents and settings); else ``(None, {})``."""
+    try:
+        meta = json.loads((tmp / PARTIAL_FILE).read_text())
+        if meta.get("key") != key:
+            return None, {}
+        images = np.load(tmp / "images.npy", mmap_mode="r+")
+    except (OSError, ValueError):
+        return None, {}
+    if images.shape != shape or images.dtype != np.uint8:
+        return None, {}
+    done: dict[int, dict[str, Any]] = {}
+    try:
+        with open(tmp / PROGRESS_FILE) as f:
+            for line in f:
+                try:
+                    d = json.loads(line)
+                    i = int(d["i"])
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut by the kill: everything after it is redone
+                if 0 <= i < shape[0]:
+                    done[i] = {"ok": bool(d.get("ok")), "error": d.get("error"), "stain_fallback": bool(d.get("stain_fallback"))}
+    except OSError:
+        pass
+    return images, done
+
+
+def _check_free_space(out: Path, nbytes: int) -> None:
+    """Refuse to start when ``images.npy`` cannot fit: a memory-mapped file on a full disk fails with
+    SIGBUS halfway through, not with an error message."""
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return
+    if nbytes > free:
+        raise ValueError(f"{out}: not enough free disk space for the cache: images.npy needs {nbytes / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB free")
 
 
 def _synthetic_flags(records: Sequence[Record]) -> int:
@@ -335,9 +389,11 @@ def run_preprocess(
     n = len(records)
     read_errors: dict[int, str] = {}
 
+    max_bytes = native.max_file_bytes(cfg.max_pixels) if hasattr(native, "max_file_bytes") else None
+
     def sha(i: int) -> str | None:
-        try:
-            return file_sha256(records[i].path)
+        try:  # special files (FIFO, /dev/zero) and oversized files are refused unread
+            return file_sha256(records[i].path, max_bytes=max_bytes)
         except OSError as exc:
             read_errors[i] = f"cannot read file: {exc.strerror or exc}"
             return None
@@ -350,14 +406,22 @@ def run_preprocess(
     out.mkdir(parents=True, exist_ok=True)
     old, old_rows = _old_rows(out, cfg) if reuse else (None, {})
     tmp = out / TMP_DIR
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
     S = cfg.size
-    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
     status: list[dict[str, Any]] = [{"ok": False, "error": None, "stain_fallback": False} for _ in range(n)]
+    key = _partial_key(cfg, records)
+    images, resumed = _resume_partial(tmp, key, (n, S, S, 3)) if reuse else (None, {})
+    if images is None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        _check_free_space(out, n * S * S * 3)
+        tmp.mkdir()
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
+        (tmp / PARTIAL_FILE).write_text(json.dumps({"key": key, "n": n, "size": S}) + "\n")
+    for i, st in resumed.items():
+        status[i] = st
+    progress_log = open(tmp / PROGRESS_FILE, "a")
     n_reused = 0
+    n_resumed = len(resumed)
     cfg_json = cfg.to_native_json()
 
     try:
@@ -369,6 +433,8 @@ def run_preprocess(
                 end = min(n, start + batch_size)
                 todo: list[int] = []
                 for i in range(start, end):
+                    if i in resumed:  # finished by an earlier, killed run (rows flushed before logged)
+                        continue
                     if i in read_errors:
                         status[i]["error"] = read_errors[i]
                         images[i] = 0
@@ -397,13 +463,23 @@ def run_preprocess(
                         status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
                         if not status[i]["ok"] and not status[i]["error"]:
                             status[i]["error"] = "failed (no reason given)"
+                # Resumable after kill -9: the rows reach the disk first, then the log says they are done.
+                done_rows = [i for i in range(start, end) if i not in resumed and i not in read_errors]
+                if done_rows:
+                    images.flush()
+                    progress_log.write("".join(json.dumps({"i": i, **status[i]}) + "\n" for i in done_rows))
+                    progress_log.flush()
+                    os.fsync(progress_log.fileno())
                 prog.update(task, advance=end - start)
     except BaseException:
         # Interrupted or failed: never leave anything that could pass for a cache. The previous
-        # complete cache in OUT (if any) is untouched.
+        # complete cache in OUT (if any) is untouched. (Only a kill -9 leaves OUT/.tmp, which the next
+        # run with the same files and settings resumes.)
+        progress_log.close()
         del images
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    progress_log.close()
     images.flush()
     del images
     if old is not None:
@@ -428,8 +504,11 @@ def run_preprocess(
             pc["failed"] += 1
             summary.failures.append((str(r.path), s["error"] or "failed"))
         summary.splits[sp or "-"] = summary.splits.get(sp or "-", 0) + 1
-    summary.n_computed = n - n_reused - len(read_errors)
+    summary.n_computed = n - n_reused - len(read_errors) - n_resumed
+    summary.n_resumed = n_resumed
 
+    for name in (PARTIAL_FILE, PROGRESS_FILE):
+        (tmp / name).unlink(missing_ok=True)
     write_manifest(tmp / "manifest.csv", manifest)
     cfg.save(tmp / "config.json")
     meta = {
@@ -468,6 +547,8 @@ def print_summary(summary: PreprocessSummary, console: Any) -> None:
     t.add_row("[green]ok[/]", str(summary.n_ok))
     t.add_row("[red]failed[/]" if summary.n_failed else "failed", str(summary.n_failed))
     t.add_row("reused from the previous run", str(summary.n_reused))
+    if summary.n_resumed:
+        t.add_row("resumed from an interrupted run", str(summary.n_resumed))
     t.add_row("computed", str(summary.n_computed))
     t.add_row("stain fallbacks (too little foreground / fit failed)", str(summary.n_stain_fallback))
     for cls, c in sorted(summary.per_class.items()):
@@ -580,6 +661,9 @@ def preprocess_cmd(ctx: click.Context, sources: tuple[str, ...], out: str, confi
             console.print(f"[bold yellow]warning:[/] {w.message}")
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # a full or read-only output disk
+        raise click.ClickException(f"cannot write the cache in {out}: {exc.strerror or exc}"
+                                   + (f" ({exc.filename})" if exc.filename else "")) from exc
     print_summary(summary, console)
     if opts.get("summary_json"):
         Path(opts["summary_json"]).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -212,7 +212,10 @@ def onnx_config(path: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
     """Preprocessing config and metadata of an ONNX file (metadata_props, else a sibling preprocess.json)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends: not an ONNX file
+        raise ValueError(f"{path}: not a valid ONNX model (truncated or another kind of file): {exc}") from exc
     props = {p.key: p.value for p in m.metadata_props}
     if "leukedge.preprocess" in props:
         cfg = PreprocessConfig.from_json(props["leukedge.preprocess"])
@@ -240,8 +243,15 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
     if not p.exists():
         raise FileNotFoundError(f"model {p} does not exist (expected a bundle dir, export dir, .onnx or engine file)")
     if p.is_dir() and (p / "bundle.json").is_file():
-        meta = json.loads((p / "bundle.json").read_text())
-        cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        from ..bundle_meta import BundleMetaError, validate_bundle_meta
+
+        try:
+            meta = validate_bundle_meta(json.loads((p / "bundle.json").read_text()), p / "bundle.json")
+            cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        except BundleMetaError:
+            raise
+        except (ValueError, TypeError) as exc:  # invalid JSON, bad preprocess settings
+            raise ValueError(f"{p}/bundle.json: not a valid model bundle: {exc}") from exc
         if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
             raise ValueError(f"{p}/bundle.json: preprocess_hash does not match its preprocessing config")
         spec = ModelSpec("bundle", p, cfg, meta, bundle=p)
@@ -306,12 +316,36 @@ def _fill_export(spec: ModelSpec, exp: Path) -> None:
         spec.onnx_fp32 = exp / EXPORT_FP32
     if (exp / EXPORT_FP16).is_file():
         spec.onnx_fp16 = exp / EXPORT_FP16
+    _check_export_hashes(exp)
     eng = find_engine(exp)
     if eng is not None:
         info = read_sidecar(eng)
         check_preprocess(info, eng, spec.config, f"{spec.kind} {spec.path}")
         spec.engine = eng
         spec.meta.setdefault("sidecar", info)
+
+
+def _check_export_hashes(exp: Path) -> None:
+    """Refuse an export folder whose ONNX files are not the ones its ``export.json`` lists (e.g. another
+    model's file copied in): the model is identified by what runs, not by what the folder names."""
+    manifest = exp / "export.json"
+    if not manifest.is_file():
+        return
+    from ..data import file_sha256
+
+    try:
+        files = json.loads(manifest.read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{manifest}: unreadable export manifest: {exc}") from exc
+    for entry in files.values() if isinstance(files, dict) else []:
+        if not isinstance(entry, dict) or not str(entry.get("path", "")).endswith(".onnx") or not entry.get("sha256"):
+            continue
+        f = exp / Path(str(entry["path"])).name
+        if f.is_file() and file_sha256(f) != entry["sha256"]:
+            raise ValueError(
+                f"{f} does not match {manifest.name} (sha256 {file_sha256(f)[:12]} != {str(entry['sha256'])[:12]}): "
+                "the folder holds another model's ONNX file; export the model again"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ class OnnxRuntimeBackend(Backend):
         # thread settings only matter on the CPU EP; with CUDA the CPU side just feeds the GPU
         on_gpu = self.providers[0].startswith("CUDA")
         self._threads, self._exclusive = (0, False) if on_gpu else (int(threads), bool(exclusive))
-        self.session = self._make_session()
+        try:
+            self.session = self._make_session()
+        except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, Fail, ...: a broken file, not a crash
+            raise ValueError(f"{self.path}: ONNX Runtime cannot load this model (truncated, or not an ONNX "
+                             f"file): {exc}") from exc
         self.provider = self.session.get_providers()[0]
         self.device_kind = "gpu" if self.provider.startswith("CUDA") else "cpu"
         if on_gpu and self.device_kind == "cpu":  # the CUDA EP failed to load: ONNX Runtime fell back to the CPU

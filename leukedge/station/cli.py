@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import db as sdb
@@ -66,10 +68,17 @@ def _resolve_db(watch_dir: str | None, db_path: str | None) -> Path:
 
 
 # -- model loading ---------------------------------------------------------------------------------
-def _model_id(spec: Any) -> str:
-    """Stable short identity of the weights a ModelSpec points at."""
+def _model_id(spec: Any, backend: Any = None) -> str:
+    """Stable short identity of the weights that actually run: ``<what --model named>@<sha256 prefix>`` of
+    the file the backend loaded (the ONNX file, the engine, or the bundle's weights for PyTorch), never
+    of a file that a model folder's metadata merely names."""
     from ..data import file_sha256
 
+    ran = getattr(backend, "path", None)
+    if ran is None and getattr(getattr(backend, "bundle", None), "path", None) is not None:
+        ran = Path(backend.bundle.path) / "model.safetensors"
+    if ran is not None and Path(ran).is_file():
+        return f"{Path(spec.path).name}@{file_sha256(ran)[:12]}"
     for attr in ("engine", "onnx_fp32", "onnx_fp16"):
         p = getattr(spec, attr, None)
         if p is not None and Path(p).is_file():
@@ -123,7 +132,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
     class_names = list(getattr(spec, "class_names", None) or ["hem", "all"])
     info = ModelInfo(
         model=str(model),
-        model_id=getattr(pred, "model_id", None) or (_model_id(spec) if spec is not None else Path(model).name),
+        model_id=getattr(pred, "model_id", None) or (_model_id(spec, backend_obj) if spec is not None else Path(model).name),
         preprocess_hash=config.pixel_hash() if config is not None else "",
         backend=backend_name,
         positive_label=class_names[1] if len(class_names) > 1 else "all",
@@ -306,21 +315,22 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     """Per-sample totals (cells, blasts, blast fraction, errors), throughput over the last minute
     and the queue length of a running station."""
     path = _resolve_db(watch_dir, db_path)
-    try:
-        conn = sdb.connect(path, readonly=True)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    conn = _open_readonly(path)
     try:
         data = status_data(conn)
+    except sqlite3.DatabaseError as exc:  # corruption found while reading
+        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
         conn.close()
+    if getattr(conn, "note", ""):
+        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
     console = Console()
-    st = data["station"]
+    st = _escaped(data["station"])
     if st is None:
-        console.print(f"{path}: no station run recorded yet")
+        console.print(f"{escape(str(path))}: no station run recorded yet")
     elif st["running"]:
         console.print(
             f"[bold green]running[/] (pid {st['pid']} on {st['host']}, heartbeat {_fmt_age(st['heartbeat_age_s'])} ago) "
@@ -349,9 +359,24 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     for s in data["samples"]:
         frac = "-" if s["blast_fraction"] is None else f"{100 * s['blast_fraction']:.1f} %"
         last = "-" if s["last_result_at"] is None else time.strftime("%H:%M:%S", time.localtime(s["last_result_at"]))
-        table.add_row(str(s["sample_id"]), f"{s['n_cells']:,}", f"{s['n_blasts']:,}", frac,
+        table.add_row(escape(str(s["sample_id"])), f"{s['n_cells']:,}", f"{s['n_blasts']:,}", frac,
                       f"[red]{s['n_errors']}[/]" if s["n_errors"] else "0", last)
     console.print(table)
+
+
+def _open_readonly(path: Path):
+    """Open the database for status / export, or a one-line click error (missing or damaged)."""
+    try:
+        return sdb.connect(path, readonly=True)
+    except (FileNotFoundError, sdb.DatabaseDamaged) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _escaped(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``d`` with its strings escaped for rich markup (paths, host names and reasons may hold ``[...]``)."""
+    if d is None:
+        return None
+    return {k: escape(v) if isinstance(v, str) else v for k, v in d.items()}
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -387,8 +412,19 @@ def render_export(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+        w.writerow({k: ("" if r.get(k) is None else csv_cell(r.get(k))) for k in columns})
     return buf.getvalue()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (``=HYPERLINK(...)``, ``+``, ``-``, ``@``, tab,
+    carriage return) gets a leading ``'`` (OWASP's advice against CSV injection); numbers stay as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 @station_group.command("export")
@@ -405,10 +441,7 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
     path = _resolve_db(watch_dir, db_path)
     if fmt is None:
         fmt = "json" if output.lower().endswith(".json") else "csv"
-    try:
-        conn = sdb.connect(path, readonly=True)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    conn = _open_readonly(path)
     try:
         conn.execute("BEGIN")  # one consistent snapshot while the station keeps writing
         if cells:
@@ -420,8 +453,12 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
                 if r.get(k) is not None:
                     r[k] = _iso(r[k])
         conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:  # corruption found while reading
+        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
         conn.close()
+    if getattr(conn, "note", ""):
+        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
     text = render_export(rows, cols, fmt)
     if output == "-":
         sys.stdout.write(text)

@@ -152,7 +152,10 @@ class Station:
         if not s.watch_dir.is_dir():
             raise StationError(f"watch folder {s.watch_dir} does not exist or is not a folder")
         sample_fn = make_sample_fn(str(s.watch_dir), s.sample_pattern)
-        self.conn = sdb.connect(s.db_path)
+        try:
+            self.conn = sdb.connect(s.db_path)
+        except sdb.DatabaseDamaged as exc:
+            raise StationError(str(exc)) from exc
         other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
             self.conn.close()
@@ -247,6 +250,7 @@ class Station:
         while not self._stop.is_set():
             flush = s.once and self._published[0] >= 1 and self._published[1] == 0
             batch, reason = self.batcher.take(timeout=min(0.1, s.poll_ms / 1000), flush=flush)
+            self._forget_vanished()
             if batch:
                 self._process(batch, reason or "deadline")
                 last_activity = time.monotonic()
@@ -264,6 +268,20 @@ class Station:
                 idle_for = now - max(last_activity, self.scanner.stats.last_change_mono)
                 if idle_for >= s.exit_when_idle_s:
                     self.request_stop(f"idle for {s.exit_when_idle_s:g} s (--exit-when-idle)")
+
+    def _forget_vanished(self) -> None:
+        """Results of files that were deleted, renamed or moved away stop counting (``superseded``):
+        a current row always has a file. A file that is back by now is left alone (the scanner
+        reactivates its row)."""
+        assert self.scanner is not None and self.conn is not None
+        gone = [p for p in self.scanner.take_vanished() if not os.path.lexists(p)]
+        if not gone:
+            return
+        with sdb.transaction(self.conn):
+            self.conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0",
+                                  [(p,) for p in gone])
+        if self.reporter:
+            self.reporter.message(f"[dim]{len(gone)} file(s) gone from the folder; their results no longer count[/]")
 
     # -- one batch -----------------------------------------------------------------------------------
     def _predict_safe(self, paths: list[str]) -> tuple[list[dict] | None, float]:

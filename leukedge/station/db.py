@@ -101,17 +101,87 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 """
 
 
+class DatabaseDamaged(RuntimeError):
+    """The station database cannot be read: corrupt, not a database, or unreadable. The message says
+    where the database and its write-ahead log are."""
+
+
+def damaged(path: str | os.PathLike, exc: BaseException) -> DatabaseDamaged:
+    """A :class:`DatabaseDamaged` for ``path`` that says where its WAL / shared-memory files are."""
+    path = Path(path)
+    side = []
+    for suffix in ("-wal", "-shm"):
+        f = Path(f"{path}{suffix}")
+        if f.exists():
+            side.append(f"{f} ({f.stat().st_size:,} bytes)")
+    where = ("; its write-ahead log: " + ", ".join(side)) if side else "; there is no write-ahead log (-wal) beside it"
+    return DatabaseDamaged(
+        f"station database {path} is damaged or not a station database ({exc}){where}. Keep these files "
+        "for inspection (`sqlite3 FILE .recover` can often rescue the rows), move them away and start the "
+        "station again: it classifies the folder anew into a fresh database."
+    )
+
+
+class ReadOnlyConnection(sqlite3.Connection):
+    """A read-only connection; ``note`` says what a reader should know (e.g. opened without its WAL)."""
+
+    note: str = ""
+
+
+def _uri(path: Path, **params: str) -> str:
+    from urllib.parse import quote
+
+    return f"file:{quote(str(path.resolve()))}?" + "&".join(f"{k}={v}" for k, v in params.items())
+
+
 def connect(path: str | os.PathLike, *, readonly: bool = False, timeout: float = 30.0) -> sqlite3.Connection:
-    """Open the station database (creating the schema unless ``readonly``)."""
+    """Open the station database (creating the schema unless ``readonly``).
+
+    ``readonly``: for ``status`` / ``export``. A WAL database normally needs its ``-shm`` file even to
+    be read; on a read-only medium (a copied card, a write-protected share) that cannot be created,
+    so the database is then opened as immutable. A corrupt file raises :class:`DatabaseDamaged`.
+    """
     path = Path(path)
     if readonly:
         if not path.exists():
             raise FileNotFoundError(f"station database {path} does not exist (has the station run with this --db?)")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        return conn
+        last: BaseException | None = None
+        for params in ({"mode": "ro"}, {"mode": "ro", "immutable": "1"}):
+            try:
+                conn = sqlite3.connect(_uri(path, **params), uri=True, timeout=timeout, isolation_level=None,
+                                       factory=ReadOnlyConnection)
+                wal = Path(f"{path}-wal")
+                if "immutable" in params and wal.is_file() and wal.stat().st_size > 0:
+                    conn.note = (f"{path} is on a read-only medium and was opened without its write-ahead log "
+                                 f"{wal} ({wal.stat().st_size:,} bytes): the newest results may be missing; copy "
+                                 "the database and its -wal file to a writable folder to see everything")
+            except sqlite3.Error as exc:
+                last = exc
+                continue
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                last = exc
+                if "no such table" in str(exc):
+                    raise damaged(path, exc) from exc
+            except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+                conn.close()
+                raise damaged(path, exc) from exc
+        raise damaged(path, last or RuntimeError("cannot open")) from last
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _connect_rw(path, timeout)
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise
+        raise damaged(path, exc) from exc
+
+
+def _connect_rw(path: Path, timeout: float) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -204,7 +274,19 @@ def live_station(conn: sqlite3.Connection, stale_after_s: float = 5.0) -> dict[s
             return None
         except PermissionError:
             pass
+        if _is_zombie(int(r["pid"])):  # killed (kill -9) but not yet reaped by its parent: dead
+            return None
     return dict(r)
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but is not yet reaped (state ``Z`` in /proc; False where unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so split at the last ")"
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def previous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -185,6 +185,9 @@ class Scanner:
         self._last_full = float("-inf")
         self._dirs: dict[str, tuple[int, _Listing]] = {}   # folder -> (mtime_ns, listing)
         self._next_dirs: dict[str, tuple[int, _Listing]] = {}
+        # paths whose current result is gone (deleted, renamed, moved away): the station marks their
+        # rows superseded, so that totals follow the files (thread-safe hand-over)
+        self._vanished: "queue.SimpleQueue[str]" = queue.SimpleQueue()
 
     # -- feedback from the station (any thread) -------------------------------------------------
     def report_done(self, path: str, sha256: str, size: int, mtime_ns: int) -> None:
@@ -213,6 +216,26 @@ class Scanner:
                 self.in_flight.discard(path)
                 self.done_stats.pop(path, None)
                 self.candidates.pop(path, None)
+
+    def take_vanished(self) -> list[str]:
+        """Paths under the watch folder whose stored result no longer has a file (any thread)."""
+        out = []
+        while True:
+            try:
+                out.append(self._vanished.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _under_root(self, path: str) -> bool:
+        return path.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def _retry_unreadable(self) -> None:
+        """On a full sweep, look again at files whose stored result is "unreadable": a permission fix
+        (``chmod 644``) changes neither size nor mtime, so they would never be read again otherwise."""
+        for path, by_hash in self.known.items():
+            if path in self.done_stats and any(
+                    sha.startswith("unreadable:") and not k.superseded for sha, k in by_hash.items()):
+                del self.done_stats[path]  # back to settling; a still unreadable file is not stored twice
 
     # -- scanning ----------------------------------------------------------------------------------
     def _list_dir(self, d: str, full: bool, wall: float) -> _Listing | None:
@@ -284,6 +307,8 @@ class Scanner:
         now = time.monotonic()
         wall = time.time()
         full = now - self._last_full >= self.full_scan_s
+        if full:
+            self._retry_unreadable()
         files, unchanged, temps = self._walk(full)
         if full:
             self._last_full = now
@@ -324,6 +349,11 @@ class Scanner:
             del self.candidates[path]
         for path in [p for p in self.done_stats if p not in files and p not in unchanged]:
             del self.done_stats[path]
+            if self._under_root(path):
+                # its result no longer counts; if the file comes back it is reactivated, not re-read
+                for k in self.known.get(path, {}).values():
+                    k.superseded = True
+                self._vanished.put(path)
         for path in [p for p in self.unreadable if p not in files]:
             del self.unreadable[path]
 
@@ -342,7 +372,10 @@ class Scanner:
     def _hash_ready(self, path: str, cand: _Candidate) -> ReadyFile | None:
         key = (cand.size, cand.mtime_ns)
         try:
-            digest = file_sha256(path)
+            if cand.size > self.max_bytes:  # refused unread: never hash gigabytes to reject them
+                digest = f"too-large:{cand.size}:{cand.mtime_ns}"
+            else:
+                digest = file_sha256(path)
             st = os.stat(path)
         except OSError as exc:
             # Unreadable (permissions, vanished): keep it settling and retry on the next poll;
@@ -359,9 +392,9 @@ class Scanner:
             return None
         del self.candidates[path]
         error = None
-        if path in self.unreadable:
+        if st is None:  # unreadable on two polls in a row
             error = f"cannot read file: {self.unreadable.pop(path)}"
-        if st is not None:
+        else:  # readable now (perhaps after a chmod): a failure seen earlier no longer matters
             self.unreadable.pop(path, None)
         by_hash = self.known.get(path, {})
         reactivate = False

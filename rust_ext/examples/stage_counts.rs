@@ -45,7 +45,7 @@ fn main() {
         .iter()
         .map(|s| {
             let mut d = vec![0u8; 3 * size * size];
-            square_resize_into(s, (0, 0, s.width, s.height), cfg.square, size, cfg.filter, &mut d).unwrap();
+            square_resize_into(s, (0, 0, s.width, s.height), cfg.square, size, cfg.filter, &mut d, cfg.max_pixels).unwrap();
             d
         })
         .collect();
@@ -74,7 +74,7 @@ fn main() {
             }
             "resize" => {
                 for s in &stained {
-                    square_resize_into(s, (0, 0, s.width, s.height), cfg.square, size, cfg.filter, &mut dst).unwrap();
+                    square_resize_into(s, (0, 0, s.width, s.height), cfg.square, size, cfg.filter, &mut dst, cfg.max_pixels).unwrap();
                     check += dst[dst.len() / 2] as u64;
                 }
             }

@@ -119,7 +119,7 @@ impl Pipeline {
         let mut img = if region == whole { img } else { crop(&img, region) };
         let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         let full = (0, 0, img.width, img.height);
-        square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst)?;
+        square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
         Ok(outcome)
     }
 

@@ -201,6 +201,15 @@ impl StainConfig {
         if self.white_threshold == Some(0) {
             return bad("stain.white_threshold must be in (0, 255]".into());
         }
+        if let Some(w) = self.white_threshold {
+            if w <= self.black_threshold {
+                return bad(format!(
+                    "stain.white_threshold={w} must be above stain.black_threshold={} (otherwise every \
+                     grey level counts as background)",
+                    self.black_threshold
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -242,6 +251,11 @@ mod tests {
             Err(Error::Config(_))
         ));
         assert!(matches!(Config::from_json("not json"), Err(Error::Config(_))));
+        assert!(matches!(
+            Config::from_json(r#"{"stain":{"black_threshold":100,"white_threshold":50}}"#),
+            Err(Error::Config(_))
+        ));
+        assert!(Config::from_json(r#"{"stain":{"black_threshold":10,"white_threshold":230}}"#).is_ok());
     }
 
     #[test]

@@ -275,6 +275,38 @@ unsafe fn bgr_to_rgb_ssse3(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
     bgr_to_rgb_scalar(&src[i..], &mut dst[i..]);
 }
 
+/// True when a JPEG stream reaches its end-of-image marker (EOI, `FF D9`) after its first
+/// start-of-scan (SOS). The JPEG decoder fills the missing part of a cut-off file with grey and
+/// reports success; Pillow (libjpeg) refuses such a file as truncated, and so do we.
+///
+/// Marker segments before SOS are skipped by their lengths (so an EXIF thumbnail's own EOI does
+/// not count). In entropy-coded data `FF` is always followed by `00` or a restart marker, so the
+/// first `FF D9` after SOS is the real EOI (progressive files have several scans and one EOI).
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    loop {
+        // fill bytes (FF FF ...) may precede a marker
+        while bytes.get(i) == Some(&0xFF) && bytes.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        match (bytes.get(i), bytes.get(i + 1)) {
+            (Some(0xFF), Some(&m)) => match m {
+                0xDA => break,              // SOS: entropy-coded data follows
+                0xD9 => return true,        // EOI before any scan: let the decoder judge
+                0x01 | 0xD0..=0xD7 => i += 2, // standalone markers
+                _ => {
+                    let Some(len) = bytes.get(i + 2..i + 4) else {
+                        return false;
+                    };
+                    i += 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
+                }
+            },
+            _ => return false, // ran out of data (or garbage) before the first scan
+        }
+    }
+    bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 /// Decode encoded image bytes. `source` is only used in error messages.
 pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8> {
     if bytes.is_empty() {
@@ -296,6 +328,14 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
         ));
     }
     let fname = format_name(format);
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(Error::decode(
+            source,
+            DecodeReason::Truncated(
+                "JPEG: the data ends before the end-of-image marker; the file is cut off or still being written".into(),
+            ),
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.no_limits();
     // Parse the header only (no pixel allocation yet).
@@ -329,18 +369,83 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
     Ok(dynamic_to_rgb8(img))
 }
 
-/// Read and decode a file.
-pub fn decode_path(path: &Path, max_pixels: u64) -> Result<Rgb8> {
-    let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| {
+/// Largest file accepted for `max_pixels`: an uncompressed image of that many pixels at 8 bytes
+/// per pixel (16-bit RGBA) plus 64 MiB of headers and metadata, the same bound as the decoders'
+/// allocation limit. Anything bigger cannot be a genuine image within the pixel limit.
+pub fn max_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// Read a file for decoding: only regular files (a FIFO would block forever, `/dev/zero` never
+/// ends), and only up to `max_bytes` (checked against the file's size before reading, and the
+/// read itself is bounded in case the file grows meanwhile).
+pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let name = || path.display().to_string();
+    let io_err = |e: std::io::Error| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound => "no such file".to_string(),
             std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
             _ => e.to_string(),
         };
-        Error::decode(name.clone(), DecodeReason::Io(why))
-    })?;
-    decode_bytes(&bytes, &name, max_pixels)
+        Error::decode(name(), DecodeReason::Io(why))
+    };
+    let check = |meta: &std::fs::Metadata| -> Result<()> {
+        if !meta.is_file() {
+            return Err(Error::decode(
+                name(),
+                DecodeReason::Io(format!("not a regular file ({})", file_kind(meta))),
+            ));
+        }
+        if meta.len() > max_bytes {
+            return Err(Error::decode(
+                name(),
+                DecodeReason::LimitExceeded(format!(
+                    "file of {} bytes is larger than {max_bytes} bytes (the most an image within max_pixels can need)",
+                    meta.len()
+                )),
+            ));
+        }
+        Ok(())
+    };
+    // stat before open: opening a FIFO for reading blocks until a writer appears
+    check(&std::fs::metadata(path).map_err(io_err)?)?;
+    let f = std::fs::File::open(path).map_err(io_err)?;
+    let meta = f.metadata().map_err(io_err)?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max_bytes + 1).read_to_end(&mut bytes).map_err(io_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Error::decode(
+            name(),
+            DecodeReason::LimitExceeded(format!("file grew beyond {max_bytes} bytes while being read")),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO / named pipe"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Read and decode a file.
+pub fn decode_path(path: &Path, max_pixels: u64) -> Result<Rgb8> {
+    let bytes = read_image_file(path, max_file_bytes(max_pixels))?;
+    decode_bytes(&bytes, &path.display().to_string(), max_pixels)
 }
 
 #[cfg(test)]
@@ -538,5 +643,45 @@ pub(crate) mod tests {
             e.contains("/nonexistent/dir/x.bmp") && e.contains("no such file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let img = DynamicImage::ImageRgb8(sample_rgb(64, 48));
+        let jpg = encode(&img, ImageFormat::Jpeg);
+        assert!(jpeg_is_complete(&jpg));
+        assert!(decode_bytes(&jpg, "whole.jpg", DEFAULT_MAX_PIXELS).is_ok());
+        for cut in [jpg.len() - 2, jpg.len() / 2, jpg.len() * 3 / 4, 200] {
+            let e = decode_bytes(&jpg[..cut], "half.jpg", DEFAULT_MAX_PIXELS)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("half.jpg") && e.contains("truncated"), "{cut}: {e}");
+        }
+        // trailing bytes after EOI are fine
+        let mut padded = jpg.clone();
+        padded.extend_from_slice(&[0u8; 32]);
+        assert!(decode_bytes(&padded, "padded.jpg", DEFAULT_MAX_PIXELS).is_ok());
+        // garbage after SOI never panics
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF]));
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF]));
+        assert!(!jpeg_is_complete(&[0xFF, 0xD8]));
+    }
+
+    #[test]
+    fn special_and_oversized_files_are_refused_without_reading() {
+        let e = decode_path(Path::new("/dev/zero"), DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("/dev/zero") && e.contains("not a regular file") && e.contains("character device"), "{e}");
+        let e = decode_path(Path::new("/tmp"), DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("leukedge-decode-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.bmp");
+        std::fs::write(&big, vec![0u8; 5000]).unwrap();
+        let e = read_image_file(&big, 4000).unwrap_err().to_string();
+        assert!(e.contains("big.bmp") && e.contains("5000 bytes"), "{e}");
+        assert_eq!(read_image_file(&big, 5000).unwrap().len(), 5000);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(max_file_bytes(1), 8 + (64 << 20));
+        assert_eq!(max_file_bytes(u64::MAX), u64::MAX);
     }
 }

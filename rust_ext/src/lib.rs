@@ -268,6 +268,11 @@ fn py_resize<'py>(
             "resize: target size {width}x{height} must be between 1 and 65535"
         )));
     }
+    if (width as u64) * (height as u64) > DEFAULT_MAX_PIXELS {
+        return Err(PyValueError::new_err(format!(
+            "resize: target size {width}x{height} exceeds {DEFAULT_MAX_PIXELS} pixels"
+        )));
+    }
     let two_d = image.cast::<PyUntypedArray>().map(|a| a.ndim() == 2).unwrap_or(false);
     let p = pixels_from(image, "image", true)?;
     let (w, h, c) = (p.width, p.height, p.channels);
@@ -488,6 +493,14 @@ fn default_threads() -> usize {
     batch::default_threads()
 }
 
+/// max_file_bytes(max_pixels=64_000_000) -> int: the largest file `decode` / `preprocess_batch`
+/// read for this pixel limit (bigger files are refused unread).
+#[pyfunction(name = "max_file_bytes")]
+#[pyo3(signature = (max_pixels = DEFAULT_MAX_PIXELS))]
+fn py_max_file_bytes(max_pixels: u64) -> u64 {
+    decode::max_file_bytes(max_pixels)
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -506,5 +519,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(foreground_bbox, m)?)?;
     m.add_function(wrap_pyfunction!(preprocess_batch, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(py_max_file_bytes, m)?)?;
     Ok(())
 }

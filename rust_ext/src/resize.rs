@@ -149,8 +149,24 @@ pub fn resize_image(
     Ok(out)
 }
 
+/// Side of the padded canvas used when the exact canvas (`max(w, h)^2` pixels) would exceed
+/// `max_pixels`: a few times the output size (so the final resize still averages several
+/// source pixels per output pixel), never more than `max_pixels` allows.
+fn bounded_canvas_side(size: usize, max_pixels: u64) -> usize {
+    let limit = (max_pixels as f64).sqrt().floor() as usize;
+    (4 * size).max(size).min(limit.max(1))
+}
+
 /// Make the region `r` of `img` square (pad or centre-crop) and resize it into `dst`
 /// (`size * size * 3` bytes, packed RGB).
+///
+/// For `square = "pad"` the content is copied into a black square canvas of side `max(w, h)`
+/// and that canvas is resized. The canvas is never allowed to exceed `max_pixels`: a very
+/// tall or thin region (say 1 x 16,000,000) would otherwise claim `max(w, h)^2` pixels (768 TB).
+/// Such a region is first downscaled (same filter) so that its long side fits a canvas of
+/// [`bounded_canvas_side`], then padded and resized; the result differs from the exact one only
+/// by the rounding of the intermediate step.
+#[allow(clippy::too_many_arguments)]
 pub fn square_resize_into(
     img: &Rgb8,
     r: Rect,
@@ -158,6 +174,7 @@ pub fn square_resize_into(
     size: usize,
     filter: Filter,
     dst: &mut [u8],
+    max_pixels: u64,
 ) -> Result<()> {
     let (w, h) = (r.2 - r.0, r.3 - r.1);
     if w == h {
@@ -176,7 +193,20 @@ pub fn square_resize_into(
             filter,
         ),
         SquareMode::Pad => {
-            let sq = pad_to_square(img, r);
+            let side = w.max(h) as u64;
+            let sq = if side.saturating_mul(side) <= max_pixels {
+                pad_to_square(img, r)
+            } else {
+                let t = bounded_canvas_side(size, max_pixels);
+                let scale = t as f64 / side as f64;
+                let (sw, sh) = (
+                    ((w as f64 * scale).round() as usize).clamp(1, t),
+                    ((h as f64 * scale).round() as usize).clamp(1, t),
+                );
+                let mut small = vec![0u8; sw * sh * 3];
+                resize_region_into(&img.data, img.width, img.height, 3, r, &mut small, sw, sh, filter)?;
+                pad_to_square(&Rgb8::new(sw, sh, small), (0, 0, sw, sh))
+            };
             resize_region_into(
                 &sq.data,
                 sq.width,
@@ -254,12 +284,12 @@ mod tests {
         }
         let img = Rgb8::new(4, 2, data);
         let mut dst = vec![0u8; 4 * 4 * 3];
-        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Pad, 4, Filter::Nearest, &mut dst).unwrap();
+        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Pad, 4, Filter::Nearest, &mut dst, 1 << 20).unwrap();
         // first row is padding
         assert!(dst[..12].iter().all(|&v| v == 0));
         assert_eq!(&dst[12..15], &[200, 200, 200]); // second row, first pixel
         let mut dst = vec![0u8; 2 * 2 * 3];
-        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Crop, 2, Filter::Nearest, &mut dst).unwrap();
+        square_resize_into(&img, (0, 0, 4, 2), SquareMode::Crop, 2, Filter::Nearest, &mut dst, 1 << 20).unwrap();
         assert_eq!(dst, vec![200, 200, 200, 100, 100, 100, 200, 200, 200, 100, 100, 100]);
     }
 
@@ -269,5 +299,35 @@ mod tests {
         assert!(resize_image(&[0; 5], 1, 1, 5, 4, 4, Filter::Bilinear).is_err());
         let mut dst = vec![0u8; 12];
         assert!(resize_region_into(&[0; 12], 2, 2, 3, (0, 0, 3, 2), &mut dst, 2, 2, Filter::Box).is_err());
+    }
+
+    /// A 1 x 1,000,000 region must not allocate a 10^12-pixel canvas: with max_pixels = 10^6
+    /// the canvas is bounded, and the result is close to the exact pad-then-resize.
+    #[test]
+    fn pad_of_very_thin_region_is_bounded() {
+        let (w, h) = (3usize, 200_000usize);
+        let mut data = vec![0u8; w * h * 3];
+        for (i, px) in data.chunks_exact_mut(3).enumerate() {
+            let v = (i / w % 251) as u8;
+            px.copy_from_slice(&[v, 200, 255 - v]);
+        }
+        let img = Rgb8::new(w, h, data);
+        let mut bounded = vec![0u8; 16 * 16 * 3];
+        square_resize_into(&img, (0, 0, w, h), SquareMode::Pad, 16, Filter::Bilinear, &mut bounded, 1_000_000).unwrap();
+        // the exact path (canvas 200000^2 = 4e10 px) is too big to run in a test; compare with a
+        // 100x smaller image of the same shape instead: both are a thin centred column.
+        let centre: Vec<&[u8]> = bounded.chunks_exact(3).skip(7).step_by(16).collect();
+        assert!(centre.iter().all(|p| p[1] > 0), "content column present");
+        assert!(bounded.chunks_exact(3).step_by(16).all(|p| p == [0, 0, 0]), "left edge is padding");
+        assert_eq!(bounded_canvas_side(16, 1_000_000), 64);
+        assert_eq!(bounded_canvas_side(224, 10_000), 100);
+        // within the limit the exact path is unchanged
+        let small = Rgb8::new(2, 6, vec![9; 36]);
+        let mut a = vec![0u8; 4 * 4 * 3];
+        let mut b = vec![0u8; 4 * 4 * 3];
+        square_resize_into(&small, (0, 0, 2, 6), SquareMode::Pad, 4, Filter::Bilinear, &mut a, 36).unwrap();
+        let sq = pad_to_square(&small, (0, 0, 2, 6));
+        resize_region_into(&sq.data, 6, 6, 3, (0, 0, 6, 6), &mut b, 4, 4, Filter::Bilinear).unwrap();
+        assert_eq!(a, b);
     }
 }
