@@ -293,6 +293,8 @@ class TestTimeModel(nn.Module):
     exported ONNX graph does too: one input batch in, one pair of logits per cell out.
     """
 
+    __test__ = False  # not a pytest test class, despite its name
+
     def __init__(self, members: list[nn.Module] | nn.Module, tta: str = "none", threshold: float = 0.5) -> None:
         super().__init__()
         if isinstance(members, nn.Module):

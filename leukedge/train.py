@@ -913,6 +913,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        name = {"fp16_weights": "half_weights"}.get(name, name)  # the CLI spelling of the option
         if name in ("description", "notes"):
             continue
         if name not in known or name in ("train_indices", "val_indices", "resume", "progress", "quiet"):
