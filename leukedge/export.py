@@ -253,7 +253,7 @@ def export_model(
         "format": 1,
         "leukedge_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": str(Path(bundle_path).resolve()) if bundle_path else None,
+        "bundle": _bundle_ref(bundle_path, out),
         "arch": meta.get("arch"),
         "class_names": meta.get("class_names", ["hem", "all"]),
         "positive_class": meta.get("positive_class", "all"),
@@ -276,6 +276,15 @@ def export_model(
         atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
         files["report"] = out / "export_report.json"
     return ExportResult(out, files, report, passed)
+
+
+def _bundle_ref(bundle_path: str | os.PathLike | None, out: Path) -> str | None:
+    """Where the export's bundle is: ".." when the export sits inside it (a bundle's ``export/``, as
+    shipped, so the folder can move), else its absolute path."""
+    if not bundle_path:
+        return None
+    b = Path(bundle_path).resolve()
+    return ".." if out.resolve().parent == b else str(b)
 
 
 def _atomic_onnx(m, path: Path) -> None:

@@ -68,9 +68,12 @@ def main() -> None:
         meta["data"] = "C-NMC 2019 training fold 0 (real cells): 3,527 images, 28 subjects"
         (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
     leukedge("export", str(bundle), "-o", str(bundle / "export"))
+    readme = (args.out / "README.md").read_text() if (args.out / "README.md").is_file() else None
     if args.out.exists():
         shutil.rmtree(args.out)
     shutil.copytree(bundle, args.out)
+    if readme is not None:  # the model card is written by hand from cv.json
+        (args.out / "README.md").write_text(readme)
     if not args.skip_cv:
         for name in ("cv.json", "cv_folds.png", "cv_per_subject.png", "cv_roc.png", "per_subject.csv"):
             shutil.copy2(cv_dir / name, args.out / name)

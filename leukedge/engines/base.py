@@ -270,8 +270,8 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
         _fill_export(spec, p)
         if spec.onnx_fp32 is None and spec.onnx_fp16 is None:
             raise ValueError(f"{p}: export directory has no {EXPORT_FP32} / {EXPORT_FP16}")
-        if meta.get("bundle") and Path(meta["bundle"]).is_dir():
-            spec.bundle = Path(meta["bundle"])
+        if meta.get("bundle") and (p / meta["bundle"]).is_dir():  # absolute, or ".." for a bundle's export/
+            spec.bundle = (p / meta["bundle"]).resolve()
         return spec
     if p.is_dir():
         raise ValueError(f"{p}: not a model bundle (bundle.json) or an export directory (preprocess.json)")
