@@ -79,6 +79,18 @@ def _read_fold_predictions(path: Path) -> dict[int, float] | None:
         return None
 
 
+def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
+    """Whether the finished fold in ``run`` predicted with ``cfg``'s test-time settings (else resuming it
+    re-scores the kept model, see :data:`leukedge.train.TEST_TIME_FIELDS`)."""
+    from .train import TEST_TIME_FIELDS
+
+    try:
+        old = json.loads((run / "metrics.json").read_text()).get("train_config") or {}
+    except (OSError, ValueError):
+        return False
+    return all(old.get(k) == getattr(cfg, k) for k in TEST_TIME_FIELDS)
+
+
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
                    seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, **overrides: Any) -> CVResult:
     """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
@@ -112,7 +124,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
             log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
                 f"{len(subj_va)} unseen subjects")
-            prev = _read_fold_predictions(pred_file) if cfg.resume and (run / "metrics.json").is_file() else None
+            prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
             if prev is not None and set(prev) == set(va):
                 probs = np.array([prev[i] for i in va])
                 hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []

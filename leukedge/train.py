@@ -690,6 +690,13 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         if st.get("arch") != cfg.arch or st.get("preprocess_hash") != pcfg.pixel_hash():
             raise ValueError(f"{state_file}: the checkpoint was made with arch {st.get('arch')!r} / preprocessing "
                              f"{str(st.get('preprocess_hash'))[:12]}, not {cfg.arch!r} / {pcfg.pixel_hash()[:12]}")
+        old_cfg = st.get("train_config") or {}
+        changed = [k for k in RECIPE_FIELDS if k not in TEST_TIME_FIELDS and k in old_cfg
+                   and json.dumps(old_cfg[k]) != json.dumps(getattr(cfg, k))]
+        if changed:
+            raise ValueError(f"{state_file}: the checkpoint was trained with other settings ("
+                             + ", ".join(f"{k} {old_cfg[k]!r}, now {getattr(cfg, k)!r}" for k in changed)
+                             + "); use a new run directory or the same settings")
         model.load_state_dict(_load_weights(ckpt / "last.safetensors"))
         opt_state = torch.load(ckpt / "optim.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
@@ -887,6 +894,11 @@ def _check_assembled(model: Any, feats: np.ndarray, images: np.ndarray, cfg: Pre
 RECIPE_FIELDS = ("arch", "arch_kwargs", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "pretrained",
                  "patience", "augment", "class_weighting", "label_smoothing", "half_weights", "freeze_blocks",
                  "feature_cache", "tta", "threshold", "select", "no_validation", "seed")
+
+
+#: Recipe fields that only change what the kept model does at test time (and how it is stored): a finished
+#: run resumed with other values re-scores and rewrites its bundle without training again.
+TEST_TIME_FIELDS = ("tta", "threshold", "half_weights")
 
 
 def recipe_of(cfg: TrainConfig) -> dict[str, Any]:

@@ -141,3 +141,18 @@ def test_best_threshold():
     p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
     t, f1 = best_threshold(y, p)
     assert 0.6 < t <= 0.7 and f1 == 1.0
+
+
+def test_resume_with_other_test_time_settings_rescores_and_other_recipe_is_refused(cache, tmp_path):
+    cfg = TrainConfig(arch="tiny", epochs=1, batch_size=16, progress=False, quiet=True, select="last")
+    first = cross_validate(cache, tmp_path / "cv", cfg, folds=2, seeds=[0], log=lambda *_: None)
+    msgs: list[str] = []
+    flip = cross_validate(cache, tmp_path / "cv", cfg, folds=2, seeds=[0], log=msgs.append, resume=True, tta="flip")
+    assert not any("reusing" in m for m in msgs)  # re-scored with the new TTA, not reused
+    meta = json.loads((tmp_path / "cv" / "seed0" / "fold0" / "bundle" / "bundle.json").read_text())
+    assert meta["test_time"]["tta"] == "flip"
+    hist = json.loads((tmp_path / "cv" / "seed0" / "fold0" / "history.json").read_text())["history"]
+    assert len(hist) == 1  # no epoch was trained again
+    assert [r["probability"] for r in flip.oof] != [r["probability"] for r in first.oof]
+    with pytest.raises(ValueError, match="lr 0.001, now 0.002"):
+        cross_validate(cache, tmp_path / "cv", cfg, folds=2, seeds=[0], log=lambda *_: None, resume=True, lr=0.002)
