@@ -133,13 +133,11 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
 
 
 def _is_config_mismatch(exc: BaseException) -> bool:
+    """Never fallen back from: a preprocessing mismatch, or a model that is not there. An engine built for
+    another GPU or TensorRT version (EngineMismatchError, e.g. after a JetPack upgrade) is fallen back from."""
     from ..config import ConfigMismatchError
 
-    try:
-        from ..engines.sidecar import EngineMismatchError
-    except ImportError:  # pragma: no cover
-        EngineMismatchError = ConfigMismatchError  # type: ignore[misc,assignment]
-    return isinstance(exc, (ConfigMismatchError, EngineMismatchError, FileNotFoundError))
+    return isinstance(exc, (ConfigMismatchError, FileNotFoundError))
 
 
 def predict_fn(pred: Any):
