@@ -486,7 +486,7 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
 @click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
-              default="auto", show_default=True, help="auto: TensorRT engine on a GPU, else ONNX Runtime, else PyTorch.")
+              default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")

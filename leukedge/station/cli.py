@@ -179,7 +179,7 @@ def _asdict(r: Any) -> dict:
               help="Model bundle directory, export directory, .onnx file or TensorRT engine "
                    "(default: the packaged default model).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="Inference runtime (auto: TensorRT engine if usable, else ONNX Runtime, else PyTorch).")
+              help="Inference runtime (auto: TensorRT engine if usable, else PyTorch on CUDA, else ONNX Runtime, else PyTorch).")
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
               help="If the GPU backend fails to start, continue with ONNX Runtime on the CPU instead of stopping.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
