@@ -227,7 +227,7 @@ class Predictor:
                  precision: str = "auto",
                  engine: str | os.PathLike | None = None, expected_config: PreprocessConfig | None = None,
                  preprocess_fn: PreprocessFn | None = None, backend_obj: Backend | None = None,
-                 spec: ModelSpec | None = None) -> None:
+                 spec: ModelSpec | None = None, cuda_binding: str = "auto") -> None:
         if spec is None:
             model = Path(model) if model is not None else default_model_path()
             if not model.exists():
@@ -245,7 +245,7 @@ class Predictor:
         guess = plan_threads(backend_on_cpu=True, pipeline=pipeline, preprocess=threads, backend=backend_threads)
         self.backend = backend_obj or get_backend(backend, spec, device=device, expected_config=expected_config,
                                                   threads=guess.backend, precision=precision,
-                                                  exclusive=guess.partitioned)
+                                                  exclusive=guess.partitioned, cuda_binding=cuda_binding)
         if backend_obj is not None and expected_config is not None:
             expected_config.require_same_pixels(spec.config, what="caller", against=f"model {spec.path}")
         self.threads: ThreadPlan = plan_threads(backend_on_cpu=self.backend.on_cpu, pipeline=pipeline,
@@ -403,6 +403,7 @@ def run_inference(
     progress: bool = False,
     predictor: Predictor | None = None,
     preprocess_fn: PreprocessFn | None = None,
+    cuda_binding: str = "auto",
 ) -> InferResult:
     """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``."""
     if out_path is not None:
@@ -413,7 +414,7 @@ def run_inference(
     own = predictor is None
     pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, backend_threads=backend_threads,
                                   pipeline=pipeline, device=device, precision=precision, engine=engine,
-                                  preprocess_fn=preprocess_fn)
+                                  preprocess_fn=preprocess_fn, cuda_binding=cuda_binding)
     try:
         pred.runner.warmup(warmup)
         prog_cb = None
@@ -526,7 +527,7 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
 @click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
-              default="auto", show_default=True, help="auto: TensorRT engine on a GPU, else ONNX Runtime, else PyTorch.")
+              default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
@@ -539,9 +540,11 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="Preprocess batch k+1 while batch k runs on the backend.")
+@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
+              help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool) -> None:
+              limit: int | None, pipeline: bool, cuda_binding: str) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
     Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
@@ -557,7 +560,7 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
                             backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
-                            engine=engine, progress=True)
+                            engine=engine, progress=True, cuda_binding=cuda_binding)
     except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
             ResultsNotWritten) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -358,6 +358,7 @@ def get_backend(
     threads: int = 0,
     precision: str = "auto",
     exclusive: bool = False,
+    cuda_binding: str = "auto",
 ) -> Backend:
     """Create a backend for ``model``. ``backend.reason`` says why this one was picked.
 
@@ -365,7 +366,12 @@ def get_backend(
     ``exclusive``: those threads share the machine with concurrent preprocessing (no spin-waiting).
 
     ``expected_config``: if given, the model's preprocessing must match it (mismatch refused).
-    ``precision`` (ONNX Runtime): "fp32", "fp16" or "auto" (fp16 on CUDA, fp32 on CPU).
+    ``precision`` (ONNX Runtime, PyTorch on CUDA): "fp32", "fp16" or "auto" (fp16 on CUDA, fp32 on CPU).
+    ``cuda_binding`` (TensorRT): "auto", "cuda-python" or "pycuda".
+
+    auto: a usable TensorRT engine, else PyTorch on CUDA (model bundle), else ONNX Runtime, else PyTorch on
+    the CPU. An engine that cannot run here (no GPU, another GPU or TensorRT version) is "not usable, because";
+    only a preprocessing mismatch is fatal. ``device="cpu"`` never tries an engine.
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -378,13 +384,15 @@ def get_backend(
         expected_config.require_same_pixels(spec.config, what="station/bundle", against=f"model {spec.path}")
 
     reasons: list[str] = []
-    if kind in ("auto", "tensorrt", "tensorrt-rtx"):
+    if kind == "auto" and device == "cpu":
+        reasons.append("device cpu: TensorRT and CUDA skipped")
+    elif kind in ("auto", "tensorrt", "tensorrt-rtx"):
         if spec.engine is not None:
             try:
                 from .tensorrt_backend import TensorRTBackend
 
                 flavour = None if kind == "auto" else kind
-                b = TensorRTBackend(spec.engine, flavour=flavour)
+                b = TensorRTBackend(spec.engine, flavour=flavour, cuda_binding=cuda_binding)
                 b.device_kind = "gpu"
                 b.reason = f"engine {spec.engine.name} usable on {b.gpu_name}"
                 b.spec = spec
@@ -399,6 +407,10 @@ def get_backend(
             )
         else:
             reasons.append("no TensorRT engine for this model")
+    if kind == "auto" and device != "cpu":
+        b = _torch_cuda_or_reason(spec, precision, reasons)
+        if b is not None:
+            return b
     if kind in ("auto", "onnxruntime"):
         onnx_path = _pick_onnx(spec, device, precision)
         if onnx_path is not None:
@@ -419,10 +431,17 @@ def get_backend(
         else:
             reasons.append("no ONNX export")
     if kind in ("auto", "torch"):
+        if spec.bundle is not None and kind == "torch" and device != "cpu" and _torch_cuda_available():
+            from .torch_cuda import TorchCudaBackend
+
+            b = TorchCudaBackend.from_bundle(spec.bundle, precision=precision)
+            b.reason = f"PyTorch on CUDA ({b.description})"
+            b.spec = spec
+            return b
         if spec.bundle is not None:
             from .torch_backend import TorchBackend
 
-            b = TorchBackend.from_bundle(spec.bundle, device=device, threads=threads)
+            b = TorchBackend.from_bundle(spec.bundle, device="cpu" if kind == "auto" else device, threads=threads)
             b.reason = "; ".join(reasons + [f"PyTorch reference on {b.device}"])
             b.spec = spec
             return b
@@ -433,10 +452,47 @@ def get_backend(
 
 
 def _is_mismatch(exc: BaseException) -> bool:
+    """Fatal even in auto mode: the engine's preprocessing differs from the model's. An engine built for
+    another GPU or TensorRT version is merely not usable here."""
     from ..config import ConfigMismatchError
-    from .sidecar import EngineMismatchError
 
-    return isinstance(exc, (ConfigMismatchError, EngineMismatchError))
+    return isinstance(exc, ConfigMismatchError)
+
+
+def _torch_cuda_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _torch_cuda_or_reason(spec: ModelSpec, precision: str, reasons: list[str]) -> Backend | None:
+    """auto's second choice: PyTorch on CUDA for a model bundle; None (with the reason appended) otherwise."""
+    if spec.bundle is None:
+        reasons.append("no model bundle for PyTorch on CUDA")
+        return None
+    from .gpu import detect_gpu
+
+    probe = detect_gpu()
+    if probe.status in ("driver-too-old", "no-gpu"):  # the binding looked and found nothing usable
+        reasons.append(f"PyTorch on CUDA skipped: {probe.reason}")
+        return None
+    if not _torch_cuda_available():
+        reasons.append("PyTorch sees no CUDA device")
+        return None
+    from .torch_cuda import TorchCudaBackend
+
+    try:
+        b = TorchCudaBackend.from_bundle(spec.bundle, precision=precision)
+    except RuntimeError as exc:  # CUDA out of memory, capture failure, ...
+        reasons.append(f"PyTorch on CUDA failed to start ({exc})")
+        return None
+    b.reason = "; ".join(reasons + [f"PyTorch on CUDA ({b.description})"])
+    b.spec = spec
+    return b
 
 
 def _pick_onnx(spec: ModelSpec, device: str, precision: str) -> Path | None:

@@ -27,7 +27,7 @@ import numpy as np
 from .. import __version__
 from ..data import file_sha256
 from .base import EXPORT_FP16, EXPORT_FP32, BackendUnavailable, onnx_config
-from .sidecar import atomic_write_bytes, sidecar_path, write_sidecar
+from .sidecar import RTX_DEFAULT_TARGETS_DOC, RTX_SUPPORTED_CC, EngineMismatchError, atomic_write_bytes, sidecar_path, write_sidecar
 from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
 
 RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
@@ -71,6 +71,10 @@ def pick_flavour(backend: str) -> tuple[str, str]:
         if backend == "tensorrt" and gpu_info() is None:
             raise BuildError(f"standard TensorRT needs a GPU to build engines ({no_gpu_reason()}); "
                              f"use --backend tensorrt-rtx to build ahead of time without a GPU")
+        gpu = gpu_info()
+        if backend == "tensorrt-rtx" and gpu is not None and gpu["compute_capability"] not in RTX_SUPPORTED_CC:
+            return backend, (f"requested; built ahead of time for other GPUs: this one ({gpu['name']}, CC "
+                             f"{gpu['compute_capability']}) cannot run TensorRT-RTX engines")
         return backend, "requested"
     gpu = gpu_info()
     reasons = []
@@ -80,6 +84,9 @@ def pick_flavour(backend: str) -> tuple[str, str]:
             return "tensorrt", f"GPU {gpu['name']} present and tensorrt installed"
         except BackendUnavailable as exc:
             reasons.append(str(exc))
+        if gpu["compute_capability"] not in RTX_SUPPORTED_CC:
+            # TensorRT-RTX would build an engine this GPU then refuses: say so instead
+            raise BuildError(rtx_cannot_target(gpu, reasons[-1]))
     else:
         reasons.append(f"no GPU ({no_gpu_reason()}), so standard TensorRT cannot build")
     try:
@@ -88,6 +95,30 @@ def pick_flavour(backend: str) -> tuple[str, str]:
     except BackendUnavailable as exc:
         reasons.append(str(exc))
     raise BuildError("no TensorRT flavour can build here: " + "; ".join(reasons))
+
+
+def rtx_cannot_target(gpu, why_not_tensorrt: str) -> str:
+    """The refusal when the only flavour at hand, TensorRT-RTX, cannot target this GPU."""
+    return (f"no TensorRT flavour can build an engine for this GPU, {gpu['name']} (compute capability "
+            f"{gpu['compute_capability']}): TensorRT-RTX targets only {', '.join(RTX_SUPPORTED_CC)} (RTX / desktop GPUs), "
+            f"and standard TensorRT is not usable here ({why_not_tensorrt}). Install standard TensorRT on this machine "
+            f"(JetPack on a Jetson) and build with --backend tensorrt, or run without an engine: "
+            f"`leukedge infer --backend torch` (PyTorch on CUDA) or `--backend onnxruntime`")
+
+
+def apply_timing_cache(config_b, path: Path, notes: list[str]) -> dict[str, Any]:
+    """Load the timing cache at ``path`` (if any) into the builder config; a cache TensorRT rejects
+    (another GPU or TensorRT version) is replaced by an empty one and reported, never claimed as loaded."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config_b.create_timing_cache(blob)
+    if config_b.set_timing_cache(cache, ignore_mismatch=False):
+        return {"path": str(path), "loaded_bytes": len(blob), "rejected": False}
+    notes.append(f"timing cache {path} rejected by TensorRT (built on another GPU or TensorRT version); "
+                 f"timing from scratch, and the file will be replaced")
+    cache = config_b.create_timing_cache(b"")
+    if not config_b.set_timing_cache(cache, ignore_mismatch=False):
+        raise BuildError(f"TensorRT refused even an empty timing cache for {path}")
+    return {"path": str(path), "loaded_bytes": 0, "rejected": True, "rejected_bytes": len(blob)}
 
 
 def _dtype_name(trt, dt) -> str:
@@ -178,10 +209,7 @@ def build_engine(
             notes.append("timing cache ignored: TensorRT-RTX does no build-time kernel timing (kernels are JIT-compiled "
                          "on the target GPU)")
         else:
-            blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-            cache = config_b.create_timing_cache(blob)
-            config_b.set_timing_cache(cache, ignore_mismatch=False)
-            tc_used = {"path": str(timing_cache), "loaded_bytes": len(blob)}
+            tc_used = apply_timing_cache(config_b, Path(timing_cache), notes)
 
     # hardware compatibility / target GPUs
     hw_level = None
@@ -284,7 +312,7 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
             t.add_row(x["name"], mode, x["dtype"], shp, p)
     console.print(t)
     b = info["built_on"]
-    target = ", ".join(info["target_compute_capabilities"]) or "default portable set (Ampere+: 8.0/8.6/8.9/12.0)"
+    target = ", ".join(info["target_compute_capabilities"]) or RTX_DEFAULT_TARGETS_DOC
     rows = [
         ("engine", f"{engine_path} ({info['engine_size'] / 1024:.0f} KiB)"),
         ("sidecar", str(sidecar_path(engine_path))),
@@ -301,8 +329,10 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
         console.print(f"  [yellow]note[/] {n}")
 
 
-def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample_dir: Path | None = None) -> dict[str, Any]:
-    """Engine vs ONNX Runtime (FP32 graph) on sample cells; {"skipped": reason} without a GPU."""
+def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample_dir: Path | None = None,
+                    cuda_binding: str = "auto") -> dict[str, Any]:
+    """Engine vs ONNX Runtime (FP32 graph) on sample cells; {"skipped": reason} without a GPU, or when the
+    engine cannot run on this one (another compute capability, TensorRT version, driver)."""
     from ..export import FP16_TOL, _passes, check_inputs, compare_logits, default_sample_dir
     from .onnxrt import OnnxRuntimeBackend
     from .tensorrt_backend import TensorRTBackend
@@ -314,7 +344,10 @@ def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample
     cfg, _ = onnx_config(onnx32)
     inputs = check_inputs(cfg, sample_dir or default_sample_dir(), n_synth=n_synth)
     ref = OnnxRuntimeBackend(onnx32, device="cpu")
-    eng = TensorRTBackend(engine_path)
+    try:
+        eng = TensorRTBackend(engine_path, cuda_binding=cuda_binding)
+    except (EngineMismatchError, BackendUnavailable) as exc:  # built fine, but it cannot run on this GPU
+        return {"skipped": f"the engine cannot run here: {exc}"}
     try:
         per, refs, gots = {}, [], []
         for name, x in inputs:
@@ -364,7 +397,10 @@ def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int,
         raise click.ClickException(str(exc)) from exc
     print_summary(info, engine, console)
     if validate:
-        res = validate_engine(engine, onnx_src)
+        try:
+            res = validate_engine(engine, onnx_src)
+        except (BuildError, BackendUnavailable, ValueError, RuntimeError) as exc:
+            raise click.ClickException(f"engine written, but validation failed: {exc}") from exc
         if "skipped" in res:
             console.print(f"[yellow]validation skipped[/]: {res['skipped']}")
         else:

@@ -20,11 +20,12 @@ from ..config import ConfigMismatchError, PreprocessConfig
 
 SIDECAR_FORMAT = 1
 
-# Compute capabilities a TensorRT-RTX engine supports when none is set explicitly (docs:
-# "portable across 8.0/8.6/8.9/12.0 and later"; Turing 7.5 needs to be requested explicitly).
-RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
-# Compute capabilities TensorRT-RTX can build for (its ComputeCapability enum).
+# Compute capabilities TensorRT-RTX can build for (its ComputeCapability enum, 1.7: SM75 ... SM121). Built
+# with no explicit target, an engine's portable set is TensorRT-RTX's business: the runtime's
+# get_engine_validity decides, at load time, on the GPU itself.
 RTX_SUPPORTED_CC = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+# What TensorRT-RTX's support matrix lists as the default portable set (for messages only).
+RTX_DEFAULT_TARGETS_DOC = "8.6, 8.9 and 12.0 (TensorRT-RTX default portable set)"
 
 
 class EngineMismatchError(RuntimeError):
@@ -132,22 +133,20 @@ def check_compatible(
         return
     here = _cc_tuple(compute_capability)
     if flavour == "tensorrt-rtx":
-        targets = info.get("target_compute_capabilities") or list(RTX_DEFAULT_TARGETS)
-        ok = any(_cc_tuple(t) == here for t in targets) or (
-            not info.get("target_compute_capabilities") and here >= _cc_tuple(RTX_DEFAULT_TARGETS[-1])
-        )
-        if not ok:
-            if compute_capability in RTX_SUPPORTED_CC:
-                fix = f"Rebuild it for this GPU: {rebuild_command(info, engine_path, flavour)} --target-cc {compute_capability}"
-            else:
-                fix = (f"TensorRT-RTX does not target compute capability {compute_capability} "
-                       f"(it supports {', '.join(RTX_SUPPORTED_CC)}); build with standard TensorRT on this GPU: "
-                       f"{rebuild_command(info, engine_path, 'tensorrt')}")
+        targets = list(info.get("target_compute_capabilities") or [])
+        if compute_capability not in RTX_SUPPORTED_CC:
+            raise EngineMismatchError(
+                f"{engine_path} is a TensorRT-RTX engine, and TensorRT-RTX does not target compute capability "
+                f"{compute_capability} (it supports {', '.join(RTX_SUPPORTED_CC)}: RTX / desktop GPUs, not Hopper or "
+                f"Jetson). Build with standard TensorRT on this GPU: {rebuild_command(info, engine_path, 'tensorrt')}"
+            )
+        if targets and not any(_cc_tuple(t) == here for t in targets):
             raise EngineMismatchError(
                 f"{engine_path} is a TensorRT-RTX engine for compute capabilities {', '.join(targets)} but this GPU is "
-                f"{compute_capability}. {fix}"
+                f"{compute_capability}. Rebuild it for this GPU: "
+                f"{rebuild_command(info, engine_path, flavour)} --target-cc {compute_capability}"
             )
-        return
+        return  # default portable set: TensorRT-RTX's get_engine_validity decides on the GPU
     built_cc = (info.get("built_on") or {}).get("compute_capability")
     if built_cc is None:
         return

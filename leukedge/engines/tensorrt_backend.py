@@ -1,13 +1,15 @@
-"""TensorRT / TensorRT-RTX runtime backend (cuda-python for memory, streams and events).
+"""TensorRT / TensorRT-RTX runtime backend (cuda-python or pycuda for memory, streams and events).
 
-Pinned host staging buffers (``cudaHostAlloc``) and device buffers are allocated once for the
-engine's maximum batch; each call copies the batch into pinned memory, enqueues H2D →
-``execute_async_v3`` → D2H on one non-blocking stream and times the three phases with CUDA events.
+Pinned host staging buffers and device buffers are allocated once for the engine's maximum batch
+(through :mod:`leukedge.engines.cuda_binding`); each call copies the batch into pinned memory, enqueues
+H2D → ``execute_async_v3`` → D2H on one non-blocking stream and times the three phases with CUDA events.
+A TensorRT-RTX engine keeps its JIT-compiled kernels in a runtime cache beside the engine
+(``ENGINE.rtcache``) and runs batches padded to a few fixed sizes, so a restart compiles nothing again
+and a short last batch meets no new shape.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .base import Backend, BackendUnavailable, Timing
+from .gpu import GpuInfo, detect_gpu
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 _MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -53,69 +56,90 @@ def trt_major(trt: ModuleType) -> int:
         return 0
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError as exc:
-            raise BackendUnavailable("cuda-python is not installed (pip install cuda-python)") from exc
-    return cudart
+def gpu_info(device: int = 0) -> GpuInfo | None:
+    """The usable CUDA GPU ``device`` (name, compute capability, driver, runtime), or None (see :func:`no_gpu_reason`).
+    Faked in tests through :func:`leukedge.engines.gpu.fake_gpu`."""
+    return detect_gpu(device).gpu
 
 
-def _check(result: Any, what: str) -> Any:
-    """cuda-python calls return (err, *values); raise on error, return the value(s)."""
-    cudart = _cudart()
-    err, rest = result[0], result[1:]
-    if err != cudart.cudaError_t.cudaSuccess:
-        _, msg = cudart.cudaGetErrorString(err)
-        raise RuntimeError(f"CUDA {what} failed: {err.name if hasattr(err, 'name') else err}: {msg.decode(errors='replace')}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else rest
+def no_gpu_reason(device: int = 0) -> str:
+    """Why there is no usable GPU ("" when there is one): no binding, no driver, driver too old, no device."""
+    return detect_gpu(device).reason
 
 
-def gpu_info(device: int = 0) -> dict[str, Any] | None:
-    """``{"name", "compute_capability", "driver"}`` of CUDA device ``device``, or None without a usable GPU."""
-    try:
-        cudart = _cudart()
-    except BackendUnavailable:
-        return None
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-    except Exception:  # noqa: BLE001 - no driver library at all
-        return None
-    if err != cudart.cudaError_t.cudaSuccess or count <= device:
-        return None
-    err, prop = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        return None
-    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    err, drv = cudart.cudaDriverGetVersion()
-    return {
-        "name": name,
-        "compute_capability": f"{prop.major}.{prop.minor}",
-        "driver": f"{drv // 1000}.{(drv % 1000) // 10}" if err == cudart.cudaError_t.cudaSuccess else None,
-        "memory_mib": int(prop.totalGlobalMem) // (1 << 20),
-    }
+# Plain-language meaning of TensorRT-RTX's EngineInvalidityDiagnostics bits.
+VALIDITY_TEXT = {
+    "VERSION_MISMATCH": "built by another TensorRT-RTX version",
+    "UNSUPPORTED_CC": "not built for this GPU's compute capability",
+    "OLD_CUDA_DRIVER": "the NVIDIA driver is too old for this engine",
+    "OLD_CUDA_RUNTIME": "the CUDA runtime is too old for this engine",
+    "INSUFFICIENT_GPU_MEMORY": "not enough free GPU memory",
+    "MALFORMED_ENGINE": "the engine file is damaged or not an engine",
+    "CUDA_ERROR": "a CUDA error occurred while checking",
+}
 
 
-def no_gpu_reason() -> str:
-    try:
-        cudart = _cudart()
-    except BackendUnavailable as exc:
-        return str(exc)
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-    except Exception as exc:  # noqa: BLE001
-        return f"CUDA runtime unusable ({exc})"
-    if err != cudart.cudaError_t.cudaSuccess:
-        _, msg = cudart.cudaGetErrorString(err)
-        return f"no usable CUDA GPU ({msg.decode(errors='replace')})"
-    if count == 0:
-        return "no CUDA GPU found"
-    return ""
+def describe_validity(trt: ModuleType, diagnostics: Any) -> str:
+    """``get_engine_validity``'s diagnostics bit mask in words ("UNSUPPORTED_CC (not built for ...)")."""
+    bits = int(diagnostics)
+    enum = getattr(trt, "EngineInvalidityDiagnostics", None)
+    parts, known = [], 0
+    for name, member in (enum.__members__.items() if enum is not None else ()):
+        v = int(member)
+        if v and bits & v:
+            known |= v
+            parts.append(f"{name} ({VALIDITY_TEXT.get(name, name.lower().replace('_', ' '))})")
+    if bits & ~known:
+        parts.append(f"unknown diagnostic bits 0x{bits & ~known:x}")
+    if not parts:
+        return "no diagnostic bit set (TensorRT could not inspect this GPU; see its log above)"
+    return ", ".join(parts)
+
+
+def padded_batch(n: int, min_batch: int, max_batch: int, fixed: bool) -> int:
+    """Batch size to run ``n`` images at: at least the profile minimum; with ``fixed``, the next of a few
+    sizes (powers of two, and the maximum) so a JIT-compiling runtime meets only a handful of shapes."""
+    n = max(n, min_batch)
+    if not fixed:
+        return n
+    b = 1
+    while b < n:
+        b *= 2
+    return min(max(b, min_batch), max_batch)
+
+
+def runtime_cache_path(engine_path: str | os.PathLike) -> Path:
+    """``model.plan`` -> ``model.plan.rtcache`` (TensorRT-RTX JIT kernels, kept beside the engine)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".rtcache")
+
+
+class RuntimeCacheFile:
+    """A TensorRT-RTX runtime cache loaded from, and saved back to, a file beside the engine."""
+
+    def __init__(self, runtime_config: Any, path: Path) -> None:
+        self.path = path
+        self.cache = runtime_config.create_runtime_cache()
+        self.loaded_bytes = 0
+        self.note = ""
+        if path.is_file():
+            blob = path.read_bytes()
+            if blob and self.cache.deserialize(blob):
+                self.loaded_bytes = len(blob)
+            else:
+                self.cache.reset()
+                self.note = f"runtime cache {path.name} not usable here (other GPU or version); starting empty"
+        if not runtime_config.set_runtime_cache(self.cache):
+            raise RuntimeError(f"TensorRT-RTX refused the runtime cache for {path}")
+
+    def save(self) -> int:
+        """Write the cache (atomically); returns the bytes written."""
+        from .sidecar import atomic_write_bytes
+
+        blob = bytes(memoryview(self.cache.serialize()))
+        if blob:
+            atomic_write_bytes(self.path, blob)
+        return len(blob)
 
 
 def np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
@@ -129,51 +153,39 @@ def np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
     return np.dtype(table[dt])
 
 
-class _Pinned:
-    """Page-locked host buffer exposed as a NumPy array."""
-
-    def __init__(self, nbytes: int) -> None:
-        cudart = _cudart()
-        self.nbytes = nbytes
-        self.ptr = _check(cudart.cudaHostAlloc(nbytes, cudart.cudaHostAllocDefault), "cudaHostAlloc")
-        buf = (ctypes.c_uint8 * nbytes).from_address(int(self.ptr))
-        self.array = np.frombuffer(buf, dtype=np.uint8)
-
-    def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return self.array[:n].view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr is not None:
-            _cudart().cudaFreeHost(self.ptr)
-            self.ptr = None
 
 
 class TensorRTBackend(Backend):
-    def __init__(self, engine_path: str | os.PathLike, *, flavour: str | None = None, device: int = 0) -> None:
-        from .sidecar import check_compatible, read_sidecar, sidecar_config
+    """``cuda_binding``: "auto" | "cuda-python" | "pycuda"; ``runtime_cache``: keep TensorRT-RTX's
+    JIT kernels in ``ENGINE.rtcache``; ``fixed_batches``: pad batches to a few sizes (default: on for
+    TensorRT-RTX, whose kernels are specialised per shape)."""
 
+    def __init__(self, engine_path: str | os.PathLike, *, flavour: str | None = None, device: int = 0,
+                 cuda_binding: str = "auto", runtime_cache: bool = True, fixed_batches: bool | None = None) -> None:
+        from .sidecar import EngineMismatchError, check_compatible, read_sidecar, rebuild_command, sidecar_config
+
+        self._closed = True  # until every resource exists
+        self._cleanup: list[Any] = []
+        self._rt_cache: RuntimeCacheFile | None = None
         self.path = Path(engine_path)
         info = read_sidecar(self.path)
         flavour = flavour or info["flavour"]
         if flavour != info["flavour"]:
-            from .sidecar import EngineMismatchError, rebuild_command
-
             raise EngineMismatchError(
                 f"{self.path} is a {info['flavour']} engine, --backend {flavour} was asked for. "
                 f"Use --backend {info['flavour']} or rebuild: {rebuild_command(info, self.path, flavour)}"
             )
         trt = import_trt(flavour)
-        gpu = gpu_info(device)
+        probe = detect_gpu(device)
+        gpu = probe.gpu
         if gpu is None:
-            raise BackendUnavailable(f"cannot run {self.path.name}: {no_gpu_reason() or 'no CUDA GPU'}")
+            raise BackendUnavailable(f"cannot run {self.path.name}: {probe.reason or 'no CUDA GPU'}")
         check_compatible(info, self.path, flavour=flavour, trt_version=trt.__version__,
                          compute_capability=gpu["compute_capability"])
         self.sidecar, self.flavour, self.trt, self.gpu = info, flavour, trt, gpu
         self.gpu_name = gpu["name"]
         self.config = sidecar_config(info, self.path)
-        cudart = _cudart()
-        _check(cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.fixed_batches = (flavour == "tensorrt-rtx") if fixed_batches is None else bool(fixed_batches)
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -181,20 +193,41 @@ class TensorRTBackend(Backend):
         if hasattr(self.runtime, "get_engine_validity"):
             validity, diag = self.runtime.get_engine_validity(blob)
             if getattr(validity, "name", str(validity)).endswith("INVALID"):
-                from .sidecar import EngineMismatchError, rebuild_command
-
-                reasons = [n for n, v in getattr(trt, "EngineInvalidityDiagnostics").__members__.items() if int(diag) & int(v)] \
-                    if hasattr(trt, "EngineInvalidityDiagnostics") else [str(diag)]
                 raise EngineMismatchError(
                     f"{flavour} reports {self.path} as invalid on {gpu['name']} (CC {gpu['compute_capability']}): "
-                    f"{', '.join(reasons) or diag}. Rebuild it: {rebuild_command(info, self.path, flavour)}"
+                    f"{describe_validity(trt, diag)}. Rebuild it: {rebuild_command(info, self.path, flavour)}"
                 )
+        from .cuda_binding import get_binding
+
+        self.cuda = get_binding(cuda_binding, device)
+        try:
+            with self.cuda.activate():
+                self._setup(trt, blob, info, gpu, runtime_cache)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+
+    def _setup(self, trt: ModuleType, blob: bytes, info: dict[str, Any], gpu: Any, runtime_cache: bool) -> None:
+        cuda = self.cuda
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise RuntimeError(f"{flavour} failed to deserialize {self.path} (see the TensorRT log above)")
-        self.context = self.engine.create_execution_context()
+            raise RuntimeError(f"{self.flavour} failed to deserialize {self.path} (see the TensorRT log above)")
+        self.runtime_cache_note = ""
+        if self.flavour == "tensorrt-rtx" and hasattr(self.engine, "create_runtime_config"):
+            rconf = self.engine.create_runtime_config()
+            strat = getattr(trt, "DynamicShapesKernelSpecializationStrategy", None)
+            if strat is not None and hasattr(rconf, "dynamic_shapes_kernel_specialization_strategy"):
+                # compile the kernels for each (padded) batch size at once, then reuse them from the cache
+                rconf.dynamic_shapes_kernel_specialization_strategy = strat.EAGER
+            if runtime_cache:
+                self._rt_cache = RuntimeCacheFile(rconf, runtime_cache_path(self.path))
+                self.runtime_cache_note = self._rt_cache.note
+            self.context = self.engine.create_execution_context(rconf)
+        else:
+            self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise RuntimeError(f"{flavour} could not create an execution context for {self.path}")
+            raise RuntimeError(f"{self.flavour} could not create an execution context for {self.path}")
 
         # I/O tensors
         self.input_name = self.output_name = None
@@ -217,69 +250,97 @@ class TensorRTBackend(Backend):
         in_bytes = int(np.prod(mx)) * self._in_dt.itemsize
         out_bytes = self.max_batch * self.num_classes * self._out_dt.itemsize
 
-        self._host_in = _Pinned(in_bytes)
-        self._host_out = _Pinned(out_bytes)
-        self._dev_in = _check(cudart.cudaMalloc(in_bytes), "cudaMalloc")
-        self._dev_out = _check(cudart.cudaMalloc(out_bytes), "cudaMalloc")
-        self.stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
-        self._events = [_check(cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(4)]
+        # every resource is registered for release as soon as it exists (a failure half-way frees the rest)
+        self._host_in = cuda.host_alloc(in_bytes)
+        self._cleanup.append(lambda b=self._host_in: cuda.free_host(b))
+        self._host_out = cuda.host_alloc(out_bytes)
+        self._cleanup.append(lambda b=self._host_out: cuda.free_host(b))
+        self._dev_in = cuda.malloc(in_bytes)
+        self._cleanup.append(lambda p=self._dev_in: cuda.free(p))
+        self._dev_out = cuda.malloc(out_bytes)
+        self._cleanup.append(lambda p=self._dev_out: cuda.free(p))
+        self.stream = cuda.stream_create()
+        self._cleanup.append(lambda s=self.stream: cuda.stream_destroy(s))
+        self._events = []
+        for _ in range(4):
+            ev = cuda.event_create()
+            self._events.append(ev)
+            self._cleanup.append(lambda e=ev: cuda.event_destroy(e))
         self.context.set_tensor_address(self.input_name, int(self._dev_in))
         self.context.set_tensor_address(self.output_name, int(self._dev_out))
         prec = info.get("precision", "?")
-        self.name = f"{flavour}-{prec}"
-        self.description = f"{flavour} {trt.__version__} on {gpu['name']} (CC {gpu['compute_capability']}), {self.path.name}"
-        self._closed = False
+        self.name = f"{self.flavour}-{prec}"
+        self.description = (f"{self.flavour} {trt.__version__} on {gpu['name']} (CC {gpu['compute_capability']}), "
+                            f"{self.path.name}, {cuda.name}")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.infer_timed(batch)[0]
 
     def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        cudart = _cudart()
+        if self._closed:
+            raise RuntimeError(f"{getattr(self, 'name', 'tensorrt')}: backend is closed")
+        cuda = self.cuda
         t0 = time.perf_counter()
         batch = self.check_batch(batch)
         n_real = batch.shape[0]
-        n = max(n_real, self.min_batch)  # pad a short last batch up to the profile minimum
+        n = padded_batch(n_real, self.min_batch, self.max_batch, self.fixed_batches)
         shape = (n, *self._in_shape_max[1:])
         host_in = self._host_in.view(self._in_dt, shape)
         np.copyto(host_in[:n_real], batch)
         if n > n_real:
             host_in[n_real:] = 0
-        if not self.context.set_input_shape(self.input_name, shape):
-            raise RuntimeError(f"{self.name}: set_input_shape{shape} rejected (profile {self.min_batch}..{self.max_batch})")
-        e0, e1, e2, e3 = self._events
-        H2D, D2H = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        out_bytes = n * self.num_classes * self._out_dt.itemsize
-        _check(cudart.cudaEventRecord(e0, self.stream), "cudaEventRecord")
-        _check(cudart.cudaMemcpyAsync(self._dev_in, self._host_in.ptr, host_in.nbytes, H2D, self.stream), "H2D copy")
-        _check(cudart.cudaEventRecord(e1, self.stream), "cudaEventRecord")
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log above)")
-        _check(cudart.cudaEventRecord(e2, self.stream), "cudaEventRecord")
-        _check(cudart.cudaMemcpyAsync(self._host_out.ptr, self._dev_out, out_bytes, D2H, self.stream), "D2H copy")
-        _check(cudart.cudaEventRecord(e3, self.stream), "cudaEventRecord")
-        _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        out = self._host_out.view(self._out_dt, (n, self.num_classes))[:n_real].astype(np.float32)
-        h2d = _check(cudart.cudaEventElapsedTime(e0, e1), "cudaEventElapsedTime")
-        comp = _check(cudart.cudaEventElapsedTime(e1, e2), "cudaEventElapsedTime")
-        d2h = _check(cudart.cudaEventElapsedTime(e2, e3), "cudaEventElapsedTime")
+        host_out = self._host_out.view(self._out_dt, (n, self.num_classes))
+        with cuda.activate():
+            if not self.context.set_input_shape(self.input_name, shape):
+                raise RuntimeError(f"{self.name}: set_input_shape{shape} rejected (profile {self.min_batch}..{self.max_batch})")
+            e0, e1, e2, e3 = self._events
+            cuda.event_record(e0, self.stream)
+            cuda.htod_async(self._dev_in, host_in, self.stream)
+            cuda.event_record(e1, self.stream)
+            if not self.context.execute_async_v3(cuda.stream_handle(self.stream)):
+                raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log above)")
+            cuda.event_record(e2, self.stream)
+            cuda.dtoh_async(host_out, self._dev_out, self.stream)
+            cuda.event_record(e3, self.stream)
+            cuda.stream_sync(self.stream)
+            h2d, comp, d2h = cuda.elapsed_ms(e0, e1), cuda.elapsed_ms(e1, e2), cuda.elapsed_ms(e2, e3)
+        out = host_out[:n_real].astype(np.float32)
         total = (time.perf_counter() - t0) * 1e3
-        return out, Timing(total_ms=total, compute_ms=float(comp), h2d_ms=float(h2d), d2h_ms=float(d2h))
+        return out, Timing(total_ms=total, compute_ms=comp, h2d_ms=h2d, d2h_ms=d2h)
+
+    def _release(self) -> None:
+        """Free what exists, newest first; the TensorRT objects go before the memory they point to."""
+        cuda = getattr(self, "cuda", None)
+        if cuda is None:
+            return
+        errors = []
+        with cuda.activate():
+            if self._cleanup and getattr(self, "stream", None) is not None:
+                try:
+                    cuda.stream_sync(self.stream)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+            if self._rt_cache is not None:
+                try:
+                    self._rt_cache.save()
+                except Exception as exc:  # noqa: BLE001 - a read-only folder must not stop shutdown
+                    errors.append(exc)
+            for attr in ("context", "engine"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+            while self._cleanup:
+                try:
+                    self._cleanup.pop()()
+                except Exception as exc:  # noqa: BLE001 - free the rest regardless
+                    errors.append(exc)
+        cuda.close()
+        self.release_errors = errors
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        cudart = _cudart()
-        cudart.cudaStreamSynchronize(self.stream)
-        for e in self._events:
-            cudart.cudaEventDestroy(e)
-        cudart.cudaStreamDestroy(self.stream)
-        cudart.cudaFree(self._dev_in)
-        cudart.cudaFree(self._dev_out)
-        self._host_in.free()
-        self._host_out.free()
-        del self.context
-        del self.engine
+        self._release()
 
     def __del__(self) -> None:
         try:

@@ -142,13 +142,11 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
 
 
 def _is_config_mismatch(exc: BaseException) -> bool:
+    """Never fallen back from: a preprocessing mismatch, or a model that is not there. An engine built for
+    another GPU or TensorRT version (EngineMismatchError, e.g. after a JetPack upgrade) is fallen back from."""
     from ..config import ConfigMismatchError
 
-    try:
-        from ..engines.sidecar import EngineMismatchError
-    except ImportError:  # pragma: no cover
-        EngineMismatchError = ConfigMismatchError  # type: ignore[misc,assignment]
-    return isinstance(exc, (ConfigMismatchError, EngineMismatchError, FileNotFoundError))
+    return isinstance(exc, (ConfigMismatchError, FileNotFoundError))
 
 
 def predict_fn(pred: Any):
@@ -190,7 +188,7 @@ def _asdict(r: Any) -> dict:
               help="Model bundle directory, export directory, .onnx file or TensorRT engine "
                    "(default: the packaged default model).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="Inference runtime (auto: TensorRT engine if usable, else ONNX Runtime, else PyTorch).")
+              help="Inference runtime (auto: TensorRT engine if usable, else PyTorch on CUDA, else ONNX Runtime, else PyTorch).")
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
               help="If the GPU backend fails to start, continue with ONNX Runtime on the CPU instead of stopping.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
