@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "default.toml"
+RECIPE = Path("recipes") / "default.toml"  # relative to REPO (the commands run there): the bundle records it so
 PREPROCESS = ["--stain", "none", "--crop", "bbox", "--crop-margin", "8", "--size", "128", "--split-by", "subject"]
 CV = ["--folds", "3", "--seeds", "0,1"]
 
@@ -38,7 +38,7 @@ CV = ["--folds", "3", "--seeds", "0,1"]
 def leukedge(*args: str) -> None:
     cmd = [sys.executable, "-m", "leukedge.cli", *args]
     print(f"[{time.strftime('%H:%M:%S')}] leukedge {' '.join(args)}", flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def main() -> None:
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "leukedge" / "default_model")
     ap.add_argument("--skip-cv", action="store_true", help="Only train and export the final model.")
     args = ap.parse_args()
+    args.data, args.work, args.out = args.data.resolve(), args.work.resolve(), args.out.resolve()
     if not args.data.is_dir():
         sys.exit(f"{args.data}: data folder not found")
     t0 = time.time()

@@ -94,18 +94,19 @@ def _model_id(spec: Any, backend: Any = None) -> str:
 
 
 def open_predictor(model: str | None, backend: str, *, fallback: bool, device: str, threads: int,
-                   batch_size: int, console: Console) -> tuple[Any, ModelInfo]:
+                   batch_size: int, console: Console, cuda_binding: str = "auto") -> tuple[Any, ModelInfo]:
     """Load the model + backend once; returns (Predictor, ModelInfo).  Raises click errors that say
     clearly what failed (and falls back to ONNX Runtime when asked to)."""
     from ..infer import Predictor
 
     if model is None:
-        from ..models import default_bundle_path
+        from ..infer import default_model_path  # torch-free: the default model runs on ONNX Runtime
 
-        model = str(default_bundle_path())
+        model = str(default_model_path())
         console.print(f"[dim]no --model given: using the packaged default model {model}[/]")
     try:
-        pred = Predictor(model, backend=backend, device=device, threads=threads, batch=batch_size)
+        pred = Predictor(model, backend=backend, device=device, threads=threads, batch=batch_size,
+                         cuda_binding=cuda_binding)
     except Exception as exc:  # noqa: BLE001 - classified below
         if backend in GPU_BACKENDS and fallback and not _is_config_mismatch(exc):
             console.print(
@@ -192,6 +193,8 @@ def _asdict(r: Any) -> dict:
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
               help="If the GPU backend fails to start, continue with ONNX Runtime on the CPU instead of stopping.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
+              help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
               help=f"SQLite results database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
 @click.option("--batch", "batch_size", type=click.IntRange(1, 4096), default=16, show_default=True,
@@ -227,7 +230,8 @@ def _asdict(r: Any) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary line.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write this run's summary (counts, batch sizes, exit reason) to a JSON file.")
-def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, device: str, db_path: str | None,
+def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, device: str, cuda_binding: str,
+            db_path: str | None,
             batch_size: int, max_wait_ms: float, settle_ms: float, poll_ms: float, sample_pattern: str | None,
             extensions: tuple[str, ...], ignore: tuple[str, ...], max_file_mb: float, threads: int, once: bool,
             exit_when_idle: float | None, max_files: int | None, no_trust_rename: bool, full_scan_s: float,
@@ -252,8 +256,8 @@ def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, dev
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    pred, info = open_predictor(model, backend, fallback=fallback, device=device, threads=threads,
-                                batch_size=batch_size, console=console)
+    pred, info = open_predictor(model, backend, fallback=fallback, device=device, cuda_binding=cuda_binding,
+                                threads=threads, batch_size=batch_size, console=console)
     reporter = Reporter(console, quiet=quiet)
     station = Station(settings, predict_fn(pred), info, reporter=reporter)
     try:
