@@ -509,27 +509,42 @@ def _feature_batches(feats: np.ndarray, labels: np.ndarray, batches: list[np.nda
         yield torch.from_numpy(feats[var, idx].astype(np.float32)), torch.from_numpy(labels[idx])
 
 
+def feature_view_probs(model: Any, feats: np.ndarray, rows: np.ndarray, n_blocks: int,
+                       views: Sequence[int] = tuple(range(8)), batch_size: int = 256) -> dict[int, np.ndarray]:
+    """Class probabilities of the trainable top on the cached features of each dihedral view in ``views``."""
+    import torch
+
+    from .models import top_forward
+
+    model.eval()
+    out = {}
+    with torch.inference_mode():
+        for v in views:
+            prob = np.zeros((len(rows), 2), np.float64)
+            for i in range(0, len(rows), batch_size):
+                x = torch.from_numpy(feats[v, rows[i : i + batch_size]].astype(np.float32)).contiguous(
+                    memory_format=torch.channels_last)
+                prob[i : i + len(x)] = torch.softmax(top_forward(model, x, n_blocks).float(), 1).numpy()
+            out[v] = prob
+    return out
+
+
+def tta_logits(view_probs: dict[int, np.ndarray], tta: str, threshold: float) -> np.ndarray:
+    """The test-time computation of :class:`leukedge.models.TestTimeModel` on per-view probabilities:
+    log of the mean over the TTA views, ``all`` logit shifted for the threshold."""
+    from .models import logit_bias
+
+    prob = np.mean([view_probs[v] for v in TTA_VIEW_INDEX[tta]], axis=0)
+    logits = np.log(np.clip(prob, 1e-6, None))
+    logits[:, 1] += logit_bias(threshold)
+    return logits.astype(np.float32)
+
+
 def predict_features(model: Any, feats: np.ndarray, rows: np.ndarray, n_blocks: int, tta: str = "none",
                      threshold: float = 0.5, batch_size: int = 256) -> np.ndarray:
     """Logits of the trainable top on cached features, with the test-time computation of
     :class:`leukedge.models.TestTimeModel` (mean probability over the TTA views, threshold shift)."""
-    import torch
-
-    from .models import logit_bias, top_forward
-
-    model.eval()
-    views = TTA_VIEW_INDEX[tta]
-    prob = np.zeros((len(rows), 2), np.float64)
-    with torch.inference_mode():
-        for v in views:
-            for i in range(0, len(rows), batch_size):
-                x = torch.from_numpy(feats[v, rows[i : i + batch_size]].astype(np.float32)).contiguous(
-                    memory_format=torch.channels_last)
-                prob[i : i + len(x)] += torch.softmax(top_forward(model, x, n_blocks).float(), 1).numpy()
-    prob /= len(views)
-    logits = np.log(np.clip(prob, 1e-6, None))
-    logits[:, 1] += logit_bias(threshold)
-    return logits.astype(np.float32)
+    return tta_logits(feature_view_probs(model, feats, rows, n_blocks, TTA_VIEW_INDEX[tta], batch_size), tta, threshold)
 
 
 def predict_rows(model: Any, images: np.ndarray, rows: np.ndarray, cfg: PreprocessConfig, device: str,
@@ -820,12 +835,15 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     model.to(device)
     val_full: dict[str, Any] | None = None
     if len(val_rows):
-        prob_val = torch.softmax(torch.from_numpy(predict_val(amp=False)), 1)[:, 1].numpy()
+        # On cached features all 8 views are computed once: the kept model's logits and what each
+        # test-time augmentation would have given come from them.
+        vp = feature_view_probs(model, feats, val_rows, cfg.freeze_blocks) if feats is not None else None
+        logits_val = tta_logits(vp, cfg.tta, cfg.threshold) if vp is not None else predict_val(amp=False)
+        prob_val = torch.softmax(torch.from_numpy(logits_val), 1)[:, 1].numpy()
         val_full = compute_metrics(y_val, prob_val, subjects=[manifest[i].get("subject") for i in val_rows])
-        if feats is not None:  # cheap on cached features: what each test-time augmentation would have given
+        if vp is not None:
             val_full["by_tta"] = {
-                mode: {k: v for k, v in _val_metrics(predict_features(model, feats, val_rows, cfg.freeze_blocks, mode,
-                                                                      cfg.threshold), y_val).items()
+                mode: {k: v for k, v in _val_metrics(tta_logits(vp, mode, cfg.threshold), y_val).items()
                        if k in ("val_f1", "val_auc")} for mode in TTA_VIEW_INDEX}
     elapsed = time.time() - t_start
     split_summary = {k: v for k, v in split.items() if k not in ("train_indices", "val_indices")}
