@@ -174,7 +174,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from leukedge.engines.base import get_backend
+    from leukedge.engines import get_backend
     from leukedge.engines.tensorrt_backend import gpu_info
     from leukedge.export import export_bundle
     from leukedge.infer import Predictor, run_inference
@@ -212,7 +212,7 @@ def main() -> int:
             specs.append(("tensorrt", dict(kind=flavour, model=engine)))
         except Exception as exc:  # noqa: BLE001
             console.print(f"[yellow]no TensorRT engine: {exc}[/]")
-    from leukedge.engines.base import usable_cores
+    from leukedge.engines.threads import usable_cores
 
     cores = usable_cores()
     load_before = os.getloadavg()

@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from leukedge.station import Station, StationSettings, open_predictor, predict_fn  # noqa: E402
+from leukedge.cli.station import open_predictor, predict_fn  # noqa: E402
+from leukedge.station import Station, StationSettings  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "cnmc_sample"
 
@@ -306,7 +307,7 @@ def main() -> None:
         # warm up the backend once so the first rate does not pay for session initialisation
         warm = work / "warm.bmp"
         warm.write_bytes(cells[0])
-        pred.predict_paths([str(warm)] * min(opts.batch, 4))
+        pred.predict([str(warm)] * min(opts.batch, 4))
         console.print(f"[bold]station benchmark[/]: model {model_desc} ({info.model_id}) on {info.backend}; {cells_desc}; "
                       f"{opts.duration:g} s of arrivals per rate, files written to a temporary name and renamed")
         for name in [p.strip() for p in opts.profiles.split(",") if p.strip()]:

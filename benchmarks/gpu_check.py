@@ -90,7 +90,7 @@ def environment(dry: bool) -> dict[str, Any]:
 
 
 def _cores() -> int:
-    from leukedge.engines.base import usable_cores
+    from leukedge.engines.threads import usable_cores
 
     return usable_cores()
 

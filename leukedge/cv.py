@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import click
 import numpy as np
 
-from .train import TrainConfig, _as_int, _write_json, config_from_cli, recipe_of, train_options, usable_rows
+from ._util import Reporter
+from .train import TrainConfig, _as_int, _write_json, recipe_of, usable_rows
 
 CV_FILE = "cv.json"
 OOF_FILE = "oof_predictions.csv"
@@ -92,7 +93,8 @@ def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
 
 
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
-                   seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, **overrides: Any) -> CVResult:
+                   seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, reporter: Reporter | None = None,
+                   **overrides: Any) -> CVResult:
     """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
 
     Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
@@ -131,7 +133,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                 log("  finished before: reusing its predictions")
             else:
                 res = train(cache, run, dataclasses.replace(cfg, seed=int(seed), train_indices=tr, val_indices=va,
-                                                            no_validation=False))
+                                                            no_validation=False), reporter=reporter)
                 order = {r: j for j, r in enumerate(res.val_indices)}
                 probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
                 hist = res.history
@@ -250,56 +252,3 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-@click.command("cv")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Run directory: cv.json, oof_predictions.csv, per_subject.csv, plots, report.html, seed*/fold*/.")
-@click.option("--folds", type=click.IntRange(2, 50), default=3, show_default=True, help="Number of subject-grouped folds.")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one partition of the subjects each.")
-@train_options
-@click.pass_context
-def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str, **params: Any) -> None:
-    """Cross-validate a training recipe on CACHE with subject-grouped, class-stratified folds.
-
-    Takes exactly the options of `leukedge train` (or its --recipe file). Prints and writes, per fold
-    and as mean ± sd over all folds of all seeds, weighted F1 and ROC-AUC; a per-subject table, worst
-    subjects first; the out-of-fold predictions (CSV) and the threshold that would have maximised
-    their weighted F1; plots in OUT/report.html. --resume continues an interrupted run.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from .models import PretrainedWeightsUnavailable
-    from .train import _run_errors
-
-    seed_list = parse_seeds(seeds)
-    cfg = config_from_cli(ctx, params, defaults={"select": "last"})
-    console = Console(stderr=True)
-    try:
-        res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, log=console.print)
-    except PretrainedWeightsUnavailable as exc:
-        raise click.ClickException(str(exc)) from exc
-    except _run_errors() as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc
-    s = res.summary
-    out = Console()
-    t = Table(title=f"cross-validation: {s['scheme']}")
-    for c in ("seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"):
-        t.add_column(c, justify="right" if c not in ("val subjects",) else "left")
-    for f in s["fold_runs"]:
-        t.add_row(str(f["seed"]), str(f["fold"]), str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
-                  "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
-    out.print(t)
-    st = Table(title="per subject, worst first (accuracy over seeds)")
-    for c in ("subject", "class", "cells", "accuracy", "mean P(all)"):
-        st.add_column(c, justify="left" if c in ("subject", "class") else "right")
-    for r in s["per_subject"]:
-        st.add_row(r["subject"], r["true_class"], str(r["n"]), f"{r['accuracy']:.3f} ± {r['accuracy_sd']:.3f}",
-                   f"{r['mean_prob_all']:.3f}")
-    out.print(st)
-    f1, auc = s["weighted_f1"], s["roc_auc"]
-    out.print(f"[bold green]weighted F1 {f1['mean']:.4f} ± {f1['sd']:.4f}[/], ROC-AUC "
-              + ("n/a" if auc["mean"] is None else f"{auc['mean']:.4f} ± {auc['sd']:.4f}")
-              + f" over {f1['n']} folds ({len(seed_list)} seed(s)); worst subjects {', '.join(s['worst_subjects'])}; "
-              f"out-of-fold best threshold {s['oof_threshold']['mean']:.2f} ± {s['oof_threshold']['sd']:.2f}")
-    out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")

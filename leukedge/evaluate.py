@@ -14,25 +14,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import click
 import numpy as np
 
-from .config import ConfigMismatchError
+from ._util import CLASS_NAMES, Reporter, subject_sort_key
+from ._util import as_int as _as_int
 
-CLASS_NAMES = ("hem", "all")
 SYNTHETIC_WARNING = "SYNTHETIC data: these numbers describe generated cells, not a medical result"
 
 
 # ----------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------
-def _as_int(v: Any, default: int = -1) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return default
-
-
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -99,12 +91,7 @@ def per_subject_breakdown(subjects: Sequence[Any], y: Sequence[int], p: Sequence
             "predicted_blast_fraction": float((pi >= threshold).mean()),
         })
 
-    def key(r: dict[str, Any]) -> tuple[int, int, str]:
-        name = r["subject"]
-        digits = "".join(ch for ch in name if ch.isdigit())
-        return (1 if name.upper().startswith("H") else 0, int(digits) if digits else 0, name)
-
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda r: subject_sort_key(r["subject"]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,7 +132,7 @@ def select_rows(manifest: Sequence[dict[str, Any]], split: str | None = None,
 
 
 def predict_cache(bundle: Any, images: np.ndarray, rows: Sequence[int], *, batch_size: int = 64,
-                  progress: bool = False, device: str = "cpu") -> np.ndarray:
+                  progress: bool = False, device: str = "cpu", reporter: Reporter | None = None) -> np.ndarray:
     """P(all) for the cache rows ``rows`` (uint8 NHWC images, normalised like the Rust core)."""
     import torch
 
@@ -162,19 +149,17 @@ def predict_cache(bundle: Any, images: np.ndarray, rows: Sequence[int], *, batch
                 update(len(idx))
 
     with torch.inference_mode():
-        if progress and len(rows):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as prog:
-                task = prog.add_task("images", total=len(rows))
-                run(lambda n: prog.update(task, advance=n))
+        if progress and len(rows) and reporter is not None:
+            with reporter.progress("evaluate", total=len(rows), transient=True) as task:
+                run(task.advance)
         else:
             run()
     return probs
 
 
 def evaluate(cache: Any, bundle: Any = None, split: str | None = None, *, indices: Sequence[int] | None = None,
-             batch_size: int = 64, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+             batch_size: int = 64, device: str = "cpu", progress: bool = False,
+             reporter: Reporter | None = None) -> dict[str, Any]:
     """Evaluate ``bundle`` (path, :class:`~leukedge.models.Bundle`, or None = shipped default) on ``cache``
     (path or loaded cache).  ``split`` restricts to manifest rows with that split ("train", "val", ...).
 
@@ -193,7 +178,8 @@ def evaluate(cache: Any, bundle: Any = None, split: str | None = None, *, indice
     if not rows:
         where = f" with split {split!r}" if split else ""
         raise ValueError(f"cache {cache_path or ''}: no decodable images{where} to evaluate")
-    probs = predict_cache(bundle, cache_obj.images, rows, batch_size=batch_size, progress=progress, device=device)
+    probs = predict_cache(bundle, cache_obj.images, rows, batch_size=batch_size, progress=progress, device=device,
+                          reporter=reporter)
     labels = np.array([_as_int(manifest[i].get("label")) for i in rows])
     subjects = [manifest[i].get("subject") or None for i in rows]
     labelled = labels >= 0
@@ -282,73 +268,3 @@ def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path 
     return files
 
 
-def _print_summary(result: dict[str, Any], files: dict[str, str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    if result.get("synthetic"):
-        con.print(f"[bold magenta]{SYNTHETIC_WARNING}[/]")
-    con.print(f"Model {result.get('model')} ({result.get('arch')}) on {result.get('cache')}: "
-              f"{result['n_images']} images, {result['n_labelled']} labelled")
-    if "weighted_f1" in result:
-        auc = result.get("roc_auc")
-        con.print(f"[bold]weighted F1 {result['weighted_f1']:.4f}[/]  accuracy {result['accuracy']:.4f}  "
-                  f"ROC-AUC {'n/a' if auc is None else f'{auc:.4f}'}")
-        t = Table(title="Per class")
-        for c in ("class", "precision", "recall", "F1", "support"):
-            t.add_column(c, justify="left" if c == "class" else "right")
-        for name, m in result["per_class"].items():
-            t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-        con.print(t)
-        cm = result["confusion_matrix"]["matrix"]
-        con.print(f"Confusion (rows true hem/all, columns predicted hem/all): {cm}")
-    t = Table(title="Per subject")
-    for c in ("subject", "class", "n", "accuracy", "mean P(all)", "blast fraction"):
-        t.add_column(c, justify="left" if c in ("subject", "class") else "right")
-    for r in result.get("per_subject", []):
-        acc = r.get("accuracy")
-        t.add_row(str(r["subject"]), r["true_class"], str(r["n"]), "-" if acc is None else f"{acc:.3f}",
-                  f"{r['mean_prob_all']:.3f}", f"{r['predicted_blast_fraction']:.3f}")
-    con.print(t)
-    con.print("Wrote " + ", ".join(files.values()))
-
-
-@click.command("evaluate")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Model bundle directory (default: the model shipped with leukedge).")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Folder for metrics.json, predictions.csv and the PNG plots.")
-@click.option("--split", default=None, help="Only evaluate cache rows with this split (e.g. val, train).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_cmd(cache: str, model_path: str | None, out_dir: str, split: str | None, batch_size: int, device: str) -> None:
-    """Evaluate a model bundle on the preprocessed dataset CACHE.
-
-    Reports accuracy, per-class precision/recall/F1, weighted F1 (the C-NMC metric), ROC-AUC, the
-    confusion matrix and a per-subject breakdown, as JSON and PNG plots. The cache must have been
-    preprocessed with exactly the bundle's settings (see `leukedge preprocess --config`); otherwise
-    the command refuses and names the settings that differ.
-    """
-    import torch
-
-    from .models import BundleError, default_bundle_path, load_bundle
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("--device cuda: no CUDA device is available")
-    bpath = Path(model_path) if model_path else default_bundle_path()
-    try:
-        bundle = load_bundle(bpath)
-    except BundleError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        result = evaluate(cache, bundle, split=split, batch_size=batch_size, device=device, progress=True)
-    except ConfigMismatchError as exc:
-        raise click.ClickException(f"refusing to evaluate: {exc}") from exc
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc
-    files = write_report(result, out_dir, bpath)
-    _print_summary(result, files)

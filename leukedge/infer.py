@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import inspect
 import io
 import json
 import os
@@ -25,36 +24,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import click
 import numpy as np
 
 from . import __version__
 from .config import PreprocessConfig
-from .engines.base import THREAD_RULE, Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
-from .engines.sidecar import atomic_write_text
+from ._util import NULL_REPORTER, POSITIVE_CLASS, Reporter, atomic_write_text, load_native, softmax
+from .artifacts import default_model_path as default_model_path
+from .engines import Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
 
 RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
 PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
 
 
-def default_model_path() -> Path:
-    try:
-        from .models import default_bundle_path
-
-        return Path(default_bundle_path())
-    except ImportError:
-        return Path(__file__).resolve().parent / "default_model"
-
-
 def _native_preprocess() -> PreprocessFn:
-    try:
-        from ._native import preprocess_batch
-    except ImportError as exc:
-        raise RuntimeError(
-            "leukedge._native (the Rust preprocessing core) is not built; run `maturin develop --release` "
-            "or `pip install -e .`"
-        ) from exc
-    return preprocess_batch
+    """``leukedge._native.preprocess_batch`` (RuntimeError saying how to build it when it is not built)."""
+    fn: PreprocessFn = load_native().preprocess_batch
+    return fn
 
 
 class ResultsNotWritten(OSError):
@@ -204,13 +189,6 @@ class BatchRunner:
         return time.perf_counter() - t0
 
 
-def _softmax_pos(logits: np.ndarray, pos: int) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e[:, pos] / e.sum(axis=1)).astype(np.float64)
-
-
 class Predictor:
     """Loads a model + backend once and classifies cells; reused by the station and the demo.
 
@@ -252,9 +230,10 @@ class Predictor:
                                                 preprocess=threads, backend=backend_threads)
         if self.backend.on_cpu:
             self.backend.set_threads(self.threads.backend, exclusive=self.threads.partitioned)
-        self.reason = getattr(self.backend, "reason", "")
+        self.reason = self.backend.reason
         self.class_names = spec.class_names
-        self.pos_index = self.class_names.index("all") if "all" in self.class_names else len(self.class_names) - 1
+        self.pos_index = (self.class_names.index(POSITIVE_CLASS) if POSITIVE_CLASS in self.class_names
+                          else len(self.class_names) - 1)
         self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=self.threads.preprocess,
                                   pipeline=pipeline, preprocess_fn=preprocess_fn)
         self.config = self.runner.config
@@ -266,7 +245,7 @@ class Predictor:
     def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
         finite = np.isfinite(logits[: len(b.items)]).all(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
-            probs = _softmax_pos(logits[: len(b.items)], self.pos_index)
+            probs = softmax(logits[: len(b.items)])[:, self.pos_index]
         preds = logits[: len(b.items)].argmax(1)
         out = []
         for j, (item, st) in enumerate(zip(b.items, b.statuses)):
@@ -287,11 +266,13 @@ class Predictor:
     def predict(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
                 progress: Callable[[int], None] | None = None) -> list[FileResult]:
         """Classify paths (or decoded uint8 HxWx3 arrays); one :class:`FileResult` per item, in order."""
-        return self._predict(items, meta, progress)[0]
+        return self.predict_timed(items, meta, progress)[0]
 
-    predict_paths = predict
-
-    def _predict(self, items, meta=None, progress=None):
+    def predict_timed(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
+                      progress: Callable[[int], None] | None = None
+                      ) -> tuple[list[FileResult], dict[str, list[float]], float]:
+        """:meth:`predict` plus the per-batch times in ms (``preprocess``, ``backend``, ``compute``, ``h2d``,
+        ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds."""
         items = [str(i) if isinstance(i, os.PathLike) else i for i in items]
         results: list[FileResult] = []
         times: dict[str, list[float]] = {"preprocess": [], "compute": [], "h2d": [], "d2h": [], "backend": [], "e2e": []}
@@ -401,11 +382,15 @@ def run_inference(
     precision: str = "auto",
     engine: str | os.PathLike | None = None,
     progress: bool = False,
+    reporter: Reporter | None = None,
     predictor: Predictor | None = None,
     preprocess_fn: PreprocessFn | None = None,
     cuda_binding: str = "auto",
 ) -> InferResult:
-    """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``."""
+    """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``.
+
+    ``progress``: report the files done to ``reporter`` (the CLI passes one that draws a progress bar).
+    """
     if out_path is not None:
         check_output_path(out_path)
     entries = discover_sources(sources)
@@ -417,21 +402,9 @@ def run_inference(
                                   preprocess_fn=preprocess_fn, cuda_binding=cuda_binding)
     try:
         pred.runner.warmup(warmup)
-        prog_cb = None
-        ctx = None
-        if progress and entries:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            ctx = Progress(TextColumn("[bold]infer[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           transient=True)
-            task = ctx.add_task("infer", total=len(entries))
-            ctx.start()
-            prog_cb = lambda n: ctx.advance(task, n)  # noqa: E731
-        try:
-            results, times, wall = pred._predict([e["path"] for e in entries], entries, prog_cb)
-        finally:
-            if ctx is not None:
-                ctx.stop()
+        rep = reporter if progress and entries and reporter is not None else NULL_REPORTER
+        with rep.progress("infer", total=len(entries), transient=True) as task:
+            results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance)
         n = len(results)
         n_ok = sum(r.status == "ok" for r in results)
         stats: dict[str, Any] = {
@@ -487,94 +460,3 @@ def run_inference(
             pred.close()
 
 
-def print_stats(stats: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    t = Table(title=f"{stats['backend']} · batch {stats['batch']} · {'pipelined' if stats['pipeline'] else 'sequential'}"
-                    f" · {stats['n_files']} files")
-    for c in ("stage (ms / batch)", "mean", "p50", "p95", "p99", "max"):
-        t.add_column(c, justify="left" if c.startswith("stage") else "right")
-    for key, label in (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("compute", "engine compute"),
-                       ("d2h", "D2H copy"), ("backend_total", "backend total"), ("end_to_end", "end to end")):
-        s = stats["latency_ms"].get(key)
-        if s:
-            t.add_row(label, *(f"{s[k]:.2f}" for k in ("mean", "p50", "p95", "p99", "max")))
-    console.print(t)
-    thr = stats["stage_throughput_img_s"]
-    parts = [f"end to end [bold]{stats['throughput_img_s']:.1f}[/] img/s" if stats["throughput_img_s"] else ""]
-    if thr.get("preprocess"):
-        parts.append(f"preprocessing alone {thr['preprocess']:.1f} img/s")
-    if thr.get("backend"):
-        parts.append(f"backend alone {thr['backend']:.1f} img/s")
-    console.print("throughput: " + ", ".join(p for p in parts if p))
-    th = stats.get("threads")
-    if isinstance(th, dict) and th:
-        be = th.get("backend") or "runtime default"
-        console.print(f"threads: preprocess {th.get('preprocess')}, backend {be} of {th.get('cores')} cores"
-                      f" ({'partitioned' if th.get('partitioned') else 'not partitioned'}: {th.get('rule')})",
-                      soft_wrap=True)
-
-
-@click.command("infer")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-m", "--model", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Model bundle dir, export dir, .onnx or engine file [default: the shipped default model].")
-@click.option("--engine", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="TensorRT engine to run with MODEL's preprocessing (refused if the preprocessing hashes differ).")
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
-@click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
-              default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
-              help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="Rust preprocessing threads (0: automatic, see below).")
-@click.option("--backend-threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="Intra-op threads of a CPU backend: ONNX Runtime CPU EP / torch.set_num_threads "
-                   "(0: automatic, see below; ignored on a GPU).")
-@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed warm-up batches.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
-@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
-              help="Preprocess batch k+1 while batch k runs on the backend.")
-@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
-              help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
-def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
-              backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool, cuda_binding: str) -> None:
-    """Classify every cell image under SOURCES (files, folders, globs, list files).
-
-    Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
-    OUT.stats.json under "threads"):
-    """
-    from rich.console import Console
-
-    from .config import ConfigMismatchError
-    from .engines.base import BackendUnavailable
-    from .engines.sidecar import EngineMismatchError
-
-    console = Console()
-    try:
-        res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
-                            backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
-                            engine=engine, progress=True, cuda_binding=cuda_binding)
-    except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
-            ResultsNotWritten) as exc:
-        raise click.ClickException(str(exc)) from exc
-    from rich.markup import escape
-
-    console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
-    print_stats(res.stats, console)
-    bad = [r for r in res.results if r.status != "ok"]
-    for r in bad[:10]:
-        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
-    if len(bad) > 10:
-        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
-                  f"(stats {escape(str(res.stats_path))})")
-
-
-infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE

@@ -9,7 +9,6 @@ was trained with (and its pixel hash), metrics and library versions; see docs/ar
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bundle_meta import BundleMetaError, check_arch_kwargs, validate_bundle_meta
+from .bundle_meta import check_arch_kwargs
+from ._util import CLASS_NAMES, POSITIVE_CLASS
+from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
+from .artifacts import read_bundle_meta as _read_bundle_meta
+from .bundle_meta import BundleMetaError as BundleMetaError
 from .config import PreprocessConfig, normalize_uint8
 
-BUNDLE_FORMAT = 1
-CLASS_NAMES = ("hem", "all")
-POSITIVE_CLASS = "all"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "bundle.json"
 
 #: Architectures understood by :func:`build_model`.
 ARCHS: dict[str, str] = {
@@ -42,10 +40,6 @@ TIMM_ARCHS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """ImageNet weights were asked for but cannot be obtained (offline, no local copy)."""
-
-
-class BundleError(ValueError):
-    """A model bundle directory is missing, incomplete or inconsistent."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,30 +459,8 @@ def save_bundle(
         meta["test_time"] = test_time
     if extra:
         meta.update(extra)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    write_bundle_meta(out, meta)
     return out
-
-
-def read_bundle_meta(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_file() and p.name == META_FILE:
-        p = p.parent
-    meta_path = p / META_FILE
-    if not p.is_dir():
-        raise BundleError(f"{p}: model bundle directory not found")
-    if not meta_path.is_file():
-        raise BundleError(f"{p}: not a model bundle (missing {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_path}: invalid JSON: {exc}") from exc
-    try:
-        validate_bundle_meta(meta, meta_path, tuple(ARCHS))
-    except BundleMetaError as exc:
-        raise BundleError(str(exc)) from exc
-    if meta["format"] != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: bundle format {meta['format']} is not supported (expected {BUNDLE_FORMAT})")
-    return meta
 
 
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
@@ -552,6 +524,11 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     return Bundle(model=model, config=config, meta=meta, path=p)
 
 
+def read_bundle_meta(path: str | Path) -> dict[str, Any]:
+    """The validated ``bundle.json`` of a bundle folder, for the architectures this module can build."""
+    return _read_bundle_meta(path, tuple(ARCHS))
+
+
 def default_bundle_path() -> Path:
     """The model shipped with the package (``leukedge/default_model``)."""
-    return Path(__file__).resolve().parent / "default_model"
+    return default_model_path()

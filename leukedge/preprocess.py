@@ -22,7 +22,6 @@ Public API:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -36,27 +35,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import click
 import numpy as np
 
 from . import __version__
-from .config import CROP_MODES, FILTERS, SQUARE_MODES, STAIN_METHODS, PreprocessConfig, StainConfig
-from .data import SPLIT_STRATEGIES, Record, assign_splits, discover, file_sha256, is_synthetic
+from ._util import NULL_REPORTER, Reporter
+from ._util import load_native as _native
+from .artifacts import CACHE_VERSION, Cache, load_cache, write_manifest
+# re-exported: the cache readers used to live here
+from .artifacts import MANIFEST_FIELDS as MANIFEST_FIELDS
+from .artifacts import load_config_source as load_config_source
+from .artifacts import read_manifest as read_manifest
+from .config import PreprocessConfig
+from .data import Record, assign_splits, discover, file_sha256, is_synthetic
 
-CACHE_VERSION = 1
-MANIFEST_FIELDS = ("index", "path", "label", "class_name", "subject", "fold", "split", "status", "error", "sha256", "stain_fallback")
 TMP_DIR = ".tmp"
-
-
-def _native() -> Any:
-    try:
-        from . import _native as native  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise RuntimeError(
-            "the Rust core leukedge._native is not built; install the package with `pip install -e .` "
-            f"(needs a Rust toolchain and maturin): {exc}"
-        ) from exc
-    return native
 
 
 def cache_config(config: PreprocessConfig | None) -> PreprocessConfig:
@@ -67,159 +59,6 @@ def cache_config(config: PreprocessConfig | None) -> PreprocessConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _opt_int(v: str) -> int | None:
-    v = (v or "").strip()
-    return int(v) if v not in ("", "None") else None
-
-
-def _opt_str(v: str) -> str | None:
-    v = v if v is not None else ""
-    return v if v not in ("", "None") else None
-
-
-def _typed_row(row: dict[str, str]) -> dict[str, Any]:
-    return {
-        "index": int(row["index"]),
-        "path": row["path"],
-        "label": int(row["label"]),
-        "class_name": row["class_name"],
-        "subject": _opt_str(row["subject"]),
-        "fold": _opt_int(row["fold"]),
-        "split": _opt_str(row["split"]),
-        "status": row["status"],
-        "error": _opt_str(row["error"]),
-        "sha256": _opt_str(row["sha256"]),
-        "stain_fallback": str(row["stain_fallback"]).strip().lower() in ("1", "true", "yes"),
-    }
-
-
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``manifest.csv`` into typed dicts (label/index int, fold int|None, stain_fallback bool)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {', '.join(sorted(missing))}")
-        return [_typed_row(r) for r in reader]
-
-
-def write_manifest(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(MANIFEST_FIELDS), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_FIELDS})
-
-
-@dataclass
-class Cache:
-    """A loaded dataset cache. ``images`` is a read-only memmap ``(N, S, S, 3)`` uint8."""
-
-    path: Path
-    images: np.ndarray
-    manifest: list[dict[str, Any]]
-    config: PreprocessConfig
-    meta: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """int64 labels per row (1 = all, 0 = hem, -1 unknown)."""
-        return np.array([r["label"] for r in self.manifest], dtype=np.int64)
-
-    @property
-    def subjects(self) -> list[str | None]:
-        return [r["subject"] for r in self.manifest]
-
-    @property
-    def splits(self) -> list[str | None]:
-        return [r["split"] for r in self.manifest]
-
-    @property
-    def folds(self) -> list[int | None]:
-        return [r["fold"] for r in self.manifest]
-
-    @property
-    def paths(self) -> list[str]:
-        return [r["path"] for r in self.manifest]
-
-    @property
-    def synthetic(self) -> bool:
-        return bool(self.meta.get("synthetic", False))
-
-    @property
-    def pixel_hash(self) -> str:
-        return self.config.pixel_hash()
-
-    def ok_indices(self) -> np.ndarray:
-        """Indices of rows that were processed successfully."""
-        return np.array([i for i, r in enumerate(self.manifest) if r["status"] == "ok"], dtype=np.int64)
-
-    def indices(self, split: str | None = None, *, ok: bool = True, labelled: bool = False) -> np.ndarray:
-        """Row indices filtered by split ("train"/"val"/"test"; None = any), status ok, label known."""
-        out = []
-        for i, r in enumerate(self.manifest):
-            if split is not None and r["split"] != split:
-                continue
-            if ok and r["status"] != "ok":
-                continue
-            if labelled and r["label"] not in (0, 1):
-                continue
-            out.append(i)
-        return np.array(out, dtype=np.int64)
-
-
-def load_cache(path: str | os.PathLike) -> Cache:
-    """Load a dataset cache folder (or its ``cache.json``) written by ``leukedge preprocess``.
-
-    Raises ``FileNotFoundError`` for a folder without ``cache.json`` (not a cache, or an interrupted
-    run) and ``ValueError`` when the files disagree with each other.
-    """
-    p = Path(path)
-    if p.is_file() and p.name == "cache.json":
-        p = p.parent
-    meta_file = p / "cache.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{p}: not a complete dataset cache (no cache.json); run `leukedge preprocess ... -o {p}`")
-    meta = json.loads(meta_file.read_text())
-    config = PreprocessConfig.load(p / "config.json")
-    manifest = read_manifest(p / "manifest.csv")
-    images = np.load(p / "images.npy", mmap_mode="r")
-    if images.ndim != 4 or images.shape[0] != len(manifest) or images.shape[1:] != (config.size, config.size, 3) or images.dtype != np.uint8:
-        raise ValueError(
-            f"{p}: images.npy {images.shape} {images.dtype} does not match manifest ({len(manifest)} rows) "
-            f"and config size {config.size}"
-        )
-    if meta.get("pixel_hash") != config.pixel_hash():
-        raise ValueError(f"{p}: cache.json pixel_hash does not match config.json; the cache was modified by hand")
-    return Cache(path=p, images=images, manifest=manifest, config=config, meta=meta)
-
-
-def load_config_source(path: str | os.PathLike) -> PreprocessConfig:
-    """Read a PreprocessConfig from a ``config.json``, a ``bundle.json`` (its ``"preprocess"`` key),
-    a model bundle folder or a dataset cache folder."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("bundle.json", "config.json"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise ValueError(f"{path}: folder holds neither bundle.json nor config.json")
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read a preprocessing config: {exc}") from exc
-    if isinstance(d, dict) and isinstance(d.get("preprocess"), dict):
-        d = d["preprocess"]
-    try:
-        return PreprocessConfig.from_dict(d)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{p}: not a valid preprocessing config: {exc}") from exc
-
-
 def fit_stain_reference(paths: Sequence[str | os.PathLike], config: PreprocessConfig) -> PreprocessConfig:
     """Fit stain parameters (``_native.fit_stain``) on the reference images found under ``paths``
     and return ``config`` with ``stain.params`` set. Unreadable reference images are an error."""
@@ -358,7 +197,7 @@ def run_preprocess(
     seed: int = 0,
     reuse: bool = True,
     progress: bool = True,
-    console: Any = None,
+    reporter: Reporter | None = None,
 ) -> PreprocessSummary:
     """Preprocess every image found under ``sources`` into a dataset cache in ``out_dir``.
 
@@ -369,9 +208,8 @@ def run_preprocess(
     the same file sha256 are copied instead of recomputed. Everything is written to
     ``out_dir/.tmp`` first and moved into place at the end, ``cache.json`` last. Per-file failures
     never stop the run: they are zero rows with ``status=error`` and listed in the summary.
+    ``progress``: report the images done to ``reporter`` (the CLI passes one with a progress bar).
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     t0 = time.perf_counter()
     native = _native()
@@ -384,7 +222,6 @@ def run_preprocess(
         raise ValueError(f"no images found in {', '.join(map(str, sources))}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    console = console or Console(stderr=True)
 
     n = len(records)
     read_errors: dict[int, str] = {}
@@ -425,10 +262,8 @@ def run_preprocess(
     cfg_json = cfg.to_native_json()
 
     try:
-        prog = Progress(TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, disable=not progress)
-        with prog:
-            task = prog.add_task("images", total=n)
+        rep = reporter if progress and reporter is not None else NULL_REPORTER
+        with rep.progress("preprocess", total=n) as task:
             for start in range(0, n, batch_size):
                 end = min(n, start + batch_size)
                 todo: list[int] = []
@@ -470,7 +305,7 @@ def run_preprocess(
                     progress_log.write("".join(json.dumps({"i": i, **status[i]}) + "\n" for i in done_rows))
                     progress_log.flush()
                     os.fsync(progress_log.fileno())
-                prog.update(task, advance=end - start)
+                task.advance(end - start)
     except BaseException:
         # Interrupted or failed: never leave anything that could pass for a cache. The previous
         # complete cache in OUT (if any) is untouched. (Only a kill -9 leaves OUT/.tmp, which the next
@@ -535,139 +370,9 @@ def run_preprocess(
     return summary
 
 
-def print_summary(summary: PreprocessSummary, console: Any) -> None:
-    from rich.table import Table
-
-    if summary.synthetic:
-        console.print("[bold magenta]SYNTHETIC DATA[/] in this cache (generated cells, not real ones)")
-    t = Table(title=f"Dataset cache {summary.out_dir}")
-    t.add_column("")
-    t.add_column("images", justify="right")
-    t.add_row("total", str(summary.n_total))
-    t.add_row("[green]ok[/]", str(summary.n_ok))
-    t.add_row("[red]failed[/]" if summary.n_failed else "failed", str(summary.n_failed))
-    t.add_row("reused from the previous run", str(summary.n_reused))
-    if summary.n_resumed:
-        t.add_row("resumed from an interrupted run", str(summary.n_resumed))
-    t.add_row("computed", str(summary.n_computed))
-    t.add_row("stain fallbacks (too little foreground / fit failed)", str(summary.n_stain_fallback))
-    for cls, c in sorted(summary.per_class.items()):
-        t.add_row(f"class {cls}", f"{c['ok']} ok" + (f", {c['failed']} failed" if c["failed"] else ""))
-    for sp, c in sorted(summary.splits.items()):
-        t.add_row(f"split {sp}", str(c))
-    console.print(t)
-    console.print(f"pixel hash {summary.pixel_hash[:12]}, {summary.elapsed_s:.1f} s")
-    if summary.failures:
-        # Plain lines, never wrapped, so a path can be copied (and grepped) whole.
-        console.print(f"[red]{len(summary.failures)} file(s) failed:[/]")
-        for p, e in summary.failures[:200]:
-            console.print(f"  {p}: {e}", markup=False, highlight=False, soft_wrap=True)
-        if len(summary.failures) > 200:
-            console.print(f"  ... and {len(summary.failures) - 200} more (status=error in manifest.csv)")
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 # option name -> how it maps into the config (all pixel settings; conflict with --config)
-_PIXEL_OPTIONS = ("stain", "stain_io", "stain_alpha", "stain_beta", "black_threshold", "white_threshold", "min_foreground",
-                  "stain_reference", "crop", "crop_margin", "square", "size", "filter", "mean", "std")
 
 
-def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> PreprocessConfig:
-    stain = dataclasses.asdict(base.stain)
-    for opt, key in (("stain", "method"), ("stain_io", "io"), ("stain_alpha", "alpha"), ("stain_beta", "beta"),
-                     ("black_threshold", "black_threshold"), ("white_threshold", "white_threshold"),
-                     ("min_foreground", "min_foreground")):
-        if o.get(opt) is not None:
-            stain[key] = o[opt]
-    changes: dict[str, Any] = {"stain": StainConfig(**stain)}
-    for opt in ("crop", "crop_margin", "square", "size", "filter", "max_pixels"):
-        if o.get(opt) is not None:
-            changes[opt] = o[opt]
-    for opt in ("mean", "std"):
-        if o.get(opt):
-            changes[opt] = tuple(o[opt])
-    return base.replace(**changes)
-
-
-@click.command("preprocess")
-@click.argument("sources", nargs=-1, required=True)
-@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Output cache folder.")
-@click.option("--config", "config_file", type=click.Path(exists=True),
-              help="Use exactly this preprocessing: a config.json, a bundle.json / model bundle folder (its "
-                   "\"preprocess\" settings) or a dataset cache folder. Cannot be combined with pixel options.")
-@click.option("--stain", type=click.Choice(STAIN_METHODS), help="Stain normalisation [default: macenko].")
-@click.option("--stain-reference", multiple=True, metavar="PATH", help="Fit stain parameters on these images (folders, files, globs; repeatable).")
-@click.option("--stain-io", type=float, help="Transmitted light intensity Io [default: 240].")
-@click.option("--stain-alpha", type=float, help="Macenko angle percentile alpha [default: 1].")
-@click.option("--stain-beta", type=float, help="Macenko optical-density threshold beta [default: 0.15].")
-@click.option("--black-threshold", type=click.IntRange(0, 254), help="Background if max(R,G,B) <= this [default: 10].")
-@click.option("--white-threshold", type=click.IntRange(1, 255), help="Also background if min(R,G,B) >= this [default: off].")
-@click.option("--min-foreground", type=click.IntRange(0), help="Fewer foreground pixels -> stain fallback [default: 500].")
-@click.option("--crop", type=click.Choice(CROP_MODES), help="Crop to the foreground bounding box [default: bbox].")
-@click.option("--crop-margin", type=click.IntRange(0), help="Margin around the bounding box in px [default: 8].")
-@click.option("--square", type=click.Choice(SQUARE_MODES), help="Make non-square images square by padding or centre crop [default: pad].")
-@click.option("--size", type=click.IntRange(8, 4096), help="Output width and height [default: 224].")
-@click.option("--filter", "filter_", type=click.Choice(FILTERS), help="Resize filter [default: bilinear].")
-@click.option("--mean", type=float, nargs=3, help="Normalisation mean R G B (stored for training) [default: ImageNet].")
-@click.option("--std", type=float, nargs=3, help="Normalisation std R G B [default: ImageNet].")
-@click.option("--max-pixels", type=click.IntRange(1), help="Refuse images with more pixels [default: 64000000].")
-@click.option("--split-by", type=click.Choice(SPLIT_STRATEGIES), default="auto", show_default=True,
-              help="auto: official folds when there are several, else by subject. image: image-level (leaks patients!).")
-@click.option("--val-fold", type=int, help="Official fold used for validation with --split-by fold/auto [default: the last].")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Share of subjects in validation with --split-by subject.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subject split.")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="Worker threads (0 = all cores).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per native call.")
-@click.option("--allow-errors", is_flag=True, help="Exit 0 even if some files failed (they are zero rows with status=error).")
-@click.option("--no-reuse", is_flag=True, help="Recompute everything instead of reusing rows of an existing cache in OUT.")
-@click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
-@click.pass_context
-def preprocess_cmd(ctx: click.Context, sources: tuple[str, ...], out: str, config_file: str | None, **opts: Any) -> None:
-    """Decode, stain-normalise and resize images from SOURCES into a dataset cache OUT.
-
-    SOURCES are folders (Kaggle / original C-NMC / generic <class>/ layouts), files, globs or list
-    files. OUT gets images.npy (uint8 NHWC), manifest.csv, config.json and cache.json. Re-running
-    into the same OUT reuses rows whose file and settings are unchanged.
-    """
-    from rich.console import Console
-
-    opts["filter"] = opts.pop("filter_")
-    console = Console()
-    given = [k for k in _PIXEL_OPTIONS if ctx.get_parameter_source(k if k != "filter" else "filter_") == click.core.ParameterSource.COMMANDLINE]
-    try:
-        if config_file:
-            if given:
-                names = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise click.UsageError(f"{names} cannot be combined with --config {config_file}: the config is used exactly")
-            cfg = load_config_source(config_file)
-            if opts.get("max_pixels"):
-                cfg = cfg.replace(max_pixels=opts["max_pixels"])
-        else:
-            cfg = _config_from_options(PreprocessConfig(), opts)
-            if opts.get("stain_reference"):
-                cfg = fit_stain_reference(list(opts["stain_reference"]), cfg)
-                console.print(f"Fitted {cfg.stain.method} stain parameters on the reference images: {json.dumps(cfg.stain.params)}")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            summary = run_preprocess(
-                list(sources), out, cfg, threads=opts["threads"], batch_size=opts["batch_size"], split_by=opts["split_by"],
-                val_fold=opts["val_fold"], val_fraction=opts["val_fraction"], seed=opts["seed"], reuse=not opts["no_reuse"],
-                console=Console(stderr=True),
-            )
-        for w in caught:
-            console.print(f"[bold yellow]warning:[/] {w.message}")
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except OSError as exc:  # a full or read-only output disk
-        raise click.ClickException(f"cannot write the cache in {out}: {exc.strerror or exc}"
-                                   + (f" ({exc.filename})" if exc.filename else "")) from exc
-    print_summary(summary, console)
-    if opts.get("summary_json"):
-        Path(opts["summary_json"]).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    if summary.n_failed and not opts["allow_errors"]:
-        console.print(f"[red]{summary.n_failed} file(s) failed[/] (the cache was written with them as zero rows, "
-                      "status=error); pass --allow-errors to accept this.")
-        ctx.exit(1)

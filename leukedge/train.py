@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import click
 import numpy as np
 
+from ._util import PlainReporter, Reporter
+from ._util import as_int as _as_int
+from ._util import atomic_write_json as _write_json
 from .config import PreprocessConfig
 
 SPLIT_FILE = "split.json"
@@ -119,13 +121,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------
 # split
 # ----------------------------------------------------------------------------------------
-def _as_int(v: Any, default: int = -1) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return default
-
-
 def usable_rows(manifest: Sequence[dict[str, Any]]) -> list[int]:
     """Rows that decoded and carry a label (0 hem / 1 all)."""
     return [i for i, r in enumerate(manifest) if str(r.get("status", "ok")) == "ok" and _as_int(r.get("label")) in (0, 1)]
@@ -351,18 +346,6 @@ def _load_weights(path: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _make_console(progress: bool) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=not progress)
-
-
 class _BatchSet:
     """Indexable batches of (uint8 NHWC images, labels) read from the (memory-mapped) cache."""
 
@@ -585,11 +568,15 @@ def _val_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 # training
 # ----------------------------------------------------------------------------------------
 def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig | None = None, *,
-          on_epoch_end: Callable[[dict[str, Any]], bool | None] | None = None, **overrides: Any) -> TrainResult:
+          on_epoch_end: Callable[[dict[str, Any]], bool | None] | None = None, reporter: Reporter | None = None,
+          **overrides: Any) -> TrainResult:
     """Train on the dataset cache at ``cache_path`` (a folder or a loaded cache) and write the run into ``out_dir``.
 
     ``on_epoch_end(record)`` is called after each epoch's checkpoint with that epoch's history
     record; returning ``False`` stops training there (the run can be continued with ``resume``).
+
+    ``reporter``: where messages and progress go (default: plain lines on stderr unless ``quiet``; the CLI
+    passes one that draws Rich progress bars when ``progress``).
 
     ``out_dir`` receives ``bundle/`` (best weights), ``history.json``, ``metrics.json``,
     ``split.json``, ``training_curves.png`` and ``checkpoints/`` (last + best, for ``resume``).
@@ -601,22 +588,21 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     try:
-        return _train(cache_path, out_dir, cfg, on_epoch_end)
+        return _train(cache_path, out_dir, cfg, on_epoch_end, reporter)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
-           on_epoch_end: Callable[[dict[str, Any]], bool | None] | None) -> TrainResult:
+           on_epoch_end: Callable[[dict[str, Any]], bool | None] | None, reporter: Reporter | None) -> TrainResult:
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import plots
     from .evaluate import compute_metrics
     from .models import TestTimeModel, build_model, default_arch_kwargs, freeze_stem, save_bundle, top_forward
 
-    console = _make_console(not cfg.quiet)
-    log = console.print
+    rep: Reporter = reporter if reporter is not None else PlainReporter(quiet=cfg.quiet)
+    log = rep.log
     if cfg.epochs < 1:
         raise ValueError("epochs must be >= 1")
     if cfg.batch_size < 2:
@@ -725,13 +711,10 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     feats: np.ndarray | None = None
     if use_fc:
         t_fc = time.time()
-        from rich.progress import Progress as _P
-
-        with _P(console=console, disable=not cfg.progress, transient=True) as fp:
-            ft = fp.add_task("frozen-block features (8 views)", total=len(images))
+        with rep.progress("frozen-block features (8 views)", total=len(images), transient=True) as ft:
             feats = prefix_features(model, images, pcfg, cfg.freeze_blocks, device=device,
                                     store=(cache_dir / "features") if cache_dir is not None else None,
-                                    progress=lambda done, tot: fp.update(ft, completed=done))
+                                    progress=lambda done, tot: ft.update(completed=done))
         log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(images)} cells x 8 views "
             f"{tuple(feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
 
@@ -747,10 +730,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         f"{size}px, device {device}{', AMP' if use_amp else ''}; class weights hem {weights[0]:.2f} / all {weights[1]:.2f}")
 
     t_start = time.time()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
-    with Progress(*columns, console=console, disable=not cfg.progress) as prog:
-        total_task = prog.add_task("epochs", total=cfg.epochs, completed=start_epoch - 1, stats="")
+    with rep.progress("epochs", total=cfg.epochs, completed=start_epoch - 1) as total_task:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if cfg.patience and cfg.select == "best" and len(val_rows) and bad_epochs >= cfg.patience:
                 break
@@ -758,39 +738,38 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-connect, reproducible across resume
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             batches = _batches(train_rows, cfg.batch_size, g, drop_last=True)
-            task = prog.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(batches), stats="")
-            model.train()
-            for m in frozen:
-                m.eval()
-            loss_sum, correct, seen = 0.0, 0, 0
-            if feats is not None:
-                source = _feature_batches(feats, labels_all, batches, g, 8 if cfg.augment == "dihedral" else 1)
-            else:
-                source = _iterate(images, labels_all, batches, cfg.workers)
-            for xb, yb in source:
+            with rep.progress(f"epoch {epoch}/{cfg.epochs}", total=len(batches)) as task:
+                model.train()
+                for m in frozen:
+                    m.eval()
+                loss_sum, correct, seen = 0.0, 0, 0
                 if feats is not None:
-                    x = xb.to(device, non_blocking=True).contiguous(memory_format=mem_format)
+                    source = _feature_batches(feats, labels_all, batches, g, 8 if cfg.augment == "dihedral" else 1)
                 else:
-                    x = to_float01(xb.to(device, non_blocking=True))
-                    if cfg.augment != "none":
-                        x = augment_batch(x, g, pcfg.stain.black_threshold, dihedral_only=cfg.augment == "dihedral")
-                    x = normalize01(x, pcfg).contiguous(memory_format=mem_format)
-                yb = yb.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", enabled=use_amp):
-                    logits = top_forward(model, x, cfg.freeze_blocks) if feats is not None else model(x)
-                    loss = criterion(logits.float(), yb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                loss_sum += float(loss.item()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum().item())
-                seen += len(yb)
-                prog.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
-            prog.remove_task(task)
+                    source = _iterate(images, labels_all, batches, cfg.workers)
+                for xb, yb in source:
+                    if feats is not None:
+                        x = xb.to(device, non_blocking=True).contiguous(memory_format=mem_format)
+                    else:
+                        x = to_float01(xb.to(device, non_blocking=True))
+                        if cfg.augment != "none":
+                            x = augment_batch(x, g, pcfg.stain.black_threshold, dihedral_only=cfg.augment == "dihedral")
+                        x = normalize01(x, pcfg).contiguous(memory_format=mem_format)
+                    yb = yb.to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", enabled=use_amp):
+                        logits = top_forward(model, x, cfg.freeze_blocks) if feats is not None else model(x)
+                        loss = criterion(logits.float(), yb)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    loss_sum += float(loss.item()) * len(yb)
+                    correct += int((logits.argmax(1) == yb).sum().item())
+                    seen += len(yb)
+                    task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
             if len(val_rows):
                 vm = _val_metrics(predict_val(amp=use_amp), y_val)
             else:
@@ -814,11 +793,11 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             _write_json(out / "history.json", {"history": history, "best_epoch": best_epoch})
             auc = vm["val_auc"]
             if vm["val_f1"] is None:
-                prog.update(total_task, advance=1, stats=f"train loss {rec['train_loss']:.4f}")
+                total_task.advance(1, stats=f"train loss {rec['train_loss']:.4f}")
                 log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | no validation  "
                     f"lr {rec['lr']:.2e}  {rec['seconds']:.0f}s")
             else:
-                prog.update(total_task, advance=1, stats=f"val F1 {vm['val_f1']:.4f}" + (" *" if improved else ""))
+                total_task.advance(1, stats=f"val F1 {vm['val_f1']:.4f}" + (" *" if improved else ""))
                 log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | val loss "
                     f"{vm['val_loss']:.4f}  F1 {vm['val_f1']:.4f}  acc {vm['val_acc']:.3f}  AUC "
                     f"{'n/a' if auc is None else f'{auc:.4f}'}  lr {rec['lr']:.2e}  {rec['seconds']:.0f}s"
@@ -956,143 +935,6 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 # CLI
 # ----------------------------------------------------------------------------------------
 # Options shared by `leukedge train` and `leukedge cv` (the recipe options), in --help order.
-_RECIPE_OPTIONS = [
-    click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), default=None,
-                 help="TOML file of train options (e.g. recipes/default.toml); options given on the command line win."),
-    click.option("--arch", type=click.Choice(["tiny", "efficientnet_lite0", "resnet18", "mobilenetv3_small_100", "efficientnet_b0"]),
-                 default="efficientnet_lite0", show_default=True, help="Architecture (see the list above)."),
-    click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True),
-    click.option("--batch-size", type=click.IntRange(2, 4096), default=32, show_default=True),
-    click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Peak AdamW learning rate."),
-    click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True),
-    click.option("--warmup-epochs", type=click.FloatRange(0), default=1.0, show_default=True,
-                 help="Linear warm-up before the cosine decay."),
-    click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, initialisation, shuffling and augmentation."),
-    click.option("--pretrained/--no-pretrained", default=True, show_default=True,
-                 help="Start from ImageNet weights (efficientnet_lite0's ship with a pip package; timm's need the HF hub)."),
-    click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
-                 help="Stop after this many epochs without a better validation weighted F1 (0 = never; ignored with --select last)."),
-    click.option("--augment", type=click.Choice(AUGMENT_MODES), default="full", show_default=True,
-                 help="full: flips, rotations, scale, colour jitter, noise; dihedral: the 8 symmetries of the square only."),
-    click.option("--no-augment", is_flag=True, help="Same as --augment none."),
-    click.option("--freeze-blocks", type=click.IntRange(0, 16), default=0, show_default=True,
-                 help="efficientnet_lite0 only: keep the stem and this many early blocks at their ImageNet weights."),
-    click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
-                 help="With --freeze-blocks and --augment dihedral/none: compute the frozen blocks once per cell and view "
-                      "(kept in CACHE/features) and train the rest on them; same model, several times faster."),
-    click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True,
-                 help="Test-time augmentation built into the bundle and its ONNX graph: mean over the mirror (flip) "
-                      "or the 8 symmetries (d4). Costs that many forward passes per cell."),
-    click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
-                 help="Decision threshold on P(all), e.g. the out-of-fold one `leukedge cv` reports; built into the model."),
-    click.option("--select", type=click.Choice(["best", "last"]), default="best", show_default=True,
-                 help="Keep the best validation epoch, or the last one (a fixed epoch budget; what `cv` uses)."),
-    click.option("--fp16-weights", "half_weights", is_flag=True,
-                 help="Store the bundle weights as float16 (half the size; loaded as float32)."),
-]
 # How a run is executed (not part of a recipe).
-_RUN_OPTIONS = [
-    click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True, help="Data-loading worker processes."),
-    click.option("--threads", type=click.IntRange(0, 512), default=0, show_default=True, help="Torch CPU threads (0 = torch default)."),
-    click.option("--resume", is_flag=True, help="Continue from the run's checkpoints (same split, optimiser and schedule)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-    click.option("--limit", type=click.IntRange(2), default=None, help="Use at most this many images (quick experiments)."),
-    click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines."),
-]
 
 
-def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a Click command with the recipe and run options of `leukedge train`."""
-    for opt in reversed(_RECIPE_OPTIONS + _RUN_OPTIONS):
-        f = opt(f)
-    return f
-
-
-def config_from_cli(ctx: click.Context, params: dict[str, Any], defaults: dict[str, Any] | None = None,
-                    **extra: Any) -> TrainConfig:
-    """A TrainConfig from a recipe file (``--recipe``) overlaid with the options given on the command line.
-
-    ``defaults`` replace the options' own defaults (a command's different default, e.g. ``cv``'s
-    ``select="last"``) where neither the command line nor the recipe sets them."""
-    from click.core import ParameterSource
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values: dict[str, Any] = {}
-    recipe_file = params.pop("recipe_file", None)
-    no_augment = params.pop("no_augment", False)
-    explicit = {k for k in params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    if no_augment:
-        params["augment"] = "none"
-        explicit.add("augment")
-    for k, v in params.items():
-        if k in known:
-            values[k] = v
-    for k, v in (defaults or {}).items():
-        if k not in explicit:
-            values[k] = v
-    if recipe_file:
-        try:
-            recipe = load_recipe(recipe_file)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--recipe") from exc
-        values.update({k: v for k, v in recipe.items() if k not in explicit})
-        values["recipe"] = str(recipe_file)
-    if values.get("arch") == "tiny":
-        values["pretrained"] = False
-    if values.get("threads") == 0:
-        values["threads"] = None
-    values["progress"] = not values.get("quiet", False)
-    values.update(extra)
-    try:
-        return TrainConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise click.UsageError(f"{recipe_file or 'options'}: {exc}") from exc
-
-
-def _run_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigMismatchError
-
-    return (ConfigMismatchError, ValueError, FileNotFoundError, FloatingPointError)
-
-
-@click.command("train")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Run directory: bundle/, history.json, metrics.json, training_curves.png, checkpoints/.")
-@train_options
-@click.option("--val-fold", type=int, default=None, help="Official fold used for validation (default: the last one when the cache has several folds).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Fraction of subjects held out when there are no official folds.")
-@click.option("--image-level-split", is_flag=True,
-              help="Split by image instead of by patient. LEAKS patients into validation: scores become inflated.")
-@click.option("--resplit", is_flag=True, help="Ignore the train/val split stored in the cache by `leukedge preprocess` and make a new one.")
-@click.option("--no-validation", is_flag=True, help="Train on every labelled image for exactly --epochs epochs and keep the last model.")
-@click.pass_context
-def train_cmd(ctx: click.Context, cache: str, out_dir: str, **params: Any) -> None:
-    """Train a classifier on the preprocessed dataset CACHE (from `leukedge preprocess`).
-
-    Validation is patient-disjoint. By default the cache's own train/val split is used (made by
-    `leukedge preprocess`: the last official C-NMC fold when the data spans several folds, else a
-    subject-grouped, class-stratified split); --val-fold, --val-fraction with --resplit, or
-    --image-level-split (leaks patients, loudly) make a new one. The model with the best
-    validation weighted F1 (or the last, with --select last) is saved as a bundle in OUT/bundle
-    together with its preprocessing settings and its recipe, next to history.json, metrics.json and
-    training_curves.png. A --recipe file (TOML, keys = these options) fixes a whole recipe;
-    `leukedge cv` takes the same options.
-
-    \b
-    Architectures:
-      tiny                   small CNN, trains in minutes on a CPU (demo, tests)
-      efficientnet_lite0     EfficientNet-Lite0, ReLU6, ImageNet weights included (default)
-      resnet18, mobilenetv3_small_100, efficientnet_b0   timm models (ImageNet weights need the HF hub)
-    """
-    from .models import PretrainedWeightsUnavailable
-
-    cfg = config_from_cli(ctx, params)
-    try:
-        train(cache, out_dir, cfg)
-    except PretrainedWeightsUnavailable as exc:
-        raise click.ClickException(str(exc)) from exc
-    except _run_errors() as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukedge.engines.base import resolve_model
+from leukedge.engines import resolve_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "leukedge" / "default_model"
 # Runs the CLI in a fresh interpreter in which every `import torch` raises ImportError.

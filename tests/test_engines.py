@@ -96,7 +96,7 @@ def test_rtx_aot_build_real(rtx_engine, export_dir):
 
 @pytest.mark.skipif(not RTX_OK, reason=RTX_WHY or "tensorrt_rtx unavailable")
 def test_rtx_target_cc_and_cli(export_dir, tmp_path):
-    from leukedge.engines.build import build_engine_cmd
+    from leukedge.cli.build_engine import build_engine_cmd
 
     _, exp = export_dir
     out = tmp_path / "sm89.plan"

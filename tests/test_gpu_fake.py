@@ -96,7 +96,7 @@ def test_fake_gpu_seam_and_env(monkeypatch):
 # ------------------------------------------------------------------------- defect 1: --validate
 @needs_rtx
 def test_validate_on_any_gpu_is_reported_not_a_traceback(rtx_export, any_gpu, tmp_path):
-    from leukedge.engines.build import build_engine_cmd
+    from leukedge.cli.build_engine import build_engine_cmd
 
     name, probe = any_gpu
     _, exp = rtx_export
@@ -146,7 +146,7 @@ def test_station_fallback_covers_engine_mismatch(rtx_export, gpu):
     import click
     from rich.console import Console
 
-    from leukedge.station.cli import open_predictor
+    from leukedge.cli.station import open_predictor
 
     _, exp = rtx_export
     console = Console(stderr=True, quiet=True)
@@ -164,7 +164,7 @@ def test_station_fallback_covers_engine_mismatch(rtx_export, gpu):
 
 def test_station_never_falls_back_from_a_preprocessing_mismatch():
     from leukedge.config import ConfigMismatchError
-    from leukedge.station.cli import _is_config_mismatch
+    from leukedge.cli.station import _is_config_mismatch
 
     assert _is_config_mismatch(ConfigMismatchError("crop_margin differs"))
     assert not _is_config_mismatch(EngineMismatchError("built with tensorrt 8.5.2 but 10.3.0 is installed"))
@@ -603,8 +603,8 @@ def test_cuda_binding_selection(monkeypatch):
 
 
 def test_infer_cli_cuda_binding_reaches_the_backend(exported, tmp_path, monkeypatch):
-    import leukedge.engines.base as base
-    from leukedge.infer import infer_cmd
+    import leukedge.engines.factory as base
+    from leukedge.cli.infer import infer_cmd
 
     seen = {}
     real = base.get_backend
@@ -654,7 +654,7 @@ def test_graph_cache_captures_once_per_batch_size():
 
 @needs_rtx
 def test_auto_order_engine_then_torch_cuda_then_onnxruntime(rtx_export, monkeypatch):
-    import leukedge.engines.base as base
+    import leukedge.engines.factory as base
     from leukedge.engines.torch_cuda import TorchCudaBackend
 
     _, exp = rtx_export

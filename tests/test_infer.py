@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from leukedge.config import PreprocessConfig, normalize_uint8  # noqa: E402
-from leukedge.infer import Predictor, infer_cmd, run_inference, stats_path_for  # noqa: E402
+from leukedge.cli.infer import infer_cmd  # noqa: E402
+from leukedge.infer import Predictor, run_inference, stats_path_for  # noqa: E402
 
 SIZE = 48
 SAMPLE = Path(__file__).parents[1].parent / "shared/data/cnmc_sample"
@@ -211,7 +212,7 @@ def test_cli_errors(model_dirs, tmp_path):
 # --------------------------------------------------------------------------------------------
 # core partitioning between Rust preprocessing and a CPU backend
 def test_plan_threads_rule():
-    from leukedge.engines.base import plan_threads
+    from leukedge.engines import plan_threads
 
     # under one core's worth of preprocessing: both stages share every core, still pipelined
     p = plan_threads(backend_on_cpu=True, pipeline=True, cores=2)
@@ -242,7 +243,7 @@ def test_plan_threads_rule():
 def test_partition_applied_and_outputs_unchanged(model_dirs, cells, tmp_path, monkeypatch, prep):
     """4 usable cores, ONNX Runtime on the CPU, pipelined: the Rust core is called with exactly its share,
     the session with the rest and no spinning; the stats say so; results equal the sequential run."""
-    import leukedge.engines.base as base
+    import leukedge.engines.threads as base
     from leukedge.infer import _native_preprocess
 
     _, exp = model_dirs
@@ -280,7 +281,7 @@ def test_partition_applied_and_outputs_unchanged(model_dirs, cells, tmp_path, mo
 def test_explicit_threads_and_torch_backend(model_dirs, cells, tmp_path, monkeypatch):
     import torch
 
-    import leukedge.engines.base as base
+    import leukedge.engines.threads as base
 
     bundle, _ = model_dirs
     monkeypatch.setattr(base, "usable_cores", lambda: 4)

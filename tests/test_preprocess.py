@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 import leukedge.preprocess as pp
 from leukedge.config import PreprocessConfig, StainConfig
-from leukedge.preprocess import MANIFEST_FIELDS, load_cache, load_config_source, preprocess_cmd, run_preprocess
+from leukedge.cli.preprocess import preprocess_cmd
+from leukedge.preprocess import MANIFEST_FIELDS, load_cache, load_config_source, run_preprocess
 from leukedge.synth import generate_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/cnmc_sample"

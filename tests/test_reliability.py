@@ -249,23 +249,23 @@ def test_nan_or_int8_weights_are_refused(tiny_model, tmp_path):
     with pytest.raises(BundleError, match="int8"):
         load_bundle(_edit_weights(tiny_model, tmp_path / "int8", int8))
     cell = synth_cell(tmp_path / "c.bmp")
-    res = CliRunner().invoke(__import__("leukedge.infer", fromlist=["infer_cmd"]).infer_cmd,
+    res = CliRunner().invoke(__import__("leukedge.cli.infer", fromlist=["infer_cmd"]).infer_cmd,
                              [str(cell), "-m", str(tmp_path / "nan"), "--backend", "torch", "-o", str(tmp_path / "o.csv")])
     assert "NaN" in one_clear_line(res)  # before: "probability nan, label hem, status ok", exit 0
 
 
 def test_non_finite_model_output_is_an_error_per_file(tiny_model, tmp_path):
-    from leukedge.engines.base import Backend, resolve_model
+    from leukedge.engines import Backend, resolve_model
     from leukedge.infer import Predictor
 
     class NanBackend(Backend):
         name = "nan-test"
         device_kind = "cpu"
 
-        def infer(self, batch):
+        def infer_impl(self, batch):
             out = np.zeros((len(batch), 2), np.float32)
             out[0] = np.nan
-            return out
+            return out, None
 
     cells = [str(synth_cell(tmp_path / f"c{i}.bmp", seed=i)) for i in range(3)]
     pred = Predictor(spec=resolve_model(tiny_model), backend_obj=NanBackend(), pipeline=False)
@@ -278,7 +278,7 @@ def test_non_finite_model_output_is_an_error_per_file(tiny_model, tmp_path):
 # 5. Contradictory thresholds are refused
 # ==================================================================================================
 def test_white_threshold_below_black_threshold_is_refused(tmp_path):
-    from leukedge.preprocess import preprocess_cmd
+    from leukedge.cli.preprocess import preprocess_cmd
 
     with pytest.raises(ValueError, match="white_threshold"):
         StainConfig(black_threshold=100, white_threshold=50)
@@ -372,10 +372,10 @@ def test_export_with_another_models_onnx_is_refused_and_model_id_is_what_ran(tin
     from rich.console import Console
 
     from leukedge.data import file_sha256
-    from leukedge.engines.base import resolve_model
+    from leukedge.engines import resolve_model
     from leukedge.export import export_model
     from leukedge.models import build_model
-    from leukedge.station import open_predictor
+    from leukedge.cli.station import open_predictor
 
     torch.manual_seed(1)
     other = build_model("tiny", width=4).eval()
@@ -461,7 +461,7 @@ def _make_writable(d: Path) -> None:
 
 
 def test_status_of_a_database_on_a_read_only_medium(tmp_path):
-    from leukedge.station import station_group
+    from leukedge.cli.station import station_group
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -484,7 +484,7 @@ def test_status_of_a_database_on_a_read_only_medium(tmp_path):
 
 
 def test_corrupt_database_is_reported_clearly(tmp_path):
-    from leukedge.station import station_group
+    from leukedge.cli.station import station_group
 
     db = tmp_path / "st.sqlite"
     db.write_bytes(b"this is not a database at all" * 100)
@@ -540,8 +540,8 @@ def test_unreadable_file_is_retried_once_readable(tmp_path, monkeypatch):
 # 11. Rich markup in paths and sample ids is shown as text
 # ==================================================================================================
 def test_markup_in_paths_and_sample_ids_is_escaped(tiny_model, tmp_path):
-    from leukedge.infer import infer_cmd
-    from leukedge.station import station_group
+    from leukedge.cli.infer import infer_cmd
+    from leukedge.cli.station import station_group
 
     bad = tmp_path / "in" / "x[/]y.bmp"
     bad.parent.mkdir(parents=True)
@@ -574,7 +574,7 @@ BAD_BUNDLES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_BUNDLES))
 def test_hand_edited_bundles_are_one_clear_line(tiny_model, tmp_path, case):
-    from leukedge.infer import infer_cmd
+    from leukedge.cli.infer import infer_cmd
 
     b = tmp_path / "b"
     shutil.copytree(tiny_model, b, ignore=shutil.ignore_patterns("export"))
@@ -587,7 +587,7 @@ def test_hand_edited_bundles_are_one_clear_line(tiny_model, tmp_path, case):
 
 @pytest.mark.parametrize("kind", ["not_onnx", "truncated"])
 def test_broken_onnx_files_are_one_clear_line(tiny_model, tmp_path, kind):
-    from leukedge.infer import infer_cmd
+    from leukedge.cli.infer import infer_cmd
 
     onnx_bytes = (tiny_model / "export" / "model_fp32.onnx").read_bytes()
     exp = tmp_path / "exp"
@@ -605,7 +605,7 @@ def test_broken_onnx_files_are_one_clear_line(tiny_model, tmp_path, kind):
 @pytest.mark.parametrize("opt", [("--stain-io", "nan"), ("--stain-beta", "inf"), ("--stain-alpha", "nan"),
                                  ("--mean", "nan", "0.4", "0.4"), ("--std", "0.2", "inf", "0.2")])
 def test_non_finite_settings_are_one_clear_line(tmp_path, opt):
-    from leukedge.preprocess import preprocess_cmd
+    from leukedge.cli.preprocess import preprocess_cmd
 
     cell = synth_cell(tmp_path / "d" / "c.bmp")
     line = one_clear_line(CliRunner().invoke(preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
@@ -628,7 +628,7 @@ def test_preprocess_on_a_full_disk_is_one_clear_line(tmp_path, monkeypatch):
 # 13. Smaller issues
 # ==================================================================================================
 def test_csv_export_escapes_formulas():
-    from leukedge.station.cli import render_export
+    from leukedge.cli.station import render_export
 
     text = render_export([{"sample_id": "=HYPERLINK(\"http://x\")", "n_cells": 3},
                           {"sample_id": "+1", "n_cells": -1}, {"sample_id": "ok", "n_cells": 0}],

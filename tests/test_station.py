@@ -35,10 +35,8 @@ from leukedge.station import (  # noqa: E402
     StationSettings,
     is_ignored_name,
     make_sample_fn,
-    open_predictor,
-    predict_fn,
-    station_group,
 )
+from leukedge.cli.station import open_predictor, predict_fn, station_group  # noqa: E402
 from leukedge.station.scanner import final_names_for_temp  # noqa: E402
 from leukedge.synth import make_cell, write_bmp, write_png  # noqa: E402
 
@@ -341,7 +339,7 @@ def test_end_to_end_slow_partial_writer(tmp_path, predictor, cells):
         assert r["latency_ms"] > 0 and r["queued_ms"] >= 0 and r["compute_ms"] is not None
     assert summary.processed == len(expect) and summary.errors == 0
     # the station's numbers equal a direct call of the same Predictor on the same files
-    direct = {r.path: r for r in pred.predict_paths([r["path"] for r in got])}
+    direct = {r.path: r for r in pred.predict([r["path"] for r in got])}
     for r in got:
         assert abs(direct[r["path"]].probability - r["probability"]) < 1e-5
 

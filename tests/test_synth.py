@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from leukedge.data import data_group, discover, is_synthetic, parse_name
+from leukedge.cli.data import data_group
+from leukedge.data import discover, is_synthetic, parse_name
 from leukedge.synth import generate_dataset, make_cell, make_subject, render_cell, write_bmp, write_png
 
 

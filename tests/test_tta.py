@@ -81,7 +81,7 @@ def sample_cells_or_synth(request) -> np.ndarray:
 
 
 def test_tta_bundle_round_trip_and_backends_agree(tmp_path):
-    from leukedge.engines.base import get_backend
+    from leukedge.engines import get_backend
 
     torch.manual_seed(1)
     model = TestTimeModel(TinyCNN(width=8).eval(), "d4", threshold=0.6).eval()

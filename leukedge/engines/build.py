@@ -13,7 +13,6 @@ engine is JIT-specialised on the target GPU at load time.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shlex
 import sys
@@ -21,13 +20,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from .. import __version__
-from ..data import file_sha256
-from .base import EXPORT_FP16, EXPORT_FP32, BackendUnavailable, onnx_config
-from .sidecar import RTX_DEFAULT_TARGETS_DOC, RTX_SUPPORTED_CC, EngineMismatchError, atomic_write_bytes, sidecar_path, write_sidecar
+from .._util import (
+    NULL_REPORTER,
+    Reporter,
+    atomic_write_bytes,
+    bytes_sha256,
+    file_sha256,
+)
+from ..artifacts import (
+    EXPORT_FP16,
+    EXPORT_FP32,
+    EngineMismatchError,
+    onnx_config,
+    write_sidecar,
+)
+from .base import BackendUnavailable
+from .sidecar import RTX_SUPPORTED_CC
 from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
 
 RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
@@ -140,6 +151,7 @@ def build_engine(
     target_cc: tuple[str, ...] = (),
     verbose: bool = False,
     notes: list[str] | None = None,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Build and write ``engine_path`` and its sidecar; returns the sidecar dict."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
@@ -234,9 +246,8 @@ def build_engine(
     elif target_cc:
         notes.append("--target-cc only applies to TensorRT-RTX; standard TensorRT builds for the GPU it runs on")
 
-    from rich.console import Console
-
-    with Console(stderr=True).status(f"building {flavour} engine from {onnx_path.name} …"):
+    rep = reporter or NULL_REPORTER
+    with rep.progress(f"building {flavour} engine from {onnx_path.name} …", total=None, transient=True):
         t_build = time.perf_counter()
         serialized = builder.build_serialized_network(network, config_b)
         build_s = time.perf_counter() - t_build
@@ -281,7 +292,7 @@ def build_engine(
         "preprocess_hash": config.pixel_hash(),
         "class_names": meta.get("class_names", ["hem", "all"]),
         "engine_size": len(data),
-        "engine_sha256": __import__("hashlib").sha256(data).hexdigest(),
+        "engine_sha256": bytes_sha256(data),
         "build_seconds": round(build_s, 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "leukedge_version": __version__,
@@ -293,47 +304,17 @@ def build_engine(
     return info
 
 
-def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    t = Table(title=f"{engine_path.name} — {info['flavour']} {info['trt_version']}")
-    for c in ("tensor", "mode", "dtype", "shape", "profile min / opt / max"):
-        t.add_column(c)
-    prof = info["profile"]
-    for mode, lst in (("input", info["inputs"]), ("output", info["outputs"])):
-        for x in lst:
-            shp = "x".join("batch" if d < 0 else str(d) for d in x["shape"])
-            p = ""
-            if x["name"] == prof["input"]:
-                chw = "x".join(map(str, prof["chw"]))
-                p = f"{prof['min']}x{chw} / {prof['opt']}x{chw} / {prof['max']}x{chw}"
-            t.add_row(x["name"], mode, x["dtype"], shp, p)
-    console.print(t)
-    b = info["built_on"]
-    target = ", ".join(info["target_compute_capabilities"]) or RTX_DEFAULT_TARGETS_DOC
-    rows = [
-        ("engine", f"{engine_path} ({info['engine_size'] / 1024:.0f} KiB)"),
-        ("sidecar", str(sidecar_path(engine_path))),
-        ("built on", f"{b['gpu']} (CC {b['compute_capability']})" if b.get("gpu") else b["mode"]),
-        ("target CC", target),
-        ("precision", f"{info['precision']} ({info['precision_source']})"),
-        ("build time", f"{info['build_seconds']:.2f} s (total {info['total_seconds']:.2f} s)"),
-        ("ONNX", f"{info['onnx']['path']} sha256 {info['onnx']['sha256'][:12]}"),
-        ("preprocess hash", info["preprocess_hash"][:16]),
-    ]
-    for k, v in rows:
-        console.print(f"  [bold]{k:<16}[/] {v}")
-    for n in info.get("notes", []):
-        console.print(f"  [yellow]note[/] {n}")
-
-
 def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample_dir: Path | None = None,
                     cuda_binding: str = "auto") -> dict[str, Any]:
     """Engine vs ONNX Runtime (FP32 graph) on sample cells; {"skipped": reason} without a GPU, or when the
     engine cannot run on this one (another compute capability, TensorRT version, driver)."""
-    from ..export import FP16_TOL, _passes, check_inputs, compare_logits, default_sample_dir
+    from ..export import (
+        FP16_TOL,
+        check_inputs,
+        compare_logits,
+        default_sample_dir,
+        passes,
+    )
     from .onnxrt import OnnxRuntimeBackend
     from .tensorrt_backend import TensorRTBackend
 
@@ -357,64 +338,9 @@ def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample
             refs.append(r_out)
             gots.append(g_out)
         allm = compare_logits(np.concatenate(refs), np.concatenate(gots))
-        allm["pass"] = _passes(allm, FP16_TOL)
+        allm["pass"] = passes(allm, FP16_TOL)
         return {"reference": f"onnxruntime CPU {onnx32.name}", "by_source": per, "all": allm, "tolerance": FP16_TOL}
     finally:
         eng.close()
 
 
-@click.command("build-engine")
-@click.argument("onnx_src", metavar="ONNX_OR_EXPORT_DIR", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--out", "engine", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Engine file to write (e.g. export/model.plan); the sidecar goes to ENGINE.json.")
-@click.option("--backend", type=click.Choice(["auto", *FLAVOURS]), default="auto", show_default=True,
-              help="auto: tensorrt when a GPU is present, else tensorrt-rtx (ahead of time, no GPU needed).")
-@click.option("--min-batch", type=click.IntRange(1), default=1, show_default=True, help="Optimisation profile: smallest batch.")
-@click.option("--opt-batch", type=click.IntRange(1), default=32, show_default=True,
-              help="Optimisation profile: batch the kernels are tuned for (use `leukedge infer --batch`).")
-@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True, help="Optimisation profile: largest batch.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Timing cache file to load (if present) and update (standard TensorRT).")
-@click.option("--workspace", "workspace_mib", type=click.IntRange(16), default=1024, show_default=True,
-              help="Builder workspace limit in MiB.")
-@click.option("--hardware-compat", is_flag=True, help="Standard TensorRT: build an Ampere+ hardware-compatible engine.")
-@click.option("--target-cc", multiple=True, type=click.Choice(sorted(RTX_CC_NAMES)),
-              help="TensorRT-RTX: compute capability to build for (repeatable) [default: portable Ampere+ set].")
-@click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
-@click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")
-def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int, opt_batch: int, max_batch: int,
-                     timing_cache: Path | None, workspace_mib: int, hardware_compat: bool, target_cc: tuple[str, ...],
-                     validate: bool, verbose: bool) -> None:
-    """Compile ONNX_OR_EXPORT_DIR (an export directory uses its FP16 graph) into a TensorRT engine."""
-    from rich.console import Console
-
-    console = Console()
-    try:
-        info = build_engine(onnx_src, engine, backend=backend, min_batch=min_batch, opt_batch=opt_batch,
-                            max_batch=max_batch, timing_cache=timing_cache, workspace_mib=workspace_mib,
-                            hardware_compat=hardware_compat, target_cc=target_cc, verbose=verbose)
-    except (BuildError, BackendUnavailable, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    print_summary(info, engine, console)
-    if validate:
-        try:
-            res = validate_engine(engine, onnx_src)
-        except (BuildError, BackendUnavailable, ValueError, RuntimeError) as exc:
-            raise click.ClickException(f"engine written, but validation failed: {exc}") from exc
-        if "skipped" in res:
-            console.print(f"[yellow]validation skipped[/]: {res['skipped']}")
-        else:
-            from rich.table import Table
-
-            t = Table(title=f"engine vs {res['reference']}")
-            for c in ("cells", "n", "max abs diff", "max rel diff", "max |Δp(all)|", "top-1 agree"):
-                t.add_column(c)
-            for name, m in [*res["by_source"].items(), ("all", res["all"])]:
-                t.add_row(name, str(m["n"]), f"{m['max_abs_logit']:.3e}", f"{m['max_rel_logit']:.3e}",
-                          f"{m['max_abs_prob']:.3e}", f"{m['top1_agreement']:.1%}")
-            console.print(t)
-            rep = engine.with_name(engine.name + ".validation.json")
-            rep.write_text(json.dumps(res, indent=2) + "\n")
-            if not res["all"]["pass"]:
-                raise click.ClickException(f"engine disagrees with ONNX Runtime beyond tolerance {res['tolerance']} (see {rep})")
-            console.print(f"[green]validation passed[/] ({rep})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ class OnnxRuntimeBackend(Backend):
     """``threads``: intra-op threads on the CPU EP (0: ONNX Runtime's default, one per core).
     ``exclusive``: other cores are busy (pipelined preprocessing), so intra-/inter-op worker threads
     must block instead of spin-waiting between ops (``session.intra_op.allow_spinning = 0``)."""
+
+    provider: str = ""
 
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "auto", threads: int = 0,
                  exclusive: bool = False) -> None:
@@ -100,16 +101,9 @@ class OnnxRuntimeBackend(Backend):
         self._threads, self._exclusive = threads, exclusive
         self.session = self._make_session()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self.check_batch(batch)
+    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timing | None]:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(out, dtype=np.float32)
-
-    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        t0 = time.perf_counter()
-        out = self.infer(batch)
-        dt = (time.perf_counter() - t0) * 1e3
-        return out, Timing(total_ms=dt, compute_ms=dt)
+        return np.asarray(out, dtype=np.float32), None
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

@@ -9,16 +9,16 @@ can refuse a mismatch with an error that says exactly how to rebuild.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import tempfile
-from pathlib import Path
 from typing import Any
 
+# re-exported: the sidecar file readers/writers live in leukedge.artifacts
+from ..artifacts import SIDECAR_FORMAT as SIDECAR_FORMAT
+from ..artifacts import EngineMismatchError, sidecar_path
+from ..artifacts import read_sidecar as read_sidecar
+from ..artifacts import write_sidecar as write_sidecar
 from ..config import ConfigMismatchError, PreprocessConfig
-
-SIDECAR_FORMAT = 1
 
 # Compute capabilities TensorRT-RTX can build for (its ComputeCapability enum, 1.7: SM75 ... SM121). Built
 # with no explicit target, an engine's portable set is TensorRT-RTX's business: the runtime's
@@ -26,65 +26,6 @@ SIDECAR_FORMAT = 1
 RTX_SUPPORTED_CC = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 # What TensorRT-RTX's support matrix lists as the default portable set (for messages only).
 RTX_DEFAULT_TARGETS_DOC = "8.6, 8.9 and 12.0 (TensorRT-RTX default portable set)"
-
-
-class EngineMismatchError(RuntimeError):
-    """The engine cannot be used here (TensorRT flavour/version, GPU, or preprocessing)."""
-
-
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """``model.plan`` -> ``model.plan.json``."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place (no half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_sidecar(engine_path: str | os.PathLike, info: dict[str, Any]) -> Path:
-    info = {"format": SIDECAR_FORMAT, **info}
-    path = sidecar_path(engine_path)
-    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=False) + "\n")
-    return path
-
-
-def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        raise EngineMismatchError(
-            f"{engine_path}: no sidecar {path.name} next to the engine, so its TensorRT version, target GPU and "
-            f"preprocessing are unknown. Rebuild it with `leukedge build-engine EXPORT_DIR -o {engine_path}`."
-        )
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineMismatchError(f"{path}: unreadable engine sidecar ({exc})") from exc
-    missing = [k for k in ("flavour", "trt_version", "preprocess", "preprocess_hash", "inputs", "outputs") if k not in info]
-    if missing:
-        raise EngineMismatchError(f"{path}: engine sidecar lacks {', '.join(missing)}; rebuild the engine")
-    return info
 
 
 def rebuild_command(info: dict[str, Any], engine_path: str | os.PathLike, backend: str | None = None) -> str:

@@ -11,7 +11,6 @@ and a short last batch meets no new shape.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -134,7 +133,7 @@ class RuntimeCacheFile:
 
     def save(self) -> int:
         """Write the cache (atomically); returns the bytes written."""
-        from .sidecar import atomic_write_bytes
+        from .._util import atomic_write_bytes
 
         blob = bytes(memoryview(self.cache.serialize()))
         if blob:
@@ -160,9 +159,18 @@ class TensorRTBackend(Backend):
     JIT kernels in ``ENGINE.rtcache``; ``fixed_batches``: pad batches to a few sizes (default: on for
     TensorRT-RTX, whose kernels are specialised per shape)."""
 
+    device_kind = "gpu"
+    gpu_name: str = ""
+
     def __init__(self, engine_path: str | os.PathLike, *, flavour: str | None = None, device: int = 0,
                  cuda_binding: str = "auto", runtime_cache: bool = True, fixed_batches: bool | None = None) -> None:
-        from .sidecar import EngineMismatchError, check_compatible, read_sidecar, rebuild_command, sidecar_config
+        from .sidecar import (
+            EngineMismatchError,
+            check_compatible,
+            read_sidecar,
+            rebuild_command,
+            sidecar_config,
+        )
 
         self._closed = True  # until every resource exists
         self._cleanup: list[Any] = []
@@ -273,15 +281,10 @@ class TensorRTBackend(Backend):
         self.description = (f"{self.flavour} {trt.__version__} on {gpu['name']} (CC {gpu['compute_capability']}), "
                             f"{self.path.name}, {cuda.name}")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.infer_timed(batch)[0]
-
-    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timing | None]:
         if self._closed:
             raise RuntimeError(f"{getattr(self, 'name', 'tensorrt')}: backend is closed")
         cuda = self.cuda
-        t0 = time.perf_counter()
-        batch = self.check_batch(batch)
         n_real = batch.shape[0]
         n = padded_batch(n_real, self.min_batch, self.max_batch, self.fixed_batches)
         shape = (n, *self._in_shape_max[1:])
@@ -305,8 +308,7 @@ class TensorRTBackend(Backend):
             cuda.stream_sync(self.stream)
             h2d, comp, d2h = cuda.elapsed_ms(e0, e1), cuda.elapsed_ms(e1, e2), cuda.elapsed_ms(e2, e3)
         out = host_out[:n_real].astype(np.float32)
-        total = (time.perf_counter() - t0) * 1e3
-        return out, Timing(total_ms=total, compute_ms=comp, h2d_ms=h2d, d2h_ms=d2h)
+        return out, Timing(total_ms=0.0, compute_ms=comp, h2d_ms=h2d, d2h_ms=d2h)
 
     def _release(self) -> None:
         """Free what exists, newest first; the TensorRT objects go before the memory they point to."""

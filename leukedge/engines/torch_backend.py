@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +11,10 @@ from .base import Backend, Timing
 
 
 class TorchBackend(Backend):
+    """A PyTorch ``nn.Module`` in eval mode (``device``: "cpu", "cuda" or "auto"); the reference runtime."""
+
+    bundle: Any = None  # the loaded model bundle, when created with from_bundle
+
     def __init__(self, module, *, device: str = "auto", input_size: int | None = None, half: bool = False,
                  threads: int = 0) -> None:
         import torch
@@ -68,16 +72,9 @@ class TorchBackend(Backend):
         b.bundle = bundle
         return b
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timing | None]:
         torch = self.torch
-        batch = self.check_batch(batch)
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             y = self.module(x)
-            return y.float().cpu().numpy()
-
-    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        t0 = time.perf_counter()
-        out = self.infer(batch)
-        dt = (time.perf_counter() - t0) * 1e3
-        return out, Timing(total_ms=dt, compute_ms=dt)
+            return y.float().cpu().numpy(), None

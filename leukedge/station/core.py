@@ -2,7 +2,7 @@
 
 The prediction step is one callable ``predict(paths) -> list[dict]`` (one dict per path, same
 order, keys ``path, probability, label, status ('ok'|'error'), error`` and optionally
-``timings``), normally :meth:`leukedge.infer.Predictor.predict_paths`, so the station logic does
+``timings``), normally :meth:`leukedge.infer.Predictor.predict`, so the station logic does
 not depend on a backend.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .._util import escape_markup
 from . import db as sdb
 from .batcher import DeadlineBatcher
 from .scanner import IMAGE_EXTENSIONS, ReadyFile, Scanner, make_sample_fn
@@ -296,9 +297,7 @@ class Station:
         except Exception as exc:  # noqa: BLE001 - a backend error must not kill the station
             batch_error = f"{type(exc).__name__}: {exc}"
         if self.reporter:
-            from rich.markup import escape
-
-            self.reporter.message(f"[red]batch of {len(paths)} failed ({escape(batch_error)}); retrying file by file[/]")
+            self.reporter.message(f"[red]batch of {len(paths)} failed ({escape_markup(batch_error)}); retrying file by file[/]")
         out = []
         n_failed = 0
         for p in paths:

@@ -1,7 +1,7 @@
 """The ``leukedge`` command line.
 
-Each stage lives in its own module and defines its Click command(s) there; this file only
-registers them, importing lazily so that ``leukedge --help`` stays fast and a missing optional
+Each stage's Click command(s) and Rich output live in ``leukedge/cli/<stage>.py`` (the library
+modules they call know nothing of Click or Rich); this file only registers them, importing lazily so that ``leukedge --help`` stays fast and a missing optional
 dependency (torch, onnxruntime, TensorRT) only affects the commands that need it.
 """
 
@@ -11,21 +11,21 @@ import importlib
 
 import click
 
-from . import __version__
+from .. import __version__
 
 # command name -> (module, attribute, one-line help shown by `leukedge --help`)
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "preprocess": ("leukedge.preprocess", "preprocess_cmd", "Decode, stain-normalise and resize images into a dataset cache."),
-    "data": ("leukedge.data", "data_group", "Inspect C-NMC folders and generate synthetic cells."),
-    "train": ("leukedge.train", "train_cmd", "Train a classifier on a preprocessed cache (subject-disjoint validation)."),
-    "cv": ("leukedge.cv", "cv_cmd", "Subject-grouped K-fold cross-validation of a training recipe (several seeds)."),
-    "evaluate": ("leukedge.evaluate", "evaluate_cmd", "Evaluate a model bundle: weighted F1, ROC-AUC, per-subject breakdown, plots."),
-    "export": ("leukedge.export", "export_cmd", "Export a model bundle to ONNX (FP32 and FP16) and check it against PyTorch."),
-    "build-engine": ("leukedge.engines.build", "build_engine_cmd", "Compile an ONNX export into a TensorRT / TensorRT-RTX FP16 engine."),
-    "infer": ("leukedge.infer", "infer_cmd", "Batched, pipelined inference over image files with latency statistics."),
-    "report": ("leukedge.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
-    "demo": ("leukedge.demo", "demo_cmd", "Run the whole pipeline end to end on synthetic cells (no data set, no GPU needed)."),
-    "station": ("leukedge.station", "station_group", "Microscope-station mode: watch a folder and classify new cells."),
+    "preprocess": ("leukedge.cli.preprocess", "preprocess_cmd", "Decode, stain-normalise and resize images into a dataset cache."),
+    "data": ("leukedge.cli.data", "data_group", "Inspect C-NMC folders and generate synthetic cells."),
+    "train": ("leukedge.cli.train", "train_cmd", "Train a classifier on a preprocessed cache (subject-disjoint validation)."),
+    "cv": ("leukedge.cli.cv", "cv_cmd", "Subject-grouped K-fold cross-validation of a training recipe (several seeds)."),
+    "evaluate": ("leukedge.cli.evaluate", "evaluate_cmd", "Evaluate a model bundle: weighted F1, ROC-AUC, per-subject breakdown, plots."),
+    "export": ("leukedge.cli.export", "export_cmd", "Export a model bundle to ONNX (FP32 and FP16) and check it against PyTorch."),
+    "build-engine": ("leukedge.cli.build_engine", "build_engine_cmd", "Compile an ONNX export into a TensorRT / TensorRT-RTX FP16 engine."),
+    "infer": ("leukedge.cli.infer", "infer_cmd", "Batched, pipelined inference over image files with latency statistics."),
+    "report": ("leukedge.cli.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
+    "demo": ("leukedge.cli.demo", "demo_cmd", "Run the whole pipeline end to end on synthetic cells (no data set, no GPU needed)."),
+    "station": ("leukedge.cli.station", "station_group", "Microscope-station mode: watch a folder and classify new cells."),
 }
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 
-from .config import PreprocessConfig, StainConfig
+from ..config import PreprocessConfig, StainConfig
+from ._console import RichReporter
 
 _REPO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc_sample"
 
@@ -84,7 +84,9 @@ def cells_grid(paths: list[Path], out_png: Path, config: PreprocessConfig, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import _native
+    from .._util import load_native
+
+    _native = load_native()
 
     stain_cfg = config if config.stain.method != "none" else config.replace(stain=StainConfig(method="macenko"))
     cols = len(paths)
@@ -122,12 +124,14 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
     """Run every stage into ``out_dir`` and return the summary (also written to demo_summary.json)."""
     from rich.console import Console
 
-    from . import synth
-    from .evaluate import evaluate, write_report
-    from .infer import print_stats, run_inference
-    from .preprocess import load_cache, print_summary, run_preprocess
-    from .report import build_report
-    from .train import TrainConfig, train
+    from .. import synth
+    from ..evaluate import evaluate, write_report
+    from ..infer import run_inference
+    from ..preprocess import load_cache, run_preprocess
+    from ..report import build_report
+    from ..train import TrainConfig, train
+    from .infer import print_stats
+    from .preprocess import print_summary
 
     console = console or Console()
     size = QUICK if quick else FULL
@@ -148,7 +152,7 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
 
     def stage_preprocess() -> str:
         cfg = PreprocessConfig(stain=StainConfig(method="macenko"), size=size.size, crop="bbox")
-        s = run_preprocess([out / "data"], out / "cache", cfg, progress=True, console=console)
+        s = run_preprocess([out / "data"], out / "cache", cfg, progress=True, reporter=RichReporter(console))
         print_summary(s, console)
         if s.n_failed:
             raise RuntimeError(f"{s.n_failed} synthetic cells failed to preprocess: {s.failures[:3]}")
@@ -157,19 +161,20 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
     def stage_train() -> str:
         cfg = TrainConfig(arch="tiny", epochs=size.epochs, batch_size=size.batch, lr=3e-3, seed=seed, patience=0,
                           progress=True)
-        res = train(out / "cache", out / "train", cfg)
+        res = train(out / "cache", out / "train", cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
         state["bundle"] = res.bundle_path
         return f"tiny CNN, best epoch {res.best_epoch}, val weighted F1 {res.best_val_f1:.3f}"
 
     def stage_evaluate() -> str:
-        result = evaluate(out / "cache", state["bundle"], split="val", progress=True)
+        result = evaluate(out / "cache", state["bundle"], split="val", progress=True, reporter=RichReporter())
         write_report(result, out / "evaluate", bundle_path=Path(state["bundle"]))
         summary["metrics"] = {k: result.get(k) for k in ("n", "weighted_f1", "accuracy", "roc_auc")}
         return (f"subject-disjoint val fold: {result.get('n')} cells, weighted F1 {result.get('weighted_f1'):.3f}, "
                 f"ROC-AUC {result.get('roc_auc') or float('nan'):.3f}")
 
     def stage_export() -> str:
-        from .export import export_bundle, print_report
+        from ..export import export_bundle
+        from .export import print_report
 
         res = export_bundle(state["bundle"], out / "onnx")
         print_report(res.report, console)
@@ -177,7 +182,8 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
         return f"FP32 + FP16 ONNX in {out / 'onnx'}"
 
     def stage_engine() -> str:
-        from .engines.build import BuildError, build_engine, pick_flavour, print_summary as print_engine
+        from ..engines.build import BuildError, build_engine, pick_flavour
+        from .build_engine import print_summary as print_engine
 
         try:
             flavour, why = pick_flavour("auto")
@@ -195,7 +201,8 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
         val = [r["path"] for r in cache.manifest if r.get("split") == "val"] or [r["path"] for r in cache.manifest]
         # the engine built in stage 6 is offered to `auto`, which runs it when a GPU can, else says why not
         res = run_inference(state.get("onnx_dir") or state["bundle"], val, out / "infer" / "predictions.csv",
-                            batch=16, backend=backend, engine=state.get("engine"), progress=True)
+                            batch=16, backend=backend, engine=state.get("engine"), progress=True,
+                            reporter=RichReporter())
         print_stats(res.stats, console)
         summary["infer"] = {k: res.stats.get(k) for k in ("backend", "backend_reason", "batch", "n_files",
                                                            "throughput_img_s")}
@@ -207,10 +214,10 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
         if real_dir is None or not real_dir.is_dir():
             return "skipped: no real cells (../shared/data/cnmc_sample not found; pass --real DIR)"
         res = run_inference(None, [real_dir], out / "real" / "predictions.csv", batch=16, backend=backend,
-                            progress=True)
+                            progress=True, reporter=RichReporter())
         print_stats(res.stats, console)
-        from .data import parse_name
-        from .evaluate import compute_metrics
+        from ..data import parse_name
+        from ..evaluate import compute_metrics
 
         y, p = [], []
         for r in res.results:

@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import db as sdb
-from .core import ModelInfo, Station, StationError, StationSettings
-from .reporter import Reporter
-from .scanner import IMAGE_EXTENSIONS, make_sample_fn
+from ..station import db as sdb
+from ..station.core import ModelInfo, Station, StationError, StationSettings
+from ..station.scanner import IMAGE_EXTENSIONS, make_sample_fn
+from .station_reporter import Reporter
 
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 GPU_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -100,7 +100,9 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
     from ..infer import Predictor
 
     if model is None:
-        from ..infer import default_model_path  # torch-free: the default model runs on ONNX Runtime
+        from ..infer import (
+            default_model_path,  # torch-free: the default model runs on ONNX Runtime
+        )
 
         model = str(default_model_path())
         console.print(f"[dim]no --model given: using the packaged default model {model}[/]")
@@ -160,7 +162,7 @@ def predict_fn(pred: Any):
 
     def predict(paths: list[str]) -> list[dict]:
         if timed is None:
-            return [r if isinstance(r, dict) else _asdict(r) for r in pred.predict_paths(paths)]
+            return [r if isinstance(r, dict) else _asdict(r) for r in pred.predict(paths)]
         results, times, _wall = timed(list(paths))
         pre = float(sum(times.get("preprocess") or [0.0]))
         comp = float(sum(times.get("backend") or times.get("compute") or [0.0]))

@@ -1,0 +1,5 @@
+"""``python -m leukedge.cli``: the ``leukedge`` command."""
+
+from . import main
+
+main()

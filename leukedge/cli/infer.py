@@ -1,0 +1,108 @@
+"""`leukedge infer`: the command, its progress bar and the latency table."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..engines import THREAD_RULE
+from ..infer import ResultsNotWritten, run_inference
+from ._console import RichReporter
+
+
+def print_stats(stats: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"{stats['backend']} · batch {stats['batch']} · {'pipelined' if stats['pipeline'] else 'sequential'}"
+                    f" · {stats['n_files']} files")
+    for c in ("stage (ms / batch)", "mean", "p50", "p95", "p99", "max"):
+        t.add_column(c, justify="left" if c.startswith("stage") else "right")
+    for key, label in (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("compute", "engine compute"),
+                       ("d2h", "D2H copy"), ("backend_total", "backend total"), ("end_to_end", "end to end")):
+        s = stats["latency_ms"].get(key)
+        if s:
+            t.add_row(label, *(f"{s[k]:.2f}" for k in ("mean", "p50", "p95", "p99", "max")))
+    console.print(t)
+    thr = stats["stage_throughput_img_s"]
+    parts = [f"end to end [bold]{stats['throughput_img_s']:.1f}[/] img/s" if stats["throughput_img_s"] else ""]
+    if thr.get("preprocess"):
+        parts.append(f"preprocessing alone {thr['preprocess']:.1f} img/s")
+    if thr.get("backend"):
+        parts.append(f"backend alone {thr['backend']:.1f} img/s")
+    console.print("throughput: " + ", ".join(p for p in parts if p))
+    th = stats.get("threads")
+    if isinstance(th, dict) and th:
+        be = th.get("backend") or "runtime default"
+        console.print(f"threads: preprocess {th.get('preprocess')}, backend {be} of {th.get('cores')} cores"
+                      f" ({'partitioned' if th.get('partitioned') else 'not partitioned'}: {th.get('rule')})",
+                      soft_wrap=True)
+
+
+@click.command("infer")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--model", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Model bundle dir, export dir, .onnx or engine file [default: the shipped default model].")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="TensorRT engine to run with MODEL's preprocessing (refused if the preprocessing hashes differ).")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
+@click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
+              default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
+              help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Rust preprocessing threads (0: automatic, see below).")
+@click.option("--backend-threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="Intra-op threads of a CPU backend: ONNX Runtime CPU EP / torch.set_num_threads "
+                   "(0: automatic, see below; ignored on a GPU).")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed warm-up batches.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+              help="Preprocess batch k+1 while batch k runs on the backend.")
+@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
+              help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
+def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
+              backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
+              limit: int | None, pipeline: bool, cuda_binding: str) -> None:
+    """Classify every cell image under SOURCES (files, folders, globs, list files).
+
+    Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
+    OUT.stats.json under "threads"):
+    """
+    from rich.console import Console
+
+    from ..artifacts import EngineMismatchError
+    from ..config import ConfigMismatchError
+    from ..engines import BackendUnavailable
+
+    console = Console()
+    try:
+        res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
+                            backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
+                            engine=engine, progress=True, reporter=RichReporter(), cuda_binding=cuda_binding)
+    except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
+            ResultsNotWritten) as exc:
+        raise click.ClickException(str(exc)) from exc
+    from rich.markup import escape
+
+    console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
+    print_stats(res.stats, console)
+    bad = [r for r in res.results if r.status != "ok"]
+    for r in bad[:10]:
+        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
+    if len(bad) > 10:
+        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
+    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
+                  f"(stats {escape(str(res.stats_path))})")
+
+
+infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE
+
+
