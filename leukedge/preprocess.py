@@ -41,6 +41,7 @@ from . import __version__
 from ._util import NULL_REPORTER, Reporter
 from ._util import load_native as _native
 from .artifacts import CACHE_VERSION, Cache, load_cache, write_manifest
+
 # re-exported: the cache readers used to live here
 from .artifacts import MANIFEST_FIELDS as MANIFEST_FIELDS
 from .artifacts import load_config_source as load_config_source
@@ -210,7 +211,6 @@ def run_preprocess(
     never stop the run: they are zero rows with ``status=error`` and listed in the summary.
     ``progress``: report the images done to ``reporter`` (the CLI passes one with a progress bar).
     """
-
     t0 = time.perf_counter()
     native = _native()
     cfg = cache_config(config)
@@ -222,11 +222,52 @@ def run_preprocess(
         raise ValueError(f"no images found in {', '.join(map(str, sources))}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-
-    n = len(records)
-    read_errors: dict[int, str] = {}
-
     max_bytes = native.max_file_bytes(cfg.max_pixels) if hasattr(native, "max_file_bytes") else None
+    read_errors = _hash_files(records, max_bytes)
+    splits = assign_splits(records, strategy=split_by, val_fold=val_fold, val_fraction=val_fraction, seed=seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    old, old_rows = _old_rows(out, cfg) if reuse else (None, {})
+    work = _Work.open(out / TMP_DIR, cfg, records, read_errors, reuse)
+    rep = reporter if progress and reporter is not None else NULL_REPORTER
+    try:
+        with rep.progress("preprocess", total=len(records)) as task:
+            for start in range(0, len(records), batch_size):
+                end = min(len(records), start + batch_size)
+                work.run_chunk(native, start, end, old, old_rows, threads)
+                task.advance(end - start)
+    except BaseException:
+        # Interrupted or failed: never leave anything that could pass for a cache. The previous
+        # complete cache in OUT (if any) is untouched. (Only a kill -9 leaves OUT/.tmp, which the next
+        # run with the same files and settings resumes.)
+        work.abandon()
+        raise
+    work.finish()
+    if old is not None:
+        del old  # release the old memmap before replacing its file
+
+    n_syn = _synthetic_flags(records)
+    manifest, summary = _manifest_and_summary(out, cfg, records, work, splits, n_syn > 0)
+    meta = {
+        "version": CACHE_VERSION,
+        "pixel_hash": cfg.pixel_hash(),
+        "synthetic": n_syn > 0,
+        "synthetic_files": n_syn,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sources": [str(Path(s).resolve()) if not any(c in str(s) for c in "*?[") else str(s) for s in sources],
+        "n_images": len(records),
+        "n_ok": summary.n_ok,
+        "split": {"by": split_by, "val_fold": val_fold, "val_fraction": val_fraction, "seed": seed},
+        "leukedge_version": __version__,
+    }
+    _commit_cache(out, work.tmp, manifest, cfg, meta)
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def _hash_files(records: Sequence[Record], max_bytes: int | None) -> dict[int, str]:
+    """Fill ``records[i].sha256`` (8 threads); returns ``{i: reason}`` for the files that cannot be read."""
+    read_errors: dict[int, str] = {}
 
     def sha(i: int) -> str | None:
         try:  # special files (FIFO, /dev/zero) and oversized files are refused unread
@@ -236,94 +277,113 @@ def run_preprocess(
             return None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, h in enumerate(pool.map(sha, range(n))):
+        for i, h in enumerate(pool.map(sha, range(len(records)))):
             records[i].sha256 = h
-    splits = assign_splits(records, strategy=split_by, val_fold=val_fold, val_fraction=val_fraction, seed=seed)
+    return read_errors
 
-    out.mkdir(parents=True, exist_ok=True)
-    old, old_rows = _old_rows(out, cfg) if reuse else (None, {})
-    tmp = out / TMP_DIR
-    S = cfg.size
-    status: list[dict[str, Any]] = [{"ok": False, "error": None, "stain_fallback": False} for _ in range(n)]
-    key = _partial_key(cfg, records)
-    images, resumed = _resume_partial(tmp, key, (n, S, S, 3)) if reuse else (None, {})
-    if images is None:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        _check_free_space(out, n * S * S * 3)
-        tmp.mkdir()
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
-        (tmp / PARTIAL_FILE).write_text(json.dumps({"key": key, "n": n, "size": S}) + "\n")
-    for i, st in resumed.items():
-        status[i] = st
-    progress_log = open(tmp / PROGRESS_FILE, "a")
-    n_reused = 0
-    n_resumed = len(resumed)
-    cfg_json = cfg.to_native_json()
 
-    try:
-        rep = reporter if progress and reporter is not None else NULL_REPORTER
-        with rep.progress("preprocess", total=n) as task:
-            for start in range(0, n, batch_size):
-                end = min(n, start + batch_size)
-                todo: list[int] = []
-                for i in range(start, end):
-                    if i in resumed:  # finished by an earlier, killed run (rows flushed before logged)
-                        continue
-                    if i in read_errors:
-                        status[i]["error"] = read_errors[i]
-                        images[i] = 0
-                        continue
-                    j = old_rows.get(records[i].sha256 or "")
-                    if old is not None and j is not None:
-                        images[i] = old.images[j]
-                        status[i] = {"ok": True, "error": None, "stain_fallback": old.manifest[j]["stain_fallback"]}
-                        n_reused += 1
-                    else:
-                        todo.append(i)
-                if todo:
-                    contiguous = todo == list(range(start, end))
-                    target = images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
-                    items = [str(records[i].path) for i in todo]
-                    try:
-                        _, st = native.preprocess_batch(items, cfg_json, out=target, threads=threads)
-                    except Exception as exc:  # a settings problem (ConfigError) fails every file
-                        if isinstance(exc, getattr(native, "ConfigError", ())):
-                            raise ValueError(f"the preprocessing settings were refused: {exc}") from exc
-                        raise ValueError(f"preprocessing failed for the whole batch starting at {items[0]}: {exc}") from exc
-                    if not contiguous:
-                        images[todo] = target
-                    for k, i in enumerate(todo):
-                        s = st[k]
-                        status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
-                        if not status[i]["ok"] and not status[i]["error"]:
-                            status[i]["error"] = "failed (no reason given)"
-                # Resumable after kill -9: the rows reach the disk first, then the log says they are done.
-                done_rows = [i for i in range(start, end) if i not in resumed and i not in read_errors]
-                if done_rows:
-                    images.flush()
-                    progress_log.write("".join(json.dumps({"i": i, **status[i]}) + "\n" for i in done_rows))
-                    progress_log.flush()
-                    os.fsync(progress_log.fileno())
-                task.advance(end - start)
-    except BaseException:
-        # Interrupted or failed: never leave anything that could pass for a cache. The previous
-        # complete cache in OUT (if any) is untouched. (Only a kill -9 leaves OUT/.tmp, which the next
-        # run with the same files and settings resumes.)
-        progress_log.close()
-        del images
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    progress_log.close()
-    images.flush()
-    del images
-    if old is not None:
-        del old  # release the old memmap before replacing its file
+@dataclass
+class _Work:
+    """The cache being written in ``OUT/.tmp``: the ``images.npy`` memmap, each row's status and the
+    progress log that makes a killed run resumable."""
 
-    n_syn = _synthetic_flags(records)
+    tmp: Path
+    cfg: PreprocessConfig
+    records: Sequence[Record]
+    read_errors: dict[int, str]
+    images: Any
+    status: list[dict[str, Any]]
+    resumed: dict[int, dict[str, Any]]
+    log: Any = None
+    n_reused: int = 0
+
+    @classmethod
+    def open(cls, tmp: Path, cfg: PreprocessConfig, records: Sequence[Record], read_errors: dict[int, str],
+             reuse: bool) -> _Work:
+        """Resume the half-written cache of a killed run doing exactly this work, else start a fresh one."""
+        n, S = len(records), cfg.size
+        status: list[dict[str, Any]] = [{"ok": False, "error": None, "stain_fallback": False} for _ in range(n)]
+        key = _partial_key(cfg, records)
+        images, resumed = _resume_partial(tmp, key, (n, S, S, 3)) if reuse else (None, {})
+        if images is None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            _check_free_space(tmp.parent, n * S * S * 3)
+            tmp.mkdir()
+            images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
+            (tmp / PARTIAL_FILE).write_text(json.dumps({"key": key, "n": n, "size": S}) + "\n")
+        for i, st in resumed.items():
+            status[i] = st
+        work = cls(tmp, cfg, records, read_errors, images, status, resumed)
+        work.log = open(tmp / PROGRESS_FILE, "a")
+        return work
+
+    def _reuse_or_todo(self, start: int, end: int, old: Cache | None, old_rows: dict[str, int]) -> list[int]:
+        """Rows of ``[start, end)`` still to compute; resumed, unreadable and reusable rows are settled here."""
+        todo: list[int] = []
+        for i in range(start, end):
+            if i in self.resumed:  # finished by an earlier, killed run (rows flushed before logged)
+                continue
+            if i in self.read_errors:
+                self.status[i]["error"] = self.read_errors[i]
+                self.images[i] = 0
+                continue
+            j = old_rows.get(self.records[i].sha256 or "")
+            if old is not None and j is not None:
+                self.images[i] = old.images[j]
+                self.status[i] = {"ok": True, "error": None, "stain_fallback": old.manifest[j]["stain_fallback"]}
+                self.n_reused += 1
+            else:
+                todo.append(i)
+        return todo
+
+    def run_chunk(self, native: Any, start: int, end: int, old: Cache | None, old_rows: dict[str, int],
+                  threads: int) -> None:
+        todo = self._reuse_or_todo(start, end, old, old_rows)
+        if todo:
+            S = self.cfg.size
+            contiguous = todo == list(range(start, end))
+            target = self.images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
+            items = [str(self.records[i].path) for i in todo]
+            try:
+                _, st = native.preprocess_batch(items, self.cfg.to_native_json(), out=target, threads=threads)
+            except Exception as exc:  # a settings problem (ConfigError) fails every file
+                if isinstance(exc, getattr(native, "ConfigError", ())):
+                    raise ValueError(f"the preprocessing settings were refused: {exc}") from exc
+                raise ValueError(f"preprocessing failed for the whole batch starting at {items[0]}: {exc}") from exc
+            if not contiguous:
+                self.images[todo] = target
+            for k, i in enumerate(todo):
+                s = st[k]
+                self.status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
+                if not self.status[i]["ok"] and not self.status[i]["error"]:
+                    self.status[i]["error"] = "failed (no reason given)"
+        # Resumable after kill -9: the rows reach the disk first, then the log says they are done.
+        done_rows = [i for i in range(start, end) if i not in self.resumed and i not in self.read_errors]
+        if done_rows:
+            self.images.flush()
+            self.log.write("".join(json.dumps({"i": i, **self.status[i]}) + "\n" for i in done_rows))
+            self.log.flush()
+            os.fsync(self.log.fileno())
+
+    def abandon(self) -> None:
+        self.log.close()
+        self.images = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self) -> None:
+        self.log.close()
+        self.images.flush()
+        self.images = None
+
+
+def _manifest_and_summary(out: Path, cfg: PreprocessConfig, records: Sequence[Record], work: _Work,
+                          splits: Sequence[str | None], synthetic: bool) -> tuple[list[dict[str, Any]], PreprocessSummary]:
+    n = len(records)
     manifest = []
-    summary = PreprocessSummary(out_dir=out, n_total=n, n_reused=n_reused, pixel_hash=cfg.pixel_hash(), synthetic=n_syn > 0)
-    for i, (r, s, sp) in enumerate(zip(records, status, splits)):
+    summary = PreprocessSummary(out_dir=out, n_total=n, n_reused=work.n_reused, pixel_hash=cfg.pixel_hash(),
+                                synthetic=synthetic)
+    for i, (r, s, sp) in enumerate(zip(records, work.status, splits)):
         manifest.append({
             "index": i, "path": str(r.path.resolve()), "label": r.label, "class_name": r.class_name, "subject": r.subject,
             "fold": r.fold, "split": sp, "status": "ok" if s["ok"] else "error", "error": s["error"],
@@ -339,40 +399,21 @@ def run_preprocess(
             pc["failed"] += 1
             summary.failures.append((str(r.path), s["error"] or "failed"))
         summary.splits[sp or "-"] = summary.splits.get(sp or "-", 0) + 1
-    summary.n_computed = n - n_reused - len(read_errors) - n_resumed
-    summary.n_resumed = n_resumed
+    summary.n_computed = n - work.n_reused - len(work.read_errors) - len(work.resumed)
+    summary.n_resumed = len(work.resumed)
+    return manifest, summary
 
+
+def _commit_cache(out: Path, tmp: Path, manifest: list[dict[str, Any]], cfg: PreprocessConfig, meta: dict[str, Any]) -> None:
+    """Write the small files into ``tmp``, then move everything into ``out``: first drop the completeness
+    marker, then move the data files, then the marker (``cache.json`` last)."""
     for name in (PARTIAL_FILE, PROGRESS_FILE):
         (tmp / name).unlink(missing_ok=True)
     write_manifest(tmp / "manifest.csv", manifest)
     cfg.save(tmp / "config.json")
-    meta = {
-        "version": CACHE_VERSION,
-        "pixel_hash": cfg.pixel_hash(),
-        "synthetic": n_syn > 0,
-        "synthetic_files": n_syn,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sources": [str(Path(s).resolve()) if not any(c in str(s) for c in "*?[") else str(s) for s in sources],
-        "n_images": n,
-        "n_ok": summary.n_ok,
-        "split": {"by": split_by, "val_fold": val_fold, "val_fraction": val_fraction, "seed": seed},
-        "leukedge_version": __version__,
-    }
     (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    # Commit: first drop the completeness marker, then move the data files, then the marker.
     (out / "cache.json").unlink(missing_ok=True)
     for name in ("images.npy", "manifest.csv", "config.json"):
         os.replace(tmp / name, out / name)
     os.replace(tmp / "cache.json", out / "cache.json")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary.elapsed_s = time.perf_counter() - t0
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-# option name -> how it maps into the config (all pixel settings; conflict with --config)
-
-

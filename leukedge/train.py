@@ -377,9 +377,8 @@ def _iterate(images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], 
     if workers <= 0:
         ds = _BatchSet(images, labels, batches)
         return (ds[i] for i in range(len(ds)))
-    from torch.utils.data import DataLoader
-
     import torch
+    from torch.utils.data import DataLoader
 
     # An own generator keeps the DataLoader from drawing on the global RNG (dropout), so results
     # do not depend on the number of workers.
@@ -595,98 +594,132 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
 
 def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
            on_epoch_end: Callable[[dict[str, Any]], bool | None] | None, reporter: Reporter | None) -> TrainResult:
-    import torch
-
-    from . import plots
-    from .evaluate import compute_metrics
-    from .models import TestTimeModel, build_model, default_arch_kwargs, freeze_stem, save_bundle, top_forward
-
-    rep: Reporter = reporter if reporter is not None else PlainReporter(quiet=cfg.quiet)
-    log = rep.log
     if cfg.epochs < 1:
         raise ValueError("epochs must be >= 1")
     if cfg.batch_size < 2:
         raise ValueError("batch_size must be >= 2 (BatchNorm)")
-    device = resolve_device(cfg.device)
+    run = _Trainer(cfg, Path(out_dir), reporter if reporter is not None else PlainReporter(quiet=cfg.quiet))
+    run.load_inputs(cache_path)
+    run.split()
+    run.build_optimiser()
+    run.restore()
+    run.feature_cache()
+    run.epochs(on_epoch_end)
+    return run.write_bundle()
 
-    if isinstance(cache_path, (str, Path)):
-        from .preprocess import load_cache
 
-        cache = load_cache(cache_path)
-        cache_dir: Path | None = Path(cache_path)
-    else:
-        cache, cache_dir = cache_path, getattr(cache_path, "path", None)
-    pcfg: PreprocessConfig = cache.config
-    images = cache.images
-    manifest = list(cache.manifest)
-    meta = dict(getattr(cache, "meta", {}) or {})
-    synthetic = bool(meta.get("synthetic", False))
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"cache {cache_dir}: expected uint8 NHWC images, got {images.dtype} {images.shape}")
-    size = int(images.shape[1])
-    if size != pcfg.size:
-        raise ValueError(f"cache {cache_dir}: images are {size}px but its config says size={pcfg.size}")
+@dataclass
+class _Inputs:
+    """The dataset cache a run trains on."""
 
-    out = Path(out_dir)
-    ckpt = out / CKPT_DIR
-    ckpt.mkdir(parents=True, exist_ok=True)
-    state_file = ckpt / "state.json"
-    resuming = cfg.resume and state_file.is_file()
-    if cfg.resume and not resuming:
-        log(f"[yellow]--resume: no checkpoint in {ckpt}, starting from scratch[/]")
+    images: np.ndarray
+    manifest: list[dict[str, Any]]
+    pcfg: PreprocessConfig
+    cache_dir: Path | None
+    synthetic: bool
+    size: int
 
-    # -- split (reused verbatim on resume) ---------------------------------------------------
-    split_path = out / SPLIT_FILE
-    if resuming and split_path.is_file():
-        split = json.loads(split_path.read_text())
-    else:
-        split = make_split(manifest, cfg, log)
-        _write_json(split_path, split)
-    train_rows = np.asarray(split["train_indices"], dtype=np.int64)
-    val_rows = np.asarray(split["val_indices"], dtype=np.int64)
-    labels_all = np.array([max(_as_int(r.get("label")), 0) for r in manifest], dtype=np.int64)
-    y_train, y_val = labels_all[train_rows], labels_all[val_rows]
-    for name, yy in (("training", y_train), ("validation", y_val)):
-        if len(yy) and len(np.unique(yy)) < 2:
-            log(f"[yellow]warning: the {name} split holds only one class ({len(yy)} images)[/]")
-    log(f"[bold]split[/] {split['strategy']}: train {len(train_rows)} {split['train_counts']} from "
-        f"{len(split['train_subjects'])} subjects, val {len(val_rows)} {split['val_counts']} from "
-        f"{len(split['val_subjects'])} subjects" + ("" if split["patient_disjoint"] else " [red](NOT patient-disjoint)[/]"))
-    if synthetic:
-        log("[magenta]SYNTHETIC cache: the resulting model is marked synthetic[/]")
 
-    # -- model / optimiser ---------------------------------------------------------------
-    seed_everything(cfg.seed, device)
-    arch_kwargs = {**default_arch_kwargs(cfg.arch), **cfg.arch_kwargs}
-    model = build_model(cfg.arch, input_size=size, pretrained=cfg.pretrained and not resuming, **arch_kwargs).to(device)
-    mem_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mem_format)
-    frozen = freeze_stem(model, cfg.arch, cfg.freeze_blocks)
-    counts = np.bincount(y_train, minlength=2).astype(np.float64)
-    if cfg.class_weighting and counts.min() > 0:
-        weights = counts.sum() / (2.0 * counts)
-    else:
-        weights = np.ones(2)
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device),
-                                          label_smoothing=cfg.label_smoothing)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = len(_batches(train_rows, cfg.batch_size, None, drop_last=True))
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
-    warmup = min(warmup, total_steps - 1)
+class _Trainer:
+    """One training run in named phases (``_train`` calls them in order): load inputs, split, build the
+    model and optimiser, restore a checkpoint, cache frozen features, run the epochs, write the bundle."""
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total_steps))
-    use_amp = bool(cfg.amp and device == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    def __init__(self, cfg: TrainConfig, out: Path, rep: Reporter) -> None:
+        self.cfg, self.out, self.rep, self.log = cfg, out, rep, rep.log
+        self.device = resolve_device(cfg.device)
+        self.ckpt = out / CKPT_DIR
+        self.state_file = self.ckpt / "state.json"
+        self.history: list[dict[str, Any]] = []
+        self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, 0, 0, 1
+        self.feats: np.ndarray | None = None
+        self.t_start = time.time()
 
-    history: list[dict[str, Any]] = []
-    best_f1, best_epoch, bad_epochs, start_epoch = -1.0, 0, 0, 1
-    if resuming:
+    # -- phases ---------------------------------------------------------------------------
+    def load_inputs(self, cache_path: Any) -> None:
+        if isinstance(cache_path, (str, Path)):
+            from .artifacts import load_cache
+
+            cache = load_cache(cache_path)
+            cache_dir: Path | None = Path(cache_path)
+        else:
+            cache, cache_dir = cache_path, getattr(cache_path, "path", None)
+        pcfg: PreprocessConfig = cache.config
+        images = cache.images
+        meta = dict(getattr(cache, "meta", {}) or {})
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"cache {cache_dir}: expected uint8 NHWC images, got {images.dtype} {images.shape}")
+        size = int(images.shape[1])
+        if size != pcfg.size:
+            raise ValueError(f"cache {cache_dir}: images are {size}px but its config says size={pcfg.size}")
+        self.inp = _Inputs(images, list(cache.manifest), pcfg, cache_dir, bool(meta.get("synthetic", False)), size)
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.resuming = self.cfg.resume and self.state_file.is_file()
+        if self.cfg.resume and not self.resuming:
+            self.log(f"[yellow]--resume: no checkpoint in {self.ckpt}, starting from scratch[/]")
+
+    def split(self) -> None:
+        """The train/validation split (reused verbatim on resume), and its summary in the log."""
+        cfg, manifest, log = self.cfg, self.inp.manifest, self.log
+        split_path = self.out / SPLIT_FILE
+        if self.resuming and split_path.is_file():
+            split = json.loads(split_path.read_text())
+        else:
+            split = make_split(manifest, cfg, log)
+            _write_json(split_path, split)
+        self.split_info = split
+        self.train_rows = np.asarray(split["train_indices"], dtype=np.int64)
+        self.val_rows = np.asarray(split["val_indices"], dtype=np.int64)
+        self.labels_all = np.array([max(_as_int(r.get("label")), 0) for r in manifest], dtype=np.int64)
+        self.y_train, self.y_val = self.labels_all[self.train_rows], self.labels_all[self.val_rows]
+        for name, yy in (("training", self.y_train), ("validation", self.y_val)):
+            if len(yy) and len(np.unique(yy)) < 2:
+                log(f"[yellow]warning: the {name} split holds only one class ({len(yy)} images)[/]")
+        log(f"[bold]split[/] {split['strategy']}: train {len(self.train_rows)} {split['train_counts']} from "
+            f"{len(split['train_subjects'])} subjects, val {len(self.val_rows)} {split['val_counts']} from "
+            f"{len(split['val_subjects'])} subjects" + ("" if split["patient_disjoint"] else " [red](NOT patient-disjoint)[/]"))
+        if self.inp.synthetic:
+            log("[magenta]SYNTHETIC cache: the resulting model is marked synthetic[/]")
+
+    def build_optimiser(self) -> None:
+        """Model (stem frozen as configured), class-weighted loss, AdamW with warm-up + cosine schedule."""
+        import torch
+
+        from .models import build_model, default_arch_kwargs, freeze_stem
+
+        cfg, device = self.cfg, self.device
+        seed_everything(cfg.seed, device)
+        self.arch_kwargs = {**default_arch_kwargs(cfg.arch), **cfg.arch_kwargs}
+        model = build_model(cfg.arch, input_size=self.inp.size, pretrained=cfg.pretrained and not self.resuming,
+                            **self.arch_kwargs).to(device)
+        self.mem_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.mem_format)
+        self.frozen = freeze_stem(self.model, cfg.arch, cfg.freeze_blocks)
+        counts = np.bincount(self.y_train, minlength=2).astype(np.float64)
+        self.weights = counts.sum() / (2.0 * counts) if cfg.class_weighting and counts.min() > 0 else np.ones(2)
+        self.criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(self.weights, dtype=torch.float32, device=device),
+                                                   label_smoothing=cfg.label_smoothing)
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        steps_per_epoch = len(_batches(self.train_rows, cfg.batch_size, None, drop_last=True))
+        total_steps = max(1, steps_per_epoch * cfg.epochs)
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
+        warmup = min(warmup, total_steps - 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: warmup_cosine(step, warmup, total_steps))
+        self.use_amp = bool(cfg.amp and device == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def restore(self) -> None:
+        """On resume: check the checkpoint was made with the same settings, then load weights and optimiser."""
+        if not self.resuming:
+            return
+        import torch
+
+        cfg, pcfg, state_file = self.cfg, self.inp.pcfg, self.state_file
         st = json.loads(state_file.read_text())
         if st.get("arch") != cfg.arch or st.get("preprocess_hash") != pcfg.pixel_hash():
             raise ValueError(f"{state_file}: the checkpoint was made with arch {st.get('arch')!r} / preprocessing "
@@ -698,177 +731,222 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             raise ValueError(f"{state_file}: the checkpoint was trained with other settings ("
                              + ", ".join(f"{k} {old_cfg[k]!r}, now {getattr(cfg, k)!r}" for k in changed)
                              + "); use a new run directory or the same settings")
-        model.load_state_dict(_load_weights(ckpt / "last.safetensors"))
-        opt_state = torch.load(ckpt / "optim.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        scaler.load_state_dict(opt_state["scaler"])
-        history, best_f1, best_epoch = st["history"], st["best_f1"], st["best_epoch"]
-        bad_epochs, start_epoch = st["bad_epochs"], st["epoch"] + 1
-        log(f"resuming after epoch {st['epoch']} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
-    # After a resume's checkpoint restore: the features are those of the frozen weights actually used.
-    use_fc = cfg.uses_feature_cache()
-    feats: np.ndarray | None = None
-    if use_fc:
-        t_fc = time.time()
-        with rep.progress("frozen-block features (8 views)", total=len(images), transient=True) as ft:
-            feats = prefix_features(model, images, pcfg, cfg.freeze_blocks, device=device,
-                                    store=(cache_dir / "features") if cache_dir is not None else None,
-                                    progress=lambda done, tot: ft.update(completed=done))
-        log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(images)} cells x 8 views "
-            f"{tuple(feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
+        self.model.load_state_dict(_load_weights(self.ckpt / "last.safetensors"))
+        opt_state = torch.load(self.ckpt / "optim.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt_state["optimizer"])
+        self.scheduler.load_state_dict(opt_state["scheduler"])
+        self.scaler.load_state_dict(opt_state["scaler"])
+        self.history, self.best_f1, self.best_epoch = st["history"], st["best_f1"], st["best_epoch"]
+        self.bad_epochs, self.start_epoch = st["bad_epochs"], st["epoch"] + 1
+        self.log(f"resuming after epoch {st['epoch']} (best val F1 {self.best_f1:.4f} at epoch {self.best_epoch})")
 
-    def predict_val(amp: bool) -> np.ndarray:
+    def feature_cache(self) -> None:
+        """With a frozen stem, its outputs for all 8 views are computed once (after a resume's restore, so
+        they are those of the frozen weights actually used) and only the top is trained on them."""
+        cfg, inp = self.cfg, self.inp
+        if cfg.uses_feature_cache():
+            t_fc = time.time()
+            with self.rep.progress("frozen-block features (8 views)", total=len(inp.images), transient=True) as ft:
+                self.feats = prefix_features(self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device,
+                                             store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
+                                             progress=lambda done, tot: ft.update(completed=done))
+            self.log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(inp.images)} cells x 8 views "
+                     f"{tuple(self.feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
+        params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"[bold]model[/] {cfg.arch} ({params / 1e6:.2f} M parameters, "
+                 f"{'ImageNet init' if cfg.pretrained else 'random init'}), {inp.size}px, device {self.device}"
+                 f"{', AMP' if self.use_amp else ''}; class weights hem {self.weights[0]:.2f} / all {self.weights[1]:.2f}")
+
+    def predict_val(self, amp: bool) -> np.ndarray:
         """Validation logits of the model as it will be shipped (test-time views, threshold shift)."""
-        if feats is not None:
-            return predict_features(model, feats, val_rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
-        return predict_rows(TestTimeModel(model, cfg.tta, cfg.threshold), images, val_rows, pcfg, device, amp=amp,
-                            channels_last=cfg.channels_last)
+        from .models import TestTimeModel
 
-    params = sum(p.numel() for p in model.parameters())
-    log(f"[bold]model[/] {cfg.arch} ({params / 1e6:.2f} M parameters, {'ImageNet init' if cfg.pretrained else 'random init'}), "
-        f"{size}px, device {device}{', AMP' if use_amp else ''}; class weights hem {weights[0]:.2f} / all {weights[1]:.2f}")
+        cfg = self.cfg
+        if self.feats is not None:
+            return predict_features(self.model, self.feats, self.val_rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
+        return predict_rows(TestTimeModel(self.model, cfg.tta, cfg.threshold), self.inp.images, self.val_rows,
+                            self.inp.pcfg, self.device, amp=amp, channels_last=cfg.channels_last)
 
-    t_start = time.time()
-    with rep.progress("epochs", total=cfg.epochs, completed=start_epoch - 1) as total_task:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if cfg.patience and cfg.select == "best" and len(val_rows) and bad_epochs >= cfg.patience:
-                break
-            t0 = time.time()
-            torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-connect, reproducible across resume
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            batches = _batches(train_rows, cfg.batch_size, g, drop_last=True)
-            with rep.progress(f"epoch {epoch}/{cfg.epochs}", total=len(batches)) as task:
-                model.train()
-                for m in frozen:
-                    m.eval()
-                loss_sum, correct, seen = 0.0, 0, 0
-                if feats is not None:
-                    source = _feature_batches(feats, labels_all, batches, g, 8 if cfg.augment == "dihedral" else 1)
-                else:
-                    source = _iterate(images, labels_all, batches, cfg.workers)
-                for xb, yb in source:
-                    if feats is not None:
-                        x = xb.to(device, non_blocking=True).contiguous(memory_format=mem_format)
-                    else:
-                        x = to_float01(xb.to(device, non_blocking=True))
-                        if cfg.augment != "none":
-                            x = augment_batch(x, g, pcfg.stain.black_threshold, dihedral_only=cfg.augment == "dihedral")
-                        x = normalize01(x, pcfg).contiguous(memory_format=mem_format)
-                    yb = yb.to(device)
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast("cuda", enabled=use_amp):
-                        logits = top_forward(model, x, cfg.freeze_blocks) if feats is not None else model(x)
-                        loss = criterion(logits.float(), yb)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    loss_sum += float(loss.item()) * len(yb)
-                    correct += int((logits.argmax(1) == yb).sum().item())
-                    seen += len(yb)
-                    task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
-            if len(val_rows):
-                vm = _val_metrics(predict_val(amp=use_amp), y_val)
-            else:
-                vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
-            rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
-                   "lr": float(optimizer.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 2)}
-            history.append(rec)
-            # Without validation the "best" model is simply the latest one.
-            improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > best_f1 + 1e-9
-            if improved:
-                best_f1, best_epoch, bad_epochs = (vm["val_f1"] if vm["val_f1"] is not None else -1.0), epoch, 0
-                _save_weights(_state_dict_cpu(model), ckpt / "best.safetensors")
-            else:
-                bad_epochs += 1
-            _save_weights(_state_dict_cpu(model), ckpt / "last.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict()}, ckpt / "optim.pt")
-            _write_json(state_file, {"epoch": epoch, "arch": cfg.arch, "preprocess_hash": pcfg.pixel_hash(),
-                                     "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                                     "history": history, "train_config": cfg.to_dict()})
-            _write_json(out / "history.json", {"history": history, "best_epoch": best_epoch})
-            auc = vm["val_auc"]
-            if vm["val_f1"] is None:
-                total_task.advance(1, stats=f"train loss {rec['train_loss']:.4f}")
-                log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | no validation  "
-                    f"lr {rec['lr']:.2e}  {rec['seconds']:.0f}s")
-            else:
-                total_task.advance(1, stats=f"val F1 {vm['val_f1']:.4f}" + (" *" if improved else ""))
-                log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | val loss "
-                    f"{vm['val_loss']:.4f}  F1 {vm['val_f1']:.4f}  acc {vm['val_acc']:.3f}  AUC "
-                    f"{'n/a' if auc is None else f'{auc:.4f}'}  lr {rec['lr']:.2e}  {rec['seconds']:.0f}s"
-                    + ("  (best)" if improved else ""))
-            if on_epoch_end is not None and on_epoch_end(rec) is False:
-                log(f"stopped after epoch {epoch} by the caller")
-                break
-    stopped_early = bool(cfg.patience and cfg.select == "best" and len(val_rows) and bad_epochs >= cfg.patience and len(history) < cfg.epochs)
-    if stopped_early:
-        log(f"early stop: no better validation F1 for {cfg.patience} epochs")
+    def _stop_early(self) -> bool:
+        cfg = self.cfg
+        return bool(cfg.patience and cfg.select == "best" and len(self.val_rows) and self.bad_epochs >= cfg.patience)
 
-    # -- best model -> bundle ----------------------------------------------------------------
-    model.load_state_dict(_load_weights(ckpt / "best.safetensors"))
-    model.to(device)
-    val_full: dict[str, Any] | None = None
-    if len(val_rows):
-        # On cached features all 8 views are computed once: the kept model's logits and what each
-        # test-time augmentation would have given come from them.
-        vp = feature_view_probs(model, feats, val_rows, cfg.freeze_blocks) if feats is not None else None
-        logits_val = tta_logits(vp, cfg.tta, cfg.threshold) if vp is not None else predict_val(amp=False)
+    def epochs(self, on_epoch_end: Callable[[dict[str, Any]], bool | None] | None) -> None:
+        cfg = self.cfg
+        self.t_start = time.time()
+        with self.rep.progress("epochs", total=cfg.epochs, completed=self.start_epoch - 1) as total_task:
+            for epoch in range(self.start_epoch, cfg.epochs + 1):
+                if self._stop_early():
+                    break
+                rec, improved = self.run_epoch(epoch)
+                self.checkpoint(epoch)
+                self._report_epoch(epoch, rec, improved, total_task)
+                if on_epoch_end is not None and on_epoch_end(rec) is False:
+                    self.log(f"stopped after epoch {epoch} by the caller")
+                    break
+        self.stopped_early = self._stop_early() and len(self.history) < cfg.epochs
+        if self.stopped_early:
+            self.log(f"early stop: no better validation F1 for {cfg.patience} epochs")
+
+    def _batches_of(self, batches: list[np.ndarray], g: Any) -> Any:
+        if self.feats is not None:
+            return _feature_batches(self.feats, self.labels_all, batches, g, 8 if self.cfg.augment == "dihedral" else 1)
+        return _iterate(self.inp.images, self.labels_all, batches, self.cfg.workers)
+
+    def _inputs_on_device(self, xb: Any, g: Any) -> Any:
+        """A batch as the network takes it: cached features as they are; images as float, augmented, normalised."""
+        cfg, pcfg = self.cfg, self.inp.pcfg
+        if self.feats is not None:
+            return xb.to(self.device, non_blocking=True).contiguous(memory_format=self.mem_format)
+        x = to_float01(xb.to(self.device, non_blocking=True))
+        if cfg.augment != "none":
+            x = augment_batch(x, g, pcfg.stain.black_threshold, dihedral_only=cfg.augment == "dihedral")
+        return normalize01(x, pcfg).contiguous(memory_format=self.mem_format)
+
+    def run_epoch(self, epoch: int) -> tuple[dict[str, Any], bool]:
+        """One pass over the training rows, then validation; returns the history record and whether it improved."""
+        import torch
+
+        from .models import top_forward
+
+        cfg = self.cfg
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-connect, reproducible across resume
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        batches = _batches(self.train_rows, cfg.batch_size, g, drop_last=True)
+        with self.rep.progress(f"epoch {epoch}/{cfg.epochs}", total=len(batches)) as task:
+            self.model.train()
+            for m in self.frozen:
+                m.eval()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for xb, yb in self._batches_of(batches, g):
+                x = self._inputs_on_device(xb, g)
+                yb = yb.to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", enabled=self.use_amp):
+                    logits = top_forward(self.model, x, cfg.freeze_blocks) if self.feats is not None else self.model(x)
+                    loss = self.criterion(logits.float(), yb)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                loss_sum += float(loss.item()) * len(yb)
+                correct += int((logits.argmax(1) == yb).sum().item())
+                seen += len(yb)
+                task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
+        if len(self.val_rows):
+            vm = _val_metrics(self.predict_val(amp=self.use_amp), self.y_val)
+        else:
+            vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
+        rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
+               "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 2)}
+        self.history.append(rec)
+        # Without validation the "best" model is simply the latest one.
+        improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > self.best_f1 + 1e-9
+        if improved:
+            self.best_f1, self.best_epoch, self.bad_epochs = (vm["val_f1"] if vm["val_f1"] is not None else -1.0), epoch, 0
+            _save_weights(_state_dict_cpu(self.model), self.ckpt / "best.safetensors")
+        else:
+            self.bad_epochs += 1
+        return rec, improved
+
+    def checkpoint(self, epoch: int) -> None:
+        """Everything ``resume`` needs after ``epoch``: last weights, optimiser state, run state, history."""
+        import torch
+
+        ckpt = self.ckpt
+        _save_weights(_state_dict_cpu(self.model), ckpt / "last.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict()}, ckpt / "optim.pt")
+        _write_json(self.state_file, {"epoch": epoch, "arch": self.cfg.arch, "preprocess_hash": self.inp.pcfg.pixel_hash(),
+                                      "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                                      "history": self.history, "train_config": self.cfg.to_dict()})
+        _write_json(self.out / "history.json", {"history": self.history, "best_epoch": self.best_epoch})
+
+    def _report_epoch(self, epoch: int, rec: dict[str, Any], improved: bool, total_task: Any) -> None:
+        auc = rec["val_auc"]
+        if rec["val_f1"] is None:
+            total_task.advance(1, stats=f"train loss {rec['train_loss']:.4f}")
+            self.log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | no validation  "
+                     f"lr {rec['lr']:.2e}  {rec['seconds']:.0f}s")
+        else:
+            total_task.advance(1, stats=f"val F1 {rec['val_f1']:.4f}" + (" *" if improved else ""))
+            self.log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | val loss "
+                     f"{rec['val_loss']:.4f}  F1 {rec['val_f1']:.4f}  acc {rec['val_acc']:.3f}  AUC "
+                     f"{'n/a' if auc is None else f'{auc:.4f}'}  lr {rec['lr']:.2e}  {rec['seconds']:.0f}s"
+                     + ("  (best)" if improved else ""))
+
+    def final_validation(self) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+        """Metrics of the kept model on the validation rows (on cached features all 8 views are computed
+        once: the kept model's logits and what each test-time augmentation would have given come from them)."""
+        import torch
+
+        from .evaluate import compute_metrics
+
+        if not len(self.val_rows):
+            return None, None
+        cfg = self.cfg
+        vp = feature_view_probs(self.model, self.feats, self.val_rows, cfg.freeze_blocks) if self.feats is not None else None
+        logits_val = tta_logits(vp, cfg.tta, cfg.threshold) if vp is not None else self.predict_val(amp=False)
         prob_val = torch.softmax(torch.from_numpy(logits_val), 1)[:, 1].numpy()
-        val_full = compute_metrics(y_val, prob_val, subjects=[manifest[i].get("subject") for i in val_rows])
+        val_full = compute_metrics(self.y_val, prob_val, subjects=[self.inp.manifest[i].get("subject") for i in self.val_rows])
         if vp is not None:
             val_full["by_tta"] = {
-                mode: {k: v for k, v in _val_metrics(tta_logits(vp, mode, cfg.threshold), y_val).items()
+                mode: {k: v for k, v in _val_metrics(tta_logits(vp, mode, cfg.threshold), self.y_val).items()
                        if k in ("val_f1", "val_auc")} for mode in TTA_VIEW_INDEX}
-    elapsed = time.time() - t_start
-    split_summary = {k: v for k, v in split.items() if k not in ("train_indices", "val_indices")}
-    metrics = {
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "val": val_full,
-        "split": split_summary,
-        "train_config": cfg.to_dict(),
-        "cache": str(cache_dir) if cache_dir else None,
-        "preprocess_hash": pcfg.pixel_hash(),
-        "synthetic": synthetic,
-        "device": device,
-        "train_seconds": round(elapsed, 1),
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    bundle_dir = out / "bundle"
-    if bundle_dir.exists():
-        shutil.rmtree(bundle_dir)
-    bundle_metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs_run": len(history), "split_strategy": split["strategy"],
-                                      "patient_disjoint": split["patient_disjoint"], "train_n": len(train_rows)}
-    if val_full is not None:
-        bundle_metrics.update({"val_weighted_f1": val_full["weighted_f1"], "val_accuracy": val_full["accuracy"],
-                               "val_roc_auc": val_full["roc_auc"], "val_n": val_full["n"]})
-    model.cpu().eval()
-    if feats is not None:
-        _check_assembled(model, feats, images, pcfg, cfg.freeze_blocks)
-    shipped = TestTimeModel(model, cfg.tta, cfg.threshold)
-    save_bundle(bundle_dir, shipped if not shipped.trivial else model, arch=cfg.arch, arch_kwargs=arch_kwargs,
-                config=pcfg, input_size=size, metrics=bundle_metrics, synthetic=synthetic, half=cfg.half_weights,
-                extra={"training": {k: cfg.to_dict()[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed",
-                                                                   "pretrained", "augment", "class_weighting", "freeze_blocks")},
-                       "recipe": recipe_of(cfg)})
-    _write_json(bundle_dir / "history.json", {"history": history, "best_epoch": best_epoch})
-    _write_json(out / "metrics.json", metrics)
-    plots.plot_training_curves(history, out / "training_curves.png", title=f"{cfg.arch} training", synthetic=synthetic,
-                               best_epoch=best_epoch)
-    if val_full is not None:
-        log(f"[bold green]best val weighted F1 {best_f1:.4f}[/] at epoch {best_epoch}; bundle in {bundle_dir} "
-            f"({elapsed / 60:.1f} min)")
-    else:
-        log(f"[bold green]trained {len(history)} epochs without validation[/]; bundle in {bundle_dir} ({elapsed / 60:.1f} min)")
-    return TrainResult(out_dir=out, bundle_path=bundle_dir, best_epoch=best_epoch, best_val_f1=best_f1,
-                       history=history, metrics=metrics, split=split_summary, val_indices=[int(i) for i in val_rows],
-                       val_prob=prob_val if len(val_rows) else None)
+        return val_full, prob_val
+
+    def write_bundle(self) -> TrainResult:
+        """Load the best weights, validate them, and write ``bundle/``, ``metrics.json`` and the curves."""
+        from . import plots
+        from .models import TestTimeModel, save_bundle
+
+        cfg, inp, out, split = self.cfg, self.inp, self.out, self.split_info
+        self.model.load_state_dict(_load_weights(self.ckpt / "best.safetensors"))
+        self.model.to(self.device)
+        val_full, prob_val = self.final_validation()
+        elapsed = time.time() - self.t_start
+        split_summary = {k: v for k, v in split.items() if k not in ("train_indices", "val_indices")}
+        metrics = {
+            "best_epoch": self.best_epoch, "epochs_run": len(self.history), "stopped_early": self.stopped_early,
+            "val": val_full, "split": split_summary, "train_config": cfg.to_dict(),
+            "cache": str(inp.cache_dir) if inp.cache_dir else None, "preprocess_hash": inp.pcfg.pixel_hash(),
+            "synthetic": inp.synthetic, "device": self.device, "train_seconds": round(elapsed, 1),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        bundle_dir = out / "bundle"
+        if bundle_dir.exists():
+            shutil.rmtree(bundle_dir)
+        bundle_metrics: dict[str, Any] = {"best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                                          "split_strategy": split["strategy"], "patient_disjoint": split["patient_disjoint"],
+                                          "train_n": len(self.train_rows)}
+        if val_full is not None:
+            bundle_metrics.update({"val_weighted_f1": val_full["weighted_f1"], "val_accuracy": val_full["accuracy"],
+                                   "val_roc_auc": val_full["roc_auc"], "val_n": val_full["n"]})
+        self.model.cpu().eval()
+        if self.feats is not None:
+            _check_assembled(self.model, self.feats, inp.images, inp.pcfg, cfg.freeze_blocks)
+        shipped = TestTimeModel(self.model, cfg.tta, cfg.threshold)
+        training = {k: cfg.to_dict()[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed", "pretrained",
+                                                  "augment", "class_weighting", "freeze_blocks")}
+        save_bundle(bundle_dir, shipped if not shipped.trivial else self.model, arch=cfg.arch, arch_kwargs=self.arch_kwargs,
+                    config=inp.pcfg, input_size=inp.size, metrics=bundle_metrics, synthetic=inp.synthetic,
+                    half=cfg.half_weights, extra={"training": training, "recipe": recipe_of(cfg)})
+        _write_json(bundle_dir / "history.json", {"history": self.history, "best_epoch": self.best_epoch})
+        _write_json(out / "metrics.json", metrics)
+        plots.plot_training_curves(self.history, out / "training_curves.png", title=f"{cfg.arch} training",
+                                   synthetic=inp.synthetic, best_epoch=self.best_epoch)
+        if val_full is not None:
+            self.log(f"[bold green]best val weighted F1 {self.best_f1:.4f}[/] at epoch {self.best_epoch}; bundle in "
+                     f"{bundle_dir} ({elapsed / 60:.1f} min)")
+        else:
+            self.log(f"[bold green]trained {len(self.history)} epochs without validation[/]; bundle in {bundle_dir} "
+                     f"({elapsed / 60:.1f} min)")
+        return TrainResult(out_dir=out, bundle_path=bundle_dir, best_epoch=self.best_epoch, best_val_f1=self.best_f1,
+                           history=self.history, metrics=metrics, split=split_summary,
+                           val_indices=[int(i) for i in self.val_rows], val_prob=prob_val)
 
 
 def _check_assembled(model: Any, feats: np.ndarray, images: np.ndarray, cfg: PreprocessConfig, n_blocks: int) -> None:

@@ -18,7 +18,6 @@ from leukedge.data import (
     LeakageWarning,
     Record,
     assign_splits,
-    data_group,
     discover,
     file_sha256,
     group_kfold,
@@ -29,6 +28,7 @@ from leukedge.data import (
     split_records,
     subject_groups,
 )
+from leukedge.cli.data import data_group
 from leukedge.synth import make_cell, write_bmp, write_png
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/cnmc_sample"

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
 from ..engines import THREAD_RULE
 from ..infer import ResultsNotWritten, run_inference
 from ._console import RichReporter
@@ -52,9 +53,9 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
 @click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"]),
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES),
               default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
@@ -66,7 +67,7 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="Preprocess batch k+1 while batch k runs on the backend.")
-@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
+@click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,

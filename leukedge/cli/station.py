@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
 from ..station import db as sdb
 from ..station.core import ModelInfo, Station, StationError, StationSettings
 from ..station.scanner import IMAGE_EXTENSIONS, make_sample_fn
 from .station_reporter import Reporter
 
-BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 GPU_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 DB_ENVVAR = "LEUKEDGE_STATION_DB"
 
@@ -194,8 +194,8 @@ def _asdict(r: Any) -> dict:
               help="Inference runtime (auto: TensorRT engine if usable, else PyTorch on CUDA, else ONNX Runtime, else PyTorch).")
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
               help="If the GPU backend fails to start, continue with ONNX Runtime on the CPU instead of stopping.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
               help=f"SQLite results database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")

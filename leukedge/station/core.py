@@ -9,7 +9,6 @@ not depend on a backend.
 from __future__ import annotations
 
 import collections
-import math
 import os
 import signal
 import threading
@@ -17,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from .._util import escape_markup
 from . import db as sdb
@@ -88,12 +89,10 @@ class StationSummary:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (linear interpolation, NumPy's default); None for no values."""
     if not values:
         return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 class Station:

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 DB_FILENAME = ".leukedge-station.sqlite"
@@ -375,7 +375,3 @@ def totals(conn: sqlite3.Connection) -> dict[str, int]:
         "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), SUM(superseded) FROM results"
     ).fetchone()
     return {"rows": int(r[0] or 0), "ok": int(r[1] or 0), "errors": int(r[2] or 0), "superseded": int(r[3] or 0)}
-
-
-def executemany_rows(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple]) -> None:
-    conn.executemany(sql, list(rows))

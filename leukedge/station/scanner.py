@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .._util import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported
 from ..data import file_sha256
 from .db import KnownFile
 
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".filepart", ".swp", ".lock")
 # rsync writes ".name.XXXXXX" and renames; other tools write "~name", "name~" or "#name#".
 _RSYNC_RE = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{6}$")
