@@ -406,16 +406,18 @@ def test_infer_refuses_a_bad_output_before_inference(tmp_path, monkeypatch):
             raise AssertionError("inference started before the output was checked")
 
     monkeypatch.setattr(inf, "Predictor", Boom)
+    from leukedge.cli.infer import infer_cmd
+
     cell = synth_cell(tmp_path / "c.bmp")
-    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-o", str(tmp_path / "x.txt")])
+    res = CliRunner().invoke(infer_cmd, [str(cell), "-o", str(tmp_path / "x.txt")])
     assert ".csv or .jsonl" in one_clear_line(res)
-    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-o", "/proc/leukedge-test/results.csv"])  # read-only
+    res = CliRunner().invoke(infer_cmd, [str(cell), "-o", "/proc/leukedge-test/results.csv"])  # read-only
     assert "cannot write the results file /proc/leukedge-test/results.csv" in one_clear_line(res)
 
 
 def test_infer_write_failure_is_one_line_and_leaves_no_temp_file(tiny_model, tmp_path, monkeypatch):
     import leukedge.engines.sidecar as sidecar
-    import leukedge.infer as inf
+    from leukedge.cli.infer import infer_cmd
 
     cell = synth_cell(tmp_path / "in" / "c.bmp")
     out = tmp_path / "out"
@@ -425,7 +427,7 @@ def test_infer_write_failure_is_one_line_and_leaves_no_temp_file(tiny_model, tmp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(sidecar.os, "replace", full_disk)
-    res = CliRunner().invoke(inf.infer_cmd, [str(cell), "-m", str(tiny_model), "--backend", "onnxruntime",
+    res = CliRunner().invoke(infer_cmd, [str(cell), "-m", str(tiny_model), "--backend", "onnxruntime",
                                              "-o", str(out / "r.csv")])
     line = one_clear_line(res)
     assert "could not be written to" in line and str(out / "r.csv") in line and "No space left" in line
@@ -618,8 +620,10 @@ def test_preprocess_on_a_full_disk_is_one_clear_line(tmp_path, monkeypatch):
 
     cell = synth_cell(tmp_path / "d" / "c.bmp")
     monkeypatch.setattr(pp.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
-    line = one_clear_line(CliRunner().invoke(pp.preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
-                                                                 "--size", "64", "--split-by", "none"]))
+    from leukedge.cli.preprocess import preprocess_cmd
+
+    line = one_clear_line(CliRunner().invoke(preprocess_cmd, [str(cell.parent), "-o", str(tmp_path / "c"),
+                                                              "--size", "64", "--split-by", "none"]))
     assert "not enough free disk space" in line and "1000" not in line
     assert not (tmp_path / "c" / ".tmp").exists()
 

@@ -50,26 +50,31 @@ class Backend(abc.ABC):
     device_kind: str | None = None  # "cpu" | "gpu"; None: inferred from ``name``
     reason: str = ""  # why get_backend picked this backend (set by the factory)
     spec: ModelSpec | None = None  # the model it runs (set by the factory)
+    last_timing: Timing | None = None  # times of the latest infer() call
 
     @abc.abstractmethod
     def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timing | None]:
         """Run one checked batch (right shape, dtype and contiguity); return float32 logits and, if the
         backend measures them itself, its stage times (``total_ms`` is overwritten by :meth:`infer_timed`)."""
 
-    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        """Logits of ``batch`` and the times of this call (``total_ms`` covers the check and copy too)."""
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(N, 2)`` float32 of a preprocessed NCHW batch; the times of the call are left in
+        :attr:`last_timing` (``total_ms`` covers the check and copy too)."""
         t0 = time.perf_counter()
         checked = self.check_batch(batch)
         out, timing = self.infer_impl(checked)
         total = (time.perf_counter() - t0) * 1e3
         if timing is None:
-            return out, Timing(total_ms=total, compute_ms=total)
-        timing.total_ms = total
-        return out, timing
+            timing = Timing(total_ms=total, compute_ms=total)
+        else:
+            timing.total_ms = total
+        self.last_timing = timing
+        return out
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(N, 2)`` float32 of a preprocessed NCHW batch."""
-        return self.infer_timed(batch)[0]
+    def infer_timed(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        """:meth:`infer` and the times of that call."""
+        out = self.infer(batch)
+        return out, self.last_timing or Timing(total_ms=0.0)
 
     @property
     def on_cpu(self) -> bool:

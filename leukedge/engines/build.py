@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,12 @@ def build_engine(
     notes: list[str] | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Build and write ``engine_path`` and its sidecar; returns the sidecar dict."""
+    """Build and write ``engine_path`` and its sidecar; returns the sidecar dict.
+
+    Phases: parse the ONNX graph into a network (:func:`_parse_network`), choose the precision
+    (:func:`_set_precision`), set workspace, batch profile, timing cache and target GPUs
+    (:func:`_configure`), build and write the engine, then the sidecar (:func:`_sidecar_info`).
+    """
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise BuildError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= max-batch ({max_batch})")
     notes = notes if notes is not None else []
@@ -163,17 +169,61 @@ def build_engine(
     flavour, why = pick_flavour(backend)
     notes.append(f"flavour {flavour}: {why}")
     trt = import_trt(flavour)
-    major = trt_major(trt)
     gpu = gpu_info()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
 
     t0 = time.perf_counter()
+    b = _parse_network(trt, flavour, graph_prec, onnx_path, logger)
+    config_b = b.builder.create_builder_config()
+    precision, how = _set_precision(trt, config_b, flavour, graph_prec, b.strongly, notes)
+    opts = _configure(trt, b, config_b, flavour, config, notes, workspace_mib=workspace_mib,
+                      batches=(min_batch, opt_batch, max_batch), timing_cache=timing_cache,
+                      hardware_compat=hardware_compat, target_cc=target_cc)
+
+    rep = reporter or NULL_REPORTER
+    with rep.progress(f"building {flavour} engine from {onnx_path.name} …", total=None, transient=True):
+        t_build = time.perf_counter()
+        serialized = b.builder.build_serialized_network(b.network, config_b)
+        build_s = time.perf_counter() - t_build
+    if serialized is None:
+        raise BuildError(f"{flavour} failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    data = bytes(memoryview(serialized))
+    engine_path = Path(engine_path)
+    atomic_write_bytes(engine_path, data)
+    if opts["timing_cache"] is not None and timing_cache is not None:
+        blob = bytes(memoryview(config_b.get_timing_cache().serialize()))
+        atomic_write_bytes(Path(timing_cache), blob)
+        opts["timing_cache"]["saved_bytes"] = len(blob)
+
+    info = _sidecar_info(trt, b, flavour, gpu, opts, onnx_src=onnx_src, onnx_path=onnx_path, graph_prec=graph_prec,
+                         config=config, meta=meta, precision=precision, how=how, data=data, notes=notes,
+                         workspace_mib=workspace_mib, batches=(min_batch, opt_batch, max_batch))
+    info["build_seconds"] = round(build_s, 3)
+    info["total_seconds"] = round(time.perf_counter() - t0, 3)
+    info["leukedge_version"] = __version__
+    info["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info["build_command"] = (" ".join(shlex.quote(a) for a in ["leukedge", *sys.argv[1:]])
+                             if Path(sys.argv[0]).name == "leukedge" else None)
+    info["notes"] = notes
+    write_sidecar(engine_path, info)
+    return info
+
+
+@dataclass
+class _Network:
+    builder: Any
+    network: Any
+    strongly: bool
+
+
+def _parse_network(trt: Any, flavour: str, graph_prec: str, onnx_path: Path, logger: Any) -> _Network:
+    """A TensorRT network parsed from the ONNX file (strongly typed where the flavour or graph needs it)."""
     builder = trt.Builder(logger)
     if builder is None:
         raise BuildError(f"{flavour}: could not create a builder ({no_gpu_reason()})")
     NDCF = trt.NetworkDefinitionCreationFlag
     flags = 0
-    if flavour == "tensorrt" and major < 10 and hasattr(NDCF, "EXPLICIT_BATCH"):
+    if flavour == "tensorrt" and trt_major(trt) < 10 and hasattr(NDCF, "EXPLICIT_BATCH"):
         flags |= 1 << int(NDCF.EXPLICIT_BATCH)  # required before TensorRT 10 for ONNX
     has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
     strongly = hasattr(NDCF, "STRONGLY_TYPED") and (flavour == "tensorrt-rtx" or graph_prec == "float16" or not has_fp16_flag)
@@ -184,8 +234,13 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"{flavour} could not parse {onnx_path}: {errs}")
+    return _Network(builder, network, bool(strongly))
 
-    config_b = builder.create_builder_config()
+
+def _set_precision(trt: Any, config_b: Any, flavour: str, graph_prec: str, strongly: bool,
+                   notes: list[str]) -> tuple[str, str]:
+    """(precision, how it was obtained): FP16 from an FP16 graph or BuilderFlag.FP16, else FP32."""
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
     if graph_prec == "float16":
         precision, how = "fp16", ("fp16 ONNX graph, strongly typed" if strongly else "fp16 ONNX graph")
         if not strongly and has_fp16_flag:
@@ -198,23 +253,27 @@ def build_engine(
         precision, how = "fp32", "fp32 ONNX graph, strongly typed"
         notes.append(f"{flavour} {trt.__version__} has no BuilderFlag.FP16: export with --fp16 and build from "
                      f"{EXPORT_FP16} to get an FP16 engine")
+    return precision, how
 
+
+def _configure(trt: Any, b: _Network, config_b: Any, flavour: str, config: Any, notes: list[str], *,
+               workspace_mib: int | None, batches: tuple[int, int, int], timing_cache: str | os.PathLike | None,
+               hardware_compat: bool, target_cc: tuple[str, ...]) -> dict[str, Any]:
+    """Workspace, the optimisation profile over the batch axis, timing cache, hardware compatibility and
+    TensorRT-RTX target GPUs; returns what was set (``input``, ``chw``, ``timing_cache``, ``hw_level``, ``targets``)."""
     if workspace_mib:
         if hasattr(config_b, "set_memory_pool_limit"):
             config_b.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
         else:  # TensorRT < 8.4
             config_b.max_workspace_size = int(workspace_mib) << 20
-
-    # optimisation profile over the batch axis
-    inp = network.get_input(0)
+    inp = b.network.get_input(0)
     chw = tuple(inp.shape)[1:]
     if any(d < 0 for d in chw):
         chw = (3, config.size, config.size)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
+    profile = b.builder.create_optimization_profile()
+    profile.set_shape(inp.name, *((n, *chw) for n in batches))
     config_b.add_optimization_profile(profile)
 
-    # timing cache
     tc_used = None
     if timing_cache:
         if flavour == "tensorrt-rtx":
@@ -222,8 +281,6 @@ def build_engine(
                          "on the target GPU)")
         else:
             tc_used = apply_timing_cache(config_b, Path(timing_cache), notes)
-
-    # hardware compatibility / target GPUs
     hw_level = None
     if hardware_compat:
         if flavour == "tensorrt" and hasattr(trt, "HardwareCompatibilityLevel") and hasattr(config_b, "hardware_compatibility_level"):
@@ -245,27 +302,18 @@ def build_engine(
             targets = list(target_cc)
     elif target_cc:
         notes.append("--target-cc only applies to TensorRT-RTX; standard TensorRT builds for the GPU it runs on")
+    return {"input": inp.name, "chw": chw, "timing_cache": tc_used, "hw_level": hw_level, "targets": targets}
 
-    rep = reporter or NULL_REPORTER
-    with rep.progress(f"building {flavour} engine from {onnx_path.name} …", total=None, transient=True):
-        t_build = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config_b)
-        build_s = time.perf_counter() - t_build
-    if serialized is None:
-        raise BuildError(f"{flavour} failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    data = bytes(memoryview(serialized))
-    engine_path = Path(engine_path)
-    atomic_write_bytes(engine_path, data)
-    if tc_used is not None:
-        blob = bytes(memoryview(config_b.get_timing_cache().serialize()))
-        atomic_write_bytes(Path(timing_cache), blob)
-        tc_used["saved_bytes"] = len(blob)
 
-    def io(t) -> dict[str, Any]:
+def _sidecar_info(trt: Any, b: _Network, flavour: str, gpu: Any, opts: dict[str, Any], *, onnx_src: str | os.PathLike,
+                  onnx_path: Path, graph_prec: str, config: Any, meta: dict[str, Any], precision: str, how: str,
+                  data: bytes, notes: list[str], workspace_mib: int | None, batches: tuple[int, int, int]) -> dict[str, Any]:
+    """What the sidecar records about the build (the caller adds times, version and command)."""
+    def io(t: Any) -> dict[str, Any]:
         return {"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)}
 
-    cmd = " ".join(shlex.quote(a) for a in ["leukedge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "leukedge" else None
-    info: dict[str, Any] = {
+    hw_level, net = opts["hw_level"], b.network
+    return {
         "flavour": flavour,
         "trt_version": str(trt.__version__),
         "built_on": {
@@ -275,17 +323,18 @@ def build_engine(
             "mode": "AOT, no GPU" if (flavour == "tensorrt-rtx" and gpu is None) else
                     ("AOT (TensorRT-RTX), JIT on target" if flavour == "tensorrt-rtx" else "built on GPU"),
         },
-        "target_compute_capabilities": targets if flavour == "tensorrt-rtx" else
+        "target_compute_capabilities": opts["targets"] if flavour == "tensorrt-rtx" else
             ([gpu["compute_capability"]] if gpu and not hw_level else (["8.0+"] if hw_level else [])),
         "hardware_compat": hw_level,
         "precision": precision,
         "precision_source": how,
-        "strongly_typed": bool(strongly),
-        "inputs": [io(network.get_input(i)) for i in range(network.num_inputs)],
-        "outputs": [io(network.get_output(i)) for i in range(network.num_outputs)],
-        "profile": {"input": inp.name, "min": min_batch, "opt": opt_batch, "max": max_batch, "chw": list(chw)},
+        "strongly_typed": bool(b.strongly),
+        "inputs": [io(net.get_input(i)) for i in range(net.num_inputs)],
+        "outputs": [io(net.get_output(i)) for i in range(net.num_outputs)],
+        "profile": {"input": opts["input"], "min": batches[0], "opt": batches[1], "max": batches[2],
+                    "chw": list(opts["chw"])},
         "workspace_mib": workspace_mib,
-        "timing_cache": tc_used,
+        "timing_cache": opts["timing_cache"],
         "onnx": {"path": str(onnx_path), "source": str(Path(onnx_src).resolve()), "sha256": file_sha256(onnx_path),
                  "graph_precision": graph_prec},
         "preprocess": config.to_dict(),
@@ -293,15 +342,7 @@ def build_engine(
         "class_names": meta.get("class_names", ["hem", "all"]),
         "engine_size": len(data),
         "engine_sha256": bytes_sha256(data),
-        "build_seconds": round(build_s, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-        "leukedge_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_command": cmd,
-        "notes": notes,
     }
-    write_sidecar(engine_path, info)
-    return info
 
 
 def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample_dir: Path | None = None,
