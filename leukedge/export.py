@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import PreprocessConfig
-from .data import file_sha256
 from ._util import atomic_write_text, load_native, softmax
 from .artifacts import EXPORT_FP16, EXPORT_FP32
+from .config import PreprocessConfig
+from .data import file_sha256
 
 # Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
 FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from .config import PreprocessConfig
 from ._util import NULL_REPORTER, POSITIVE_CLASS, Reporter, atomic_write_text, load_native, softmax
 from .artifacts import default_model_path as default_model_path
+from .config import PreprocessConfig
 from .engines import Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
 
 RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
@@ -366,6 +366,51 @@ def stats_path_for(out_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".stats.json")
 
 
+def inference_stats(pred: Predictor, results: Sequence[FileResult], times: dict[str, list[float]], wall: float,
+                    warmup: int) -> dict[str, Any]:
+    """The ``.stats.json`` of a run: model, backend and why, threads, latency percentiles per stage, throughput."""
+    n = len(results)
+    n_ok = sum(r.status == "ok" for r in results)
+    stats: dict[str, Any] = {
+        "model": str(pred.spec.path),
+        "model_kind": pred.spec.kind,
+        "engine": str(pred.spec.engine) if pred.spec.engine else None,
+        "backend": pred.backend.name,
+        "backend_description": pred.backend.description,
+        "backend_reason": pred.reason,
+        "preprocess_hash": pred.spec.preprocess_hash,
+        "input_dtype": pred.backend.input_dtype,
+        "input_size": pred.config.size,
+        "batch": pred.batch,
+        "pipeline": pred.runner.pipeline,
+        "threads": {**pred.threads.to_dict(), "preprocess": pred.runner.threads,
+                    "backend": getattr(pred.backend, "threads", pred.threads.backend)},
+        "warmup": warmup,
+        "n_files": n,
+        "n_ok": n_ok,
+        "n_error": n - n_ok,
+        "n_batches": len(times["e2e"]),
+        "wall_s": wall,
+        "throughput_img_s": n / wall if wall > 0 else None,
+        "latency_ms": {
+            "preprocess": summarize_ms(times["preprocess"]),
+            "h2d": summarize_ms(times["h2d"]),
+            "compute": summarize_ms(times["compute"]),
+            "d2h": summarize_ms(times["d2h"]),
+            "backend_total": summarize_ms(times["backend"]),
+            "end_to_end": summarize_ms(times["e2e"]),
+        },
+        "stage_throughput_img_s": {
+            "preprocess": n / (sum(times["preprocess"]) / 1e3) if times["preprocess"] and sum(times["preprocess"]) else None,
+            "backend": n / (sum(times["backend"]) / 1e3) if times["backend"] and sum(times["backend"]) else None,
+        },
+        "latency_unit": "milliseconds per batch",
+        "leukedge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return stats
+
+
 def run_inference(
     model: str | os.PathLike | None,
     sources: Iterable[str | os.PathLike],
@@ -405,45 +450,8 @@ def run_inference(
         rep = reporter if progress and entries and reporter is not None else NULL_REPORTER
         with rep.progress("infer", total=len(entries), transient=True) as task:
             results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance)
+        stats = inference_stats(pred, results, times, wall, warmup)
         n = len(results)
-        n_ok = sum(r.status == "ok" for r in results)
-        stats: dict[str, Any] = {
-            "model": str(pred.spec.path),
-            "model_kind": pred.spec.kind,
-            "engine": str(pred.spec.engine) if pred.spec.engine else None,
-            "backend": pred.backend.name,
-            "backend_description": pred.backend.description,
-            "backend_reason": pred.reason,
-            "preprocess_hash": pred.spec.preprocess_hash,
-            "input_dtype": pred.backend.input_dtype,
-            "input_size": pred.config.size,
-            "batch": pred.batch,
-            "pipeline": pred.runner.pipeline,
-            "threads": {**pred.threads.to_dict(), "preprocess": pred.runner.threads,
-                        "backend": getattr(pred.backend, "threads", pred.threads.backend)},
-            "warmup": warmup,
-            "n_files": n,
-            "n_ok": n_ok,
-            "n_error": n - n_ok,
-            "n_batches": len(times["e2e"]),
-            "wall_s": wall,
-            "throughput_img_s": n / wall if wall > 0 else None,
-            "latency_ms": {
-                "preprocess": summarize_ms(times["preprocess"]),
-                "h2d": summarize_ms(times["h2d"]),
-                "compute": summarize_ms(times["compute"]),
-                "d2h": summarize_ms(times["d2h"]),
-                "backend_total": summarize_ms(times["backend"]),
-                "end_to_end": summarize_ms(times["e2e"]),
-            },
-            "stage_throughput_img_s": {
-                "preprocess": n / (sum(times["preprocess"]) / 1e3) if times["preprocess"] and sum(times["preprocess"]) else None,
-                "backend": n / (sum(times["backend"]) / 1e3) if times["backend"] and sum(times["backend"]) else None,
-            },
-            "latency_unit": "milliseconds per batch",
-            "leukedge_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
         res = InferResult(results, stats, backend=pred.backend.name, reason=pred.reason)
         if out_path is not None:
             try:

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bundle_meta import check_arch_kwargs
 from ._util import CLASS_NAMES, POSITIVE_CLASS
 from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
 from .artifacts import read_bundle_meta as _read_bundle_meta
 from .bundle_meta import BundleMetaError as BundleMetaError
+from .bundle_meta import check_arch_kwargs
 from .config import PreprocessConfig, normalize_uint8
-
 
 #: Architectures understood by :func:`build_model`.
 ARCHS: dict[str, str] = {

@@ -249,14 +249,10 @@ def run_preprocess(
     n_syn = _synthetic_flags(records)
     manifest, summary = _manifest_and_summary(out, cfg, records, work, splits, n_syn > 0)
     meta = {
-        "version": CACHE_VERSION,
-        "pixel_hash": cfg.pixel_hash(),
-        "synthetic": n_syn > 0,
-        "synthetic_files": n_syn,
+        "version": CACHE_VERSION, "pixel_hash": cfg.pixel_hash(), "synthetic": n_syn > 0, "synthetic_files": n_syn,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sources": [str(Path(s).resolve()) if not any(c in str(s) for c in "*?[") else str(s) for s in sources],
-        "n_images": len(records),
-        "n_ok": summary.n_ok,
+        "n_images": len(records), "n_ok": summary.n_ok,
         "split": {"by": split_by, "val_fold": val_fold, "val_fraction": val_fraction, "seed": seed},
         "leukedge_version": __version__,
     }

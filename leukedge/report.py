@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-
 from . import __version__
 
 _SKIP_DIRS = {"__pycache__", ".tmp"}

@@ -277,7 +277,7 @@ def generate_dataset(
     order = np.random.default_rng(np.random.SeedSequence([seed, 104729])).permutation
     fold_of: dict[str, int] = {}
     for lab in (1, 0):
-        names = [s for s, l in subj_list if l == lab]
+        names = [s for s, lbl in subj_list if lbl == lab]
         for j, k in enumerate(order(len(names))):
             fold_of[names[int(k)]] = j % folds
 
@@ -310,6 +310,6 @@ def generate_dataset(
         "n_images": len(paths),
         "n_subjects": subjects,
         "classes": counts,
-        "subjects": {s: {"label": l, "fold": fold_of[s]} for s, l in subj_list},
+        "subjects": {s: {"label": lbl, "fold": fold_of[s]} for s, lbl in subj_list},
         "paths": paths,
     }

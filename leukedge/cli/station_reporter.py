@@ -11,6 +11,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
+from ..station.db import ResultRow
+
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else (f"{v:,.0f} ms" if v < 10_000 else f"{v / 1000:,.1f} s")
@@ -67,11 +69,11 @@ class Reporter:
                               transient=False)
             self._live.start()
 
-    def batch_done(self, station: Any, batch_id: int, size: int, reason: str, rows: list[tuple]) -> None:
+    def batch_done(self, station: Any, batch_id: int, size: int, reason: str, rows: list[ResultRow]) -> None:
         self._last_batch = f"batch #{batch_id}: {size} ({reason})"
         for r in rows:
-            if r[5] == "error":
-                self.message(f"[red]error[/] {escape(str(r[0]))}: {escape(str(r[6]))}")
+            if r.status == "error":
+                self.message(f"[red]error[/] {escape(str(r.path))}: {escape(str(r.error))}")
         if not self.use_live and not self.quiet and time.monotonic() - self._last_log >= self.log_every_s:
             self._last_log = time.monotonic()
             self.console.print(self.status_line())

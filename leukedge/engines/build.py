@@ -196,15 +196,12 @@ def build_engine(
         opts["timing_cache"]["saved_bytes"] = len(blob)
 
     info = _sidecar_info(trt, b, flavour, gpu, opts, onnx_src=onnx_src, onnx_path=onnx_path, graph_prec=graph_prec,
-                         config=config, meta=meta, precision=precision, how=how, data=data, notes=notes,
+                         config=config, meta=meta, precision=precision, how=how, data=data,
                          workspace_mib=workspace_mib, batches=(min_batch, opt_batch, max_batch))
-    info["build_seconds"] = round(build_s, 3)
-    info["total_seconds"] = round(time.perf_counter() - t0, 3)
-    info["leukedge_version"] = __version__
-    info["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    info["build_command"] = (" ".join(shlex.quote(a) for a in ["leukedge", *sys.argv[1:]])
-                             if Path(sys.argv[0]).name == "leukedge" else None)
-    info["notes"] = notes
+    info.update(build_seconds=round(build_s, 3), total_seconds=round(time.perf_counter() - t0, 3),
+                leukedge_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                build_command=(" ".join(shlex.quote(a) for a in ["leukedge", *sys.argv[1:]])
+                               if Path(sys.argv[0]).name == "leukedge" else None), notes=notes)
     write_sidecar(engine_path, info)
     return info
 
@@ -307,7 +304,7 @@ def _configure(trt: Any, b: _Network, config_b: Any, flavour: str, config: Any, 
 
 def _sidecar_info(trt: Any, b: _Network, flavour: str, gpu: Any, opts: dict[str, Any], *, onnx_src: str | os.PathLike,
                   onnx_path: Path, graph_prec: str, config: Any, meta: dict[str, Any], precision: str, how: str,
-                  data: bytes, notes: list[str], workspace_mib: int | None, batches: tuple[int, int, int]) -> dict[str, Any]:
+                  data: bytes, workspace_mib: int | None, batches: tuple[int, int, int]) -> dict[str, Any]:
     """What the sidecar records about the build (the caller adds times, version and command)."""
     def io(t: Any) -> dict[str, Any]:
         return {"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)}

@@ -277,9 +277,7 @@ class Station:
         gone = [p for p in self.scanner.take_vanished() if not os.path.lexists(p)]
         if not gone:
             return
-        with sdb.transaction(self.conn):
-            self.conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0",
-                                  [(p,) for p in gone])
+        sdb.supersede_paths(self.conn, gone)
         if self.reporter:
             self.reporter.message(f"[dim]{len(gone)} file(s) gone from the folder; their results no longer count[/]")
 
@@ -319,17 +317,13 @@ class Station:
         return out, (time.perf_counter() - t0) * 1000
 
     def _process(self, batch: list[ReadyFile], reason: str) -> None:
+        """Classify one batch and store it: open the batch, predict, build one :class:`~.db.ResultRow` per
+        file, commit them in one transaction, then tell the scanner and update the live numbers."""
         assert self.conn is not None and self.summary is not None and self.scanner is not None
-        run_id = self.summary.run_id
         started = time.time()
         opened = started - max(time.monotonic() - min(it.ready_mono for it in batch), 0.0)
-        with sdb.transaction(self.conn):
-            cur = self.conn.execute(
-                "INSERT INTO batches(run_id, size, reason, state, opened_at, started_at) VALUES (?, ?, ?, 'running', ?, ?)",
-                (run_id, len(batch), reason, opened, started),
-            )
-            batch_id = int(cur.lastrowid)
-
+        batch_id = sdb.open_batch(self.conn, run_id=self.summary.run_id, size=len(batch), reason=reason,
+                                  opened_at=opened, started_at=started)
         to_predict = [it for it in batch if it.error is None and not it.reactivate]
         results: dict[str, dict] = {}
         pred_ms = 0.0
@@ -340,9 +334,7 @@ class Station:
                 if out is None:  # backend failing: give the files back, record nothing for them
                     for it in to_predict:
                         self.scanner.report_retry(it.path)
-                    with sdb.transaction(self.conn):
-                        self.conn.execute("UPDATE batches SET state = 'failed', done_at = ? WHERE id = ?",
-                                          (time.time(), batch_id))
+                    sdb.fail_batch(self.conn, batch_id)
                     return
                 for it, r in zip(to_predict, out):
                     results[it.path] = r
@@ -360,55 +352,52 @@ class Station:
             if r is not None and not _unchanged(it):
                 retry.append(it)  # replaced while being classified: the result is for stale content
                 continue
-            status, error, prob, label, is_blast = "error", it.error, None, None, None
-            pre_ms = comp_ms = None
-            if r is not None:
-                status = "ok" if r.get("status", "ok") == "ok" and r.get("error") in (None, "") else "error"
-                error = None if status == "ok" else str(r.get("error") or "prediction failed")
-                if status == "ok":
-                    prob = float(r["probability"])
-                    label = None if r.get("label") is None else str(r["label"])
-                    is_blast = int(_is_blast(r.get("label"), prob, self.model.positive_label))
-                t = r.get("timings") or {}
-                pre_ms = _first(t, "preprocess_ms", "preprocess")
-                comp_ms = _first(t, "compute_ms", "infer_ms", "inference_ms", "backend_ms", "compute")
-                if pre_ms is None and comp_ms is None:
-                    comp_ms = pred_ms
-                # per-file timings are those of the engine batch the file was in
-                pre_ms_total = max(pre_ms_total, pre_ms or 0.0)
-                comp_ms_total = max(comp_ms_total, comp_ms or 0.0)
-            rows.append((
-                it.path, it.sha256, it.size, it.mtime_ns, it.sample_id, status, error, prob, label, is_blast,
-                self.model.model_id, self.model.preprocess_hash, self.model.backend, run_id, batch_id,
-                it.detected_at, it.ready_at, started, done, (started - it.ready_at) * 1000, pre_ms, comp_ms,
-                (done - it.detected_at) * 1000,
-            ))
-        n_err = sum(1 for r in rows if r[5] == "error")
-        with sdb.transaction(self.conn):
-            for row in rows:
-                self.conn.execute("UPDATE results SET superseded = 1 WHERE path = ? AND sha256 != ?", (row[0], row[1]))
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO results(path, sha256, size, mtime_ns, sample_id, status, error, probability, "
-                "label, is_blast, model_id, preprocess_hash, backend, run_id, batch_id, detected_at, ready_at, "
-                "started_at, done_at, queued_ms, preprocess_ms, compute_ms, latency_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            for it in reactivated:
-                self.conn.execute("UPDATE results SET superseded = (sha256 != ?) WHERE path = ?", (it.sha256, it.path))
-            self.conn.execute(
-                "UPDATE batches SET state = 'done', done_at = ?, preprocess_ms = ?, compute_ms = ?, total_ms = ?, "
-                "n_ok = ?, n_error = ? WHERE id = ?",
-                (time.time(), pre_ms_total, comp_ms_total, pred_ms, len(rows) - n_err, n_err, batch_id),
-            )
+            row = self._result_row(it, r, pred_ms, batch_id, started, done)
+            # per-file timings are those of the engine batch the file was in
+            pre_ms_total = max(pre_ms_total, row.preprocess_ms or 0.0)
+            comp_ms_total = max(comp_ms_total, row.compute_ms or 0.0)
+            rows.append(row)
+        sdb.insert_batch(self.conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
+                         preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms)
         # Tell the scanner only after the commit: a crash before it means the files are seen again.
         for row in rows:
-            self.scanner.report_done(row[0], row[1], row[2], row[3])
+            self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns)
         for it in reactivated:
             self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns)
         for it in retry:
             self.scanner.report_retry(it.path)
+        self._count(batch, batch_id, reason, rows)
 
+    def _result_row(self, it: ReadyFile, r: dict | None, pred_ms: float, batch_id: int, started: float,
+                    done: float) -> sdb.ResultRow:
+        """The stored row of one file: its prediction ``r``, or the error that kept it from being classified."""
+        assert self.summary is not None
+        status, error, prob, label, is_blast = "error", it.error, None, None, None
+        pre_ms = comp_ms = None
+        if r is not None:
+            status = "ok" if r.get("status", "ok") == "ok" and r.get("error") in (None, "") else "error"
+            error = None if status == "ok" else str(r.get("error") or "prediction failed")
+            if status == "ok":
+                prob = float(r["probability"])
+                label = None if r.get("label") is None else str(r["label"])
+                is_blast = int(_is_blast(r.get("label"), prob, self.model.positive_label))
+            t = r.get("timings") or {}
+            pre_ms = _first(t, "preprocess_ms", "preprocess")
+            comp_ms = _first(t, "compute_ms", "infer_ms", "inference_ms", "backend_ms", "compute")
+            if pre_ms is None and comp_ms is None:
+                comp_ms = pred_ms
+        return sdb.ResultRow(
+            path=it.path, sha256=it.sha256, size=it.size, mtime_ns=it.mtime_ns, sample_id=it.sample_id, status=status,
+            error=error, probability=prob, label=label, is_blast=is_blast, model_id=self.model.model_id,
+            preprocess_hash=self.model.preprocess_hash, backend=self.model.backend, run_id=self.summary.run_id,
+            batch_id=batch_id, detected_at=it.detected_at, ready_at=it.ready_at, started_at=started, done_at=done,
+            queued_ms=(started - it.ready_at) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
+            latency_ms=(done - it.detected_at) * 1000,
+        )
+
+    def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[sdb.ResultRow]) -> None:
+        assert self.summary is not None
+        n_err = sum(1 for r in rows if r.status == "error")
         self.summary.batches += 1
         self.summary.batch_sizes.append(len(batch))
         self.summary.processed += len(rows)
@@ -417,7 +406,7 @@ class Station:
         with self._stats_lock:
             for row in rows:
                 self._done_times.append(now)
-                self._latencies.append(row[-1])
+                self._latencies.append(row.latency_ms)
         if self.reporter:
             self.reporter.batch_done(self, batch_id, len(batch), reason, rows)
 

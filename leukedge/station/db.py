@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 DB_FILENAME = ".leukedge-station.sqlite"
@@ -375,3 +375,85 @@ def totals(conn: sqlite3.Connection) -> dict[str, int]:
         "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), SUM(superseded) FROM results"
     ).fetchone()
     return {"rows": int(r[0] or 0), "ok": int(r[1] or 0), "errors": int(r[2] or 0), "superseded": int(r[3] or 0)}
+
+
+# -- results of one batch ------------------------------------------------------------------------------
+@dataclass
+class ResultRow:
+    """One row of ``results``: a classified (or failed) file of one batch, in the table's column order."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    sample_id: str | None
+    status: str  # "ok" | "error"
+    error: str | None
+    probability: float | None
+    label: str | None
+    is_blast: int | None
+    model_id: str
+    preprocess_hash: str
+    backend: str
+    run_id: int
+    batch_id: int
+    detected_at: float
+    ready_at: float
+    started_at: float
+    done_at: float
+    queued_ms: float
+    preprocess_ms: float | None
+    compute_ms: float | None
+    latency_ms: float
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in RESULT_COLUMNS)
+
+
+RESULT_COLUMNS = tuple(f for f in ResultRow.__dataclass_fields__)
+_INSERT_RESULT = (f"INSERT OR IGNORE INTO results({', '.join(RESULT_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' for _ in RESULT_COLUMNS)})")
+
+
+def open_batch(conn: sqlite3.Connection, *, run_id: int, size: int, reason: str, opened_at: float,
+               started_at: float) -> int:
+    """Record a batch as running; returns its id."""
+    with transaction(conn):
+        cur = conn.execute(
+            "INSERT INTO batches(run_id, size, reason, state, opened_at, started_at) VALUES (?, ?, ?, 'running', ?, ?)",
+            (run_id, size, reason, opened_at, started_at),
+        )
+    return int(cur.lastrowid or 0)
+
+
+def fail_batch(conn: sqlite3.Connection, batch_id: int) -> None:
+    """The backend failed on the whole batch: nothing is stored for its files."""
+    with transaction(conn):
+        conn.execute("UPDATE batches SET state = 'failed', done_at = ? WHERE id = ?", (time.time(), batch_id))
+
+
+def insert_batch(conn: sqlite3.Connection, batch_id: int, rows: Iterable[ResultRow], *,
+                 reactivated: Iterable[tuple[str, str]] = (), preprocess_ms: float, compute_ms: float,
+                 total_ms: float) -> None:
+    """Store a batch's results in one transaction: older contents of the same paths stop counting
+    (``superseded``), rows of files that came back (``reactivated``: (path, sha256)) count again, and
+    the batch is marked done with its times and counts."""
+    rows = list(rows)
+    n_err = sum(1 for r in rows if r.status == "error")
+    with transaction(conn):
+        for r in rows:
+            conn.execute("UPDATE results SET superseded = 1 WHERE path = ? AND sha256 != ?", (r.path, r.sha256))
+        conn.executemany(_INSERT_RESULT, [r.values() for r in rows])
+        for path, sha in reactivated:
+            conn.execute("UPDATE results SET superseded = (sha256 != ?) WHERE path = ?", (sha, path))
+        conn.execute(
+            "UPDATE batches SET state = 'done', done_at = ?, preprocess_ms = ?, compute_ms = ?, total_ms = ?, "
+            "n_ok = ?, n_error = ? WHERE id = ?",
+            (time.time(), preprocess_ms, compute_ms, total_ms, len(rows) - n_err, n_err, batch_id),
+        )
+
+
+def supersede_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    """Results of files that are gone stop counting."""
+    with transaction(conn):
+        conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0", [(p,) for p in paths])
