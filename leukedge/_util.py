@@ -17,6 +17,7 @@ import re
 import stat
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Protocol
 
@@ -234,3 +235,23 @@ def reporter_or_default(reporter: Reporter | None, quiet: bool = False) -> Repor
 
 
 ProgressCallback = Callable[[int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# the package's stage functions
+class _CallableModule(types.ModuleType):
+    """A stage module that can be called like its main function (see :func:`callable_module`)."""
+
+    _main: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._main(*args, **kwargs)
+
+
+def callable_module(module_name: str, main: Callable[..., Any]) -> None:
+    """``leukedge.train`` and ``leukedge.evaluate`` name both a submodule and the function the package
+    exports. Importing the submodule rebinds the package attribute to the module, so the module is made
+    callable: ``leukedge.train(...)`` then runs ``leukedge.train.train(...)`` whichever object it finds."""
+    module = sys.modules[module_name]
+    module.__class__ = _CallableModule
+    module._main = main  # type: ignore[attr-defined]

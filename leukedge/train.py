@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._util import PlainReporter, Reporter
+from ._util import PlainReporter, Reporter, callable_module
 from ._util import as_int as _as_int
 from ._util import atomic_write_json as _write_json
 from .config import PreprocessConfig
@@ -1016,3 +1016,6 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 # How a run is executed (not part of a recipe).
 
 
+
+
+callable_module(__name__, train)

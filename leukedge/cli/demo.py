@@ -20,10 +20,18 @@ from typing import Any, Callable
 
 import click
 
+from .. import synth
+from ..artifacts import load_cache
 from ..config import PreprocessConfig, StainConfig
+from ..evaluate import evaluate, write_report
+from ..infer import run_inference
+from ..preprocess import run_preprocess
+from ..train import TrainConfig, train
 from ._console import RichReporter
+from .infer import print_stats
+from .preprocess import print_summary
 
-_REPO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc_sample"
+_REPO_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cnmc_sample"  # leukedge/cli/demo.py
 
 
 def default_real_dir() -> Path | None:
@@ -124,64 +132,83 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
     """Run every stage into ``out_dir`` and return the summary (also written to demo_summary.json)."""
     from rich.console import Console
 
-    from .. import synth
-    from ..evaluate import evaluate, write_report
-    from ..infer import run_inference
-    from ..preprocess import load_cache, run_preprocess
     from ..report import build_report
-    from ..train import TrainConfig, train
-    from .infer import print_stats
-    from .preprocess import print_summary
 
-    console = console or Console()
-    size = QUICK if quick else FULL
-    out = Path(out_dir).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    log = StageLog()
-    state: dict[str, Any] = {}
-    summary: dict[str, Any] = {"synthetic": True, "quick": quick, "out_dir": str(out), "stages": log.stages}
+    demo = _Demo(Path(out_dir).resolve(), QUICK if quick else FULL, seed=seed, backend=backend, real=real,
+                 console=console or Console())
+    out, summary = demo.out, demo.summary
+    summary["quick"] = quick
     t_start = time.perf_counter()
+    for name, fn, required in demo.stages():
+        _run_stage(demo.console, demo.log, name, fn, required=required)
+    if not (out / "cells_grid.png").exists():
+        cells_grid(_pick_cells(out / "data", 6), out / "cells_grid.png", load_cache(out / "cache").config,
+                   "Synthetic cells: raw (top) and Macenko-normalised (bottom)")
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    report = build_report(out, title="leukedge demo")
+    summary["report"] = str(report)
+    _print_final(demo.console, summary)
+    return summary
 
-    def stage_synth() -> str:
-        info = synth.generate_dataset(out / "data", subjects=size.subjects, cells_per_subject=size.cells_per_subject,
-                                      seed=seed)
-        n = size.subjects * size.cells_per_subject
-        return f"{n} synthetic cells, {size.subjects} subjects, Kaggle layout in {out / 'data'}" if info is not None else ""
 
-    def stage_preprocess() -> str:
-        cfg = PreprocessConfig(stain=StainConfig(method="macenko"), size=size.size, crop="bbox")
-        s = run_preprocess([out / "data"], out / "cache", cfg, progress=True, reporter=RichReporter(console))
-        print_summary(s, console)
+class _Demo:
+    """The demo's stages, one method each; a stage returns its one-line result (see :func:`_run_stage`)."""
+
+    def __init__(self, out: Path, size: DemoSize, *, seed: int, backend: str, real: str | Path | None, console: Any) -> None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        self.out, self.size, self.seed, self.backend, self.real, self.console = out, size, seed, backend, real, console
+        self.log = StageLog()
+        self.state: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {"synthetic": True, "quick": False, "out_dir": str(out), "stages": self.log.stages}
+
+    def stages(self) -> list[tuple[str, Callable[[], str], bool]]:
+        return [("1. synth", self.stage_synth, True), ("2. preprocess", self.stage_preprocess, True),
+                ("3. train", self.stage_train, True), ("4. evaluate", self.stage_evaluate, True),
+                ("5. export", self.stage_export, True), ("6. build-engine", self.stage_engine, False),
+                ("7. infer", self.stage_infer, True), ("8. real cells", self.stage_real, False)]
+
+    def stage_synth(self) -> str:
+        size = self.size
+        info = synth.generate_dataset(self.out / "data", subjects=size.subjects, cells_per_subject=size.cells_per_subject,
+                                      seed=self.seed)
+        n = self.size.subjects * self.size.cells_per_subject
+        return f"{n} synthetic cells, {self.size.subjects} subjects, Kaggle layout in {self.out / 'data'}" if info is not None else ""
+
+    def stage_preprocess(self) -> str:
+        cfg = PreprocessConfig(stain=StainConfig(method="macenko"), size=self.size.size, crop="bbox")
+        s = run_preprocess([self.out / "data"], self.out / "cache", cfg, progress=True, reporter=RichReporter(self.console))
+        print_summary(s, self.console)
         if s.n_failed:
             raise RuntimeError(f"{s.n_failed} synthetic cells failed to preprocess: {s.failures[:3]}")
-        return f"{s.n_ok} cells → {size.size}px, Macenko, {s.n_stain_fallback} stain fallbacks, splits {s.splits}"
+        return f"{s.n_ok} cells → {self.size.size}px, Macenko, {s.n_stain_fallback} stain fallbacks, splits {s.splits}"
 
-    def stage_train() -> str:
-        cfg = TrainConfig(arch="tiny", epochs=size.epochs, batch_size=size.batch, lr=3e-3, seed=seed, patience=0,
+    def stage_train(self) -> str:
+        cfg = TrainConfig(arch="tiny", epochs=self.size.epochs, batch_size=self.size.batch, lr=3e-3, seed=self.seed, patience=0,
                           progress=True)
-        res = train(out / "cache", out / "train", cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
-        state["bundle"] = res.bundle_path
+        res = train(self.out / "cache", self.out / "train", cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
+        self.state["bundle"] = res.bundle_path
         return f"tiny CNN, best epoch {res.best_epoch}, val weighted F1 {res.best_val_f1:.3f}"
 
-    def stage_evaluate() -> str:
-        result = evaluate(out / "cache", state["bundle"], split="val", progress=True, reporter=RichReporter())
-        write_report(result, out / "evaluate", bundle_path=Path(state["bundle"]))
-        summary["metrics"] = {k: result.get(k) for k in ("n", "weighted_f1", "accuracy", "roc_auc")}
+    def stage_evaluate(self) -> str:
+        result = evaluate(self.out / "cache", self.state["bundle"], split="val", progress=True, reporter=RichReporter())
+        write_report(result, self.out / "evaluate", bundle_path=Path(self.state["bundle"]))
+        self.summary["metrics"] = {k: result.get(k) for k in ("n", "weighted_f1", "accuracy", "roc_auc")}
         return (f"subject-disjoint val fold: {result.get('n')} cells, weighted F1 {result.get('weighted_f1'):.3f}, "
                 f"ROC-AUC {result.get('roc_auc') or float('nan'):.3f}")
 
-    def stage_export() -> str:
+    def stage_export(self) -> str:
         from ..export import export_bundle
         from .export import print_report
 
-        res = export_bundle(state["bundle"], out / "onnx")
-        print_report(res.report, console)
-        state["onnx_dir"] = out / "onnx"
-        return f"FP32 + FP16 ONNX in {out / 'onnx'}"
+        res = export_bundle(self.state["bundle"], self.out / "onnx")
+        print_report(res.report, self.console)
+        self.state["onnx_dir"] = self.out / "onnx"
+        return f"FP32 + FP16 ONNX in {self.out / 'onnx'}"
 
-    def stage_engine() -> str:
+    def stage_engine(self) -> str:
         from ..engines.build import BuildError, build_engine, pick_flavour
         from .build_engine import print_summary as print_engine
 
@@ -189,33 +216,34 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
             flavour, why = pick_flavour("auto")
         except BuildError as exc:
             return f"skipped: {exc}"
-        engine = out / "engine" / "model.engine"
+        engine = self.out / "engine" / "model.engine"
         engine.parent.mkdir(parents=True, exist_ok=True)
-        info = build_engine(state["onnx_dir"], engine, backend="auto", min_batch=1, opt_batch=16, max_batch=64)
-        print_engine(info, engine, console)
-        state["engine"] = engine
+        info = build_engine(self.state["onnx_dir"], engine, backend="auto", min_batch=1, opt_batch=16, max_batch=64,
+                            reporter=RichReporter())
+        print_engine(info, engine, self.console)
+        self.state["engine"] = engine
         return f"{flavour} ({why}): {engine.name}, {engine.stat().st_size / 1e6:.1f} MB"
 
-    def stage_infer() -> str:
-        cache = load_cache(out / "cache")
+    def stage_infer(self) -> str:
+        cache = load_cache(self.out / "cache")
         val = [r["path"] for r in cache.manifest if r.get("split") == "val"] or [r["path"] for r in cache.manifest]
         # the engine built in stage 6 is offered to `auto`, which runs it when a GPU can, else says why not
-        res = run_inference(state.get("onnx_dir") or state["bundle"], val, out / "infer" / "predictions.csv",
-                            batch=16, backend=backend, engine=state.get("engine"), progress=True,
+        res = run_inference(self.state.get("onnx_dir") or self.state["bundle"], val, self.out / "infer" / "predictions.csv",
+                            batch=16, backend=self.backend, engine=self.state.get("engine"), progress=True,
                             reporter=RichReporter())
-        print_stats(res.stats, console)
-        summary["infer"] = {k: res.stats.get(k) for k in ("backend", "backend_reason", "batch", "n_files",
+        print_stats(res.stats, self.console)
+        self.summary["infer"] = {k: res.stats.get(k) for k in ("backend", "backend_reason", "batch", "n_files",
                                                            "throughput_img_s")}
         return (f"{res.stats['n_files']} files with {res.stats['backend']} ({res.reason}); "
                 f"{res.stats['throughput_img_s']:.0f} img/s end to end")
 
-    def stage_real() -> str:
-        real_dir = Path(real) if real else default_real_dir()
+    def stage_real(self) -> str:
+        real_dir = Path(self.real) if self.real else default_real_dir()
         if real_dir is None or not real_dir.is_dir():
             return "skipped: no real cells (../shared/data/cnmc_sample not found; pass --real DIR)"
-        res = run_inference(None, [real_dir], out / "real" / "predictions.csv", batch=16, backend=backend,
+        res = run_inference(None, [real_dir], self.out / "real" / "predictions.csv", batch=16, backend=self.backend,
                             progress=True, reporter=RichReporter())
-        print_stats(res.stats, console)
+        print_stats(res.stats, self.console)
         from ..data import parse_name
         from ..evaluate import compute_metrics
 
@@ -230,34 +258,16 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
         if y:
             m = compute_metrics(y, p)
             rs.update(labelled=len(y), weighted_f1=m["weighted_f1"], accuracy=m["accuracy"], roc_auc=m["roc_auc"])
-            (out / "real" / "metrics.json").write_text(json.dumps({**m, "title": "Shipped default model on real cells",
+            (self.out / "real" / "metrics.json").write_text(json.dumps({**m, "title": "Shipped default model on real cells",
                                                                     "model": rs["model"]}, indent=2) + "\n")
-        summary["real_sample"] = rs
+        self.summary["real_sample"] = rs
         try:
-            cells_grid(_pick_cells(real_dir, 6), out / "cells_grid.png", load_cache(out / "cache").config,
+            cells_grid(_pick_cells(real_dir, 6), self.out / "cells_grid.png", load_cache(self.out / "cache").config,
                        "Real C-NMC cells: raw (top) and Macenko-normalised (bottom)")
         except Exception as exc:  # noqa: BLE001 - the grid is illustration only
-            console.print(f"[yellow]cell grid not drawn: {exc}")
+            self.console.print(f"[yellow]cell grid not drawn: {exc}")
         wf1 = rs.get("weighted_f1")
         return f"{len(res.results)} real cells, weighted F1 {wf1:.3f}" if wf1 is not None else f"{len(res.results)} real cells"
-
-    _run_stage(console, log, "1. synth", stage_synth)
-    _run_stage(console, log, "2. preprocess", stage_preprocess)
-    _run_stage(console, log, "3. train", stage_train)
-    _run_stage(console, log, "4. evaluate", stage_evaluate)
-    _run_stage(console, log, "5. export", stage_export)
-    _run_stage(console, log, "6. build-engine", stage_engine, required=False)
-    _run_stage(console, log, "7. infer", stage_infer)
-    _run_stage(console, log, "8. real cells", stage_real, required=False)
-    if not (out / "cells_grid.png").exists():
-        cells_grid(_pick_cells(out / "data", 6), out / "cells_grid.png", load_cache(out / "cache").config,
-                   "Synthetic cells: raw (top) and Macenko-normalised (bottom)")
-    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    report = build_report(out, title="leukedge demo")
-    summary["report"] = str(report)
-    _print_final(console, summary)
-    return summary
 
 
 def _print_final(console: Any, summary: dict[str, Any]) -> None:
