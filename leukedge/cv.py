@@ -92,6 +92,31 @@ def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
     return all(old.get(k) == getattr(cfg, k) for k in TEST_TIME_FIELDS)
 
 
+def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int, tr: list[int], va: list[int],
+                      log: Callable[[str], None], reporter: Reporter | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """P(all) of one fold's validation rows and its training history: from a finished earlier run
+    (``resume``, same test-time settings), else by training the fold into ``run``."""
+    from .train import train
+
+    pred_file = run / "val_predictions.csv"
+    prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
+    if prev is not None and set(prev) == set(va):
+        probs = np.array([prev[i] for i in va])
+        hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
+        log("  finished before: reusing its predictions")
+    else:
+        res = train(cache, run, dataclasses.replace(cfg, seed=seed, train_indices=tr, val_indices=va,
+                                                    no_validation=False), reporter=reporter)
+        order = {r: j for j, r in enumerate(res.val_indices)}
+        probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
+        hist = res.history
+        with pred_file.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["row", "probability"])
+            w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
+    return probs, hist
+
+
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
                    seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, reporter: Reporter | None = None,
                    **overrides: Any) -> CVResult:
@@ -100,9 +125,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
     ``config.resume`` is set; an interrupted fold continues from its checkpoints.
     """
+    from .artifacts import load_cache
     from .evaluate import compute_metrics
-    from .preprocess import load_cache
-    from .train import train
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if folds < 2:
@@ -122,25 +146,10 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
         splits = make_folds(manifest, folds, int(seed))
         for k, (tr, va) in enumerate(splits):
             run = out / f"seed{seed}" / f"fold{k}"
-            pred_file = run / "val_predictions.csv"
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
             log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
                 f"{len(subj_va)} unseen subjects")
-            prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
-            if prev is not None and set(prev) == set(va):
-                probs = np.array([prev[i] for i in va])
-                hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
-                log("  finished before: reusing its predictions")
-            else:
-                res = train(cache, run, dataclasses.replace(cfg, seed=int(seed), train_indices=tr, val_indices=va,
-                                                            no_validation=False), reporter=reporter)
-                order = {r: j for j, r in enumerate(res.val_indices)}
-                probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
-                hist = res.history
-                with pred_file.open("w", newline="") as fh:
-                    w = csv.writer(fh)
-                    w.writerow(["row", "probability"])
-                    w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
+            probs, hist = _fold_predictions(cache, run, cfg, int(seed), tr, va, log, reporter)
             y = labels[va]
             m = compute_metrics(y, probs)
             try:

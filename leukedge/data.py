@@ -615,22 +615,8 @@ def _check_readable(path: Path, check: Any) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = True, threads: int = 0) -> dict[str, Any]:
-    """Summarise a data set: counts per split/fold/class/subject, class ratio, unreadable files,
-    exact duplicates (sha256) and leaks (a subject in two folds, a duplicate across subjects).
-    Returns a JSON-serialisable dict."""
-    records = discover(paths)
-    workers = threads or min(8, os.cpu_count() or 1)
-    checker = _readability_checker() if check_decode else None
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        hashes = list(pool.map(lambda r: _safe_sha(r.path), records))
-        if checker is not None:
-            problems = list(pool.map(lambda r: _check_readable(r.path, checker[1]), records))
-        else:
-            problems = [None] * len(records)
-    for r, h in zip(records, hashes):
-        r.sha256 = h
-
+def _count_records(records: Sequence[Record]) -> tuple[Counter, Counter, Counter, dict[str, dict[str, Any]]]:
+    """Images per (split, fold, class), per class, per layout, and per subject (with its classes, folds, splits)."""
     by_cell: Counter[tuple[str, str, str]] = Counter()
     classes: Counter[str] = Counter()
     layouts: Counter[str] = Counter()
@@ -647,16 +633,24 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
                 s["folds"].add(r.fold)
             if r.split:
                 s["splits"].add(r.split)
+    return by_cell, classes, layouts, subj
 
+
+def _duplicates(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Groups of byte-identical files (same sha256), with their subjects and labels."""
     dup_groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         if r.sha256:
             dup_groups[r.sha256].append(r)
-    duplicates = [
+    return [
         {"sha256": h, "paths": [str(r.path) for r in rs], "subjects": sorted({r.subject or "?" for r in rs}),
          "labels": sorted({r.label for r in rs})}
         for h, rs in sorted(dup_groups.items()) if len(rs) > 1
     ]
+
+
+def _inspection_warnings(subj: dict[str, dict[str, Any]], duplicates: list[dict[str, Any]]) -> list[str]:
+    """Leaks: a subject in several folds or classes, identical files across subjects or labels."""
     warnings_out: list[str] = []
     for s in subj.values():
         if len(s["folds"]) > 1:
@@ -668,6 +662,28 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
             warnings_out.append(f"identical files across subjects {d['subjects']}: {', '.join(d['paths'])}")
         if len(d["labels"]) > 1:
             warnings_out.append(f"identical files with different labels: {', '.join(d['paths'])}")
+    return warnings_out
+
+
+def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = True, threads: int = 0) -> dict[str, Any]:
+    """Summarise a data set: counts per split/fold/class/subject, class ratio, unreadable files,
+    exact duplicates (sha256) and leaks (a subject in two folds, a duplicate across subjects).
+    Returns a JSON-serialisable dict."""
+    records = discover(paths)
+    workers = threads or min(8, os.cpu_count() or 1)
+    checker = _readability_checker() if check_decode else None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        hashes = list(pool.map(lambda r: _safe_sha(r.path), records))
+        if checker is not None:
+            problems = list(pool.map(lambda r: _check_readable(r.path, checker[1]), records))
+        else:
+            problems = [None] * len(records)
+    for r, h in zip(records, hashes):
+        r.sha256 = h
+
+    by_cell, classes, layouts, subj = _count_records(records)
+    duplicates = _duplicates(records)
+    warnings_out = _inspection_warnings(subj, duplicates)
     n_all, n_hem = classes.get("all", 0), classes.get("hem", 0)
     unreadable = [{"path": str(r.path), "error": e} for r, e in zip(records, problems) if e]
     unreadable += [{"path": str(r.path), "error": "cannot read file"} for r, h, e in zip(records, hashes, problems) if h is None and not e]

@@ -172,33 +172,13 @@ class ExportResult:
     passed: bool
 
 
-def export_model(
-    model,
-    config: PreprocessConfig,
-    out_dir: str | os.PathLike,
-    *,
-    meta: dict[str, Any] | None = None,
-    fp16: bool = True,
-    io_dtype: str = "float16",
-    opset: int = 17,
-    check: bool = True,
-    sample_dir: str | os.PathLike | None = None,
-    n_synth: int = 16,
-    bundle_path: str | os.PathLike | None = None,
-) -> ExportResult:
-    """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``."""
+def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[str, Any], *, fp16: bool, io_dtype: str,
+                  opset: int) -> tuple[dict[str, Path], str]:
+    """Write ``model_fp32.onnx`` (and ``model_fp16.onnx``) with the preprocessing in their metadata;
+    returns the files and which exporter produced the graph."""
     import onnx
-    import torch
 
-    if io_dtype not in ("float32", "float16"):
-        raise ValueError(f"io_dtype={io_dtype!r} must be float32 or float16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta or {})
-    model = model.float().eval().cpu()
     size = int(config.size)
-    t0 = time.perf_counter()
-
     files: dict[str, Path] = {}
     fp32_path = out / EXPORT_FP32
     tmp32 = out / (".tmp-" + EXPORT_FP32)
@@ -228,6 +208,38 @@ def export_model(
         onnx.checker.check_model(m16)
         _atomic_onnx(m16, out / EXPORT_FP16)
         files["fp16"] = out / EXPORT_FP16
+
+    return files, exporter
+
+
+def export_model(
+    model,
+    config: PreprocessConfig,
+    out_dir: str | os.PathLike,
+    *,
+    meta: dict[str, Any] | None = None,
+    fp16: bool = True,
+    io_dtype: str = "float16",
+    opset: int = 17,
+    check: bool = True,
+    sample_dir: str | os.PathLike | None = None,
+    n_synth: int = 16,
+    bundle_path: str | os.PathLike | None = None,
+) -> ExportResult:
+    """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``."""
+    import onnx
+    import torch
+
+    if io_dtype not in ("float32", "float16"):
+        raise ValueError(f"io_dtype={io_dtype!r} must be float32 or float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    model = model.float().eval().cpu()
+    size = int(config.size)
+    t0 = time.perf_counter()
+
+    files, exporter = _write_graphs(model, config, out, meta, fp16=fp16, io_dtype=io_dtype, opset=opset)
     export_s = time.perf_counter() - t0
 
     config.save(out / "preprocess.json")

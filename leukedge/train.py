@@ -141,6 +141,49 @@ def _source_split(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _explicit_split(rows: Sequence[int], cfg: TrainConfig) -> tuple[str, list[int], list[int]]:
+    if cfg.train_indices is None or cfg.val_indices is None:
+        raise ValueError("train_indices and val_indices must be given together")
+    ok = set(rows)
+    train = sorted(int(i) for i in cfg.train_indices)
+    val = sorted(int(i) for i in cfg.val_indices)
+    bad = [i for i in train + val if i not in ok]
+    if bad:
+        raise ValueError(f"explicit split uses {len(bad)} row(s) that failed or have no label, e.g. {bad[:5]}")
+    return "explicit", train, val
+
+
+def _new_or_cache_split(manifest: Sequence[dict[str, Any]], rows: list[int], cfg: TrainConfig,
+                        log: Callable[[str], None]) -> tuple[str, list[int], list[int]]:
+    """No validation, the cache's own split, or a new one (see :func:`make_split`)."""
+    from .data import LeakageWarning, assign_splits
+
+    rows = [i for i in rows if str(manifest[i].get("split") or "") != "test"]
+    if cfg.limit is not None and cfg.limit < len(rows):
+        rng = np.random.default_rng(cfg.seed)
+        rows = sorted(int(i) for i in rng.choice(rows, size=cfg.limit, replace=False))
+    cache_splits = {str(manifest[i].get("split") or "") for i in rows}
+    if cfg.no_validation:
+        return "none", list(rows), []
+    if not cfg.resplit and cfg.val_fold is None and not cfg.image_level_split and {"train", "val"} <= cache_splits:
+        return ("cache", [i for i in rows if manifest[i].get("split") == "train"],
+                [i for i in rows if manifest[i].get("split") == "val"])
+    items = [{**manifest[i], "split": _source_split(manifest[i])} for i in rows]
+    strategy = "image" if cfg.image_level_split else "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LeakageWarning)
+        splits = assign_splits(items, strategy=strategy, val_fold=cfg.val_fold, val_fraction=cfg.val_fraction,
+                               seed=cfg.seed)
+    for w in caught:
+        if issubclass(w.category, LeakageWarning):
+            log(f"[bold red]WARNING: {w.message}[/]")
+    folds = sorted({_as_int(it.get("fold")) for it in items if _as_int(it.get("fold")) >= 0})
+    if strategy == "auto":
+        strategy = "fold" if (len(folds) >= 2 or cfg.val_fold is not None) else "subject"
+    return (strategy, [r for r, s in zip(rows, splits) if s == "train"],
+            [r for r, s in zip(rows, splits) if s == "val"])
+
+
 def make_split(manifest: Sequence[dict[str, Any]], cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Choose training and validation rows of a cache; returns a JSON-serialisable description.
 
@@ -149,47 +192,11 @@ def make_split(manifest: Sequence[dict[str, Any]], cfg: TrainConfig, log: Callab
     ``resplit``, ``val_fold`` or ``image_level_split`` ask for a new one; otherwise a new split by
     :func:`leukedge.data.assign_splits` (official folds when there are several, else by subject).
     """
-    from .data import LeakageWarning, assign_splits
-
     rows = usable_rows(manifest)
     if cfg.train_indices is not None or cfg.val_indices is not None:
-        if cfg.train_indices is None or cfg.val_indices is None:
-            raise ValueError("train_indices and val_indices must be given together")
-        ok = set(rows)
-        train = sorted(int(i) for i in cfg.train_indices)
-        val = sorted(int(i) for i in cfg.val_indices)
-        bad = [i for i in train + val if i not in ok]
-        if bad:
-            raise ValueError(f"explicit split uses {len(bad)} row(s) that failed or have no label, e.g. {bad[:5]}")
-        strategy = "explicit"
+        strategy, train, val = _explicit_split(rows, cfg)
     else:
-        rows = [i for i in rows if str(manifest[i].get("split") or "") != "test"]
-        if cfg.limit is not None and cfg.limit < len(rows):
-            rng = np.random.default_rng(cfg.seed)
-            rows = sorted(int(i) for i in rng.choice(rows, size=cfg.limit, replace=False))
-        cache_splits = {str(manifest[i].get("split") or "") for i in rows}
-        if cfg.no_validation:
-            strategy, train, val = "none", list(rows), []
-        elif (not cfg.resplit and cfg.val_fold is None and not cfg.image_level_split
-              and {"train", "val"} <= cache_splits):
-            strategy = "cache"
-            train = [i for i in rows if manifest[i].get("split") == "train"]
-            val = [i for i in rows if manifest[i].get("split") == "val"]
-        else:
-            items = [{**manifest[i], "split": _source_split(manifest[i])} for i in rows]
-            strategy = "image" if cfg.image_level_split else "auto"
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", LeakageWarning)
-                splits = assign_splits(items, strategy=strategy, val_fold=cfg.val_fold, val_fraction=cfg.val_fraction,
-                                       seed=cfg.seed)
-            for w in caught:
-                if issubclass(w.category, LeakageWarning):
-                    log(f"[bold red]WARNING: {w.message}[/]")
-            folds = sorted({_as_int(it.get("fold")) for it in items if _as_int(it.get("fold")) >= 0})
-            if strategy == "auto":
-                strategy = "fold" if (len(folds) >= 2 or cfg.val_fold is not None) else "subject"
-            train = [r for r, s in zip(rows, splits) if s == "train"]
-            val = [r for r, s in zip(rows, splits) if s == "val"]
+        strategy, train, val = _new_or_cache_split(manifest, rows, cfg, log)
     if not train or (not val and not cfg.no_validation):
         raise ValueError(f"split {strategy!r} left {len(train)} training and {len(val)} validation images; need both "
                          "(use more subjects, a different --val-fold, or --no-validation)")

@@ -147,11 +147,9 @@ class Station:
             self.reporter.message(f"[yellow]{name} received: {what} (send it again to abort)[/]")
 
     # -- main loop ---------------------------------------------------------------------------------
-    def run(self) -> StationSummary:
+    def _open_db(self) -> int:
+        """Connect to the database, refuse a second live station on it, note results of other models; the run id."""
         s = self.s
-        if not s.watch_dir.is_dir():
-            raise StationError(f"watch folder {s.watch_dir} does not exist or is not a folder")
-        sample_fn = make_sample_fn(str(s.watch_dir), s.sample_pattern)
         try:
             self.conn = sdb.connect(s.db_path)
         except sdb.DatabaseDamaged as exc:
@@ -169,11 +167,21 @@ class Station:
                 f"[yellow]note: {s.db_path} already holds results of another model ({others[0][0]}); files already "
                 "classified there are not classified again. Use a new --db to re-run a folder with a new model.[/]"
             )
-        run_id = sdb.start_run(
+        return sdb.start_run(
             self.conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend,
             settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         )
+
+    def run(self) -> StationSummary:
+        """Watch the folder until stopped: open the database (:meth:`_open_db`), start the scanner thread,
+        batch and classify (``_loop``), and record how the run ended, whatever ends it."""
+        s = self.s
+        if not s.watch_dir.is_dir():
+            raise StationError(f"watch folder {s.watch_dir} does not exist or is not a folder")
+        sample_fn = make_sample_fn(str(s.watch_dir), s.sample_pattern)
+        run_id = self._open_db()
+        assert self.conn is not None
         self.summary = StationSummary(run_id=run_id)
         self._t_start = time.time()
         db = str(s.db_path)

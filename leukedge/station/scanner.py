@@ -321,6 +321,22 @@ class Scanner:
             self.recent_temps = {k: t for k, t in self.recent_temps.items() if now - t <= RENAME_WINDOW_S}
         temp_present = {os.path.join(d, f) for d, name in temps for f in final_names_for_temp(name)}
 
+        ready_paths = self._settled(files, temp_present, now, wall)
+        self._forget_missing(files, unchanged)
+        ready: list[ReadyFile] = []
+        for path in ready_paths:
+            item = self._hash_ready(path, self.candidates[path])
+            if item is not None:
+                ready.append(item)
+        self.stats.scans += 1
+        self.stats.settling = len(self.candidates)
+        self.stats.in_flight = len(self.in_flight)
+        self.stats.files_seen = len(files) + len(unchanged)
+        self.stats.last_scan_ms = (time.perf_counter() - t0) * 1000
+        return ready
+
+    def _settled(self, files: dict[str, os.stat_result], temp_present: set[str], now: float, wall: float) -> list[str]:
+        """Paths whose size and mtime have stayed the same long enough (or that were renamed into place)."""
         ready_paths: list[str] = []
         for path, st in files.items():
             key = (st.st_size, st.st_mtime_ns)
@@ -344,7 +360,10 @@ class Scanner:
             if cand.renamed or (cand.observations >= 2 and now - cand.stable_since >= settle):
                 ready_paths.append(path)
 
-        # forget what disappeared
+        return ready_paths
+
+    def _forget_missing(self, files: dict[str, os.stat_result], unchanged: set[str]) -> None:
+        """Forget what disappeared: candidates, done files (their results stop counting) and unreadable ones."""
         for path in [p for p in self.candidates if p not in files]:
             del self.candidates[path]
         for path in [p for p in self.done_stats if p not in files and p not in unchanged]:
@@ -357,17 +376,6 @@ class Scanner:
         for path in [p for p in self.unreadable if p not in files]:
             del self.unreadable[path]
 
-        ready: list[ReadyFile] = []
-        for path in ready_paths:
-            item = self._hash_ready(path, self.candidates[path])
-            if item is not None:
-                ready.append(item)
-        self.stats.scans += 1
-        self.stats.settling = len(self.candidates)
-        self.stats.in_flight = len(self.in_flight)
-        self.stats.files_seen = len(files) + len(unchanged)
-        self.stats.last_scan_ms = (time.perf_counter() - t0) * 1000
-        return ready
 
     def _hash_ready(self, path: str, cand: _Candidate) -> ReadyFile | None:
         key = (cand.size, cand.mtime_ns)
