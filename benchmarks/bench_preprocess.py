@@ -94,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "preprocess.json")
     args = ap.parse_args(argv)
 
-    from rich.console import Console
-    from rich.table import Table
-
     import cv2
     from PIL import Image
+    from rich.console import Console
+    from rich.table import Table
 
     import leukedge._native as native
     from leukedge.config import PreprocessConfig

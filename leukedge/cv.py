@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import click
 import numpy as np
 
 from ._util import Reporter
@@ -249,15 +248,5 @@ def write_outputs(out: Path, summary: dict[str, Any], oof: list[dict[str, Any]])
     plots.plot_roc(np.array([r["label"] for r in rows]), np.array([r["probability"] for r in rows]), out / "cv_roc.png",
                    title=f"Out-of-fold ROC (seed {seed0})", synthetic=syn)
     build_report(out, title="leukedge cross-validation")
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError as exc:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 0,1,2") from exc
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise click.BadParameter(f"{text!r}: give distinct seeds, e.g. 0,1,2")
-    return seeds
 
 

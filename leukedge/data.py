@@ -208,17 +208,30 @@ class _LabelFiles:
 
 def _describe(path: Path, root: Path | None, labels: _LabelFiles, layout_hint: str | None = None) -> Record:
     """Work out label, subject, fold and split of one image from its path."""
-    parts = path.parts
-    lower = [p.lower() for p in parts]
     rec = Record(path=path)
+    _layout_fold_split(rec, [p.lower() for p in path.parts], layout_hint)
+    parsed = parse_name(path.name)
+    if parsed is not None:
+        rec.label, rec.class_name, rec.subject = parsed.label, parsed.class_name, parsed.subject
+    else:
+        hit = labels.lookup(path)
+        if hit is not None:
+            subject, label = hit
+            rec.subject = subject
+            rec.label = label
+            rec.class_name = CLASS_NAMES[label] if label in (0, 1) else "unknown"
+    _label_from_folders(rec, root)
+    return rec
 
+
+def _layout_fold_split(rec: Record, lower: list[str], layout_hint: str | None) -> None:
+    """Layout (Kaggle, original challenge, generic), official fold and split from the path's folder names."""
     if any(p in ("c-nmc_leukemia",) for p in lower):
         rec.layout = "kaggle"
     elif any(p.startswith("c-nmc_training_data") or p.startswith("c-nmc_test_") for p in lower):
         rec.layout = "original"
     else:
         rec.layout = layout_hint or "generic"
-
     for p in lower[:-1]:
         m = _FOLD_RE.match(p)
         if m:
@@ -230,18 +243,11 @@ def _describe(path: Path, root: Path | None, labels: _LabelFiles, layout_hint: s
     elif any("test_final_phase" in p for p in lower[:-1]) or "testing_data" in lower[:-1]:
         rec.split = "test"  # final test phase: unlabelled
 
-    parsed = parse_name(path.name)
-    if parsed is not None:
-        rec.label, rec.class_name, rec.subject = parsed.label, parsed.class_name, parsed.subject
-    else:
-        hit = labels.lookup(path)
-        if hit is not None:
-            subject, label = hit
-            rec.subject = subject
-            rec.label = label
-            rec.class_name = CLASS_NAMES[label] if label in (0, 1) else "unknown"
 
-    # Class folders: nearest ancestor with a known class name, else the generic root/<class>/file.
+def _label_from_folders(rec: Record, root: Path | None) -> None:
+    """Class folders: the nearest ancestor with a known class name, else the generic root/<class>/file;
+    used where the file name gave no label, checked against it otherwise."""
+    path, parts = rec.path, rec.path.parts
     folder_label, folder_class = -1, None
     # Search up to and including the folder that was passed in (``data/hem`` labels its files).
     stop = len(root.parts) - 1 if root is not None and root in path.parents else 0
@@ -259,7 +265,6 @@ def _describe(path: Path, root: Path | None, labels: _LabelFiles, layout_hint: s
             rec.class_name = CLASS_NAMES[folder_label] if folder_label in (0, 1) else folder_class
         elif folder_label != -1 and folder_label != rec.label:
             log.warning("%s: file name says %s but folder says %s; using the file name", path, rec.class_name, folder_class)
-    return rec
 
 
 def _walk_images(root: Path, recursive: bool) -> list[Path]:
@@ -313,50 +318,60 @@ def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursiv
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    labels = _LabelFiles()
-    records: list[Record] = []
-    seen: set[Path] = set()
+    found = _Discovery(recursive)
+    for entry in paths:
+        found.handle(entry, None, None)
+    return found.records
 
-    def add(rec: Record) -> None:
+
+class _Discovery:
+    """The records found so far by :func:`discover` (each path once) and how each kind of entry is read."""
+
+    def __init__(self, recursive: bool) -> None:
+        self.recursive = recursive
+        self.labels = _LabelFiles()
+        self.records: list[Record] = []
+        self.seen: set[Path] = set()
+
+    def add(self, rec: Record) -> None:
         key = rec.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            records.append(rec)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.records.append(rec)
 
-    def handle(entry: str | os.PathLike, layout_hint: str | None, base: Path | None) -> None:
+    def handle(self, entry: str | os.PathLike, layout_hint: str | None, base: Path | None) -> None:
         s = os.fspath(entry)
         p = Path(s).expanduser()
         if base is not None and not p.is_absolute():
             p = base / p
         if _is_glob(s) and not p.exists():
-            matches = sorted(_glob.glob(str(p), recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"{s}: the pattern matches no file")
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    handle(mp, layout_hint, None)
-                elif is_image_file(mp):
-                    add(_describe(mp, None, labels, layout_hint or "file"))
+            self.handle_glob(s, p, layout_hint)
             return
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
         if p.is_dir():
-            for img in _walk_images(p, recursive):
-                add(_describe(img, p, labels, layout_hint))
+            for img in _walk_images(p, self.recursive):
+                self.add(_describe(img, p, self.labels, layout_hint))
         elif p.suffix.lower() in LIST_EXTENSIONS:
             for line in p.read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    handle(line, "list", p.parent)
+                    self.handle(line, "list", p.parent)
         else:
             # A single file: anything we were asked for explicitly is listed, even an odd extension,
             # so that a broken or unsupported file is reported rather than silently skipped.
-            add(_describe(p, None, labels, layout_hint or "file"))
+            self.add(_describe(p, None, self.labels, layout_hint or "file"))
 
-    for entry in paths:
-        handle(entry, None, None)
-    return records
+    def handle_glob(self, s: str, p: Path, layout_hint: str | None) -> None:
+        matches = sorted(_glob.glob(str(p), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"{s}: the pattern matches no file")
+        for m in matches:
+            mp = Path(m)
+            if mp.is_dir():
+                self.handle(mp, layout_hint, None)
+            elif is_image_file(mp):
+                self.add(_describe(mp, None, self.labels, layout_hint or "file"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from leukedge.cli.data import data_group
 from leukedge.data import (
     LeakageWarning,
     Record,
@@ -28,7 +29,6 @@ from leukedge.data import (
     split_records,
     subject_groups,
 )
-from leukedge.cli.data import data_group
 from leukedge.synth import make_cell, write_bmp, write_png
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/cnmc_sample"

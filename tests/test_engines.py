@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 
 from leukedge.config import ConfigMismatchError, PreprocessConfig  # noqa: E402
 from leukedge.engines import BackendUnavailable, EngineMismatchError, get_backend, resolve_model  # noqa: E402
+from leukedge.engines.gpu import GpuInfo, fake_gpu  # noqa: E402
 from leukedge.engines.sidecar import (  # noqa: E402
     check_compatible,
     check_preprocess,
@@ -22,7 +23,6 @@ from leukedge.engines.sidecar import (  # noqa: E402
     sidecar_path,
     write_sidecar,
 )
-from leukedge.engines.gpu import GpuInfo, fake_gpu  # noqa: E402
 from leukedge.engines.tensorrt_backend import gpu_info  # noqa: E402
 
 SIZE = 48
@@ -43,8 +43,9 @@ RTX_OK, RTX_WHY = _rtx()
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from leukedge.export import export_bundle
     import sys
+
+    from leukedge.export import export_bundle
 
     sys.path.insert(0, str(Path(__file__).parent))  # works with any pytest import mode
     from test_export import make_bundle

@@ -13,8 +13,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxconverter_common")
 
-from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.cli.export import export_cmd  # noqa: E402
+from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.export import FP16_TOL, FP32_TOL, compare_logits, export_bundle  # noqa: E402
 
 SAMPLE = Path(__file__).parents[1].parent / "shared/data/cnmc_sample"

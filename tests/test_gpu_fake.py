@@ -5,12 +5,12 @@ binding, the CUDA binding selection, and the PyTorch CUDA backend's CPU-testable
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -163,8 +163,8 @@ def test_station_fallback_covers_engine_mismatch(rtx_export, gpu):
 
 
 def test_station_never_falls_back_from_a_preprocessing_mismatch():
-    from leukedge.config import ConfigMismatchError
     from leukedge.cli.station import _is_config_mismatch
+    from leukedge.config import ConfigMismatchError
 
     assert _is_config_mismatch(ConfigMismatchError("crop_margin differs"))
     assert not _is_config_mismatch(EngineMismatchError("built with tensorrt 8.5.2 but 10.3.0 is installed"))

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from leukedge.config import PreprocessConfig, normalize_uint8  # noqa: E402
 from leukedge.cli.infer import infer_cmd  # noqa: E402
+from leukedge.config import PreprocessConfig, normalize_uint8  # noqa: E402
 from leukedge.infer import Predictor, run_inference, stats_path_for  # noqa: E402
 
 SIZE = 48

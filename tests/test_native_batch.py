@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_cell, make_tissue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_cell, make_tissue
 from leukedge.config import PreprocessConfig, StainConfig, normalize_uint8
 
 pytestmark = pytest.mark.timeout(300)

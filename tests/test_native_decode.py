@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_cell
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(120)
 

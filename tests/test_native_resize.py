@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_cell, make_tissue
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(120)
 

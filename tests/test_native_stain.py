@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_cell, make_tissue
 
 pytestmark = pytest.mark.timeout(300)

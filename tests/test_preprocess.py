@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import leukedge.preprocess as pp
-from leukedge.config import PreprocessConfig, StainConfig
 from leukedge.cli.preprocess import preprocess_cmd
+from leukedge.config import PreprocessConfig, StainConfig
 from leukedge.preprocess import MANIFEST_FIELDS, load_cache, load_config_source, run_preprocess
 from leukedge.synth import generate_dataset
 

@@ -371,11 +371,11 @@ def test_export_with_another_models_onnx_is_refused_and_model_id_is_what_ran(tin
     import torch
     from rich.console import Console
 
+    from leukedge.cli.station import open_predictor
     from leukedge.data import file_sha256
     from leukedge.engines import resolve_model
     from leukedge.export import export_model
     from leukedge.models import build_model
-    from leukedge.cli.station import open_predictor
 
     torch.manual_seed(1)
     other = build_model("tiny", width=4).eval()

@@ -27,6 +27,7 @@ native = pytest.importorskip("leukedge._native", reason="Rust core leukedge._nat
 
 from click.testing import CliRunner  # noqa: E402
 
+from leukedge.cli.station import open_predictor, predict_fn, station_group  # noqa: E402
 from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.station import (  # noqa: E402
     DeadlineBatcher,
@@ -36,7 +37,6 @@ from leukedge.station import (  # noqa: E402
     is_ignored_name,
     make_sample_fn,
 )
-from leukedge.cli.station import open_predictor, predict_fn, station_group  # noqa: E402
 from leukedge.station.scanner import final_names_for_temp  # noqa: E402
 from leukedge.synth import make_cell, write_bmp, write_png  # noqa: E402
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..cv import OOF_FILE, cross_validate, parse_seeds
+from ..cv import OOF_FILE, cross_validate
 from ._console import RichReporter
 from .train import config_from_cli, train_options
 
@@ -65,5 +65,15 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
               + f" over {f1['n']} folds ({len(seed_list)} seed(s)); worst subjects {', '.join(s['worst_subjects'])}; "
               f"out-of-fold best threshold {s['oof_threshold']['mean']:.2f} ± {s['oof_threshold']['sd']:.2f}")
     out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers such as 0,1,2") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{text!r}: give distinct seeds, e.g. 0,1,2")
+    return seeds
 
 

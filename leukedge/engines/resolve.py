@@ -56,30 +56,16 @@ def find_engine(export_dir: Path) -> Path | None:
 
 
 def resolve_model(model: str | os.PathLike) -> ModelSpec:
+    """What ``model`` is and holds: a bundle folder (``bundle.json``, maybe with ``export/``), an export
+    folder (``preprocess.json``), an ``.onnx`` file or an engine with its sidecar. Files of one model that
+    disagree (preprocessing, hashes) are refused with a ValueError / ConfigMismatchError."""
     p = Path(model)
     if not p.exists():
         raise FileNotFoundError(f"model {p} does not exist (expected a bundle dir, export dir, .onnx or engine file)")
     if p.is_dir() and (p / "bundle.json").is_file():
-        meta, cfg = read_bundle_json(p)
-        spec = ModelSpec("bundle", p, cfg, meta, bundle=p)
-        exp = p / "export"
-        if (exp / "preprocess.json").is_file():
-            _fill_export(spec, exp)
-        return spec
+        return _bundle_spec(p)
     if p.is_dir() and (p / "preprocess.json").is_file():
-        cfg = PreprocessConfig.load(p / "preprocess.json")
-        meta: dict[str, Any] = {}
-        if (p / "export.json").is_file():
-            meta = read_export_manifest(p)
-            if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
-                raise ValueError(f"{p}/export.json: preprocess_hash does not match preprocess.json")
-        spec = ModelSpec("export", p, cfg, meta)
-        _fill_export(spec, p)
-        if spec.onnx_fp32 is None and spec.onnx_fp16 is None:
-            raise ValueError(f"{p}: export directory has no {EXPORT_FP32} / {EXPORT_FP16}")
-        if meta.get("bundle") and (p / meta["bundle"]).is_dir():  # absolute, or ".." for a bundle's export/
-            spec.bundle = (p / meta["bundle"]).resolve()
-        return spec
+        return _export_spec(p)
     if p.is_dir():
         raise ValueError(f"{p}: not a model bundle (bundle.json) or an export directory (preprocess.json)")
     if p.suffix == ".onnx":
@@ -91,20 +77,49 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
             spec.onnx_fp32 = p
         return spec
     if p.suffix in ENGINE_SUFFIXES or (p.parent / (p.name + ".json")).is_file():
-        info = read_sidecar(p)
-        cfg = sidecar_config(info, p)
-        spec = ModelSpec("engine", p, cfg, {"sidecar": info, "class_names": info.get("class_names")}, engine=p)
-        # fall-back ONNX files of the export the engine was built from, if still there
-        src = (info.get("onnx") or {}).get("path")
-        if src and Path(src).is_file():
-            exp = Path(src).parent
-            if (exp / "preprocess.json").is_file():
-                check_preprocess(info, p, PreprocessConfig.load(exp / "preprocess.json"), f"export {exp}")
-                for name, attr in ((EXPORT_FP32, "onnx_fp32"), (EXPORT_FP16, "onnx_fp16")):
-                    if (exp / name).is_file():
-                        setattr(spec, attr, exp / name)
-        return spec
+        return _engine_spec(p)
     raise ValueError(f"{p}: unrecognised model file (expected .onnx or an engine {'/'.join(ENGINE_SUFFIXES)} with sidecar)")
+
+
+def _bundle_spec(p: Path) -> ModelSpec:
+    meta, cfg = read_bundle_json(p)
+    spec = ModelSpec("bundle", p, cfg, meta, bundle=p)
+    exp = p / "export"
+    if (exp / "preprocess.json").is_file():
+        _fill_export(spec, exp)
+    return spec
+
+
+def _export_spec(p: Path) -> ModelSpec:
+    cfg = PreprocessConfig.load(p / "preprocess.json")
+    meta: dict[str, Any] = {}
+    if (p / "export.json").is_file():
+        meta = read_export_manifest(p)
+        if meta.get("preprocess_hash") and meta["preprocess_hash"] != cfg.pixel_hash():
+            raise ValueError(f"{p}/export.json: preprocess_hash does not match preprocess.json")
+    spec = ModelSpec("export", p, cfg, meta)
+    _fill_export(spec, p)
+    if spec.onnx_fp32 is None and spec.onnx_fp16 is None:
+        raise ValueError(f"{p}: export directory has no {EXPORT_FP32} / {EXPORT_FP16}")
+    if meta.get("bundle") and (p / meta["bundle"]).is_dir():  # absolute, or ".." for a bundle's export/
+        spec.bundle = (p / meta["bundle"]).resolve()
+    return spec
+
+
+def _engine_spec(p: Path) -> ModelSpec:
+    info = read_sidecar(p)
+    cfg = sidecar_config(info, p)
+    spec = ModelSpec("engine", p, cfg, {"sidecar": info, "class_names": info.get("class_names")}, engine=p)
+    # fall-back ONNX files of the export the engine was built from, if still there
+    src = (info.get("onnx") or {}).get("path")
+    if src and Path(src).is_file():
+        exp = Path(src).parent
+        if (exp / "preprocess.json").is_file():
+            check_preprocess(info, p, PreprocessConfig.load(exp / "preprocess.json"), f"export {exp}")
+            for name, attr in ((EXPORT_FP32, "onnx_fp32"), (EXPORT_FP16, "onnx_fp16")):
+                if (exp / name).is_file():
+                    setattr(spec, attr, exp / name)
+    return spec
 
 
 def _fill_export(spec: ModelSpec, exp: Path) -> None:

@@ -217,7 +217,12 @@ class TensorRTBackend(Backend):
         self._closed = False
 
     def _setup(self, trt: ModuleType, blob: bytes, info: dict[str, Any], gpu: Any, runtime_cache: bool) -> None:
-        cuda = self.cuda
+        """Deserialize the engine and create its context (:meth:`_create_context`), then find the I/O
+        tensors and allocate pinned host and device buffers for the largest batch (:meth:`_allocate`)."""
+        self._create_context(trt, blob, runtime_cache)
+        self._allocate(trt, info, gpu)
+
+    def _create_context(self, trt: ModuleType, blob: bytes, runtime_cache: bool) -> None:
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             raise RuntimeError(f"{self.flavour} failed to deserialize {self.path} (see the TensorRT log above)")
@@ -237,6 +242,8 @@ class TensorRTBackend(Backend):
         if self.context is None:
             raise RuntimeError(f"{self.flavour} could not create an execution context for {self.path}")
 
+    def _allocate(self, trt: ModuleType, info: dict[str, Any], gpu: Any) -> None:
+        cuda = self.cuda
         # I/O tensors
         self.input_name = self.output_name = None
         for i in range(self.engine.num_io_tensors):
