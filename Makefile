@@ -1,10 +1,11 @@
 # leukedge: the two commands a newcomer needs.
 #   make demo   - install everything and run the whole pipeline end to end on synthetic cells
 #   make test   - install everything and run all tests (cargo + pytest)
+#   make lint   - ruff (with its complexity limit) and mypy on the public API, as configured in pyproject.toml
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup demo test test-rust test-python bench
+.PHONY: setup demo test test-rust test-python lint bench
 
 setup:
 	$(PIP) install --quiet --upgrade pip
@@ -20,6 +21,10 @@ test-rust:
 
 test-python:
 	$(PYTHON) -m pytest -q -rs
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 bench: setup
 	$(PYTHON) benchmarks/bench_preprocess.py

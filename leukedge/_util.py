@@ -158,7 +158,7 @@ def load_native(required: bool = True) -> Any:
     """The ``leukedge._native`` extension module; if it is not built, a RuntimeError saying how to build it
     (``required``) or None."""
     try:
-        from . import _native  # type: ignore[attr-defined]
+        from . import _native
     except ImportError as exc:
         if not required:
             return None

@@ -106,6 +106,12 @@ class _Batch:
     t_prep0: float = 0.0
     t_prep1: float = 0.0
 
+    def input(self) -> np.ndarray:
+        """The preprocessed batch (set by :meth:`BatchRunner._prep`)."""
+        if self.x is None:
+            raise RuntimeError(f"batch {self.index} was not preprocessed")
+        return self.x
+
 
 class BatchRunner:
     """Preprocess + infer a list of items in batches, optionally pipelined (double buffered)."""
@@ -150,7 +156,7 @@ class BatchRunner:
         if not self.pipeline or len(chunks) <= 1:
             for k, c in enumerate(chunks):
                 b = self._prep(_Batch(k, c, buf=0))
-                logits, timing = self.backend.infer_timed(b.x)
+                logits, timing = self.backend.infer_timed(b.input())
                 on_batch(b, logits, timing, time.perf_counter())
             return time.perf_counter() - t0
 
@@ -178,7 +184,7 @@ class BatchRunner:
                 if isinstance(b, BaseException):
                     raise b
                 try:
-                    logits, timing = self.backend.infer_timed(b.x)
+                    logits, timing = self.backend.infer_timed(b.input())
                 finally:
                     free.put(b.buf)  # the backend has copied / consumed the input
                 on_batch(b, logits, timing, time.perf_counter())

@@ -211,7 +211,7 @@ class transaction:
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
             self.conn.execute("COMMIT")
         else:
@@ -248,7 +248,7 @@ def start_run(conn: sqlite3.Connection, *, watch_dir: str, model: str, model_id:
             (now, os.getpid(), socket.gethostname(), watch_dir, model, model_id, preprocess_hash, backend,
              json.dumps(settings, sort_keys=True, default=str)),
         )
-        run_id = int(cur.lastrowid)
+        run_id = int(cur.lastrowid or 0)
         conn.execute(
             "INSERT INTO heartbeat(run_id, updated_at, state, queue_len, settling, processed, errors, throughput_1m, batches) "
             "VALUES (?, ?, 'starting', 0, 0, 0, 0, 0.0, 0)",
