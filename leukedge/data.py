@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._util import CLASS_NAMES, IMAGE_EXTENSIONS, file_sha256, subject_sort_key
+from ._util import CLASS_NAMES, IMAGE_EXTENSIONS, file_sha256, load_native, subject_sort_key
 from ._util import FileTooLarge as FileTooLarge  # re-exported: part of the data API
 from ._util import NotRegularFile as NotRegularFile
 from ._util import open_regular as open_regular
@@ -600,15 +600,12 @@ def is_synthetic(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------------------
 def _readability_checker() -> tuple[str, Any] | None:
     """(name, check(path) -> None | reason): the Rust decoder if built, else a Pillow header check."""
-    try:
-        from . import _native  # type: ignore[attr-defined]
-
+    native = load_native(required=False)
+    if native is not None:
         def check(path: Path) -> None:
-            _native.decode(str(path))
+            native.decode(str(path))
 
         return "leukedge._native.decode", check
-    except ImportError:
-        pass
     try:
         from PIL import Image
     except ImportError:

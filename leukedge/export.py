@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from ._util import atomic_write_text, load_native, softmax
+from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
 from .artifacts import EXPORT_FP16, EXPORT_FP32
 from .config import PreprocessConfig
 from .data import file_sha256
@@ -282,12 +282,8 @@ def _bundle_ref(bundle_path: str | os.PathLike | None, out: Path) -> str | None:
     return ".." if out.resolve().parent == b else str(b)
 
 
-def _atomic_onnx(m, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    import onnx
-
-    onnx.save(m, str(tmp))
-    os.replace(tmp, path)
+def _atomic_onnx(m: Any, path: Path) -> None:
+    atomic_write_bytes(path, m.SerializeToString())
 
 
 def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sample_dir=None, n_synth: int = 16

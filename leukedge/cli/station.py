@@ -8,7 +8,6 @@ import json
 import os
 import sqlite3
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
+from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, atomic_write_text
 from ..station import db as sdb
 from ..station.core import ModelInfo, Station, StationError, StationSettings
 from ..station.scanner import IMAGE_EXTENSIONS, make_sample_fn
@@ -271,7 +270,7 @@ def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, dev
         if callable(close):
             close()
     if summary_json:
-        _atomic_write(Path(summary_json), json.dumps(summary.as_dict(), indent=2) + "\n")
+        atomic_write_text(Path(summary_json), json.dumps(summary.as_dict(), indent=2) + "\n")
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -384,25 +383,6 @@ def _escaped(d: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _iso(t: float) -> str:
     import datetime as _dt
 
@@ -447,16 +427,15 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
         fmt = "json" if output.lower().endswith(".json") else "csv"
     conn = _open_readonly(path)
     try:
-        conn.execute("BEGIN")  # one consistent snapshot while the station keeps writing
-        if cells:
-            rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
-        else:
-            rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
+        with sdb.snapshot(conn):  # one consistent snapshot while the station keeps writing
+            if cells:
+                rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
+            else:
+                rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
         for r in rows:  # wall-clock times as ISO 8601 with the local UTC offset
             for k in ("first_result_at", "last_result_at", "detected_at", "done_at"):
                 if r.get(k) is not None:
                     r[k] = _iso(r[k])
-        conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:  # corruption found while reading
         raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
@@ -467,5 +446,5 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
     if output == "-":
         sys.stdout.write(text)
         return
-    _atomic_write(Path(output), text)
+    atomic_write_text(Path(output), text)
     Console(stderr=True).print(f"wrote {len(rows)} {'file' if cells else 'sample'} row(s) to {output} ({fmt})")

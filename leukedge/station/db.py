@@ -8,6 +8,7 @@ stored again and the older row is marked ``superseded``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -216,6 +217,15 @@ class transaction:
             self.conn.execute("COMMIT")
         else:
             self.conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Read inside one transaction: a consistent view while the station keeps writing (WAL). On an
+    error the transaction is left to the connection's close (the error is what the caller reports)."""
+    conn.execute("BEGIN")
+    yield conn
+    conn.execute("COMMIT")
 
 
 @dataclass
