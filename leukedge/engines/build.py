@@ -109,7 +109,7 @@ def pick_flavour(backend: str) -> tuple[str, str]:
     raise BuildError("no TensorRT flavour can build here: " + "; ".join(reasons))
 
 
-def rtx_cannot_target(gpu, why_not_tensorrt: str) -> str:
+def rtx_cannot_target(gpu: Any, why_not_tensorrt: str) -> str:
     """The refusal when the only flavour at hand, TensorRT-RTX, cannot target this GPU."""
     return (f"no TensorRT flavour can build an engine for this GPU, {gpu['name']} (compute capability "
             f"{gpu['compute_capability']}): TensorRT-RTX targets only {', '.join(RTX_SUPPORTED_CC)} (RTX / desktop GPUs), "
@@ -118,7 +118,7 @@ def rtx_cannot_target(gpu, why_not_tensorrt: str) -> str:
             f"`leukedge infer --backend torch` (PyTorch on CUDA) or `--backend onnxruntime`")
 
 
-def apply_timing_cache(config_b, path: Path, notes: list[str]) -> dict[str, Any]:
+def apply_timing_cache(config_b: Any, path: Path, notes: list[str]) -> dict[str, Any]:
     """Load the timing cache at ``path`` (if any) into the builder config; a cache TensorRT rejects
     (another GPU or TensorRT version) is replaced by an empty one and reported, never claimed as loaded."""
     blob = path.read_bytes() if path.is_file() else b""
@@ -133,7 +133,7 @@ def apply_timing_cache(config_b, path: Path, notes: list[str]) -> dict[str, Any]
     return {"path": str(path), "loaded_bytes": 0, "rejected": True, "rejected_bytes": len(blob)}
 
 
-def _dtype_name(trt, dt) -> str:
+def _dtype_name(trt: Any, dt: Any) -> str:
     names = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32", trt.int8: "int8"}
     return names.get(dt, str(dt).split(".")[-1].lower())
 
@@ -371,7 +371,8 @@ def validate_engine(engine_path: Path, onnx_src: Path, n_synth: int = 16, sample
         per, refs, gots = {}, [], []
         for name, x in inputs:
             r_out = ref.infer(x.astype(ref.input_dtype))
-            g_out = np.concatenate([eng.infer(x[i:i + eng.max_batch]) for i in range(0, len(x), eng.max_batch)])
+            mb = eng.max_batch or len(x)
+            g_out = np.concatenate([eng.infer(x[i:i + mb]) for i in range(0, len(x), mb)])
             per[name] = compare_logits(r_out, g_out)
             refs.append(r_out)
             gots.append(g_out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
         self.name = f"onnxruntime-{'cuda' if self.provider.startswith('CUDA') else 'cpu'}-{prec}"
         self.description = f"ONNX Runtime {ort.__version__} {self.provider} ({self.path.name})"
 
-    def _make_session(self):
+    def _make_session(self) -> Any:
         ort = self._ort
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -106,4 +107,4 @@ class OnnxRuntimeBackend(Backend):
         return np.asarray(out, dtype=np.float32), None
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None

@@ -242,7 +242,7 @@ class Station:
                 elapsed = time.monotonic() - t0
                 # Big folders: never spend more than about half the time scanning.
                 self._stop.wait(max(poll - elapsed, elapsed, 0.001))
-        except BaseException as exc:  # surfaced by the main loop
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the main loop
             self._scanner_error = exc
             self._stop.set()
 
