@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import click
 import numpy as np
 
+from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
+from .distributed import is_main  # [ddp]
 from .train import TrainConfig, _as_int, _write_json, config_from_cli, recipe_of, train_options, usable_rows
 
 CV_FILE = "cv.json"
@@ -109,6 +111,9 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
         raise ValueError("give at least one seed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .train import resolve_device
+
+    dctx = _ddp.context(resolve_device(cfg.device))  # [ddp]
     loaded = load_cache(cache)
     manifest = list(loaded.manifest)
     synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
@@ -125,6 +130,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
             log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
                 f"{len(subj_va)} unseen subjects")
             prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
+            prev = dctx.broadcast(prev)  # [ddp] rank 0's files decide
             if prev is not None and set(prev) == set(va):
                 probs = np.array([prev[i] for i in va])
                 hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
@@ -135,10 +141,11 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                 order = {r: j for j, r in enumerate(res.val_indices)}
                 probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
                 hist = res.history
-                with pred_file.open("w", newline="") as fh:
-                    w = csv.writer(fh)
-                    w.writerow(["row", "probability"])
-                    w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
+                if dctx.is_main:  # [ddp]
+                    with pred_file.open("w", newline="") as fh:
+                        w = csv.writer(fh)
+                        w.writerow(["row", "probability"])
+                        w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
             y = labels[va]
             m = compute_metrics(y, probs)
             try:
@@ -158,7 +165,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic)
     summary["cache"] = str(cache)
     summary["seconds"] = round(time.time() - t0, 1)
-    write_outputs(out, summary, oof)
+    if dctx.is_main:  # [ddp]
+        write_outputs(out, summary, oof)
     return CVResult(out_dir=out, summary=summary, oof=oof)
 
 
@@ -274,13 +282,15 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
 
     seed_list = parse_seeds(seeds)
     cfg = config_from_cli(ctx, params, defaults={"select": "last"})
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not is_main())  # [ddp] rank 0 prints
     try:
         res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, log=console.print)
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
         raise click.ClickException(f"{cache}: {exc}") from exc
+    if not is_main():  # [ddp]
+        return
     s = res.summary
     out = Console()
     t = Table(title=f"cross-validation: {s['scheme']}")

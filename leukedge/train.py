@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import click
 import numpy as np
 
+from . import distributed as _ddp  # [ddp] torchrun / DistributedDataParallel hooks (no-ops in one process)
 from .config import PreprocessConfig
 
 SPLIT_FILE = "split.json"
@@ -462,7 +463,7 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
     if path is not None:
         try:
             store.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # [ddp] unique: ranks may write at once
             np.save(tmp, out)
             os.replace(tmp, path)
         except OSError:
@@ -622,6 +623,8 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     if cfg.batch_size < 2:
         raise ValueError("batch_size must be >= 2 (BatchNorm)")
     device = resolve_device(cfg.device)
+    dctx = _ddp.context(device)  # [ddp] torchrun: join the process group; one process: no-op hooks
+    console.quiet = console.quiet or not dctx.is_main  # [ddp] rank 0 logs
 
     if isinstance(cache_path, (str, Path)):
         from .preprocess import load_cache
@@ -645,7 +648,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     ckpt = out / CKPT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     state_file = ckpt / "state.json"
-    resuming = cfg.resume and state_file.is_file()
+    resuming = dctx.broadcast(cfg.resume and state_file.is_file())  # [ddp] rank 0's checkpoint decides
     if cfg.resume and not resuming:
         log(f"[yellow]--resume: no checkpoint in {ckpt}, starting from scratch[/]")
 
@@ -655,7 +658,9 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         split = json.loads(split_path.read_text())
     else:
         split = make_split(manifest, cfg, log)
-        _write_json(split_path, split)
+        if dctx.is_main:  # [ddp]
+            _write_json(split_path, split)
+    split = dctx.broadcast(split)  # [ddp]
     train_rows = np.asarray(split["train_indices"], dtype=np.int64)
     val_rows = np.asarray(split["val_indices"], dtype=np.int64)
     labels_all = np.array([max(_as_int(r.get("label")), 0) for r in manifest], dtype=np.int64)
@@ -689,7 +694,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = len(_batches(train_rows, cfg.batch_size, None, drop_last=True))
+    steps_per_epoch = len(dctx.epoch_batches(train_rows, cfg.batch_size, None))  # [ddp] this rank's steps
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
     warmup = min(warmup, total_steps - 1)
@@ -700,7 +705,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
 
     history: list[dict[str, Any]] = []
     best_f1, best_epoch, bad_epochs, start_epoch = -1.0, 0, 0, 1
-    if resuming:
+    if resuming and dctx.is_main:  # [ddp] rank 0 reads the checkpoint, share_resume hands it on
         st = json.loads(state_file.read_text())
         if st.get("arch") != cfg.arch or st.get("preprocess_hash") != pcfg.pixel_hash():
             raise ValueError(f"{state_file}: the checkpoint was made with arch {st.get('arch')!r} / preprocessing "
@@ -720,6 +725,8 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         history, best_f1, best_epoch = st["history"], st["best_f1"], st["best_epoch"]
         bad_epochs, start_epoch = st["bad_epochs"], st["epoch"] + 1
         log(f"resuming after epoch {st['epoch']} (best val F1 {best_f1:.4f} at epoch {best_epoch})")
+    history, best_f1, best_epoch, bad_epochs, start_epoch = dctx.share_resume(  # [ddp]
+        resuming, model, optimizer, scheduler, scaler, (history, best_f1, best_epoch, bad_epochs, start_epoch))
     # After a resume's checkpoint restore: the features are those of the frozen weights actually used.
     use_fc = cfg.uses_feature_cache()
     feats: np.ndarray | None = None
@@ -727,7 +734,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         t_fc = time.time()
         from rich.progress import Progress as _P
 
-        with _P(console=console, disable=not cfg.progress, transient=True) as fp:
+        with dctx.local_main_first(), _P(console=console, disable=not cfg.progress, transient=True) as fp:  # [ddp]
             ft = fp.add_task("frozen-block features (8 views)", total=len(images))
             feats = prefix_features(model, images, pcfg, cfg.freeze_blocks, device=device,
                                     store=(cache_dir / "features") if cache_dir is not None else None,
@@ -735,12 +742,15 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(images)} cells x 8 views "
             f"{tuple(feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
 
-    def predict_val(amp: bool) -> np.ndarray:
+    def predict_val(amp: bool, rows: np.ndarray = val_rows) -> np.ndarray:
         """Validation logits of the model as it will be shipped (test-time views, threshold shift)."""
         if feats is not None:
-            return predict_features(model, feats, val_rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
-        return predict_rows(TestTimeModel(model, cfg.tta, cfg.threshold), images, val_rows, pcfg, device, amp=amp,
+            return predict_features(model, feats, rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
+        return predict_rows(TestTimeModel(model, cfg.tta, cfg.threshold), images, rows, pcfg, device, amp=amp,
                             channels_last=cfg.channels_last)
+
+    # [ddp] the training forward pass: through DistributedDataParallel under torchrun
+    train_forward = dctx.wrap(model, (lambda x: top_forward(model, x, cfg.freeze_blocks)) if feats is not None else model)
 
     params = sum(p.numel() for p in model.parameters())
     log(f"[bold]model[/] {cfg.arch} ({params / 1e6:.2f} M parameters, {'ImageNet init' if cfg.pretrained else 'random init'}), "
@@ -757,7 +767,8 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-connect, reproducible across resume
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            batches = _batches(train_rows, cfg.batch_size, g, drop_last=True)
+            batches = dctx.epoch_batches(train_rows, cfg.batch_size, g, seed=cfg.seed, epoch=epoch, log_dir=out,
+                                         log=log)  # [ddp] one process: _batches(...); torchrun: this rank's shard
             task = prog.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(batches), stats="")
             model.train()
             for m in frozen:
@@ -778,7 +789,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
                 yb = yb.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", enabled=use_amp):
-                    logits = top_forward(model, x, cfg.freeze_blocks) if feats is not None else model(x)
+                    logits = train_forward(x)  # [ddp]
                     loss = criterion(logits.float(), yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
@@ -791,8 +802,9 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
                 seen += len(yb)
                 prog.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
             prog.remove_task(task)
+            loss_sum, correct, seen = dctx.sum(loss_sum, correct, seen)  # [ddp] over all ranks
             if len(val_rows):
-                vm = _val_metrics(predict_val(amp=use_amp), y_val)
+                vm = _val_metrics(dctx.sharded_predict(lambda r: predict_val(use_amp, r), val_rows, model), y_val)  # [ddp]
             else:
                 vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
             rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
@@ -802,16 +814,18 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > best_f1 + 1e-9
             if improved:
                 best_f1, best_epoch, bad_epochs = (vm["val_f1"] if vm["val_f1"] is not None else -1.0), epoch, 0
-                _save_weights(_state_dict_cpu(model), ckpt / "best.safetensors")
             else:
                 bad_epochs += 1
-            _save_weights(_state_dict_cpu(model), ckpt / "last.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict()}, ckpt / "optim.pt")
-            _write_json(state_file, {"epoch": epoch, "arch": cfg.arch, "preprocess_hash": pcfg.pixel_hash(),
-                                     "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                                     "history": history, "train_config": cfg.to_dict()})
-            _write_json(out / "history.json", {"history": history, "best_epoch": best_epoch})
+            if dctx.is_main:  # [ddp] checkpoints on rank 0 only
+                if improved:
+                    _save_weights(_state_dict_cpu(model), ckpt / "best.safetensors")
+                _save_weights(_state_dict_cpu(model), ckpt / "last.safetensors")
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict()}, ckpt / "optim.pt")
+                _write_json(state_file, {"epoch": epoch, "arch": cfg.arch, "preprocess_hash": pcfg.pixel_hash(),
+                                         "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                                         "history": history, "train_config": cfg.to_dict()})
+                _write_json(out / "history.json", {"history": history, "best_epoch": best_epoch})
             auc = vm["val_auc"]
             if vm["val_f1"] is None:
                 prog.update(total_task, advance=1, stats=f"train loss {rec['train_loss']:.4f}")
@@ -831,6 +845,9 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         log(f"early stop: no better validation F1 for {cfg.patience} epochs")
 
     # -- best model -> bundle ----------------------------------------------------------------
+    if not dctx.is_main:  # [ddp] rank 0 scores the kept model and writes the bundle; the others get its result
+        return dctx.result(None)
+    dctx.finish(model)  # [ddp] SyncBatchNorm -> BatchNorm
     model.load_state_dict(_load_weights(ckpt / "best.safetensors"))
     model.to(device)
     val_full: dict[str, Any] | None = None
@@ -860,6 +877,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
         "device": device,
         "train_seconds": round(elapsed, 1),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **dctx.record(cfg.batch_size),  # [ddp] {"distributed": world size, effective batch ...} under torchrun
     }
     bundle_dir = out / "bundle"
     if bundle_dir.exists():
@@ -877,7 +895,7 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
                 config=pcfg, input_size=size, metrics=bundle_metrics, synthetic=synthetic, half=cfg.half_weights,
                 extra={"training": {k: cfg.to_dict()[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed",
                                                                    "pretrained", "augment", "class_weighting", "freeze_blocks")},
-                       "recipe": recipe_of(cfg)})
+                       "recipe": recipe_of(cfg), **dctx.record(cfg.batch_size)})  # [ddp]
     _write_json(bundle_dir / "history.json", {"history": history, "best_epoch": best_epoch})
     _write_json(out / "metrics.json", metrics)
     plots.plot_training_curves(history, out / "training_curves.png", title=f"{cfg.arch} training", synthetic=synthetic,
@@ -887,9 +905,9 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
             f"({elapsed / 60:.1f} min)")
     else:
         log(f"[bold green]trained {len(history)} epochs without validation[/]; bundle in {bundle_dir} ({elapsed / 60:.1f} min)")
-    return TrainResult(out_dir=out, bundle_path=bundle_dir, best_epoch=best_epoch, best_val_f1=best_f1,
+    return dctx.result(TrainResult(out_dir=out, bundle_path=bundle_dir, best_epoch=best_epoch, best_val_f1=best_f1,
                        history=history, metrics=metrics, split=split_summary, val_indices=[int(i) for i in val_rows],
-                       val_prob=prob_val if len(val_rows) else None)
+                       val_prob=prob_val if len(val_rows) else None))  # [ddp] dctx.result: to every rank
 
 
 def _check_assembled(model: Any, feats: np.ndarray, images: np.ndarray, cfg: PreprocessConfig, n_blocks: int) -> None:
