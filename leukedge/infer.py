@@ -542,9 +542,16 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Preprocess batch k+1 while batch k runs on the backend.")
 @click.option("--cuda-binding", type=click.Choice(["auto", "cuda-python", "pycuda"]), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
+# [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.ray_infer)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run as a Ray Data job: `--ray local` starts a local Ray instance, bare `--ray` joins this "
+                   "machine's cluster, or give an address (ray://head:10001). OUT may also be .parquet.")
+@click.option("--ray-actors", type=click.IntRange(0), default=0, show_default=True,
+              help="With --ray: model actors (0: one per GPU, else one per 4 CPUs).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool, cuda_binding: str) -> None:
+              limit: int | None, pipeline: bool, cuda_binding: str, ray_address: str | None = None,
+              ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
     Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
@@ -556,6 +563,12 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     from .engines.base import BackendUnavailable
     from .engines.sidecar import EngineMismatchError
 
+    if ray_address is not None:  # [ray]
+        from .ray_infer import run_cli
+
+        return run_cli(sources, model=model, engine=engine, out_path=out_path, address=ray_address, batch=batch,
+                       backend=backend, device=device, precision=precision, limit=limit, actors=ray_actors,
+                       cuda_binding=cuda_binding)
     console = Console()
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
