@@ -28,9 +28,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -344,7 +345,7 @@ def context(device: str = "cpu") -> DistContext:
     ``device`` is the resolved training device ("cpu" or "cuda"): NCCL with one GPU per local rank on
     CUDA, gloo otherwise. Outside torchrun (``WORLD_SIZE`` 1 or unset) a context with no group."""
     global _CURRENT
-    rank, local, world = env_world()
+    _, local, world = env_world()
     if world == 1:
         return DistContext(device=device)
     if _CURRENT is not None and _CURRENT.world == world:

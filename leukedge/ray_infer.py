@@ -31,15 +31,25 @@ import datetime as _dt
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .infer import FileResult, InferResult, RESULT_FIELDS, ResultsNotWritten, check_output_path, default_model_path, \
-    discover_sources, stats_path_for, write_results
+from .infer import (
+    RESULT_FIELDS,
+    FileResult,
+    InferResult,
+    ResultsNotWritten,
+    check_output_path,
+    default_model_path,
+    discover_sources,
+    stats_path_for,
+    write_results,
+)
 
 PARQUET_SUFFIX = ".parquet"
 #: Bytes reserved by each preprocessing task (a batch of decoded cells and its float32 NCHW output).
@@ -190,7 +200,7 @@ def _start(address: str, num_cpus: int | None) -> tuple[Any, bool]:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
     if address == "local":
         kwargs.update(address="local", num_cpus=num_cpus or None)
-        kwargs["object_store_memory"] = int(os.environ.get("LEUKEDGE_RAY_OBJECT_STORE", 1 << 30))
+        kwargs["object_store_memory"] = int(os.environ.get("LEUKEDGE_RAY_OBJECT_STORE", str(1 << 30)))
     else:
         kwargs["address"] = address
     try:
@@ -248,9 +258,9 @@ def run_ray_inference(
 
     ray, started = _start(address, num_cpus)
     try:
-        import ray.data as rd
-
         import logging
+
+        import ray.data as rd
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = rd.DataContext.get_current()
