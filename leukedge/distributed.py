@@ -237,7 +237,7 @@ class DistContext:
         payload = None
         if self.is_main:
             payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "optimizer": _to_device(optimizer.state_dict(), "cpu"), "scheduler": scheduler.state_dict(),
                        "scaler": scaler.state_dict(), "progress": progress}
         payload = self.broadcast(payload)
         if not self.is_main:

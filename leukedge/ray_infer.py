@@ -199,7 +199,8 @@ def _start(address: str, num_cpus: int | None) -> tuple[Any, bool]:
         return ray, False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
     if address == "local":
-        kwargs.update(address="local", num_cpus=num_cpus or None)
+        # a private instance on this machine: loopback only
+        kwargs.update(address="local", num_cpus=num_cpus or None, _node_ip_address="127.0.0.1")
         kwargs["object_store_memory"] = int(os.environ.get("LEUKEDGE_RAY_OBJECT_STORE", str(1 << 30)))
     else:
         kwargs["address"] = address
