@@ -263,3 +263,26 @@ def test_torchrun_cv(synth_cache, tmp_path):
         assert (run / "bundle" / "bundle.json").is_file() and (run / "val_predictions.csv").is_file()
         recs = shard_log(run)
         assert len(recs) == 1 and shards_disjoint(recs)
+
+
+def test_epoch_shards_are_disjoint_seeded_and_even():
+    """The sharding rule without a process group: rank r of W takes every W-th row of the epoch's permutation."""
+    import numpy as np
+
+    rows = np.arange(10, 113)  # 103 rows: 3 ranks get 34 each, 1 row sits the epoch out
+
+    def shards(epoch: int, seed: int = 0) -> list[np.ndarray]:
+        out = []
+        for r in range(3):
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            bs = DistContext(rank=r, world=3).epoch_batches(rows, 8, g, seed=seed, epoch=epoch)
+            out.append(np.concatenate(bs))
+        return out
+
+    a = shards(1)
+    assert [len(s) for s in a] == [34, 34, 34]  # the same number of rows (and steps) on every rank
+    assert not (set(a[0]) & set(a[1]) or set(a[0]) & set(a[2]) or set(a[1]) & set(a[2]))
+    assert all(np.array_equal(x, y) for x, y in zip(a, shards(1)))  # a function of (seed, epoch)
+    assert not np.array_equal(a[0], shards(2)[0]) and not np.array_equal(a[0], shards(1, seed=1)[0])
+    perm = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(1)).numpy()]
+    assert set(a[1]) <= set(perm[1:102:3])
