@@ -16,6 +16,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod resize;
+pub mod numeric;
 pub mod stain;
 
 /// mimalloc (as pydantic-core uses): every image is a fresh ~600 KB buffer, which glibc's malloc
