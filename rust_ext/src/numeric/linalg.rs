@@ -92,3 +92,50 @@ pub fn inv3(m: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stain::MACENKO_HE_REF;
+
+    #[test]
+    fn eigen_decomposition_reconstructs() {
+        let m = [[2.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 0.5]];
+        let (vals, v) = sym_eigen3(m);
+        assert!(vals[0] <= vals[1] && vals[1] <= vals[2]);
+        for i in 0..3 {
+            for j in 0..3 {
+                let rec: f64 = (0..3).map(|k| v[i][k] * vals[k] * v[j][k]).sum();
+                assert!((rec - m[i][j]).abs() < 1e-12, "A[{i}][{j}]");
+                let dot: f64 = (0..3).map(|k| v[k][i] * v[k][j]).sum();
+                assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        let (vals, _) = sym_eigen3([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]);
+        assert_eq!(vals, [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn pinv_is_left_inverse() {
+        let p = pinv_3x2(&MACENKO_HE_REF).unwrap();
+        for i in 0..2 {
+            for j in 0..2 {
+                let v: f64 = (0..3).map(|r| p[i][r] * MACENKO_HE_REF[r][j]).sum();
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+        assert!(pinv_3x2(&[[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]).is_none());
+    }
+
+    #[test]
+    fn inv3_inverts() {
+        let m = [[2.0, 0.5, 0.1], [0.4, 1.0, 0.3], [0.1, 0.2, 0.5]];
+        let r = inv3(&m);
+        for i in 0..3 {
+            for j in 0..3 {
+                let v: f64 = (0..3).map(|k| m[i][k] * r[k][j]).sum();
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
+    }
+}

@@ -1,4 +1,11 @@
 //! Order statistics: NumPy "linear" percentiles by exact selection.
+//!
+//! One routine, [`percentiles`], serves every caller (angle percentiles and `maxC` of Macenko).
+//! It is exact (the same value as sorting and indexing, for every input including ties and NaN):
+//! for large inputs a strided sample brackets each needed rank, one tight pass counts the values
+//! below the bracket and gathers those inside, and a selection on the few gathered values gives
+//! the order statistics; when a bracket misses (or for small inputs, or NaN in the sample) the
+//! selection runs on everything.
 
 /// NumPy's `_lerp` (used by the "linear" percentile), including its `t >= 0.5` branch.
 #[inline]
@@ -26,25 +33,10 @@ pub(crate) fn np_virtual_index(n: usize, pct: f64) -> std::result::Result<(usize
     Ok((lo as usize, vi - lo))
 }
 
-/// `np.percentile(values, pct)` (method "linear"), possibly reordering `values`.
-/// Panics on an empty slice. Values must not be NaN.
-pub fn percentile_mut(values: &mut [f64], pct: f64) -> f64 {
-    percentile_mapped(values, pct, |v| v)
-}
-
-/// Percentile of `f(v)` where `f` is non-decreasing: order statistics are taken on `values`
-/// and only the two neighbours are mapped before NumPy's interpolation.
-fn percentile_mapped(values: &mut [f64], pct: f64, f: impl Fn(f64) -> f64) -> f64 {
-    let n = values.len();
-    assert!(n > 0, "percentile of an empty array");
-    match np_virtual_index(n, pct) {
-        Err(i) => f(kth_pair(values, i).0),
-        Ok((k, g)) => {
-            let (a, b) = kth_pair(values, k);
-            np_lerp(f(a), f(b), g)
-        }
-    }
-}
+/// Size of the strided sample that brackets a rank.
+const SAMPLE: usize = 512;
+/// Sample places kept on each side of the estimated rank.
+const MARGIN: usize = 8;
 
 /// Bracket around position `pos` of a sorted sample: the values `margin` places below and above it
 /// (open-ended at the sample's ends). The true order statistic lies inside with high probability.
@@ -62,38 +54,6 @@ fn sample_bracket(sample: &[f64], pos: usize, margin: usize) -> (f64, f64) {
     (lo, hi)
 }
 
-/// Sample-bracketing selection: a strided sample of 512 values gives thresholds that (very
-/// likely) bracket ranks `k` and `k+1`; one pass counts the values below the bracket and
-/// gathers those inside, which are then sorted. Returns `None` when the bracket missed (the
-/// caller then uses an exact histogram method), so the result is always exact.
-pub(crate) fn kth_pair_sampled(values: &[f64], k: usize) -> Option<(f64, f64)> {
-    const M: usize = 512;
-    const MARGIN: usize = 10;
-    let n = values.len();
-    let step = n / M;
-    let mut sample: Vec<f64> = (0..M).map(|i| values[i * step]).collect();
-    if sample.iter().any(|v| v.is_nan()) {
-        return None;
-    }
-    sample.sort_unstable_by(f64::total_cmp);
-    let pos = (k as f64 / n as f64 * M as f64) as usize;
-    let (t_lo, t_hi) = sample_bracket(&sample, pos, MARGIN);
-    let mut below = 0usize;
-    let mut inside: Vec<f64> = Vec::with_capacity(4 * MARGIN * n / M + 16);
-    for &v in values {
-        if v < t_lo {
-            below += 1;
-        } else if v <= t_hi {
-            inside.push(v);
-        }
-    }
-    let need_hi = (k + 1).min(n - 1);
-    if below > k || below + inside.len() <= need_hi {
-        return None;
-    }
-    Some(kth_two(&mut inside, k - below, need_hi - below))
-}
-
 /// The `a`-th and `b`-th smallest values (`b` is `a` or `a + 1`) in `total_cmp` order, by
 /// selection instead of a full sort (same values as sorting).
 fn kth_two(v: &mut [f64], a: usize, b: usize) -> (f64, f64) {
@@ -107,149 +67,162 @@ fn kth_two(v: &mut [f64], a: usize, b: usize) -> (f64, f64) {
     (x, y)
 }
 
-/// Exact NumPy "linear" percentiles of `f(value(i)), i < n` (`f` non-decreasing): the values
-/// are materialised once and handed to [`percentiles_of`]. `value` must be deterministic.
-pub fn percentiles_stream(
-    n: usize,
-    value: impl Fn(usize) -> f64,
-    pcts: &[f64],
-    f: impl Fn(f64) -> f64 + Copy,
-) -> Vec<f64> {
-    assert!(n > 0, "percentile of an empty array");
-    let mut all: Vec<f64> = (0..n).map(value).collect();
-    percentiles_of(&mut all, pcts, f)
+/// Ranks `k` and `k1` (`k1 = k` or `k + 1`) through the sample bracket; `None` when it missed.
+fn bracketed_pair(
+    values: &[f64],
+    sample: &[f64],
+    k: usize,
+    k1: usize,
+    inside: &mut Vec<f64>,
+) -> Option<(f64, f64)> {
+    let n = values.len();
+    let pos = (k as f64 / n as f64 * sample.len() as f64) as usize;
+    let (lo, hi) = sample_bracket(sample, pos, MARGIN);
+    let mut below = 0usize;
+    inside.clear();
+    // branch-free counting in blocks of 8; the rare blocks with values inside the bracket
+    // are gathered in a second look
+    let mut blocks = values.chunks_exact(8);
+    for b in &mut blocks {
+        let mut nb = 0usize;
+        let mut any = false;
+        for &v in b {
+            nb += (v < lo) as usize;
+            any |= (v >= lo) & (v <= hi);
+        }
+        below += nb;
+        if any {
+            inside.extend(b.iter().filter(|&&v| v >= lo && v <= hi));
+        }
+    }
+    for &v in blocks.remainder() {
+        below += (v < lo) as usize;
+        if v >= lo && v <= hi {
+            inside.push(v);
+        }
+    }
+    // NaN is neither below nor inside (it sorts last, like "above" the bracket)
+    if below > k || below + inside.len() <= k1 {
+        return None;
+    }
+    Some(kth_two(inside, k - below, k1 - below))
 }
 
-/// Exact NumPy "linear" percentiles of `f(v)` over `values` (`f` non-decreasing), possibly
-/// reordering `values`. For large inputs a strided sample of 512 values brackets each needed
-/// rank; one tight pass per percentile counts the values below the bracket and gathers those
-/// inside, and a selection on the (few) gathered values gives the exact order statistics.
-/// Falls back to [`percentile_mapped`] (selection on everything) when a bracket misses, on
-/// NaN, or for small inputs, so the result is always exact.
-pub fn percentiles_of(values: &mut [f64], pcts: &[f64], f: impl Fn(f64) -> f64 + Copy) -> Vec<f64> {
-    const M: usize = 512;
-    const MARGIN: usize = 8;
+/// Exact NumPy "linear" percentiles (`np.percentile(values, pcts)`) of `f(v)` over `values`,
+/// where `f` is non-decreasing: order statistics are taken on `values` and only the two
+/// neighbours are mapped before NumPy's interpolation. May reorder `values`. Panics on an empty
+/// slice.
+pub fn percentiles(values: &mut [f64], pcts: &[f64], f: impl Fn(f64) -> f64) -> Vec<f64> {
     let n = values.len();
     assert!(n > 0, "percentile of an empty array");
-    if n < 4 * M {
-        return pcts.iter().map(|&p| percentile_mapped(values, p, f)).collect();
-    }
-    let step = n / M;
-    let mut sample: Vec<f64> = (0..M).map(|i| values[i * step]).collect();
-    if sample.iter().any(|v| v.is_nan()) {
-        return pcts.iter().map(|&p| percentile_mapped(values, p, f)).collect();
-    }
-    sample.sort_unstable_by(f64::total_cmp);
-    let mut inside: Vec<f64> = Vec::with_capacity(4 * MARGIN * step + 16);
-    let mut out = Vec::with_capacity(pcts.len());
-    for &p in pcts {
-        // ranks needed: (k, k+1 clamped, gamma)
-        let (k, k1, g) = match np_virtual_index(n, p) {
-            Ok((k, g)) => (k, (k + 1).min(n - 1), g),
-            Err(i) => (i, i, 0.0),
-        };
-        let pos = (k as f64 / n as f64 * M as f64) as usize;
-        let (lo, hi) = sample_bracket(&sample, pos, MARGIN);
-        let mut below = 0usize;
-        inside.clear();
-        // branch-free counting in blocks of 8; the rare blocks with values inside the
-        // bracket are gathered in a second look
-        let mut blocks = values.chunks_exact(8);
-        for b in &mut blocks {
-            let mut nb = 0usize;
-            let mut any = false;
-            for &v in b {
-                nb += (v < lo) as usize;
-                any |= (v >= lo) & (v <= hi);
-            }
-            below += nb;
-            if any {
-                inside.extend(b.iter().filter(|&&v| v >= lo && v <= hi));
-            }
-        }
-        for &v in blocks.remainder() {
-            below += (v < lo) as usize;
-            if v >= lo && v <= hi {
-                inside.push(v);
-            }
-        }
-        // NaN is neither below nor inside (it sorts last, like "above" the bracket)
-        if below > k || below + inside.len() <= k1 {
-            out.push(percentile_mapped(values, p, f));
-            continue;
-        }
-        let (a, b) = kth_two(&mut inside, k - below, k1 - below);
-        out.push(if k1 == k { f(a) } else { np_lerp(f(a), f(b), g) });
-    }
-    out
-}
-
-/// The `k`-th and `(k+1)`-th smallest values (the second equals the first when `k = n-1`).
-///
-/// Exact. For large inputs a 4096-bucket histogram locates the bucket(s) holding ranks `k` and
-/// `k+1`, and only those candidates are sorted: two linear passes instead of a quickselect
-/// (several times faster on the ~40k values of a cell). Falls back to `select_nth_unstable`
-/// for small or non-finite inputs.
-pub fn kth_pair(values: &mut [f64], k: usize) -> (f64, f64) {
-    let n = values.len();
-    assert!(k < n);
-    let select = |values: &mut [f64]| -> (f64, f64) {
-        let (_, a, right) = values.select_nth_unstable_by(k, f64::total_cmp);
-        let a = *a;
-        let b = right.iter().copied().fold(f64::INFINITY, f64::min);
-        (a, if k + 1 < n { b } else { a })
-    };
-    if n < 2048 {
-        return select(values);
-    }
-    if let Some(r) = kth_pair_sampled(values, k) {
-        return r;
-    }
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-    for &v in values.iter() {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    if !(lo.is_finite() && hi.is_finite()) || values.iter().any(|v| v.is_nan()) {
-        return select(values);
-    }
-    if lo == hi {
-        return (lo, lo);
-    }
-    const B: usize = 4096;
-    let scale = (B as f64) / (hi - lo);
-    // (v - lo) * scale is non-decreasing in v (correctly rounded ops), so bucket order is
-    // consistent with value order.
-    let bucket = |v: f64| (((v - lo) * scale) as usize).min(B - 1);
-    let mut counts = vec![0u32; B];
-    for &v in values.iter() {
-        counts[bucket(v)] += 1;
-    }
-    let mut cum = 0usize;
-    let mut bk = 0;
-    for (b, &c) in counts.iter().enumerate() {
-        if cum + c as usize > k {
-            bk = b;
-            break;
-        }
-        cum += c as usize;
-    }
-    let rank = k - cum;
-    // the (k+1)-th is in the same bucket, or the smallest of the next non-empty one
-    let mut bn = bk;
-    if rank + 1 >= counts[bk] as usize && k + 1 < n {
-        bn = (bk + 1..B).find(|&b| counts[b] > 0).unwrap_or(bk);
-    }
-    let mut cand: Vec<f64> = values
-        .iter()
-        .copied()
-        .filter(|&v| {
-            let b = bucket(v);
-            b == bk || b == bn
+    let sample: Option<Vec<f64>> = (n >= 4 * SAMPLE)
+        .then(|| {
+            let step = n / SAMPLE;
+            let mut s: Vec<f64> = (0..SAMPLE).map(|i| values[i * step]).collect();
+            s.sort_unstable_by(f64::total_cmp);
+            s
         })
-        .collect();
-    cand.sort_unstable_by(f64::total_cmp);
-    let a = cand[rank];
-    let b = if k + 1 < n { cand[rank + 1] } else { a };
-    (a, b)
+        .filter(|s| !s.iter().any(|v| v.is_nan()));
+    let mut inside: Vec<f64> = Vec::new();
+    pcts.iter()
+        .map(|&p| {
+            let (k, k1, g) = match np_virtual_index(n, p) {
+                Ok((k, g)) => (k, k + 1, Some(g)),
+                Err(i) => (i, i, None),
+            };
+            let (a, b) = sample
+                .as_deref()
+                .and_then(|s| bracketed_pair(values, s, k, k1, &mut inside))
+                .unwrap_or_else(|| kth_two(values, k, k1));
+            match g {
+                Some(g) => np_lerp(f(a), f(b), g),
+                None => f(a),
+            }
+        })
+        .collect()
+}
+
+/// `np.percentile(values, pct)` of one percentile (see [`percentiles`]).
+pub fn percentile_mut(values: &mut [f64], pct: f64) -> f64 {
+    percentiles(values, &[pct], |v| v)[0]
+}
+
+/// Reference: sort a copy and index it (NumPy's definition, no selection tricks).
+#[cfg(test)]
+pub(crate) fn percentile_sorted(values: &[f64], pct: f64, f: impl Fn(f64) -> f64) -> f64 {
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    match np_virtual_index(s.len(), pct) {
+        Ok((k, g)) => np_lerp(f(s[k]), f(s[k + 1]), g),
+        Err(i) => f(s[i]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stain::tests::Rng;
+
+    fn same(a: f64, b: f64) -> bool {
+        a == b || (a.is_nan() && b.is_nan())
+    }
+
+    #[test]
+    fn matches_numpy_linear() {
+        // np.percentile([3, 1, 2, 10], [0, 1, 50, 99, 100, 25]) = [1, 1.03, 2.5, 9.79, 10, 1.75]
+        let base = [3.0, 1.0, 2.0, 10.0];
+        let expect = [
+            (0.0, 1.0),
+            (1.0, 1.03),
+            (50.0, 2.5),
+            (99.0, 9.79),
+            (100.0, 10.0),
+            (25.0, 1.75),
+        ];
+        for (p, e) in expect {
+            let mut v = base;
+            let got = percentile_mut(&mut v, p);
+            assert!((got - e).abs() < 1e-12, "p={p}: {got} vs {e}");
+        }
+        let mut one = [5.0];
+        assert_eq!(percentile_mut(&mut one, 99.0), 5.0);
+    }
+
+    #[test]
+    fn exact_with_nan_ties_outliers_and_skew() {
+        let mut rng = Rng::new(8);
+        for n in [1usize, 2, 3, 5, 2047, 2048, 5000, 9000, 40_000, 44_000] {
+            for dist in 0..6 {
+                let v: Vec<f64> = (0..n)
+                    .map(|i| match dist {
+                        0 => rng.unit(),
+                        1 => (rng.next() % 3) as f64, // many ties
+                        2 => -(rng.unit().powi(8)),   // skewed
+                        3 if i == n / 3 => f64::NAN,
+                        4 if i % 100 == 0 => 1e6, // outliers
+                        5 if i >= n / 2 => 10.0 + rng.unit(), // sorted halves
+                        _ => rng.unit(),
+                    })
+                    .collect();
+                let pcts = [1.0, 99.0, 0.0, 100.0, 37.5, 50.0];
+                let mut w = v.clone();
+                let got = percentiles(&mut w, &pcts, |x| x * 3.0);
+                for (j, &p) in pcts.iter().enumerate() {
+                    let want = percentile_sorted(&v, p, |x| x * 3.0);
+                    assert!(same(got[j], want), "n={n} dist={dist} p={p}: {} vs {want}", got[j]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bracket_miss_falls_back_exactly() {
+        // a strided sample that sees only one value: every bracket misses
+        let n = 4096;
+        let v: Vec<f64> = (0..n).map(|i| if i % 8 == 0 { 0.5 } else { i as f64 }).collect();
+        for p in [1.0, 50.0, 99.0] {
+            let mut w = v.clone();
+            assert_eq!(percentile_mut(&mut w, p), percentile_sorted(&v, p, |x| x));
+        }
+    }
 }

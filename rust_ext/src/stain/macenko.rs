@@ -1,9 +1,11 @@
 //! Macenko (torchstain's `NumpyMacenkoNormalizer`): fit on foreground pixels, table-driven recomposition.
 
-use super::mask::{filter_into, MaskRule};
+use super::mask::filter_into;
+#[cfg(test)]
+use super::mask::MaskRule;
 use super::params::MacenkoParams;
 use crate::numeric::linalg::{pinv_3x2, sym_eigen3};
-use crate::numeric::select::{percentile_mut, percentiles_of};
+use crate::numeric::select::{percentile_mut, percentiles};
 use crate::config::StainConfig;
 
 /// Minimal number of pixels with optical density above `beta` needed for a Macenko fit.
@@ -216,7 +218,7 @@ fn macenko_stain_vectors(
         *k = -*k / y;
     }
     let (min_phi, max_phi) = if all_pos {
-        let phis = percentiles_of(&mut keys, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
+        let phis = percentiles(&mut keys, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
         (phis[0], phis[1])
     } else {
         let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(&t2, *p).atan2(tdot(&t1, *p))).collect();
@@ -256,9 +258,9 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     let t1 = dot_tables(pinv[1], &lut);
     let mut c: Vec<f64> = Vec::new();
     tdot_all(&t0, fg, &mut c);
-    let c0 = percentiles_of(&mut c, &[99.0], |v| v)[0];
+    let c0 = percentiles(&mut c, &[99.0], |v| v)[0];
     tdot_all(&t1, fg, &mut c);
-    let c1 = percentiles_of(&mut c, &[99.0], |v| v)[0];
+    let c1 = percentiles(&mut c, &[99.0], |v| v)[0];
     let max_c = [c0, c1];
     if !(max_c[0].is_finite() && max_c[1].is_finite() && max_c[0] > 1e-6 && max_c[1] > 1e-6) {
         return Err(format!(
@@ -306,7 +308,8 @@ fn macenko_pixel(t: &[[[f64; 256]; 3]; 3], p: [u8; 3]) -> [u8; 3] {
     std::array::from_fn(|k| (t[k][0][r] * t[k][1][g] * t[k][2][b]) as u8)
 }
 
-/// Write the Macenko-normalised image: foreground pixels are recomposed with the target
+#[cfg(test)]
+/// Reference (tests only): the straightforward full-image recomposition; foreground pixels are recomposed with the target
 /// parameters, background pixels become black.
 pub fn macenko_apply(rgb: &mut [u8], rule: MaskRule, src: &MacenkoFit, target: &MacenkoParams, io: f64) {
     let tables = macenko_tables(src, target, io);

@@ -1,7 +1,6 @@
 //! Reinhard colour transfer in CIE L*a*b* (torchstain's `NumpyReinhardNormalizer`).
 
 use super::lab::Lab;
-use super::mask::MaskRule;
 use super::params::ReinhardParams;
 
 /// Per-channel L*a*b* mean and population std of the given pixels. `Err` when degenerate.
@@ -36,20 +35,6 @@ pub fn reinhard_fit_pixels(fg: &[[u8; 3]], lab: &Lab) -> std::result::Result<Rei
         ));
     }
     Ok(ReinhardParams { mean, std })
-}
-
-/// Reinhard transfer of the foreground, background set to black.
-pub fn reinhard_apply(rgb: &mut [u8], rule: MaskRule, src: &ReinhardParams, target: &ReinhardParams, lab: &Lab) {
-    let gain: [f64; 3] = std::array::from_fn(|c| target.std[c] / src.std[c]);
-    for p in rgb.chunks_exact_mut(3) {
-        if rule.is_background(p) {
-            p.copy_from_slice(&[0, 0, 0]);
-            continue;
-        }
-        let l = lab.from_rgb([p[0], p[1], p[2]]);
-        let t: [f64; 3] = std::array::from_fn(|c| (l[c] as f64 - src.mean[c]) * gain[c] + target.mean[c]);
-        p.copy_from_slice(&lab.to_rgb(t));
-    }
 }
 
 /// Reinhard transfer of the given foreground pixels only (see [`macenko_apply_foreground`]).
