@@ -1,7 +1,7 @@
 """Batched, pipelined inference over image files, with trtexec-style latency statistics.
 
 While the backend runs batch *k*, a worker thread runs the Rust batch preprocessing
-(``leukedge._native.preprocess_batch``, GIL released) for batch *k+1* into the other of two
+(``leukedge._native.Pipeline.run``, GIL released) for batch *k+1* into the other of two
 preallocated input arrays (double buffering), so preprocessing and inference overlap. Results are
 identical to a sequential run. When the backend also runs on the CPU, the cores are partitioned between the
 two stages (:func:`leukedge.engines.base.plan_threads`): the rayon pool of the preprocessing gets exactly its
@@ -48,13 +48,19 @@ def default_model_path() -> Path:
 
 def _native_preprocess() -> PreprocessFn:
     try:
-        from ._native import preprocess_batch
+        from ._native import Pipeline  # noqa: F401 (checks that the core is built)
     except ImportError as exc:
         raise RuntimeError(
             "leukedge._native (the Rust preprocessing core) is not built; run `maturin develop --release` "
             "or `pip install -e .`"
         ) from exc
-    return preprocess_batch
+    from .config import _native_pipeline
+
+    def run(items: Any, config_json: str, out: Any = None, threads: int = 0) -> Any:
+        # the config is parsed and validated, and its tables built, once per configuration
+        return _native_pipeline(config_json).run(items, out=out, threads=threads)
+
+    return run
 
 
 class ResultsNotWritten(OSError):

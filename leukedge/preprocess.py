@@ -364,7 +364,7 @@ def run_preprocess(
 
     Files are found with :func:`leukedge.data.discover` and split with
     :func:`leukedge.data.assign_splits` (``split_by``: auto|fold|subject|image|none). Work runs in
-    chunks of ``batch_size`` through ``leukedge._native.preprocess_batch`` writing straight into
+    chunks of ``batch_size`` through ``leukedge._native.Pipeline.run`` writing straight into
     the ``images.npy`` memmap. Rows of an existing cache in ``out_dir`` with the same pixel hash and
     the same file sha256 are copied instead of recomputed. Everything is written to
     ``out_dir/.tmp`` first and moved into place at the end, ``cache.json`` last. Per-file failures
@@ -422,7 +422,7 @@ def run_preprocess(
     progress_log = open(tmp / PROGRESS_FILE, "a")
     n_reused = 0
     n_resumed = len(resumed)
-    cfg_json = cfg.to_native_json()
+    pipe = native.Pipeline(cfg.to_native_json())  # parsed, validated, tables built: once
 
     try:
         prog = Progress(TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -451,7 +451,7 @@ def run_preprocess(
                     target = images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
                     items = [str(records[i].path) for i in todo]
                     try:
-                        _, st = native.preprocess_batch(items, cfg_json, out=target, threads=threads)
+                        _, st = pipe.run(items, out=target, threads=threads)
                     except Exception as exc:  # a settings problem (ConfigError) fails every file
                         if isinstance(exc, getattr(native, "ConfigError", ())):
                             raise ValueError(f"the preprocessing settings were refused: {exc}") from exc

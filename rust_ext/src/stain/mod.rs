@@ -63,10 +63,27 @@ pub struct StainOutcome {
     pub reason: Option<String>,
 }
 
+/// Foreground pixel indices, their values, and the fit subsample (see [`fit_subsample`]).
+type Scratch = (Vec<u32>, Vec<[u8; 3]>, Vec<[u8; 3]>);
+
 thread_local! {
     /// Per-thread scratch of [`normalize_in_place`]: foreground pixel indices and values.
-    static FOREGROUND: std::cell::RefCell<(Vec<u32>, Vec<[u8; 3]>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static FOREGROUND: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// The pixels a fit uses: all of `fg`, or (`fit_pixels = Some(m)`, `fg.len() > m`) the `m` pixels
+/// at positions `floor(i * len / m)`, a fixed evenly strided subsample (deterministic).
+pub fn fit_subsample<'a>(fg: &'a [[u8; 3]], fit_pixels: Option<usize>, sub: &'a mut Vec<[u8; 3]>) -> &'a [[u8; 3]] {
+    match fit_pixels {
+        Some(m) if m > 0 && fg.len() > m => {
+            sub.clear();
+            let n = fg.len();
+            sub.extend((0..m).map(|i| fg[i * n / m]));
+            sub
+        }
+        _ => fg,
+    }
 }
 
 /// Scratch buffers above this many pixels are released after use (huge images).
@@ -88,7 +105,7 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
     };
     FOREGROUND.with(|cell| {
         let mut guard = cell.borrow_mut();
-        let (idx, fg) = &mut *guard;
+        let (idx, fg, sub) = &mut *guard;
         idx.clear();
         fg.clear();
         gather_foreground(rgb, rule, idx, fg);
@@ -99,10 +116,11 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
                 cfg.min_foreground
             ))
         } else {
+            let fit_px = fit_subsample(fg, cfg.fit_pixels, sub);
             match target {
                 StainParams::Macenko(t) => {
                     let s = MacenkoSettings::from_config(cfg);
-                    match macenko_fit_pixels(fg, &s) {
+                    match macenko_fit_pixels(fit_px, &s) {
                         Ok(fit) => {
                             macenko_apply_foreground(rgb, idx, fg, &macenko_tables(&fit, t, s.io));
                             StainOutcome::default()
@@ -112,7 +130,7 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
                 }
                 StainParams::Reinhard(t) => {
                     let lab = Lab::new();
-                    match reinhard_fit_pixels(fg, &lab) {
+                    match reinhard_fit_pixels(fit_px, &lab) {
                         Ok(src) => {
                             reinhard_apply_foreground(rgb, idx, fg, &src, t, &lab);
                             StainOutcome::default()
@@ -126,6 +144,7 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
         if idx.capacity() > KEEP_SCRATCH_PIXELS {
             *idx = Vec::new();
             *fg = Vec::new();
+            *sub = Vec::new();
         }
         outcome
     })
@@ -260,8 +279,9 @@ pub(crate) mod tests {
                     white_threshold: white,
                 };
                 // mix of pure black runs, dark-but-not-zero background, bright and coloured pixels
+                // (runs of 40 "any colour" pixels give whole blocks of 8 foreground pixels)
                 let img: Vec<u8> = (0..w * h)
-                    .flat_map(|_| match rng.next() % 5 {
+                    .flat_map(|q| match if q % 64 < 40 { 4 } else { rng.next() % 5 } {
                         0 | 1 => [0, 0, 0],
                         2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
                         3 => [250, 240, 230],
@@ -464,6 +484,34 @@ pub(crate) mod tests {
             .sum::<f64>()
             / img.len() as f64;
         assert!(mad < 1.0, "reinhard mean abs diff {mad}");
+    }
+
+    #[test]
+    fn fit_pixels_subsample() {
+        let (w, h) = (160, 120);
+        let img = synthetic_cell(w, h, 4);
+        let target = StainParams::Macenko(MacenkoParams::default());
+        let run = |fit_pixels: Option<usize>| {
+            let cfg = StainConfig {
+                fit_pixels,
+                ..Default::default()
+            };
+            let mut out = img.clone();
+            assert!(!normalize_in_place(&mut out, &cfg, &target).fallback);
+            out
+        };
+        let exact = run(None);
+        // a limit above the foreground size changes nothing
+        assert_eq!(run(Some(w * h)), exact);
+        // a real subsample: deterministic, close to the exact result
+        let sub = run(Some(2048));
+        assert_eq!(run(Some(2048)), sub);
+        let max_diff = exact.iter().zip(&sub).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        assert!(max_diff <= 16, "max diff {max_diff}");
+        let mut buf = Vec::new();
+        let fg: Vec<[u8; 3]> = (0..10u8).map(|v| [v, v, v]).collect();
+        assert_eq!(fit_subsample(&fg, Some(4), &mut buf), &[[0, 0, 0], [2, 2, 2], [5, 5, 5], [7, 7, 7]]);
+        assert_eq!(fit_subsample(&fg, None, &mut buf).len(), 10);
     }
 
     #[test]
