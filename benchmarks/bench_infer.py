@@ -105,7 +105,7 @@ def bench_peer(backend, paths: list[str], cfg, batch: int, x_all: np.ndarray, e2
     return {"throughput_img_s": mid["throughput_img_s"], "throughput_runs": [r["throughput_img_s"] for r in runs],
             "batch": batch, "what": peer_pipeline.__doc__.splitlines()[0],
             "input_max_abs_diff": float(np.abs(x_peer - x_all[:64].astype(np.float32)).max()),
-            "prob_max_abs_diff": float(np.abs(mid["outputs"][:64].astype(np.float32) - ours.astype(np.float32)).max())}
+            "output_max_abs_diff": float(np.abs(mid["outputs"][:64].astype(np.float32) - ours.astype(np.float32)).max())}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -320,7 +320,7 @@ def main() -> int:
                 console.print(f"peer (Pillow decode + NumPy crop/pad + Pillow resize + the same ORT session, batch {b}): "
                               f"{peer['throughput_img_s']:.1f} img/s; leukedge infer {e2e['throughput_img_s']:.1f} img/s = "
                               f"[bold]{row['e2e_over_peer']:.1f}x[/] (target >= 8x); peer vs leukedge inputs max |diff| "
-                              f"{peer['input_max_abs_diff']:.3f}, probabilities max |diff| {peer['prob_max_abs_diff']:.4f}")
+                              f"{peer['input_max_abs_diff']:.3f}, model outputs (logits) max |diff| {peer['output_max_abs_diff']:.3f}")
             rows.append(row)
             th = e2e["threads"]
             console.print(f"{label} b={b} threads pre {th['preprocess']}/backend {th['backend'] or 'default'}"

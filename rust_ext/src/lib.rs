@@ -1,7 +1,8 @@
 //! `leukedge._native`: the Rust core of leukedge.
 //!
 //! Pure-Rust modules (each with `cargo test`s, no Python needed):
-//! [`decode`], [`stain`], [`resize`], [`batch`], [`config`], [`error`].
+//! [`decode`], [`stain`] (mask, params, macenko, reinhard, lab), [`numeric`] (select, linalg),
+//! [`resize`], [`batch`], [`config`], [`error`]; `Pipeline` (the pyclass) is in `py_pipeline`.
 //! The `#[pyfunction]`s below are thin wrappers: they convert arguments while holding the GIL,
 //! release it (`Python::detach`) for all pixel work, and map [`error::Error`] to Python
 //! exceptions. No panic crosses into Python: batch items run under `catch_unwind`, and PyO3

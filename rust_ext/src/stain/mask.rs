@@ -99,7 +99,15 @@ pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px:
     let mut cnt = 0usize;
     // Branch-free per pixel: the slot `cnt` is always written and kept only for foreground
     // (`cnt <= j < n`, so it is in bounds); background pixels are stored back as black.
-    let mut one = |rgb: &mut [u8], j: usize| {
+    #[inline(always)]
+    fn one(
+        rgb: &mut [u8],
+        j: usize,
+        rule: MaskRule,
+        idx_out: &mut [std::mem::MaybeUninit<u32>],
+        px_out: &mut [std::mem::MaybeUninit<[u8; 3]>],
+        cnt: &mut usize,
+    ) {
         let q = &mut rgb[3 * j..3 * j + 3];
         let p = [q[0], q[1], q[2]];
         let fg = !rule.is_background(&p);
@@ -107,25 +115,40 @@ pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px:
         q[0] = p[0] & m;
         q[1] = p[1] & m;
         q[2] = p[2] & m;
-        idx_out[cnt].write(j as u32);
-        px_out[cnt].write(p);
-        cnt += fg as usize;
-    };
+        idx_out[*cnt].write(j as u32);
+        px_out[*cnt].write(p);
+        *cnt += fg as usize;
+    }
     let mut i = 0;
     while i + 8 <= n {
-        let c = &rgb[3 * i..3 * i + 24];
+        let c: &[u8; 24] = rgb[3 * i..3 * i + 24].try_into().unwrap();
         let a = u64::from_ne_bytes(c[0..8].try_into().unwrap());
         let b = u64::from_ne_bytes(c[8..16].try_into().unwrap());
         let d = u64::from_ne_bytes(c[16..24].try_into().unwrap());
         if a | b | d != 0 {
-            for j in i..i + 8 {
-                one(rgb, j);
+            let mut all_fg = true;
+            for k in 0..8 {
+                all_fg &= !rule.is_background(&c[3 * k..3 * k + 3]);
+            }
+            if all_fg {
+                // the common case inside a cell: pixels stay as they are, all 8 are appended
+                // (`cnt + 8 <= i + 8 <= n`, in bounds)
+                let (io, po) = (&mut idx_out[cnt..cnt + 8], &mut px_out[cnt..cnt + 8]);
+                for k in 0..8 {
+                    io[k].write((i + k) as u32);
+                    po[k].write([c[3 * k], c[3 * k + 1], c[3 * k + 2]]);
+                }
+                cnt += 8;
+            } else {
+                for j in i..i + 8 {
+                    one(rgb, j, rule, idx_out, px_out, &mut cnt);
+                }
             }
         }
         i += 8;
     }
     for j in i..n {
-        one(rgb, j);
+        one(rgb, j, rule, idx_out, px_out, &mut cnt);
     }
     // SAFETY: slots `0..cnt` of both spare capacities were written above.
     unsafe {
