@@ -11,7 +11,8 @@ It implements the settings of the shipped model (``stain.method = "none"``, ``cr
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -159,7 +159,7 @@ class _FakeNative:
         self.calls: list[list[str]] = []
         self.interrupt_on_call = interrupt_on_call
 
-    def Pipeline(self, config_json):  # noqa: N802 (mirrors leukedge._native.Pipeline)
+    def Pipeline(self, config_json):
         fake = self
 
         class _Pipeline:

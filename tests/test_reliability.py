@@ -691,7 +691,7 @@ def test_preprocess_resumes_after_kill_9(tmp_path):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def Pipeline(self, config):  # noqa: N802 (mirrors leukedge._native.Pipeline)
+        def Pipeline(self, config):
             pipe = real.Pipeline(config)
 
             class Run:
