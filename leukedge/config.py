@@ -76,7 +76,8 @@ class StainConfig:
     450x450, ~35,000 foreground pixels per cell) against the exact default: 16384 -> mean |diff| 0.10 grey
     levels over the image, 1.3 % of all pixels (about 7 % of the foreground) off by more than 1 level, max 38;
     8192 -> mean 0.18, 2.9 %, max 38; 4096 -> mean 0.35, 4.5 %, max 220 (one cell's fit flips). Not
-    recommended below 16384."""
+    recommended below 16384. Macenko instructions per cell (callgrind): 5.95 M at 16384, 4.88 M at 8192,
+    8.42 M exact."""
 
     def __post_init__(self) -> None:
         for name in ("io", "alpha", "beta"):
