@@ -3,7 +3,7 @@
 The job is three stages of one :class:`ray.data.Dataset`:
 
 1. the file list (``{"idx", "path"}`` rows, discovered on the driver exactly as plain ``infer`` does);
-2. ``map_batches`` of the Rust batch preprocessing (``leukedge._native.preprocess_batch``, GIL released)
+2. ``map_batches`` of the Rust batch preprocessing (``leukedge._native.Pipeline.run``, GIL released)
    in stateless CPU tasks, producing normalised NCHW float32 batches and a per-file status;
 3. ``map_batches`` of the chosen backend in an actor pool (:class:`_Classify`): every actor loads the
    model once (a :class:`leukedge.infer.Predictor`, so backend choice and fallbacks are those of plain
@@ -92,16 +92,17 @@ def preprocess_stage(batch: dict[str, np.ndarray], *, cfg_json: str, threads: in
 
     Per-file problems come back as ``ok=False`` rows (zero-filled ``x``); should the whole call fail, the
     files are retried one by one so that one bad file still costs only its own row."""
-    from ._native import preprocess_batch
+    from .config import _native_pipeline
 
+    preprocess_batch = _native_pipeline(cfg_json).run  # parsed and validated once per worker process
     paths = [str(p) for p in batch["path"]]
     try:
-        x, statuses = preprocess_batch(paths, cfg_json, threads=threads)
+        x, statuses = preprocess_batch(paths, threads=threads)
     except Exception:  # noqa: BLE001 - isolate the culprit file by file
         xs, statuses = [], []
         for p in paths:
             try:
-                xi, st = preprocess_batch([p], cfg_json, threads=threads)
+                xi, st = preprocess_batch([p], threads=threads)
                 xs.append(xi[0])
                 statuses.append(st[0])
             except Exception as exc:  # noqa: BLE001 - becomes this file's error row
