@@ -2,9 +2,12 @@
 """Inference benchmark: every available backend × batch size.
 
 For each (backend, batch) it measures, on the same images:
-  * preprocessing alone   (Rust ``preprocess_batch``, one batch at a time, into a preallocated array)
+  * preprocessing alone   (Rust ``Pipeline.run``, one batch at a time, into a preallocated array)
   * backend alone         (``backend.infer_timed`` on already preprocessed batches; compute / H2D / D2H on TensorRT)
   * end to end            (``leukedge.infer.run_inference``: discovery, pipelined preprocessing ∥ inference, results)
+  * peer (ONNX Runtime rows, batch ``--peer-batch``): the typical user pipeline of ``peer_pipeline.py``
+    (Pillow decode + NumPy crop/pad + Pillow resize + the same ONNX Runtime session), reported as
+    ``end-to-end / peer`` (target >= 8x with the shipped model: ``--model leukedge/default_model``)
 and reports throughput, per-batch latency percentiles (p50/p95/p99) and
 ``end-to-end / slower stage alone`` (target >= 0.90: pipelining hides the faster stage).
 Stage-alone and end-to-end runs are repeated (``--repeats``, interleaved) and the median run is kept.
@@ -62,23 +65,48 @@ def make_bundle(d: Path, size: int, arch: str) -> Path:
 
 
 def bench_preprocess(paths: list[str], cfg, batch: int, threads: int, min_time: float = 1.0) -> dict:
-    from leukedge._native import preprocess_batch
-
+    pipe = cfg.pipeline()
     buf = np.zeros((batch, 3, cfg.size, cfg.size), dtype=cfg.dtype)
-    j = cfg.to_native_json()
     times, n = [], 0
     t0 = time.perf_counter()
     while True:
         for i in range(0, len(paths), batch):
             chunk = paths[i:i + batch]
             t = time.perf_counter()
-            preprocess_batch(chunk, j, out=buf[:len(chunk)], threads=threads)
+            pipe.run(chunk, out=buf[:len(chunk)], threads=threads)
             times.append((time.perf_counter() - t) * 1e3)
             n += len(chunk)
         if time.perf_counter() - t0 >= min_time:
             break
     wall = time.perf_counter() - t0
     return {"throughput_img_s": n / wall, "latency_ms": summarize_ms(times)}
+
+
+def bench_peer(backend, paths: list[str], cfg, batch: int, x_all: np.ndarray, e2e_runs: list[dict], pred, images,
+               repeats: int) -> dict:
+    """The typical user pipeline (peer_pipeline.py) on the same session, interleaved with extra end-to-end runs
+    of `leukedge infer` so both see the same machine load; median of `repeats` each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peer_pipeline
+
+    from leukedge.infer import run_inference
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        return backend.session.run([backend.output_name], {backend.input_name: x})[0]
+
+    runs = []
+    for _ in range(repeats):
+        r = peer_pipeline.run(paths, cfg, infer, batch, cfg.dtype)
+        runs.append(r)
+        e2e_runs.append(run_inference(None, [images], None, predictor=pred, warmup=2, limit=len(paths)).stats)
+    mid = sorted(runs, key=lambda r: r["throughput_img_s"])[(len(runs) - 1) // 2]
+    # the two pipelines' inputs and outputs, side by side (not bit-identical: Pillow's resize vs fast_image_resize)
+    x_peer = np.stack([peer_pipeline.preprocess_one(p, cfg) for p in paths[:64]])
+    ours = infer(x_all[:64])
+    return {"throughput_img_s": mid["throughput_img_s"], "throughput_runs": [r["throughput_img_s"] for r in runs],
+            "batch": batch, "what": peer_pipeline.__doc__.splitlines()[0],
+            "input_max_abs_diff": float(np.abs(x_peer - x_all[:64].astype(np.float32)).max()),
+            "output_max_abs_diff": float(np.abs(mid["outputs"][:64].astype(np.float32) - ours.astype(np.float32)).max())}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -120,12 +148,10 @@ def bench_concurrent(backend, x_all: np.ndarray, paths: list[str], cfg, batch: i
     can reach the stage-alone speed."""
     import threading
 
-    from leukedge._native import preprocess_batch
-
+    pipe = cfg.pipeline()
     chunks = [x_all[i:i + batch] for i in range(0, len(x_all), batch)]
     chunks = [c for c in chunks if len(c) == batch] or chunks[:1]
     buf = np.zeros((batch, 3, cfg.size, cfg.size), dtype=cfg.dtype)
-    j = cfg.to_native_json()
     stop = threading.Event()
     pre = {"n": 0}
 
@@ -134,7 +160,7 @@ def bench_concurrent(backend, x_all: np.ndarray, paths: list[str], cfg, batch: i
         while not stop.is_set():
             for i in range(0, len(paths), batch):
                 chunk = paths[i:i + batch]
-                preprocess_batch(chunk, j, out=buf[:len(chunk)], threads=threads)
+                pipe.run(chunk, out=buf[:len(chunk)], threads=threads)
                 pre["n"] += len(chunk)
                 if stop.is_set():
                     break
@@ -168,6 +194,7 @@ def main() -> int:
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per stage-alone measurement")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved repetitions of stage-alone and end-to-end runs; the median-throughput run is kept")
+    ap.add_argument("--peer-batch", type=int, default=32, help="batch size of the peer row (Pillow + NumPy + ORT)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "infer.json")
     args = ap.parse_args()
 
@@ -230,9 +257,7 @@ def main() -> int:
             continue
         cfg = backend.spec.config.replace(layout="nchw", dtype=backend.input_dtype)
         input_size = cfg.size
-        from leukedge._native import preprocess_batch
-
-        x_all, _ = preprocess_batch(paths, cfg.to_native_json(), threads=args.threads)
+        x_all, _ = cfg.pipeline().run(paths, threads=args.threads)
         for b in batches:
             if backend.max_batch and b > backend.max_batch:
                 continue
@@ -250,6 +275,9 @@ def main() -> int:
                 pre_runs.append(pre_cache[key][rep])
                 eng_runs.append(bench_backend(backend, x_all, b, min_time=args.min_time))  # at plan.backend threads
                 e2e_runs.append(run_inference(None, [images], None, predictor=pred, warmup=2, limit=len(paths)).stats)
+            peer = None
+            if label.startswith("onnxruntime") and b == args.peer_batch:
+                peer = bench_peer(backend, paths, cfg, b, x_all, e2e_runs, pred, images, args.repeats)
             pre, eng, e2e = (median_run(r) for r in (pre_runs, eng_runs, e2e_runs))
             eng["threads"] = getattr(backend, "threads", plan.backend)
             conc = bench_concurrent(backend, x_all, paths, cfg, b, plan.preprocess, args.min_time)
@@ -287,6 +315,13 @@ def main() -> int:
                 "work_bound_img_s": bound,
                 "e2e_over_work_bound": e2e["throughput_img_s"] / bound,
             }
+            if peer is not None:
+                row["peer_pillow_numpy_ort"] = peer
+                row["e2e_over_peer"] = e2e["throughput_img_s"] / peer["throughput_img_s"]
+                console.print(f"peer (Pillow decode + NumPy crop/pad + Pillow resize + the same ORT session, batch {b}): "
+                              f"{peer['throughput_img_s']:.1f} img/s; leukedge infer {e2e['throughput_img_s']:.1f} img/s = "
+                              f"[bold]{row['e2e_over_peer']:.1f}x[/] (target >= 8x); peer vs leukedge inputs max |diff| "
+                              f"{peer['input_max_abs_diff']:.3f}, model outputs (logits) max |diff| {peer['output_max_abs_diff']:.3f}")
             rows.append(row)
             th = e2e["threads"]
             console.print(f"{label} b={b} threads pre {th['preprocess']}/backend {th['backend'] or 'default'}"

@@ -41,10 +41,29 @@ without its end-of-image marker (cut off, half written) is refused as truncated,
 """
 
 import os
-from typing import Sequence, TypedDict, Union
+from typing import Protocol, Sequence, TypedDict, Union, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "DecodeError",
+    "StainError",
+    "ConfigError",
+    "DEFAULT_MAX_PIXELS",
+    "__version__",
+    "decode",
+    "fit_stain",
+    "normalize_stain",
+    "reference_params",
+    "resize",
+    "foreground_mask",
+    "foreground_bbox",
+    "preprocess_batch",
+    "Pipeline",
+    "default_threads",
+    "max_file_bytes",
+]
 
 __version__: str
 DEFAULT_MAX_PIXELS: int
@@ -61,10 +80,10 @@ class ConfigError(ValueError):
     """The preprocessing configuration JSON is invalid (unknown field, value out of range,
     stain ``params`` that do not match ``stain.method``)."""
 
-ImageArray = npt.NDArray[np.uint8]
-PathLike = Union[str, "os.PathLike[str]"]
+_ImageArray = npt.NDArray[np.uint8]
+_PathLike = Union[str, "os.PathLike[str]"]
 
-class ItemStatus(TypedDict):
+class _ItemStatus(TypedDict):
     index: int
     """Position of the item in ``items``."""
     source: str
@@ -74,8 +93,12 @@ class ItemStatus(TypedDict):
     """Why the item failed (names the file); ``None`` when ``ok``."""
     stain_fallback: bool
     """True when stain normalisation fell back to the unnormalised image (see module docs)."""
+    stain_reason: str | None
+    """Why the stain normalisation fell back (e.g. ``"only 120 foreground pixels
+    (min_foreground=500)"``, ``"optical density has zero variance (uniform colour)"``); ``None``
+    when it did not."""
 
-def decode(source: PathLike | bytes, max_pixels: int = 64_000_000) -> ImageArray:
+def decode(source: _PathLike | bytes, max_pixels: int = 64_000_000) -> _ImageArray:
     """Decode an image file (path) or encoded bytes into a ``(H, W, 3)`` uint8 RGB array.
 
     Raises:
@@ -84,7 +107,7 @@ def decode(source: PathLike | bytes, max_pixels: int = 64_000_000) -> ImageArray
             format (only BMP, PNG, JPEG, TIFF), or the file cannot be read.
     """
 
-def fit_stain(images: Sequence[ImageArray] | ImageArray, config_json: str) -> str:
+def fit_stain(images: Sequence[_ImageArray] | _ImageArray, config_json: str) -> str:
     """Fit stain parameters for ``config.stain.method`` on the pooled foreground pixels of one
     or more reference images; returns a JSON object to store in ``StainConfig.params``.
 
@@ -99,7 +122,7 @@ def fit_stain(images: Sequence[ImageArray] | ImageArray, config_json: str) -> st
         ConfigError: invalid ``config_json``.
     """
 
-def normalize_stain(image: ImageArray, config_json: str) -> tuple[ImageArray, bool]:
+def normalize_stain(image: _ImageArray, config_json: str) -> tuple[_ImageArray, bool]:
     """Stain-normalise one image to the config's reference (``stain.params`` or the built-in
     reference). Returns ``(rgb_uint8 (H, W, 3), fallback)``; never raises for degenerate images
     (see "Fallback" in the module docs). ``method="none"`` returns the image unchanged."""
@@ -107,7 +130,7 @@ def normalize_stain(image: ImageArray, config_json: str) -> tuple[ImageArray, bo
 def reference_params(method: str) -> str:
     """The built-in reference parameters of ``method`` ("macenko", "reinhard", "none") as JSON."""
 
-def resize(image: ImageArray, width: int, height: int, filter: str = "bilinear") -> ImageArray:
+def resize(image: _ImageArray, width: int, height: int, filter: str = "bilinear") -> _ImageArray:
     """Resize a uint8 image (``(H, W)`` or ``(H, W, C)`` with C in 1..4; channels are kept and
     alpha is resized like any other channel) with fast_image_resize.
 
@@ -122,22 +145,23 @@ def resize(image: ImageArray, width: int, height: int, filter: str = "bilinear")
     """
 
 def foreground_mask(
-    image: ImageArray, black_threshold: int = 10, white_threshold: int | None = None
+    image: _ImageArray, black_threshold: int = 10, white_threshold: int | None = None
 ) -> npt.NDArray[np.bool_]:
     """Boolean ``(H, W)`` mask, True for foreground (see the background rule in the module docs)."""
 
 def foreground_bbox(
-    image: ImageArray, black_threshold: int = 10, white_threshold: int | None = None
+    image: _ImageArray, black_threshold: int = 10, white_threshold: int | None = None
 ) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, x1, y1)`` (end-exclusive) of the foreground, or ``None``."""
 
 def preprocess_batch(
-    items: Sequence[PathLike | bytes | ImageArray],
+    items: Sequence[_PathLike | bytes | _ImageArray],
     config_json: str,
     out: np.ndarray | None = None,
     threads: int = 0,
-) -> tuple[np.ndarray, list[ItemStatus]]:
-    """Decode, crop, stain-normalise, square and resize a batch in parallel.
+) -> tuple[np.ndarray, list[_ItemStatus]]:
+    """Decode, crop, stain-normalise, square and resize a batch in parallel (one-shot form of
+    ``Pipeline(config_json).run(items, out, threads)``: the config is parsed on every call).
 
     Per item: decode (paths / encoded bytes) or take the array -> crop to the foreground bounding
     box plus ``crop_margin`` (``crop="bbox"``; whole image when there is no foreground) -> stain
@@ -160,6 +184,52 @@ def preprocess_batch(
     (an item that is not a path / bytes / array), ``ValueError`` (non-uint8 or non-image array,
     bad ``out``).
     """
+
+class _NativeConfig(Protocol):
+    def to_native_json(self) -> str: ...
+
+@final
+class Pipeline:
+    """A preprocessing configuration parsed and validated once (every bound lives in the Rust
+    core's ``config.rs``), with its stain parameters resolved and its output tables built once.
+
+    ``config`` is the JSON of ``PreprocessConfig.to_native_json()`` or a ``PreprocessConfig``.
+    ``leukedge.PreprocessConfig`` validates through this class and caches one per configuration
+    (``PreprocessConfig.pipeline()``).
+
+    Raises:
+        ConfigError: unknown field, value out of range, or stain ``params`` that do not match
+            ``stain.method``.
+        TypeError: ``config`` is neither a str nor has ``to_native_json()``.
+    """
+
+    def __new__(cls, config: str | _NativeConfig) -> Pipeline: ...
+    def run(
+        self,
+        items: Sequence[_PathLike | bytes | _ImageArray],
+        out: np.ndarray | None = None,
+        threads: int = 0,
+    ) -> tuple[np.ndarray, list[_ItemStatus]]:
+        """Decode, crop, stain-normalise, square and resize a batch in parallel; exactly
+        :func:`preprocess_batch` with this pipeline's config (see there for the per-item steps, the
+        output, ``out``, ``threads`` and errors). Each status also carries ``stain_reason``."""
+    def output_shape(self, n: int) -> tuple[int, int, int, int]:
+        """Shape of the output for ``n`` items: ``(n, 3, S, S)`` (nchw) or ``(n, S, S, 3)`` (nhwc)."""
+    @property
+    def config(self) -> str:
+        """The validated configuration as JSON, every field explicit (defaults filled in)."""
+    @property
+    def size(self) -> int:
+        """Output side length ``S`` in pixels."""
+    @property
+    def dtype(self) -> str:
+        """Output dtype: ``"float32"``, ``"float16"`` or ``"uint8"``."""
+    @property
+    def layout(self) -> str:
+        """Output layout: ``"nchw"`` or ``"nhwc"``."""
+    @property
+    def stain_method(self) -> str:
+        """``"macenko"``, ``"reinhard"`` or ``"none"``."""
 
 def default_threads() -> int:
     """Number of worker threads used for ``threads=0`` (available CPU cores)."""

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
 from ._util import Reporter
 from .train import TrainConfig, _as_int, _write_json, recipe_of, usable_rows
 
@@ -92,13 +93,16 @@ def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
 
 
 def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int, tr: list[int], va: list[int],
-                      log: Callable[[str], None], reporter: Reporter | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+                      log: Callable[[str], None], reporter: Reporter | None,
+                      dctx: _ddp.DistContext | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """P(all) of one fold's validation rows and its training history: from a finished earlier run
     (``resume``, same test-time settings), else by training the fold into ``run``."""
     from .train import train
 
+    dctx = dctx or _ddp.DistContext()
     pred_file = run / "val_predictions.csv"
     prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
+    prev = dctx.broadcast(prev)  # [ddp] rank 0's files decide
     if prev is not None and set(prev) == set(va):
         probs = np.array([prev[i] for i in va])
         hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
@@ -109,10 +113,11 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
         order = {r: j for j, r in enumerate(res.val_indices)}
         probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
         hist = res.history
-        with pred_file.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["row", "probability"])
-            w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
+        if dctx.is_main:  # [ddp]
+            with pred_file.open("w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["row", "probability"])
+                w.writerows([i, f"{p:.8f}"] for i, p in zip(va, probs))
     return probs, hist
 
 
@@ -126,6 +131,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     """
     from .artifacts import load_cache
     from .evaluate import compute_metrics
+    from .train import resolve_device
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if folds < 2:
@@ -134,6 +140,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
         raise ValueError("give at least one seed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dctx = _ddp.context(resolve_device(cfg.device))  # [ddp]
     loaded = load_cache(cache)
     manifest = list(loaded.manifest)
     synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
@@ -148,7 +155,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
             log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
                 f"{len(subj_va)} unseen subjects")
-            probs, hist = _fold_predictions(cache, run, cfg, int(seed), tr, va, log, reporter)
+            probs, hist = _fold_predictions(cache, run, cfg, int(seed), tr, va, log, reporter, dctx)  # [ddp]
             y = labels[va]
             m = compute_metrics(y, probs)
             try:
@@ -168,7 +175,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic)
     summary["cache"] = str(cache)
     summary["seconds"] = round(time.time() - t0, 1)
-    write_outputs(out, summary, oof)
+    if dctx.is_main:  # [ddp]
+        write_outputs(out, summary, oof)
     return CVResult(out_dir=out, summary=summary, oof=oof)
 
 

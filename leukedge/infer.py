@@ -1,7 +1,7 @@
 """Batched, pipelined inference over image files, with trtexec-style latency statistics.
 
 While the backend runs batch *k*, a worker thread runs the Rust batch preprocessing
-(``leukedge._native.preprocess_batch``, GIL released) for batch *k+1* into the other of two
+(``leukedge._native.Pipeline.run``, GIL released) for batch *k+1* into the other of two
 preallocated input arrays (double buffering), so preprocessing and inference overlap. Results are
 identical to a sequential run. When the backend also runs on the CPU, the cores are partitioned between the
 two stages (:func:`leukedge.engines.base.plan_threads`): the rayon pool of the preprocessing gets exactly its
@@ -37,9 +37,15 @@ PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
 
 
 def _native_preprocess() -> PreprocessFn:
-    """``leukedge._native.preprocess_batch`` (RuntimeError saying how to build it when it is not built)."""
-    fn: PreprocessFn = load_native().preprocess_batch
-    return fn
+    """``preprocess_batch``'s signature on ``leukedge._native.Pipeline``: the config is parsed and validated,
+    and its tables built, once per configuration (RuntimeError saying how to build the core when it is not built)."""
+    load_native()
+    from .config import _native_pipeline
+
+    def run(items: Any, config_json: str, out: Any = None, threads: int = 0) -> Any:
+        return _native_pipeline(config_json).run(items, out=out, threads=threads)
+
+    return run
 
 
 class ResultsNotWritten(OSError):

@@ -204,7 +204,7 @@ def run_preprocess(
 
     Files are found with :func:`leukedge.data.discover` and split with
     :func:`leukedge.data.assign_splits` (``split_by``: auto|fold|subject|image|none). Work runs in
-    chunks of ``batch_size`` through ``leukedge._native.preprocess_batch`` writing straight into
+    chunks of ``batch_size`` through ``leukedge._native.Pipeline.run`` writing straight into
     the ``images.npy`` memmap. Rows of an existing cache in ``out_dir`` with the same pixel hash and
     the same file sha256 are copied instead of recomputed. Everything is written to
     ``out_dir/.tmp`` first and moved into place at the end, ``cache.json`` last. Per-file failures
@@ -231,10 +231,11 @@ def run_preprocess(
     work = _Work.open(out / TMP_DIR, cfg, records, read_errors, reuse)
     rep = reporter if progress and reporter is not None else NULL_REPORTER
     try:
+        pipe = native.Pipeline(cfg.to_native_json())  # parsed, validated, tables built: once
         with rep.progress("preprocess", total=len(records)) as task:
             for start in range(0, len(records), batch_size):
                 end = min(len(records), start + batch_size)
-                work.run_chunk(native, start, end, old, old_rows, threads)
+                work.run_chunk(native, pipe, start, end, old, old_rows, threads)
                 task.advance(end - start)
     except BaseException:
         # Interrupted or failed: never leave anything that could pass for a cache. The previous
@@ -333,8 +334,9 @@ class _Work:
                 todo.append(i)
         return todo
 
-    def run_chunk(self, native: Any, start: int, end: int, old: Cache | None, old_rows: dict[str, int],
+    def run_chunk(self, native: Any, pipe: Any, start: int, end: int, old: Cache | None, old_rows: dict[str, int],
                   threads: int) -> None:
+        """Rows ``[start, end)`` through ``pipe`` (a ``leukedge._native.Pipeline``) into the memmap, then logged."""
         todo = self._reuse_or_todo(start, end, old, old_rows)
         if todo:
             S = self.cfg.size
@@ -342,7 +344,7 @@ class _Work:
             target = self.images[start:end] if contiguous else np.zeros((len(todo), S, S, 3), np.uint8)
             items = [str(self.records[i].path) for i in todo]
             try:
-                _, st = native.preprocess_batch(items, self.cfg.to_native_json(), out=target, threads=threads)
+                _, st = pipe.run(items, out=target, threads=threads)
             except Exception as exc:  # a settings problem (ConfigError) fails every file
                 if isinstance(exc, getattr(native, "ConfigError", ())):
                     raise ValueError(f"the preprocessing settings were refused: {exc}") from exc

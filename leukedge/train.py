@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._util import PlainReporter, Reporter, callable_module
+from . import distributed as _ddp  # [ddp] torchrun / DistributedDataParallel hooks (no-ops in one process)
+from ._util import NULL_REPORTER, PlainReporter, Reporter, callable_module
 from ._util import as_int as _as_int
 from ._util import atomic_write_json as _write_json
 from .config import PreprocessConfig
@@ -369,17 +370,6 @@ class _BatchSet:
         return torch.from_numpy(np.ascontiguousarray(self.images[idx])), torch.from_numpy(self.labels[idx])
 
 
-def _batches(rows: np.ndarray, batch_size: int, g: Any | None, drop_last: bool) -> list[np.ndarray]:
-    import torch
-
-    if g is not None:
-        rows = rows[torch.randperm(len(rows), generator=g).numpy()]
-    out = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    if drop_last and len(out) > 1 and len(out[-1]) < max(2, batch_size // 4):
-        out = out[:-1]  # a tiny last batch destabilises BatchNorm
-    return out
-
-
 def _iterate(images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], workers: int) -> Any:
     if workers <= 0:
         ds = _BatchSet(images, labels, batches)
@@ -451,7 +441,7 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
     if path is not None:
         try:
             store.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # [ddp] unique: ranks may write at once
             np.save(tmp, out)
             os.replace(tmp, path)
         except OSError:
@@ -632,8 +622,10 @@ class _Trainer:
     model and optimiser, restore a checkpoint, cache frozen features, run the epochs, write the bundle."""
 
     def __init__(self, cfg: TrainConfig, out: Path, rep: Reporter) -> None:
-        self.cfg, self.out, self.rep, self.log = cfg, out, rep, rep.log
         self.device = resolve_device(cfg.device)
+        self.dctx = _ddp.context(self.device)  # [ddp] torchrun: join the process group; one process: no-op hooks
+        rep = rep if self.dctx.is_main else NULL_REPORTER  # [ddp] rank 0 reports
+        self.cfg, self.out, self.rep, self.log = cfg, out, rep, rep.log
         self.ckpt = out / CKPT_DIR
         self.state_file = self.ckpt / "state.json"
         self.history: list[dict[str, Any]] = []
@@ -660,7 +652,7 @@ class _Trainer:
             raise ValueError(f"cache {cache_dir}: images are {size}px but its config says size={pcfg.size}")
         self.inp = _Inputs(images, list(cache.manifest), pcfg, cache_dir, bool(meta.get("synthetic", False)), size)
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        self.resuming = self.cfg.resume and self.state_file.is_file()
+        self.resuming = self.dctx.broadcast(self.cfg.resume and self.state_file.is_file())  # [ddp] rank 0's checkpoint decides
         if self.cfg.resume and not self.resuming:
             self.log(f"[yellow]--resume: no checkpoint in {self.ckpt}, starting from scratch[/]")
 
@@ -672,7 +664,9 @@ class _Trainer:
             split = json.loads(split_path.read_text())
         else:
             split = make_split(manifest, cfg, log)
-            _write_json(split_path, split)
+            if self.dctx.is_main:  # [ddp]
+                _write_json(split_path, split)
+        split = self.dctx.broadcast(split)  # [ddp]
         self.split_info = split
         self.train_rows = np.asarray(split["train_indices"], dtype=np.int64)
         self.val_rows = np.asarray(split["val_indices"], dtype=np.int64)
@@ -711,7 +705,7 @@ class _Trainer:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        steps_per_epoch = len(_batches(self.train_rows, cfg.batch_size, None, drop_last=True))
+        steps_per_epoch = len(self.dctx.epoch_batches(self.train_rows, cfg.batch_size, None))  # [ddp] this rank's steps
         total_steps = max(1, steps_per_epoch * cfg.epochs)
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.epochs > 1 else 0
         warmup = min(warmup, total_steps - 1)
@@ -721,9 +715,15 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
     def restore(self) -> None:
-        """On resume: check the checkpoint was made with the same settings, then load weights and optimiser."""
-        if not self.resuming:
-            return
+        """On resume: check the checkpoint was made with the same settings, then load weights and optimiser
+        (under torchrun rank 0 reads the checkpoint and hands it on to the other ranks)."""
+        if self.resuming and self.dctx.is_main:  # [ddp]
+            self._restore_checkpoint()
+        (self.history, self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch) = self.dctx.share_resume(  # [ddp]
+            self.resuming, self.model, self.optimizer, self.scheduler, self.scaler,
+            (self.history, self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch))
+
+    def _restore_checkpoint(self) -> None:
         import torch
 
         cfg, pcfg, state_file = self.cfg, self.inp.pcfg, self.state_file
@@ -753,7 +753,8 @@ class _Trainer:
         cfg, inp = self.cfg, self.inp
         if cfg.uses_feature_cache():
             t_fc = time.time()
-            with self.rep.progress("frozen-block features (8 views)", total=len(inp.images), transient=True) as ft:
+            with self.dctx.local_main_first(), \
+                    self.rep.progress("frozen-block features (8 views)", total=len(inp.images), transient=True) as ft:  # [ddp]
                 self.feats = prefix_features(self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device,
                                              store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
                                              progress=lambda done, tot: ft.update(completed=done))
@@ -764,14 +765,16 @@ class _Trainer:
                  f"{'ImageNet init' if cfg.pretrained else 'random init'}), {inp.size}px, device {self.device}"
                  f"{', AMP' if self.use_amp else ''}; class weights hem {self.weights[0]:.2f} / all {self.weights[1]:.2f}")
 
-    def predict_val(self, amp: bool) -> np.ndarray:
-        """Validation logits of the model as it will be shipped (test-time views, threshold shift)."""
+    def predict_val(self, amp: bool, rows: np.ndarray | None = None) -> np.ndarray:
+        """Validation logits (of ``rows``, default all validation rows) of the model as it will be shipped
+        (test-time views, threshold shift)."""
         from .models import TestTimeModel
 
         cfg = self.cfg
+        rows = self.val_rows if rows is None else rows
         if self.feats is not None:
-            return predict_features(self.model, self.feats, self.val_rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
-        return predict_rows(TestTimeModel(self.model, cfg.tta, cfg.threshold), self.inp.images, self.val_rows,
+            return predict_features(self.model, self.feats, rows, cfg.freeze_blocks, cfg.tta, cfg.threshold)
+        return predict_rows(TestTimeModel(self.model, cfg.tta, cfg.threshold), self.inp.images, rows,
                             self.inp.pcfg, self.device, amp=amp, channels_last=cfg.channels_last)
 
     def _stop_early(self) -> bool:
@@ -779,7 +782,12 @@ class _Trainer:
         return bool(cfg.patience and cfg.select == "best" and len(self.val_rows) and self.bad_epochs >= cfg.patience)
 
     def epochs(self, on_epoch_end: Callable[[dict[str, Any]], bool | None] | None) -> None:
-        cfg = self.cfg
+        from .models import top_forward
+
+        cfg, model = self.cfg, self.model
+        # [ddp] the training forward pass: through DistributedDataParallel under torchrun
+        self.train_forward = self.dctx.wrap(
+            model, (lambda x: top_forward(model, x, cfg.freeze_blocks)) if self.feats is not None else model)
         self.t_start = time.time()
         with self.rep.progress("epochs", total=cfg.epochs, completed=self.start_epoch - 1) as total_task:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
@@ -814,13 +822,12 @@ class _Trainer:
         """One pass over the training rows, then validation; returns the history record and whether it improved."""
         import torch
 
-        from .models import top_forward
-
         cfg = self.cfg
         t0 = time.time()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout / drop-connect, reproducible across resume
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        batches = _batches(self.train_rows, cfg.batch_size, g, drop_last=True)
+        batches = self.dctx.epoch_batches(self.train_rows, cfg.batch_size, g, seed=cfg.seed, epoch=epoch, log_dir=self.out,
+                                          log=self.log)  # [ddp] one process: _batches(...); torchrun: this rank's shard
         with self.rep.progress(f"epoch {epoch}/{cfg.epochs}", total=len(batches)) as task:
             self.model.train()
             for m in self.frozen:
@@ -831,7 +838,7 @@ class _Trainer:
                 yb = yb.to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", enabled=self.use_amp):
-                    logits = top_forward(self.model, x, cfg.freeze_blocks) if self.feats is not None else self.model(x)
+                    logits = self.train_forward(x)  # [ddp]
                     loss = self.criterion(logits.float(), yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
@@ -843,8 +850,10 @@ class _Trainer:
                 correct += int((logits.argmax(1) == yb).sum().item())
                 seen += len(yb)
                 task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
+        loss_sum, correct, seen = self.dctx.sum(loss_sum, correct, seen)  # [ddp] over all ranks
         if len(self.val_rows):
-            vm = _val_metrics(self.predict_val(amp=self.use_amp), self.y_val)
+            vm = _val_metrics(self.dctx.sharded_predict(lambda r: self.predict_val(self.use_amp, r), self.val_rows,  # [ddp]
+                                                        self.model), self.y_val)
         else:
             vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
         rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
@@ -854,13 +863,17 @@ class _Trainer:
         improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > self.best_f1 + 1e-9
         if improved:
             self.best_f1, self.best_epoch, self.bad_epochs = (vm["val_f1"] if vm["val_f1"] is not None else -1.0), epoch, 0
-            _save_weights(_state_dict_cpu(self.model), self.ckpt / "best.safetensors")
+            if self.dctx.is_main:  # [ddp] checkpoints on rank 0 only
+                _save_weights(_state_dict_cpu(self.model), self.ckpt / "best.safetensors")
         else:
             self.bad_epochs += 1
         return rec, improved
 
     def checkpoint(self, epoch: int) -> None:
-        """Everything ``resume`` needs after ``epoch``: last weights, optimiser state, run state, history."""
+        """Everything ``resume`` needs after ``epoch``: last weights, optimiser state, run state, history
+        (written by rank 0 only under torchrun)."""
+        if not self.dctx.is_main:  # [ddp]
+            return
         import torch
 
         ckpt = self.ckpt
@@ -911,6 +924,9 @@ class _Trainer:
         from .models import TestTimeModel, save_bundle
 
         cfg, inp, out, split = self.cfg, self.inp, self.out, self.split_info
+        if not self.dctx.is_main:  # [ddp] rank 0 scores the kept model and writes the bundle; the others get its result
+            return self.dctx.result(None)
+        self.dctx.finish(self.model)  # [ddp] SyncBatchNorm -> BatchNorm
         self.model.load_state_dict(_load_weights(self.ckpt / "best.safetensors"))
         self.model.to(self.device)
         val_full, prob_val = self.final_validation()
@@ -922,6 +938,7 @@ class _Trainer:
             "cache": str(inp.cache_dir) if inp.cache_dir else None, "preprocess_hash": inp.pcfg.pixel_hash(),
             "synthetic": inp.synthetic, "device": self.device, "train_seconds": round(elapsed, 1),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **self.dctx.record(cfg.batch_size),  # [ddp] {"distributed": world size, effective batch ...} under torchrun
         }
         bundle_dir = out / "bundle"
         if bundle_dir.exists():
@@ -940,7 +957,7 @@ class _Trainer:
                                                   "augment", "class_weighting", "freeze_blocks")}
         save_bundle(bundle_dir, shipped if not shipped.trivial else self.model, arch=cfg.arch, arch_kwargs=self.arch_kwargs,
                     config=inp.pcfg, input_size=inp.size, metrics=bundle_metrics, synthetic=inp.synthetic,
-                    half=cfg.half_weights, extra={"training": training, "recipe": recipe_of(cfg)})
+                    half=cfg.half_weights, extra={"training": training, "recipe": recipe_of(cfg), **self.dctx.record(cfg.batch_size)})  # [ddp]
         _write_json(bundle_dir / "history.json", {"history": self.history, "best_epoch": self.best_epoch})
         _write_json(out / "metrics.json", metrics)
         plots.plot_training_curves(self.history, out / "training_curves.png", title=f"{cfg.arch} training",
@@ -951,9 +968,9 @@ class _Trainer:
         else:
             self.log(f"[bold green]trained {len(self.history)} epochs without validation[/]; bundle in {bundle_dir} "
                      f"({elapsed / 60:.1f} min)")
-        return TrainResult(out_dir=out, bundle_path=bundle_dir, best_epoch=self.best_epoch, best_val_f1=self.best_f1,
-                           history=self.history, metrics=metrics, split=split_summary,
-                           val_indices=[int(i) for i in self.val_rows], val_prob=prob_val)
+        return self.dctx.result(TrainResult(  # [ddp] dctx.result: to every rank
+            out_dir=out, bundle_path=bundle_dir, best_epoch=self.best_epoch, best_val_f1=self.best_f1, history=self.history,
+            metrics=metrics, split=split_summary, val_indices=[int(i) for i in self.val_rows], val_prob=prob_val))
 
 
 def _check_assembled(model: Any, feats: np.ndarray, images: np.ndarray, cfg: PreprocessConfig, n_blocks: int) -> None:

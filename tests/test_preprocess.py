@@ -160,6 +160,15 @@ class _FakeNative:
         self.calls: list[list[str]] = []
         self.interrupt_on_call = interrupt_on_call
 
+    def Pipeline(self, config_json):
+        fake = self
+
+        class _Pipeline:
+            def run(self, items, out=None, threads=0):
+                return fake.preprocess_batch(items, config_json, out=out, threads=threads)
+
+        return _Pipeline()
+
     def preprocess_batch(self, items, config_json, out=None, threads=0):
         self.calls.append(list(items))
         if self.interrupt_on_call is not None and len(self.calls) == self.interrupt_on_call:
@@ -268,8 +277,13 @@ def test_load_cache_refuses_inconsistent_cache(synth_root, tmp_path, monkeypatch
 
 
 def test_invalid_stain_params_are_a_clear_error(native, synth_root, tmp_path):
-    bad = PreprocessConfig(size=16, stain=StainConfig(method="macenko", params={"method": "reinhard", "mean": [1, 2, 3], "std": [1, 1, 1]}))
-    bad.save(tmp_path / "bad.json")
+    params = {"method": "reinhard", "mean": [1, 2, 3], "std": [1, 1, 1]}
+    # the Rust core validates every PreprocessConfig: such a config cannot even be built
+    with pytest.raises(ValueError, match="fitted for method Reinhard"):
+        PreprocessConfig(size=16, stain=StainConfig(method="macenko", params=params))
+    d = PreprocessConfig(size=16).to_dict()
+    d["stain"]["params"] = params
+    (tmp_path / "bad.json").write_text(json.dumps(d))
     res = CliRunner().invoke(preprocess_cmd, [str(synth_root), "-o", str(tmp_path / "c"), "--config", str(tmp_path / "bad.json")])
-    assert res.exit_code == 1 and "settings were refused" in res.output and "reinhard" in res.output.lower()
+    assert res.exit_code == 1 and "not a valid preprocessing config" in res.output and "reinhard" in res.output.lower()
     assert not (tmp_path / "c" / "cache.json").exists() and not (tmp_path / "c" / ".tmp").exists()

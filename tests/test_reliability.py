@@ -672,11 +672,15 @@ def test_preprocess_resumes_after_kill_9(tmp_path):
         class Killer:
             calls = 0
             def __getattr__(self, name): return getattr(real, name)
-            def preprocess_batch(self, *a, **k):
-                Killer.calls += 1
-                if Killer.calls == 3:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real.preprocess_batch(*a, **k)
+            def Pipeline(self, config):
+                pipe = real.Pipeline(config)
+                class Run:
+                    def run(self, *a, **k):
+                        Killer.calls += 1
+                        if Killer.calls == 3:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        return pipe.run(*a, **k)
+                return Run()
         pp._native = lambda: Killer()
         pp.run_preprocess([{str(src)!r}], {str(out)!r}, PreprocessConfig(size=16), threads=1, batch_size=4, progress=False)
     """
@@ -691,9 +695,15 @@ def test_preprocess_resumes_after_kill_9(tmp_path):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def preprocess_batch(self, items, *a, **k):
-            calls.append(list(items))
-            return real.preprocess_batch(items, *a, **k)
+        def Pipeline(self, config):
+            pipe = real.Pipeline(config)
+
+            class Run:
+                def run(self, items, *a, **k):
+                    calls.append(list(items))
+                    return pipe.run(items, *a, **k)
+
+            return Run()
 
     pp_native = pp._native
     try:

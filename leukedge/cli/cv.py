@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ..cv import OOF_FILE, cross_validate
+from ..distributed import is_main  # [ddp]
 from ._console import RichReporter
 from .train import config_from_cli, train_options
 
@@ -35,14 +36,17 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
 
     seed_list = parse_seeds(seeds)
     cfg = config_from_cli(ctx, params, defaults={"select": "last"})
-    console = Console(stderr=True)
+    main_rank = is_main()  # [ddp] under torchrun rank 0 prints
+    console = Console(stderr=True, quiet=not main_rank)
     try:
         res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, log=console.print,
-                             reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
+                             reporter=RichReporter(quiet=cfg.quiet or not main_rank, bars=cfg.progress and main_rank))
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
         raise click.ClickException(f"{cache}: {exc}") from exc
+    if not main_rank:  # [ddp]
+        return
     s = res.summary
     out = Console()
     t = Table(title=f"cross-validation: {s['scheme']}")

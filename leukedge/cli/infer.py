@@ -69,9 +69,16 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Preprocess batch k+1 while batch k runs on the backend.")
 @click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
+# [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.ray_infer)
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run as a Ray Data job: `--ray local` starts a local Ray instance, bare `--ray` joins this "
+                   "machine's cluster, or give an address (ray://head:10001). OUT may also be .parquet.")
+@click.option("--ray-actors", type=click.IntRange(0), default=0, show_default=True,
+              help="With --ray: model actors (0: one per GPU, else one per 4 CPUs).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool, cuda_binding: str) -> None:
+              limit: int | None, pipeline: bool, cuda_binding: str, ray_address: str | None = None,
+              ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
     Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
@@ -83,6 +90,10 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     from ..config import ConfigMismatchError
     from ..engines import BackendUnavailable
 
+    if ray_address is not None:  # [ray]
+        return _infer_ray(sources, model=model, engine=engine, out_path=out_path, address=ray_address, batch=batch,
+                          backend=backend, device=device, precision=precision, limit=limit, actors=ray_actors,
+                          cuda_binding=cuda_binding)
     console = Console()
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
@@ -102,6 +113,45 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
     console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
                   f"(stats {escape(str(res.stats_path))})")
+
+
+def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | None, out_path: Path, address: str,
+               batch: int, backend: str, device: str, precision: str, limit: int | None, actors: int,
+               cuda_binding: str) -> None:
+    """``leukedge infer ... --ray [ADDRESS]``: run the job with a progress bar (files/s, failed) and a summary."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..artifacts import EngineMismatchError
+    from ..config import ConfigMismatchError
+    from ..engines import BackendUnavailable
+    from ..ray_infer import RayProgress, run_ray_inference
+    from ._console import progress_bar
+
+    console = Console()
+    with progress_bar(transient=True, stats=True) as prog:
+        task = prog.add_task("infer (Ray)", total=None, stats="starting Ray ...")
+
+        def on_progress(p: RayProgress) -> None:
+            prog.update(task, total=p.total, completed=p.done, stats=f"{p.files_per_s:.1f} files/s, {p.failed} failed")
+
+        try:
+            res = run_ray_inference(model, sources, out_path, address=address, batch=batch, backend=backend,
+                                    device=device, precision=precision, engine=engine, limit=limit, actors=actors,
+                                    cuda_binding=cuda_binding, progress=on_progress)
+        except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable,
+                RuntimeError, ResultsNotWritten) as exc:
+            raise click.ClickException(str(exc)) from exc
+    s = res.stats
+    console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
+    console.print(f"{s['n_files']} files in {s['wall_s']:.1f} s: [bold]{s['throughput_img_s'] or 0:.1f}[/] files/s "
+                  f"(job start-up included)")
+    bad = [r for r in res.results if r.status != "ok"]
+    for r in bad[:10]:
+        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
+    if len(bad) > 10:
+        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
+    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
 
 
 infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE

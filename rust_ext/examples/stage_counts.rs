@@ -12,7 +12,8 @@
 //! repeats one stage `REPS` times over all files (`none` repeats nothing). The instruction count
 //! of a stage per image is `(Ir(mode) - Ir(none)) / (REPS * files)`. Without valgrind the same
 //! binary prints best-of-5 wall times per image for the chosen stage.
-//! Pipeline config: `crop = "none"`, bilinear 224, NCHW float16 (as benchmarks/bench_preprocess.py).
+//! Pipeline config: `crop = "none"`, bilinear 224, NCHW float16 (as benchmarks/bench_preprocess.py),
+//! or the JSON in the environment variable `STAGE_CONFIG`.
 use std::time::Instant;
 
 use _native::batch::{ItemOut, OutBuf, Pipeline, Source};
@@ -28,7 +29,10 @@ fn main() {
     let mode = args.next().expect("usage: stage_counts MODE FILE...");
     let files: Vec<std::path::PathBuf> = args.map(Into::into).collect();
     assert!(!files.is_empty(), "pass some image files");
-    let p = Pipeline::from_json(r#"{"crop":"none","dtype":"float16","layout":"nchw","size":224}"#).unwrap();
+    // STAGE_CONFIG (JSON) replaces the default config, e.g. '{"crop":"none","dtype":"float16","stain":{"fit_pixels":16384}}'
+    let json = std::env::var("STAGE_CONFIG")
+        .unwrap_or_else(|_| r#"{"crop":"none","dtype":"float16","layout":"nchw","size":224}"#.to_string());
+    let p = Pipeline::from_json(&json).unwrap();
     let cfg = p.cfg.clone();
     let size = cfg.size as usize;
     // preparation (counted in every mode)

@@ -90,6 +90,11 @@ pub struct StainConfig {
     pub black_threshold: u8,
     pub white_threshold: Option<u8>,
     pub min_foreground: usize,
+    /// Fit the per-image stain model on at most this many foreground pixels (a fixed, evenly
+    /// strided subsample, in image order); the transform is still applied to every foreground
+    /// pixel. `None` = every foreground pixel (torchstain's arithmetic, the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit_pixels: Option<usize>,
     /// Fitted parameters (as produced by `fit_stain`); `None` = built-in reference.
     pub params: Option<serde_json::Value>,
 }
@@ -104,6 +109,7 @@ impl Default for StainConfig {
             black_threshold: 10,
             white_threshold: None,
             min_foreground: 500,
+            fit_pixels: None,
             params: None,
         }
     }
@@ -146,7 +152,7 @@ impl Default for Config {
 impl Config {
     /// Parse and validate the JSON produced by `PreprocessConfig.to_native_json()`.
     pub fn from_json(text: &str) -> Result<Config> {
-        let cfg: Config = serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let cfg: Config = serde_json::from_str(text).map_err(|e| Error::Config(name_the_field(text, e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -154,14 +160,14 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.max_pixels == 0 {
-            return bad("max_pixels must be positive".into());
+            return bad("max_pixels must be positive (--max-pixels)".into());
         }
         if !(8..=4096).contains(&self.size) {
-            return bad(format!("size={} must be between 8 and 4096", self.size));
+            return bad(format!("size={} must be between 8 and 4096 (--size)", self.size));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
             return bad(format!(
-                "mean={:?} / std={:?}: need finite values, std > 0",
+                "mean={:?} / std={:?}: need finite values, std > 0 (--mean / --std)",
                 self.mean, self.std
             ));
         }
@@ -183,29 +189,65 @@ impl Config {
     }
 }
 
+/// A serde error names the line and column; name the setting instead: the first top-level (or
+/// `stain.`) field that fails on its own. Runs on the error path only.
+fn name_the_field(text: &str, err: serde_json::Error) -> String {
+    let Ok(serde_json::Value::Object(top)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return err.to_string();
+    };
+    let fails = |obj: serde_json::Value| serde_json::from_value::<Config>(obj).err();
+    for (k, v) in &top {
+        match (k.as_str(), v) {
+            ("stain", serde_json::Value::Object(st)) => {
+                for (sk, sv) in st {
+                    if let Some(e) = fails(serde_json::json!({ "stain": { sk.clone(): sv.clone() } })) {
+                        return format!("stain.{sk}: {e}");
+                    }
+                }
+            }
+            _ => {
+                if let Some(e) = fails(serde_json::json!({ k.clone(): v.clone() })) {
+                    return format!("{k}: {e}");
+                }
+            }
+        }
+    }
+    err.to_string()
+}
+
+/// Smallest accepted `stain.fit_pixels`.
+pub const MIN_FIT_PIXELS: usize = 256;
+
 impl StainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if !(self.io.is_finite() && self.io > 0.0) {
-            return bad(format!("stain.io={} must be > 0", self.io));
+            return bad(format!("stain.io={} must be a finite number > 0 (--stain-io)", self.io));
         }
         if !(self.beta.is_finite() && self.beta > 0.0) {
-            return bad(format!("stain.beta={} must be > 0", self.beta));
+            return bad(format!("stain.beta={} must be a finite number > 0 (--stain-beta)", self.beta));
         }
         if !(self.alpha > 0.0 && self.alpha < 50.0) {
-            return bad(format!("stain.alpha={} must be in (0, 50)", self.alpha));
+            return bad(format!("stain.alpha={} must be in (0, 50) (--stain-alpha)", self.alpha));
+        }
+        if let Some(n) = self.fit_pixels {
+            if n < MIN_FIT_PIXELS {
+                return bad(format!(
+                    "stain.fit_pixels={n} is too few for a stable fit; use at least {MIN_FIT_PIXELS} (or null = all)"
+                ));
+            }
         }
         if self.black_threshold == 255 {
-            return bad("stain.black_threshold=255 would make every pixel background".into());
+            return bad("stain.black_threshold=255 would make every pixel background; it must be in [0, 255) (--black-threshold)".into());
         }
         if self.white_threshold == Some(0) {
-            return bad("stain.white_threshold must be in (0, 255]".into());
+            return bad("stain.white_threshold=0 must be in (0, 255] (--white-threshold)".into());
         }
         if let Some(w) = self.white_threshold {
             if w <= self.black_threshold {
                 return bad(format!(
-                    "stain.white_threshold={w} must be above stain.black_threshold={} (otherwise every \
-                     grey level counts as background)",
+                    "stain.white_threshold={w} must be above stain.black_threshold={} (--white-threshold / \
+                     --black-threshold): otherwise every grey level counts as background and the images come out black",
                     self.black_threshold
                 ));
             }
@@ -251,6 +293,10 @@ mod tests {
             Err(Error::Config(_))
         ));
         assert!(matches!(Config::from_json("not json"), Err(Error::Config(_))));
+        let e = Config::from_json(r#"{"size":64,"crop":"round"}"#).unwrap_err().to_string();
+        assert!(e.contains("crop: unknown variant"), "{e}");
+        let e = Config::from_json(r#"{"stain":{"alpha":1,"black_threshold":300}}"#).unwrap_err().to_string();
+        assert!(e.contains("stain.black_threshold:"), "{e}");
         assert!(matches!(
             Config::from_json(r#"{"stain":{"black_threshold":100,"white_threshold":50}}"#),
             Err(Error::Config(_))

@@ -1,7 +1,8 @@
 //! `leukedge._native`: the Rust core of leukedge.
 //!
 //! Pure-Rust modules (each with `cargo test`s, no Python needed):
-//! [`decode`], [`stain`], [`resize`], [`batch`], [`config`], [`error`].
+//! [`decode`], [`stain`] (mask, params, macenko, reinhard, lab), [`numeric`] (select, linalg),
+//! [`resize`], [`batch`], [`config`], [`error`]; `Pipeline` (the pyclass) is in `py_pipeline`.
 //! The `#[pyfunction]`s below are thin wrappers: they convert arguments while holding the GIL,
 //! release it (`Python::detach`) for all pixel work, and map [`error::Error`] to Python
 //! exceptions. No panic crosses into Python: batch items run under `catch_unwind`, and PyO3
@@ -16,7 +17,10 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod resize;
+pub mod numeric;
 pub mod stain;
+
+mod py_pipeline;
 
 /// mimalloc (as pydantic-core uses): every image is a fresh ~600 KB buffer, which glibc's malloc
 /// serves with mmap/munmap and page faults per item; that cost serialised the worker threads
@@ -165,9 +169,12 @@ fn rgb_to_py<'py>(py: Python<'py>, img: Rgb8) -> PyResult<Bound<'py, PyArray<u8,
 // Python functions
 // ---------------------------------------------------------------------------------------------
 
+// The text signatures spell the default out for Python's inspect / stubtest.
+const _: () = assert!(DEFAULT_MAX_PIXELS == 64_000_000);
+
 /// decode(source, max_pixels=64_000_000) -> ndarray[uint8] (H, W, 3)
 #[pyfunction(name = "decode")]
-#[pyo3(signature = (source, max_pixels = DEFAULT_MAX_PIXELS))]
+#[pyo3(signature = (source, max_pixels = DEFAULT_MAX_PIXELS), text_signature = "(source, max_pixels=64000000)")]
 fn py_decode<'py>(
     py: Python<'py>,
     source: &Bound<'py, PyAny>,
@@ -382,17 +389,15 @@ fn check_out<'py>(out: &Bound<'py, PyAny>, cfg: &Config, shape: &[usize]) -> PyR
     Ok(())
 }
 
-/// preprocess_batch(items, config_json, out=None, threads=0) -> (ndarray, list[dict])
-#[pyfunction]
-#[pyo3(signature = (items, config_json, out = None, threads = 0))]
-fn preprocess_batch<'py>(
+/// Run a validated pipeline over `items` (paths, encoded bytes or uint8 arrays): the shared body of
+/// `Pipeline.run` and `preprocess_batch`.
+fn run_items<'py>(
     py: Python<'py>,
+    pipeline: &Pipeline,
     items: &Bound<'py, PyAny>,
-    config_json: &str,
     out: Option<&Bound<'py, PyAny>>,
     threads: usize,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyList>)> {
-    let pipeline = Pipeline::from_json(config_json).map_err(to_py)?;
     let cfg = &pipeline.cfg;
     if items.is_instance_of::<PyString>() || items.is_instance_of::<PyBytes>() {
         return Err(PyTypeError::new_err(
@@ -482,9 +487,26 @@ fn preprocess_batch<'py>(
         d.set_item("ok", st.ok)?;
         d.set_item("error", st.error.as_deref())?;
         d.set_item("stain_fallback", st.stain_fallback)?;
+        d.set_item("stain_reason", st.stain_reason.as_deref())?;
         list.append(d)?;
     }
     Ok((out_obj, list))
+}
+
+/// preprocess_batch(items, config_json, out=None, threads=0) -> (ndarray, list[dict])
+///
+/// One-shot form of `Pipeline(config_json).run(...)` (parses the config on every call).
+#[pyfunction]
+#[pyo3(signature = (items, config_json, out = None, threads = 0))]
+fn preprocess_batch<'py>(
+    py: Python<'py>,
+    items: &Bound<'py, PyAny>,
+    config_json: &str,
+    out: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyList>)> {
+    let pipeline = Pipeline::from_json(config_json).map_err(to_py)?;
+    run_items(py, &pipeline, items, out, threads)
 }
 
 /// Number of threads used for `threads=0`.
@@ -496,7 +518,7 @@ fn default_threads() -> usize {
 /// max_file_bytes(max_pixels=64_000_000) -> int: the largest file `decode` / `preprocess_batch`
 /// read for this pixel limit (bigger files are refused unread).
 #[pyfunction(name = "max_file_bytes")]
-#[pyo3(signature = (max_pixels = DEFAULT_MAX_PIXELS))]
+#[pyo3(signature = (max_pixels = DEFAULT_MAX_PIXELS), text_signature = "(max_pixels=64000000)")]
 fn py_max_file_bytes(max_pixels: u64) -> u64 {
     decode::max_file_bytes(max_pixels)
 }
@@ -518,6 +540,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(foreground_mask, m)?)?;
     m.add_function(wrap_pyfunction!(foreground_bbox, m)?)?;
     m.add_function(wrap_pyfunction!(preprocess_batch, m)?)?;
+    m.add_class::<py_pipeline::PyPipeline>()?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py_max_file_bytes, m)?)?;
     Ok(())
