@@ -389,11 +389,25 @@ def context(device: str = "cpu") -> DistContext:
 
 
 def _destroy() -> None:
+    """Leave the process group at interpreter exit, after every rank got here.
+
+    Without the barrier a rank could tear its gloo connections down while a peer is still inside its
+    last collective (rank 0's final broadcast), and the peer's gloo thread then aborts the process
+    ("terminate called without an active exception"). gloo's monitored barrier gives up after 30 s
+    instead of waiting forever for a rank that died."""
     try:
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=_dt.timedelta(seconds=30))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: still leave the group
+            pass
+        dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at interpreter exit
         pass
 
