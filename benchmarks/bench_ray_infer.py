@@ -30,15 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def make_images(d: Path, n: int) -> Path:
-    from leukedge.synth import make_cell, write_bmp
-
-    (d / "all").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        write_bmp(d / "all" / f"UID_{i % 7 + 1}_{i + 1}_1_all.bmp", make_cell(i % 2, seed=i, size=450))
-    return d
+from bench_infer import make_images  # noqa: E402  (the same synthetic cells as the plain infer benchmark)
 
 
 def main() -> None:

@@ -85,3 +85,19 @@ def reference():
     assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def infer_cells(tmp_path_factory):
+    """23 synthetic PNG cells in a class folder, with 3 broken files in the middle (read-only:
+    shared by the infer and Ray infer tests)."""
+    from leukedge.synth import make_cell, write_png
+
+    d = tmp_path_factory.mktemp("cells")
+    (d / "all").mkdir()
+    for i in range(23):
+        write_png(d / "all" / f"UID_{i % 3 + 1}_{i + 1}_1_all.png", make_cell(1, seed=i, size=96))
+    (d / "all" / "UID_1_90_1_all.png").write_bytes(b"this is not an image")
+    (d / "all" / "UID_2_91_1_all.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (d / "all" / "UID_3_92_1_all.bmp").write_bytes(b"BM" + b"\0" * 10)
+    return d

@@ -20,18 +20,8 @@ from leukedge.ray_infer import RayProgress, _Classify, run_ray_inference, write_
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory) -> Path:
-    """23 synthetic cells with 3 broken files among them (as in test_infer)."""
-    from leukedge.synth import make_cell, write_png
-
-    d = tmp_path_factory.mktemp("ray_cells")
-    (d / "all").mkdir()
-    for i in range(23):
-        write_png(d / "all" / f"UID_{i % 3 + 1}_{i + 1}_1_all.png", make_cell(1, seed=i, size=96))
-    (d / "all" / "UID_1_90_1_all.png").write_bytes(b"this is not an image")
-    (d / "all" / "UID_2_91_1_all.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (d / "all" / "UID_3_92_1_all.bmp").write_bytes(b"BM" + b"\0" * 10)
-    return d
+def cells(infer_cells):
+    return infer_cells
 
 
 def _jsonl(p: Path) -> list[dict]:

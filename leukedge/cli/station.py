@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,15 +320,8 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     """Per-sample totals (cells, blasts, blast fraction, errors), throughput over the last minute
     and the queue length of a running station."""
     path = _resolve_db(watch_dir, db_path)
-    conn = _open_readonly(path)
-    try:
+    with _reading(path) as conn:
         data = status_data(conn)
-    except sqlite3.DatabaseError as exc:  # corruption found while reading
-        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
-    finally:
-        conn.close()
-    if getattr(conn, "note", ""):
-        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -367,12 +362,23 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     console.print(table)
 
 
-def _open_readonly(path: Path):
-    """Open the database for status / export, or a one-line click error (missing or damaged)."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """The database opened read-only for status / export, closed afterwards; a missing or damaged
+    database (also damage found while reading) is a one-line click error, and the note of a read-only
+    medium (``conn.note``) is printed as a warning once the read succeeded."""
     try:
-        return sdb.connect(path, readonly=True)
+        conn = sdb.connect(path, readonly=True)
     except (FileNotFoundError, sdb.DatabaseDamaged) as exc:
         raise click.ClickException(str(exc)) from exc
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:  # corruption found while reading
+        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
+    finally:
+        conn.close()
+    if getattr(conn, "note", ""):
+        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
 
 
 def _escaped(d: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -425,23 +431,15 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
     path = _resolve_db(watch_dir, db_path)
     if fmt is None:
         fmt = "json" if output.lower().endswith(".json") else "csv"
-    conn = _open_readonly(path)
-    try:
-        with sdb.snapshot(conn):  # one consistent snapshot while the station keeps writing
-            if cells:
-                rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
-            else:
-                rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
-        for r in rows:  # wall-clock times as ISO 8601 with the local UTC offset
-            for k in ("first_result_at", "last_result_at", "detected_at", "done_at"):
-                if r.get(k) is not None:
-                    r[k] = _iso(r[k])
-    except sqlite3.DatabaseError as exc:  # corruption found while reading
-        raise click.ClickException(str(sdb.damaged(path, exc))) from exc
-    finally:
-        conn.close()
-    if getattr(conn, "note", ""):
-        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
+    with _reading(path) as conn, sdb.snapshot(conn):  # one consistent snapshot while the station keeps writing
+        if cells:
+            rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
+        else:
+            rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
+    for r in rows:  # wall-clock times as ISO 8601 with the local UTC offset
+        for k in ("first_result_at", "last_result_at", "detected_at", "done_at"):
+            if r.get(k) is not None:
+                r[k] = _iso(r[k])
     text = render_export(rows, cols, fmt)
     if output == "-":
         sys.stdout.write(text)
