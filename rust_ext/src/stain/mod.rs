@@ -53,7 +53,6 @@ pub use reinhard::*;
 use crate::config::{StainConfig, StainMethod};
 use crate::error::{Error, Result};
 
-
 /// What happened to one image.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StainOutcome {
@@ -198,6 +197,14 @@ pub(crate) mod tests {
         pub fn unit(&mut self) -> f64 {
             (self.next() >> 11) as f64 / (1u64 << 53) as f64
         }
+        /// A uniformly random RGB pixel (three draws, R first).
+        pub fn pixel(&mut self) -> [u8; 3] {
+            [
+                (self.next() % 256) as u8,
+                (self.next() % 256) as u8,
+                (self.next() % 256) as u8,
+            ]
+        }
     }
 
     /// Synthetic H&E-like tissue (no background): random mixture of two stains.
@@ -285,11 +292,7 @@ pub(crate) mod tests {
                         0 | 1 => [0, 0, 0],
                         2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
                         3 => [250, 240, 230],
-                        _ => [
-                            (rng.next() % 256) as u8,
-                            (rng.next() % 256) as u8,
-                            (rng.next() % 256) as u8,
-                        ],
+                        _ => rng.pixel(),
                     })
                     .collect();
                 let mut want_px = Vec::new();
@@ -335,15 +338,7 @@ pub(crate) mod tests {
         let lut = od_lut(240.0);
         let t = dot_tables([0.3, -1.7, 0.9], &lut);
         for n in [0usize, 1, 3, 4, 5, 1001] {
-            let px: Vec<[u8; 3]> = (0..n)
-                .map(|_| {
-                    [
-                        (rng.next() % 256) as u8,
-                        (rng.next() % 256) as u8,
-                        (rng.next() % 256) as u8,
-                    ]
-                })
-                .collect();
+            let px: Vec<[u8; 3]> = (0..n).map(|_| rng.pixel()).collect();
             let mut out = vec![1.0];
             tdot_all(&t, &px, &mut out);
             let want: Vec<f64> = px.iter().map(|&p| tdot(&t, p)).collect();
@@ -370,15 +365,7 @@ pub(crate) mod tests {
             }
         }
         let n = 1003;
-        let px: Vec<[u8; 3]> = (0..n)
-            .map(|_| {
-                [
-                    (rng.next() % 256) as u8,
-                    (rng.next() % 256) as u8,
-                    (rng.next() % 256) as u8,
-                ]
-            })
-            .collect();
+        let px: Vec<[u8; 3]> = (0..n).map(|_| rng.pixel()).collect();
         let idx: Vec<u32> = (0..n as u32).map(|i| (i * 7) % (n as u32 * 2)).collect();
         let mut a = vec![1u8; n * 2 * 3];
         let mut b = a.clone();
@@ -506,11 +493,19 @@ pub(crate) mod tests {
         // a real subsample: deterministic, close to the exact result
         let sub = run(Some(2048));
         assert_eq!(run(Some(2048)), sub);
-        let max_diff = exact.iter().zip(&sub).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+        let max_diff = exact
+            .iter()
+            .zip(&sub)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
         assert!(max_diff <= 16, "max diff {max_diff}");
         let mut buf = Vec::new();
         let fg: Vec<[u8; 3]> = (0..10u8).map(|v| [v, v, v]).collect();
-        assert_eq!(fit_subsample(&fg, Some(4), &mut buf), &[[0, 0, 0], [2, 2, 2], [5, 5, 5], [7, 7, 7]]);
+        assert_eq!(
+            fit_subsample(&fg, Some(4), &mut buf),
+            &[[0, 0, 0], [2, 2, 2], [5, 5, 5], [7, 7, 7]]
+        );
         assert_eq!(fit_subsample(&fg, None, &mut buf).len(), 10);
     }
 
@@ -554,11 +549,7 @@ pub(crate) mod tests {
         let lab = Lab::new();
         let mut rng = Rng::new(5);
         for _ in 0..2000 {
-            let p = [
-                (rng.next() % 256) as u8,
-                (rng.next() % 256) as u8,
-                (rng.next() % 256) as u8,
-            ];
+            let p = rng.pixel();
             let l = lab.from_rgb(p);
             let back = lab.to_rgb([l[0] as f64, l[1] as f64, l[2] as f64]);
             for c in 0..3 {
@@ -603,4 +594,3 @@ pub(crate) mod tests {
         assert!(e.contains("foreground"), "{e}");
     }
 }
-
