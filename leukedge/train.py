@@ -738,8 +738,13 @@ class _Trainer:
             raise ValueError(f"{state_file}: the checkpoint was trained with other settings ("
                              + ", ".join(f"{k} {old_cfg[k]!r}, now {getattr(cfg, k)!r}" for k in changed)
                              + "); use a new run directory or the same settings")
-        self.model.load_state_dict(_load_weights(self.ckpt / "last.safetensors"))
-        opt_state = torch.load(self.ckpt / "optim.pt", map_location=self.device, weights_only=True)
+        # the files state.json names (runs checkpointed before they were named: last.safetensors / optim.pt)
+        weights, optim = self.ckpt / str(st.get("weights", "last.safetensors")), self.ckpt / str(st.get("optim", "optim.pt"))
+        for f in (weights, optim):
+            if f.parent != self.ckpt or not f.is_file():
+                raise ValueError(f"{state_file}: names checkpoint file {f.name!r}, which is missing; use a new run directory")
+        self.model.load_state_dict(_load_weights(weights))
+        opt_state = torch.load(optim, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(opt_state["optimizer"])
         self.scheduler.load_state_dict(opt_state["scheduler"])
         self.scaler.load_state_dict(opt_state["scaler"])
@@ -876,13 +881,23 @@ class _Trainer:
             return
         import torch
 
+        # One consistent checkpoint whenever the process dies: this epoch's weights and optimiser go to
+        # new files first, then state.json (written atomically) names them, and only then are the previous
+        # epoch's files removed. A kill at any point leaves state.json naming a complete, matching pair.
         ckpt = self.ckpt
-        _save_weights(_state_dict_cpu(self.model), ckpt / "last.safetensors")
+        weights, optim = f"last-{epoch:04d}.safetensors", f"optim-{epoch:04d}.pt"
+        _save_weights(_state_dict_cpu(self.model), ckpt / weights)
+        tmp = ckpt / f"{optim}.tmp"
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict()}, ckpt / "optim.pt")
+                    "scaler": self.scaler.state_dict()}, tmp)
+        os.replace(tmp, ckpt / optim)
         _write_json(self.state_file, {"epoch": epoch, "arch": self.cfg.arch, "preprocess_hash": self.inp.pcfg.pixel_hash(),
                                       "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                                      "history": self.history, "train_config": self.cfg.to_dict()})
+                                      "history": self.history, "train_config": self.cfg.to_dict(),
+                                      "weights": weights, "optim": optim})
+        for old in [*ckpt.glob("last-*.safetensors"), *ckpt.glob("optim-*.pt"), ckpt / "last.safetensors", ckpt / "optim.pt"]:
+            if old.name not in (weights, optim):
+                old.unlink(missing_ok=True)
         _write_json(self.out / "history.json", {"history": self.history, "best_epoch": self.best_epoch})
 
     def _report_epoch(self, epoch: int, rec: dict[str, Any], improved: bool, total_task: Any) -> None:

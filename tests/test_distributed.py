@@ -110,8 +110,9 @@ def test_torchrun_two_ranks_train(straight, synth_cache):
     assert best_f1 >= 0.7 and metrics["val"]["roc_auc"] >= 0.75, [h["val_f1"] for h in hist]
     # Only rank 0 wrote: one "bundle in" line, one bundle, no per-rank leftovers.
     assert (r.stdout + r.stderr).count("bundle in") == 1
-    for name in ("bundle/bundle.json", "bundle/model.safetensors", "split.json", "checkpoints/last.safetensors",
-                 "checkpoints/optim.pt", "training_curves.png"):
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    for name in ("bundle/bundle.json", "bundle/model.safetensors", "split.json", f"checkpoints/{state['weights']}",
+                 f"checkpoints/{state['optim']}", "training_curves.png"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     meta = json.loads((out / "bundle" / "bundle.json").read_text())

@@ -51,8 +51,13 @@ def test_tiny_model_learns_synthetic_cells(trained, synth_cache):
     assert res.metrics["val"]["roc_auc"] >= 0.75
     assert res.best_epoch == max(hist, key=lambda h: h["val_f1"])["epoch"]
     for name in ("history.json", "metrics.json", "split.json", "training_curves.png", "bundle/model.safetensors",
-                 "bundle/bundle.json", "bundle/history.json", "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
+                 "bundle/bundle.json", "bundle/history.json", "checkpoints/best.safetensors", "checkpoints/state.json"):
         assert (res.out_dir / name).is_file(), name
+    # state.json names the last epoch's weights and optimiser; no older epoch's files are left behind
+    state = json.loads((res.out_dir / "checkpoints" / "state.json").read_text())
+    assert (state["weights"], state["optim"]) == ("last-0006.safetensors", "optim-0006.pt")
+    assert sorted(f.name for f in (res.out_dir / "checkpoints").iterdir()) == sorted(
+        ["best.safetensors", "state.json", state["weights"], state["optim"]])
     meta = json.loads((res.bundle_path / "bundle.json").read_text())
     from leukedge.preprocess import load_cache
 
@@ -128,6 +133,33 @@ def test_resume_continues_exactly(synth_cache, tmp_path):
     wb = load_file(str(res.bundle_path / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_after_a_kill_inside_the_checkpoint(synth_cache, tmp_path, monkeypatch):
+    """A run killed after epoch 2's weights were written but before its optimiser and state.json resumes
+    from the consistent epoch-1 checkpoint and ends exactly like an uninterrupted run."""
+    cfg = TrainConfig(epochs=3, seed=1, limit=200, resplit=True, **FAST)
+    ref = train(synth_cache, tmp_path / "straight", cfg)
+    real_save = torch.save
+
+    def killed_in_epoch_2(obj, f, *a, **k):
+        if "optim-0002" in str(f):
+            raise KeyboardInterrupt("killed between the checkpoint's files")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(synth_cache, tmp_path / "torn", cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = tmp_path / "torn" / "checkpoints"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 1 and (ckpt / "last-0002.safetensors").is_file()  # epoch 2's weights are there, unnamed
+    res = train(synth_cache, tmp_path / "torn", cfg, resume=True)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    for a, b in zip(ref.history, res.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_f1"] == pytest.approx(b["val_f1"], abs=1e-9)
+    assert not (ckpt / "last-0002.safetensors").exists() and (ckpt / "last-0003.safetensors").is_file()
 
 
 def test_no_validation_trains_fixed_epochs(synth_cache, tmp_path):
