@@ -35,9 +35,12 @@ FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
 # FP16 weights/activations keep ~3 significant digits. A small CNN's P(all) moves by ~1e-4; an
 # ImageNet-initialised EfficientNet-Lite0 (activations up to ~60 in its early blocks) moves by up to
 # ~0.03 on a few cells while every predicted class agrees (measured on the shipped default model).
-# The decision is made at the class level, so FP16 is judged on top-1 agreement plus a bound on
-# the probability shift that still catches a broken conversion (overflow, wrong casts: |dp| ~ 0.5).
-FP16_TOL = {"max_abs_prob": 0.05, "min_top1": 0.98}
+# FP16 is judged on a bound on that probability shift, which still catches a broken conversion
+# (overflow, wrong casts: |dp| ~ 0.5). No top-1 floor: a class flips only where |dp| >= |p - 0.5|, so
+# under the bound every flip is a borderline cell within 0.05 of the threshold (reported as
+# "borderline_flips"), and a fixed floor would fail a correct graph whenever a sample holds a few such
+# cells (seen: 2 of 68 sample cells at p ~ 0.5 on a 192 px model, max |dp| 0.03).
+FP16_TOL = {"max_abs_prob": 0.05}
 
 META_PREFIX = "leukedge."
 
@@ -102,11 +105,14 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
         "max_rel_logit": float(rel.max()) if rel.size else 0.0,
         "max_abs_prob": float(np.abs(pr - pg).max()) if len(pr) else 0.0,
         "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if len(ref) else 1.0,
+        "flips": int((ref.argmax(1) != got.argmax(1)).sum()),
+        # flips of cells whose reference P(all) lies within the probability tolerance of the threshold
+        "borderline_flips": int(((ref.argmax(1) != got.argmax(1)) & (np.abs(pr - 0.5) <= FP16_TOL["max_abs_prob"])).sum()),
     }
 
 
 def passes(m: dict[str, Any], tol: dict[str, float]) -> bool:
-    ok = m["top1_agreement"] >= tol["min_top1"]
+    ok = m["top1_agreement"] >= tol.get("min_top1", 0.0)
     if "max_abs_logit" in tol:
         ok = ok and m["max_abs_logit"] <= tol["max_abs_logit"]
     if "max_abs_prob" in tol:
