@@ -15,7 +15,7 @@ use fast_image_resize as fr;
 use crate::config::{Filter, SquareMode};
 use crate::decode::Rgb8;
 use crate::error::{Error, Result};
-use crate::stain::all_zero;
+use crate::stain::{all_zero, first_nonzero, last_nonzero};
 
 /// An axis-aligned rectangle `(x0, y0, x1, y1)`, end-exclusive.
 pub type Rect = (usize, usize, usize, usize);
@@ -147,39 +147,6 @@ pub fn nonzero_bbox(data: &[u8], width: usize, height: usize) -> Option<Rect> {
         }
     }
     Some((x0, y0, x1.max(x0 + 1), y1))
-}
-
-/// True when any of 32 bytes is non-zero (four 64-bit words).
-#[inline(always)]
-fn any32(w: &[u8]) -> bool {
-    let q = |o: usize| u64::from_ne_bytes(w[o..o + 8].try_into().unwrap());
-    q(0) | q(8) | q(16) | q(24) != 0
-}
-
-/// Index of the first non-zero byte (32 bytes per step).
-fn first_nonzero(b: &[u8]) -> Option<usize> {
-    let mut blocks = b.chunks_exact(32);
-    let mut i = 0;
-    for w in &mut blocks {
-        if any32(w) {
-            return w.iter().position(|&v| v != 0).map(|k| i + k);
-        }
-        i += 32;
-    }
-    blocks.remainder().iter().position(|&v| v != 0).map(|k| i + k)
-}
-
-/// Index of the last non-zero byte (32 bytes per step).
-fn last_nonzero(b: &[u8]) -> Option<usize> {
-    let mut blocks = b.rchunks_exact(32);
-    let mut end = b.len();
-    for w in &mut blocks {
-        if any32(w) {
-            return w.iter().rposition(|&v| v != 0).map(|k| end - 32 + k);
-        }
-        end -= 32;
-    }
-    blocks.remainder().iter().rposition(|&v| v != 0)
 }
 
 thread_local! {

@@ -48,6 +48,39 @@ pub fn all_zero(bytes: &[u8]) -> bool {
     blocks.remainder().iter().all(|&v| v == 0)
 }
 
+/// True when any of 32 bytes is non-zero (four 64-bit words).
+#[inline(always)]
+fn any32(w: &[u8]) -> bool {
+    let q = |o: usize| u64::from_ne_bytes(w[o..o + 8].try_into().unwrap());
+    q(0) | q(8) | q(16) | q(24) != 0
+}
+
+/// Index of the first non-zero byte (32 bytes per step).
+pub fn first_nonzero(b: &[u8]) -> Option<usize> {
+    let mut blocks = b.chunks_exact(32);
+    let mut i = 0;
+    for w in &mut blocks {
+        if any32(w) {
+            return w.iter().position(|&v| v != 0).map(|k| i + k);
+        }
+        i += 32;
+    }
+    blocks.remainder().iter().position(|&v| v != 0).map(|k| i + k)
+}
+
+/// Index of the last non-zero byte (32 bytes per step).
+pub fn last_nonzero(b: &[u8]) -> Option<usize> {
+    let mut blocks = b.rchunks_exact(32);
+    let mut end = b.len();
+    for w in &mut blocks {
+        if any32(w) {
+            return w.iter().rposition(|&v| v != 0).map(|k| end - 32 + k);
+        }
+        end -= 32;
+    }
+    blocks.remainder().iter().rposition(|&v| v != 0)
+}
+
 /// Bounding box `(x0, y0, x1, y1)` (end-exclusive) of the foreground, or `None` if there is none.
 pub fn foreground_bbox(
     rgb: &[u8],
@@ -63,9 +96,13 @@ pub fn foreground_bbox(
         if all_zero(row) {
             continue;
         }
-        let first = row.chunks_exact(3).position(|p| !rule.is_background(p));
+        // pure black pixels (all-zero bytes) are background whatever the thresholds: start
+        // the per-pixel tests at the first / last non-zero byte
+        let lead = first_nonzero(row).unwrap_or(row.len()) / 3;
+        let first = row[3 * lead..].chunks_exact(3).position(|p| !rule.is_background(p)).map(|f| f + lead);
         if let Some(f) = first {
-            let last = row.chunks_exact(3).rposition(|p| !rule.is_background(p)).unwrap();
+            let tail = last_nonzero(row).map_or(0, |b| b / 3 + 1);
+            let last = row[..3 * tail].chunks_exact(3).rposition(|p| !rule.is_background(p)).unwrap();
             x0 = x0.min(f);
             x1 = x1.max(last + 1);
             y0 = y0.min(y);
