@@ -17,7 +17,7 @@ use crate::config::{Config, CropMode, Layout};
 use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
 use crate::error::{Error, Result};
 use crate::resize::{expand_rect, square_resize_into};
-use crate::stain::{foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
+use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
 /// One input item.
 #[derive(Debug, Clone)]
@@ -117,8 +117,17 @@ impl Pipeline {
             },
         };
         let mut img = if region == whole { img } else { crop(&img, region) };
-        let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         let full = (0, 0, img.width, img.height);
+        if cfg.stain.apply_at_output {
+            // fit (and blacken the background) at full resolution, transform the output pixels
+            let (outcome, transform) = fit_in_place(&mut img.data, &cfg.stain, &self.params);
+            square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
+            if let Some(t) = transform {
+                t.apply_non_black(dst);
+            }
+            return Ok(outcome);
+        }
+        let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
         Ok(outcome)
     }
@@ -548,6 +557,47 @@ mod tests {
             assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
             let _ = img;
         }
+    }
+
+    #[test]
+    fn apply_at_output_transforms_the_resized_pixels() {
+        let (w, h) = (120, 100);
+        let img = synthetic_cell(w, h, 7);
+        let src = [Source::Pixels {
+            data: &img,
+            width: w,
+            height: h,
+            channels: 3,
+        }];
+        let names = ["c".to_string()];
+        let run = |json: &str| {
+            let p = cfg(json);
+            let mut out = vec![0u8; 3 * 48 * 48];
+            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            assert!(st[0].ok && !st[0].stain_fallback, "{st:?}");
+            (p, out)
+        };
+        for method in ["macenko", "reinhard"] {
+            let base = format!(r#""size":48,"dtype":"uint8","layout":"nhwc","crop":"none","stain":{{"method":"{method}""#);
+            let (_, exact) = run(&format!("{{{base}}}}}"));
+            let (p, late) = run(&format!(r#"{{{base},"apply_at_output":true}}}}"#));
+            assert!(p.cfg.stain.apply_at_output);
+            assert!(serde_json::to_string(&p.cfg).unwrap().contains(r#""apply_at_output":true"#));
+            // the same as fitting, resizing, then transforming the non-black output pixels
+            let mut im = Rgb8::new(w, h, img.clone());
+            let (o, t) = fit_in_place(&mut im.data, &p.cfg.stain, &p.params);
+            assert!(!o.fallback);
+            let mut want = vec![0u8; 3 * 48 * 48];
+            square_resize_into(&im, (0, 0, w, h), p.cfg.square, 48, p.cfg.filter, &mut want, p.cfg.max_pixels).unwrap();
+            t.unwrap().apply_non_black(&mut want);
+            assert_eq!(late, want, "{method}");
+            // close to the exact order (transform, then resize), but not the same
+            assert_ne!(late, exact, "{method}");
+            let mean = late.iter().zip(&exact).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / late.len() as f64;
+            assert!(mean < 8.0, "{method}: mean |diff| {mean}");
+        }
+        // off by default, and then left out of the serialised config
+        assert!(!serde_json::to_string(&cfg("{}").cfg).unwrap().contains("apply_at_output"));
     }
 
     #[test]

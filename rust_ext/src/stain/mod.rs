@@ -88,19 +88,74 @@ pub fn fit_subsample<'a>(fg: &'a [[u8; 3]], fit_pixels: Option<usize>, sub: &'a 
 /// Scratch buffers above this many pixels are released after use (huge images).
 const KEEP_SCRATCH_PIXELS: usize = 1 << 22;
 
+/// A stain transform fitted on one image, to be applied to pixels later
+/// ([`fit_in_place`], `stain.apply_at_output`).
+pub enum StainTransform {
+    /// Recomposition tables of [`macenko_tables`].
+    Macenko(Box<[[[f64; 256]; 3]; 3]>),
+    /// Source statistics and target of the Reinhard transfer.
+    Reinhard { src: ReinhardParams, target: ReinhardParams },
+}
+
+impl StainTransform {
+    /// Transform the pixels `px` at indices `idx` of `rgb` (as [`gather_foreground`] gives them).
+    pub fn apply(&self, rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]]) {
+        match self {
+            StainTransform::Macenko(t) => macenko_apply_foreground(rgb, idx, px, t),
+            StainTransform::Reinhard { src, target } => reinhard_apply_foreground(rgb, idx, px, src, target, &Lab::new()),
+        }
+    }
+
+    /// Transform every pixel of a packed RGB8 image that is not pure black (0, 0, 0).
+    pub fn apply_non_black(&self, rgb: &mut [u8]) {
+        let rule = MaskRule {
+            black_threshold: 0,
+            white_threshold: None,
+        };
+        FOREGROUND.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let (idx, px, _) = &mut *guard;
+            idx.clear();
+            px.clear();
+            gather_foreground(rgb, rule, idx, px);
+            self.apply(rgb, idx, px);
+        })
+    }
+}
+
 /// Normalise one packed RGB8 image in place according to `cfg`, using `target` as the
 /// reference. Never fails: degenerate inputs give a fallback (see module docs).
 ///
 /// One pass blackens the background and gathers the foreground (indices + values, in
 /// per-thread scratch buffers); the fit and the recomposition then touch foreground pixels only.
 pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> StainOutcome {
+    fit_gathered(rgb, cfg, target, true).0
+}
+
+/// The first half of [`normalize_in_place`]: blacken the background and fit, but leave the
+/// foreground as it is and return the fitted transform (`None` on a fallback or for no stain).
+pub fn fit_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> (StainOutcome, Option<StainTransform>) {
+    fit_gathered(rgb, cfg, target, false)
+}
+
+fn fit_gathered(
+    rgb: &mut [u8],
+    cfg: &StainConfig,
+    target: &StainParams,
+    apply_now: bool,
+) -> (StainOutcome, Option<StainTransform>) {
     let rule = MaskRule::from_config(cfg);
     if matches!(target, StainParams::None) || cfg.method == StainMethod::None {
-        return StainOutcome::default();
+        return (StainOutcome::default(), None);
     }
-    let fallback = |reason: String| StainOutcome {
-        fallback: true,
-        reason: Some(reason),
+    let fallback = |reason: String| {
+        (
+            StainOutcome {
+                fallback: true,
+                reason: Some(reason),
+            },
+            None,
+        )
     };
     FOREGROUND.with(|cell| {
         let mut guard = cell.borrow_mut();
@@ -116,28 +171,22 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
             ))
         } else {
             let fit_px = fit_subsample(fg, cfg.fit_pixels, sub);
-            match target {
+            let transform = match target {
                 StainParams::Macenko(t) => {
                     let s = MacenkoSettings::from_config(cfg);
-                    match macenko_fit_pixels(fit_px, &s) {
-                        Ok(fit) => {
-                            macenko_apply_foreground(rgb, idx, fg, &macenko_tables(&fit, t, s.io));
-                            StainOutcome::default()
-                        }
-                        Err(r) => fallback(r),
-                    }
+                    macenko_fit_pixels(fit_px, &s).map(|fit| StainTransform::Macenko(macenko_tables(&fit, t, s.io)))
                 }
-                StainParams::Reinhard(t) => {
-                    let lab = Lab::new();
-                    match reinhard_fit_pixels(fit_px, &lab) {
-                        Ok(src) => {
-                            reinhard_apply_foreground(rgb, idx, fg, &src, t, &lab);
-                            StainOutcome::default()
-                        }
-                        Err(r) => fallback(r),
-                    }
+                StainParams::Reinhard(t) => reinhard_fit_pixels(fit_px, &Lab::new())
+                    .map(|src| StainTransform::Reinhard { src, target: *t }),
+                StainParams::None => unreachable!("checked above"),
+            };
+            match transform {
+                Ok(tf) if apply_now => {
+                    tf.apply(rgb, idx, fg);
+                    (StainOutcome::default(), None)
                 }
-                StainParams::None => StainOutcome::default(),
+                Ok(tf) => (StainOutcome::default(), Some(tf)),
+                Err(r) => fallback(r),
             }
         };
         if idx.capacity() > KEEP_SCRATCH_PIXELS {
@@ -260,6 +309,38 @@ pub(crate) mod tests {
         assert!(w.is_background(&[250, 240, 230]));
         assert!(!w.is_background(&[250, 240, 229]));
         assert_eq!(foreground_mask(&[0, 0, 0, 50, 0, 0], r), vec![false, true]);
+    }
+
+    #[test]
+    fn bbox_equals_pixel_scan() {
+        let mut rng = Rng::new(9);
+        for (w, h) in [(1usize, 1usize), (11, 3), (50, 40), (97, 13)] {
+            for white in [None, Some(200u8)] {
+                let rule = MaskRule {
+                    black_threshold: 10,
+                    white_threshold: white,
+                };
+                // black, dark background noise, white glass, and a few coloured pixels
+                let img: Vec<u8> = (0..w * h)
+                    .flat_map(|_| match rng.next() % 40 {
+                        0 => rng.pixel(),
+                        1 => [3, 10, 7],
+                        2 => [250, 240, 230],
+                        _ => [0, 0, 0],
+                    })
+                    .collect();
+                let mut want: Option<(usize, usize, usize, usize)> = None;
+                for y in 0..h {
+                    for x in 0..w {
+                        if !rule.is_background(&img[3 * (y * w + x)..3 * (y * w + x) + 3]) {
+                            let b = want.get_or_insert((x, y, x + 1, y + 1));
+                            *b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
+                        }
+                    }
+                }
+                assert_eq!(foreground_bbox(&img, w, h, rule), want, "{w}x{h} {white:?}");
+            }
+        }
     }
 
     #[test]
