@@ -344,6 +344,68 @@ fn concentration_percentiles_fused(
     Some([plan.finish(a.0, a.1, |v| v), plan.finish(b.0, b.1, |v| v)])
 }
 
+/// The OD pixels of `px` (all channels `ok`) into `spare` (in order) and their shifted OD sums:
+/// `sum[i] += d[i]`, `sxx[i][j] += d[i] * d[j]` (`j >= i`), `d[c] = dl[c][p[c]]`, pixel by
+/// pixel. Returns the number of OD pixels. Compiled for AVX2 when available (three-operand
+/// forms; no FMA, so every product and sum is rounded as in the plain loop: same bits).
+fn od_select_and_sums(
+    px: &[[u8; 3]],
+    ok: &[bool; 256],
+    dl: &[[f64; 256]; 3],
+    spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+    sum: &mut [f64; 3],
+    sxx: &mut [[f64; 3]; 3],
+) -> usize {
+    #[inline(always)]
+    fn body(
+        px: &[[u8; 3]],
+        ok: &[bool; 256],
+        dl: &[[f64; 256]; 3],
+        spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+        sum: &mut [f64; 3],
+        sxx: &mut [[f64; 3]; 3],
+    ) -> usize {
+        assert!(spare.len() >= px.len());
+        let (mut s, mut q) = (*sum, *sxx);
+        let mut cnt = 0usize;
+        for (i, p) in px.iter().enumerate() {
+            // branch-free selection (cnt <= i, in bounds); the sums only for OD pixels
+            spare[cnt.min(i)].write(*p);
+            if ok[p[0] as usize] & ok[p[1] as usize] & ok[p[2] as usize] {
+                cnt += 1;
+                let d = [dl[0][p[0] as usize], dl[1][p[1] as usize], dl[2][p[2] as usize]];
+                for i in 0..3 {
+                    s[i] += d[i];
+                    for j in i..3 {
+                        q[i][j] += d[i] * d[j];
+                    }
+                }
+            }
+        }
+        (*sum, *sxx) = (s, q);
+        cnt
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(
+            px: &[[u8; 3]],
+            ok: &[bool; 256],
+            dl: &[[f64; 256]; 3],
+            spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+            sum: &mut [f64; 3],
+            sxx: &mut [[f64; 3]; 3],
+        ) -> usize {
+            body(px, ok, dl, spare, sum, sxx)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            return unsafe { avx2(px, ok, dl, spare, sum, sxx) };
+        }
+    }
+    body(px, ok, dl, spare, sum, sxx)
+}
+
 /// Returns `Err(reason)` when degenerate.
 #[inline(never)]
 fn macenko_stain_vectors(
@@ -369,21 +431,7 @@ fn macenko_stain_vectors(
         let rest = &fg[first..];
         od_px.reserve(rest.len());
         let spare = &mut od_px.spare_capacity_mut()[..rest.len()];
-        let mut cnt = 0usize;
-        for (i, p) in rest.iter().enumerate() {
-            // branch-free selection (cnt <= i, in bounds); the sums only for OD pixels
-            spare[cnt.min(i)].write(*p);
-            if is_od(p) {
-                cnt += 1;
-                let d = [dl[0][p[0] as usize], dl[1][p[1] as usize], dl[2][p[2] as usize]];
-                for i in 0..3 {
-                    sum[i] += d[i];
-                    for j in i..3 {
-                        sxx[i][j] += d[i] * d[j];
-                    }
-                }
-            }
-        }
+        let cnt = od_select_and_sums(rest, &ok, &dl, spare, &mut sum, &mut sxx);
         // SAFETY: slots 0..cnt were written (each OD pixel at its final slot).
         unsafe { od_px.set_len(cnt) };
     }
