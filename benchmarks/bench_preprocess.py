@@ -141,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             for t in sorted({1, 2, cores}):
                 ts = _time(lambda t=t: pipe.run(paths, out=out, threads=t), args.rounds)
                 record(f"leukedge threads={t}", ts, n, "Rust: decode + Macenko (masked) + resize + NCHW f16, one call")
+            # the named approximate settings (they change pixels; measured differences in their docstrings)
+            from leukedge.config import StainConfig
+            for label, stain in (("stain.apply_at_output", StainConfig(apply_at_output=True)),
+                                 ("stain.apply_at_output + fit_pixels=16384",
+                                  StainConfig(apply_at_output=True, fit_pixels=16384))):
+                ap_pipe = PreprocessConfig(crop="none", size=SIZE, filter="bilinear", layout="nchw", dtype="float16",
+                                           stain=stain).pipeline()
+                ts = _time(lambda p=ap_pipe: p.run(paths, out=out, threads=1), args.rounds)
+                record(f"leukedge threads=1, {label}", ts, n, "named setting, changes pixels (see its docstring)")
             # thread scaling on batches of 32 (as `leukedge infer` calls it), Macenko and the shipped model's setting
             shipped = PreprocessConfig.load(REPO / "leukedge" / "default_model" / "export" / "preprocess.json") \
                 if (REPO / "leukedge" / "default_model" / "export" / "preprocess.json").exists() else \
@@ -196,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("(a) Pillow + torchstain + Pillow", "(b) cv2 + NumPy Macenko + cv2.resize"):
         if k in results:
             ratios[f"{k} / leukedge 1 thread"] = results[k]["ms_per_image"] / le1
+    for label in ("stain.apply_at_output", "stain.apply_at_output + fit_pixels=16384"):
+        r = results.get(f"leukedge threads=1, {label}")
+        for k in ("(a) Pillow + torchstain + Pillow", "(b) cv2 + NumPy Macenko + cv2.resize"):
+            if r and k in results:
+                ratios[f"{k} / leukedge 1 thread, {label}"] = results[k]["ms_per_image"] / r["ms_per_image"]
     if "leukedge threads=2" in results:
         ratios["scaling 1 -> 2 threads"] = le1 / results["leukedge threads=2"]["ms_per_image"]
     for label in ("macenko 224 f16", "shipped model"):

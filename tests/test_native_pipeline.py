@@ -1,6 +1,7 @@
 """leukedge._native.Pipeline: one validated configuration reused for every batch, and the
 validation of PreprocessConfig through it (every bound lives in rust_ext/src/config.rs)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -77,6 +78,20 @@ def test_non_finite_numbers_are_refused_before_json():
         StainConfig(io=float("nan"))
     with pytest.raises(ValueError, match="finite.*--mean"):
         PreprocessConfig(mean=(0.5, float("inf"), 0.5))
+
+
+def test_apply_at_output_enters_the_pixel_hash_only_when_set(sample_cells):
+    base = PreprocessConfig(crop="none", size=64, layout="nhwc", dtype="uint8")
+    assert "apply_at_output" not in base.to_dict()["stain"]  # hashes of existing bundles stay valid
+    late = dataclasses.replace(base, stain=StainConfig(apply_at_output=True))
+    assert late.pixel_hash() != base.pixel_hash()
+    assert PreprocessConfig.from_json(late.to_json()) == late
+    assert json.loads(late.pipeline().config)["stain"]["apply_at_output"] is True
+    # a different order of the same steps: close to the exact one on a real cell, not equal
+    a, _ = base.pipeline().run(sample_cells[:2])
+    b, _ = late.pipeline().run(sample_cells[:2])
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert 0 < d.mean() < 3, d.mean()
 
 
 def test_fit_pixels_enters_the_pixel_hash_only_when_set():

@@ -17,7 +17,7 @@ use crate::config::{Config, CropMode, Layout};
 use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
 use crate::error::{Error, Result};
 use crate::resize::{expand_rect, square_resize_into};
-use crate::stain::{foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
+use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
 /// One input item.
 #[derive(Debug, Clone)]
@@ -117,8 +117,17 @@ impl Pipeline {
             },
         };
         let mut img = if region == whole { img } else { crop(&img, region) };
-        let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         let full = (0, 0, img.width, img.height);
+        if cfg.stain.apply_at_output {
+            // fit (and blacken the background) at full resolution, transform the output pixels
+            let (outcome, transform) = fit_in_place(&mut img.data, &cfg.stain, &self.params);
+            square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
+            if let Some(t) = transform {
+                t.apply_non_black(dst);
+            }
+            return Ok(outcome);
+        }
+        let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
         Ok(outcome)
     }
@@ -136,7 +145,22 @@ impl Pipeline {
                     }
                 }
             }
-            (ItemOut::F32(o), Layout::Nchw) => planar(rgb, o, s2, |c, v| self.lut[c][v as usize]),
+            (ItemOut::F32(o), Layout::Nchw) => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2.
+                    unsafe { planar_normalized_avx2(rgb, s2, &self.cfg.mean, &self.cfg.std, PlanarOut::F32(o)) };
+                    return;
+                }
+                planar(rgb, o, s2, |c, v| self.lut[c][v as usize])
+            }
+            (ItemOut::F16(o), Layout::Nchw) if simd_f16() => {
+                // SAFETY: the CPU supports AVX2 and F16C (simd_f16).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    planar_normalized_avx2(rgb, s2, &self.cfg.mean, &self.cfg.std, PlanarOut::F16(o))
+                };
+            }
             (ItemOut::F16(o), layout) => {
                 let lut16 = &self.lut16;
                 match layout {
@@ -279,6 +303,116 @@ fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -
     }
 }
 
+/// True when [`planar_normalized_avx2`] can write float16 (AVX2 and F16C).
+fn simd_f16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Destination planes of [`planar_normalized_avx2`].
+#[cfg(target_arch = "x86_64")]
+enum PlanarOut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+/// Interleaved RGB -> planar CHW `(v/255 - mean[c]) / std[c]`, 8 pixels per step: the same
+/// float32 operations as the lookup table of [`Pipeline`] (IEEE division and subtraction are
+/// exact-rounded in SIMD too), and for float16 the hardware conversion (round to nearest even,
+/// as `f16::from_f32`), so the output is bit-identical to the table path (tested for all values).
+///
+/// # Safety
+/// AVX2 must be available, and F16C for [`PlanarOut::F16`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn planar_normalized_avx2(rgb: &[u8], s2: usize, mean: &[f32; 3], std: &[f32; 3], out: PlanarOut<'_>) {
+    use std::arch::x86_64::*;
+    assert!(rgb.len() >= 3 * s2);
+    let n8 = s2 / 8 * 8;
+    // byte c + 3k of 8 pixels: k < 6 (c = 0) or k < 5 from the first 16 bytes, the rest from bytes 16..24
+    let lo = |c: i8| -> [i8; 16] {
+        std::array::from_fn(|k| {
+            let b = c as i32 + 3 * k as i32;
+            if k < 8 && b < 16 {
+                b as i8
+            } else {
+                -1
+            }
+        })
+    };
+    let hi = |c: i8| -> [i8; 16] {
+        std::array::from_fn(|k| {
+            let b = c as i32 + 3 * k as i32 - 16;
+            if k < 8 && (0..8).contains(&b) {
+                b as i8
+            } else {
+                -1
+            }
+        })
+    };
+    let load = |m: [i8; 16]| unsafe { _mm_loadu_si128(m.as_ptr() as *const __m128i) };
+    let (ml, mh) = ([load(lo(0)), load(lo(1)), load(lo(2))], [load(hi(0)), load(hi(1)), load(hi(2))]);
+    let d255 = _mm256_set1_ps(255.0);
+    let mv = mean.map(|m| _mm256_set1_ps(m));
+    let sv = std.map(|s| _mm256_set1_ps(s));
+    let p = rgb.as_ptr();
+    let mut f32_out: Option<[*mut f32; 3]> = None;
+    let mut f16_out: Option<[*mut u16; 3]> = None;
+    match out {
+        PlanarOut::F32(o) => {
+            assert!(o.len() >= 3 * s2);
+            let b = o.as_mut_ptr();
+            // SAFETY: planes start inside `o` (length checked).
+            f32_out = Some(unsafe { [b, b.add(s2), b.add(2 * s2)] });
+        }
+        PlanarOut::F16(o) => {
+            assert!(o.len() >= 3 * s2);
+            let b = o.as_mut_ptr() as *mut u16;
+            // SAFETY: as above; f16 is a transparent u16.
+            f16_out = Some(unsafe { [b, b.add(s2), b.add(2 * s2)] });
+        }
+    }
+    let mut j = 0;
+    while j < n8 {
+        // SAFETY: pixels j..j+8 are inside `rgb` (24 bytes at 3j, j + 8 <= s2), stores of 8
+        // values at plane offset j < s2 - 7.
+        unsafe {
+            let a = _mm_loadu_si128(p.add(3 * j) as *const __m128i);
+            let b = _mm_loadl_epi64(p.add(3 * j + 16) as *const __m128i);
+            for c in 0..3 {
+                let bytes = _mm_or_si128(_mm_shuffle_epi8(a, ml[c]), _mm_shuffle_epi8(b, mh[c]));
+                let x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                let y = _mm256_div_ps(_mm256_sub_ps(_mm256_div_ps(x, d255), mv[c]), sv[c]);
+                if let Some(o) = f32_out {
+                    _mm256_storeu_ps(o[c].add(j), y);
+                } else if let Some(o) = f16_out {
+                    _mm_storeu_si128(o[c].add(j) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+                }
+            }
+        }
+        j += 8;
+    }
+    for j in n8..s2 {
+        for c in 0..3 {
+            let y = ((rgb[3 * j + c] as f32) / 255.0f32 - mean[c]) / std[c];
+            // SAFETY: j < s2, inside plane c.
+            unsafe {
+                if let Some(o) = f32_out {
+                    o[c].add(j).write(y);
+                } else if let Some(o) = f16_out {
+                    o[c].add(j).write(f16::from_f32(y).to_bits());
+                }
+            }
+        }
+    }
+}
+
 /// Copy a rectangle out of an image.
 pub fn crop(img: &Rgb8, r: (usize, usize, usize, usize)) -> Rgb8 {
     let (w, h) = (r.2 - r.0, r.3 - r.1);
@@ -342,6 +476,46 @@ mod tests {
     }
 
     #[test]
+    fn simd_planar_output_equals_tables_for_every_value() {
+        // every byte value in every channel, odd size (scalar tail), several means/stds
+        for json in [
+            r#"{"size": 37, "dtype": "float16", "layout": "nchw"}"#,
+            r#"{"size": 37, "dtype": "float32", "layout": "nchw"}"#,
+            r#"{"size": 37, "dtype": "float16", "layout": "nchw", "mean": [0.1, 0.9, 0.5], "std": [0.01, 3.0, 0.3]}"#,
+            r#"{"size": 37, "dtype": "float32", "layout": "nchw", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}"#,
+        ] {
+            let p = cfg(json);
+            let s2 = 37 * 37;
+            let rgb: Vec<u8> = (0..3 * s2).map(|i| (i / 3 * 5 + 91 * (i % 3)) as u8).collect();
+            let want = |c: usize, v: u8| (p.lut[c][v as usize], p.lut16[c][v as usize]);
+            if json.contains("float16") {
+                let mut o = vec![f16::ZERO; 3 * s2];
+                p.write_item(&rgb, ItemOut::F16(&mut o));
+                for j in 0..s2 {
+                    for c in 0..3 {
+                        assert_eq!(o[c * s2 + j].to_bits(), want(c, rgb[3 * j + c]).1.to_bits(), "{json} {j} {c}");
+                    }
+                }
+            } else {
+                let mut o = vec![0f32; 3 * s2];
+                p.write_item(&rgb, ItemOut::F32(&mut o));
+                for j in 0..s2 {
+                    for c in 0..3 {
+                        assert_eq!(o[c * s2 + j].to_bits(), want(c, rgb[3 * j + c]).0.to_bits(), "{json} {j} {c}");
+                    }
+                }
+            }
+            let mut seen = [[false; 256]; 3];
+            for j in 0..s2 {
+                for c in 0..3 {
+                    seen[c][rgb[3 * j + c] as usize] = true;
+                }
+            }
+            assert!(seen.iter().all(|s| s.iter().all(|&b| b)), "test data covers every value");
+        }
+    }
+
+    #[test]
     fn batch_equals_single_and_errors_are_isolated() {
         let (w, h) = (90, 70);
         let a = synthetic_cell(w, h, 1);
@@ -383,6 +557,47 @@ mod tests {
             assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
             let _ = img;
         }
+    }
+
+    #[test]
+    fn apply_at_output_transforms_the_resized_pixels() {
+        let (w, h) = (120, 100);
+        let img = synthetic_cell(w, h, 7);
+        let src = [Source::Pixels {
+            data: &img,
+            width: w,
+            height: h,
+            channels: 3,
+        }];
+        let names = ["c".to_string()];
+        let run = |json: &str| {
+            let p = cfg(json);
+            let mut out = vec![0u8; 3 * 48 * 48];
+            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            assert!(st[0].ok && !st[0].stain_fallback, "{st:?}");
+            (p, out)
+        };
+        for method in ["macenko", "reinhard"] {
+            let base = format!(r#""size":48,"dtype":"uint8","layout":"nhwc","crop":"none","stain":{{"method":"{method}""#);
+            let (_, exact) = run(&format!("{{{base}}}}}"));
+            let (p, late) = run(&format!(r#"{{{base},"apply_at_output":true}}}}"#));
+            assert!(p.cfg.stain.apply_at_output);
+            assert!(serde_json::to_string(&p.cfg).unwrap().contains(r#""apply_at_output":true"#));
+            // the same as fitting, resizing, then transforming the non-black output pixels
+            let mut im = Rgb8::new(w, h, img.clone());
+            let (o, t) = fit_in_place(&mut im.data, &p.cfg.stain, &p.params);
+            assert!(!o.fallback);
+            let mut want = vec![0u8; 3 * 48 * 48];
+            square_resize_into(&im, (0, 0, w, h), p.cfg.square, 48, p.cfg.filter, &mut want, p.cfg.max_pixels).unwrap();
+            t.unwrap().apply_non_black(&mut want);
+            assert_eq!(late, want, "{method}");
+            // close to the exact order (transform, then resize), but not the same
+            assert_ne!(late, exact, "{method}");
+            let mean = late.iter().zip(&exact).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / late.len() as f64;
+            assert!(mean < 8.0, "{method}: mean |diff| {mean}");
+        }
+        // off by default, and then left out of the serialised config
+        assert!(!serde_json::to_string(&cfg("{}").cfg).unwrap().contains("apply_at_output"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use fast_image_resize as fr;
 use crate::config::{Filter, SquareMode};
 use crate::decode::Rgb8;
 use crate::error::{Error, Result};
+use crate::stain::{all_zero, first_nonzero, last_nonzero};
 
 /// An axis-aligned rectangle `(x0, y0, x1, y1)`, end-exclusive.
 pub type Rect = (usize, usize, usize, usize);
@@ -124,6 +125,126 @@ pub fn resize_region_into(
         .map_err(|e| Error::Input(format!("resize failed: {e}")))
 }
 
+/// Bounding box `(x0, y0, x1, y1)` (end-exclusive) of the pixels that are not all-zero in a
+/// packed RGB8 image, or `None` when every byte is zero. Rows are skipped with word-wide
+/// zero tests, so a mostly black frame costs little.
+pub fn nonzero_bbox(data: &[u8], width: usize, height: usize) -> Option<Rect> {
+    let stride = 3 * width;
+    assert_eq!(data.len(), stride * height);
+    let row = |y: usize| &data[y * stride..(y + 1) * stride];
+    let y0 = (0..height).find(|&y| !all_zero(row(y)))?;
+    let y1 = (y0..height).rev().find(|&y| !all_zero(row(y))).unwrap() + 1;
+    let (mut x0, mut x1) = (width, 0);
+    for y in y0..y1 {
+        let r = row(y);
+        // only the parts outside the current column range need looking at
+        if let Some(b) = first_nonzero(&r[..3 * x0]) {
+            x0 = b / 3;
+        }
+        let from = 3 * x1.max(x0);
+        if let Some(b) = last_nonzero(&r[from..]) {
+            x1 = (from + b) / 3 + 1;
+        }
+    }
+    Some((x0, y0, x1.max(x0 + 1), y1))
+}
+
+thread_local! {
+    /// Intermediate image of [`resize_skipping_black`] (vertical pass result, full source width).
+    static VERTICAL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Resize a whole packed RGB8 image into `dst` exactly as [`resize_region_into`] does
+/// (bit-identical), but without convolving the all-black parts of the frame (the C-NMC
+/// background): a convolution of zeros is zero, so the vertical pass runs only over the columns
+/// that hold a non-zero pixel and the horizontal pass only over the rows of its result that
+/// are not all zero; everything else is written as black.
+///
+/// This works because fast_image_resize does two separable passes for uint8 images (vertical
+/// first, into a uint8 intermediate, then horizontal), and each 1-D pass alone computes the
+/// same coefficients as the combined call: the vertical pass of a column range (crop
+/// `(x0, 0, x1 - x0, height)`, full height) and the horizontal pass of a row range of the
+/// intermediate (crop `(0, y0, width, rows)`, full width). Falls back to the single call when
+/// one direction needs no resampling or the filter is not a convolution.
+pub fn resize_skipping_black(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    dst: &mut [u8],
+    dst_w: usize,
+    dst_h: usize,
+    filter: Filter,
+) -> Result<()> {
+    let whole = (0, 0, width, height);
+    if filter == Filter::Nearest || width == dst_w || height == dst_h || width == 0 || height == 0 || dst_w == 0 || dst_h == 0 {
+        return resize_region_into(src, width, height, 3, whole, dst, dst_w, dst_h, filter);
+    }
+    if dst.len() != dst_w * dst_h * 3 || src.len() != width * height * 3 {
+        return Err(Error::Input(format!(
+            "resize buffers: {} / {} bytes for {width}x{height} -> {dst_w}x{dst_h}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    let Some((x0, _, x1, _)) = nonzero_bbox(src, width, height) else {
+        dst.fill(0);
+        return Ok(());
+    };
+    let to_u32 = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::Input(format!("{what}={v} is too large")));
+    let (w32, h32, dw32, dh32) = (
+        to_u32(width, "width")?,
+        to_u32(height, "height")?,
+        to_u32(dst_w, "width")?,
+        to_u32(dst_h, "height")?,
+    );
+    let pt = fr::PixelType::U8x3;
+    let alg = resize_alg(filter);
+    VERTICAL.with(|v| -> Result<()> {
+        let mut mid = v.borrow_mut();
+        // only the columns outside [x0, x1) need zeros: the vertical pass writes the rest
+        mid.resize(width * dst_h * 3, 0);
+        for row in mid.chunks_exact_mut(3 * width) {
+            row[..3 * x0].fill(0);
+            row[3 * x1..].fill(0);
+        }
+        let src_img = fr::images::ImageRef::new(w32, h32, src, pt).map_err(|e| Error::Input(format!("source buffer: {e}")))?;
+        {
+            let mut mid_img = fr::images::Image::from_slice_u8(w32, dh32, &mut mid, pt)
+                .map_err(|e| Error::Input(format!("intermediate buffer: {e}")))?;
+            let cols = (x1 - x0) as u32;
+            let mut view = fr::images::CroppedImageMut::new(&mut mid_img, x0 as u32, 0, cols, dh32)
+                .map_err(|e| Error::Input(format!("intermediate view: {e}")))?;
+            let opts = fr::ResizeOptions::new()
+                .resize_alg(alg)
+                .use_alpha(false)
+                .crop(x0 as f64, 0.0, cols as f64, height as f64);
+            RESIZER
+                .with(|r| r.borrow_mut().resize(&src_img, &mut view, &opts))
+                .map_err(|e| Error::Input(format!("resize failed: {e}")))?;
+        }
+        let stride = 3 * width;
+        let row_zero = |y: usize| all_zero(&mid[y * stride + 3 * x0..y * stride + 3 * x1]);
+        let Some(y0) = (0..dst_h).find(|&y| !row_zero(y)) else {
+            dst.fill(0);
+            return Ok(());
+        };
+        let y1 = (y0..dst_h).rev().find(|&y| !row_zero(y)).unwrap() + 1;
+        let ds = 3 * dst_w;
+        dst[..y0 * ds].fill(0);
+        dst[y1 * ds..].fill(0);
+        let mid_img = fr::images::ImageRef::new(w32, dh32, &mid, pt).map_err(|e| Error::Input(format!("intermediate buffer: {e}")))?;
+        let mut out = fr::images::Image::from_slice_u8(dw32, (y1 - y0) as u32, &mut dst[y0 * ds..y1 * ds], pt)
+            .map_err(|e| Error::Input(format!("destination buffer: {e}")))?;
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(alg)
+            .use_alpha(false)
+            .crop(0.0, y0 as f64, width as f64, (y1 - y0) as f64);
+        RESIZER
+            .with(|r| r.borrow_mut().resize(&mid_img, &mut out, &opts))
+            .map_err(|e| Error::Input(format!("resize failed: {e}")))
+    })
+}
+
 /// Resize a whole interleaved image to `dst_w x dst_h`.
 pub fn resize_image(
     src: &[u8],
@@ -178,6 +299,9 @@ pub fn square_resize_into(
 ) -> Result<()> {
     let (w, h) = (r.2 - r.0, r.3 - r.1);
     if w == h {
+        if r == (0, 0, img.width, img.height) {
+            return resize_skipping_black(&img.data, img.width, img.height, dst, size, size, filter);
+        }
         return resize_region_into(&img.data, img.width, img.height, 3, r, dst, size, size, filter);
     }
     match square {
@@ -207,17 +331,7 @@ pub fn square_resize_into(
                 resize_region_into(&img.data, img.width, img.height, 3, r, &mut small, sw, sh, filter)?;
                 pad_to_square(&Rgb8::new(sw, sh, small), (0, 0, sw, sh))
             };
-            resize_region_into(
-                &sq.data,
-                sq.width,
-                sq.height,
-                3,
-                (0, 0, sq.width, sq.height),
-                dst,
-                size,
-                size,
-                filter,
-            )
+            resize_skipping_black(&sq.data, sq.width, sq.height, dst, size, size, filter)
         }
     }
 }
@@ -291,6 +405,65 @@ mod tests {
         let mut dst = vec![0u8; 2 * 2 * 3];
         square_resize_into(&img, (0, 0, 4, 2), SquareMode::Crop, 2, Filter::Nearest, &mut dst, 1 << 20).unwrap();
         assert_eq!(dst, vec![200, 200, 200, 100, 100, 100, 200, 200, 200, 100, 100, 100]);
+    }
+
+    /// A frame with black borders and a few blobs of random colour (and one lone pixel).
+    fn blobs(w: usize, h: usize, seed: u64) -> Vec<u8> {
+        let mut rng = crate::stain::tests::Rng::new(seed);
+        let mut v = vec![0u8; w * h * 3];
+        for _ in 0..3 {
+            let (cx, cy) = ((rng.next() as usize) % w, (rng.next() as usize) % h);
+            let r = 1 + (rng.next() as usize) % (w.min(h) / 3 + 1);
+            for y in cy.saturating_sub(r)..(cy + r).min(h) {
+                for x in cx.saturating_sub(r)..(cx + r).min(w) {
+                    let p = rng.pixel();
+                    v[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&p);
+                }
+            }
+        }
+        let (x, y) = ((rng.next() as usize) % w, (rng.next() as usize) % h);
+        v[(y * w + x) * 3 + 1] = 255;
+        v
+    }
+
+    #[test]
+    fn nonzero_bbox_matches_scan() {
+        for (w, h, seed) in [(1usize, 1usize, 1u64), (9, 4, 2), (40, 31, 3), (450, 450, 4), (17, 90, 5)] {
+            let img = blobs(w, h, seed);
+            let mut want: Option<Rect> = None;
+            for y in 0..h {
+                for x in 0..w {
+                    if img[(y * w + x) * 3..(y * w + x) * 3 + 3] != [0, 0, 0] {
+                        let b = want.get_or_insert((x, y, x + 1, y + 1));
+                        *b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
+                    }
+                }
+            }
+            assert_eq!(nonzero_bbox(&img, w, h), want, "{w}x{h}");
+        }
+        assert_eq!(nonzero_bbox(&[0; 27], 3, 3), None);
+    }
+
+    #[test]
+    fn skipping_black_is_bit_identical_to_one_call() {
+        let filters = [Filter::Bilinear, Filter::Lanczos3, Filter::Box, Filter::Catmullrom, Filter::Nearest];
+        for (w, h, seed) in [(450usize, 450usize, 1u64), (450, 450, 2), (97, 61, 3), (64, 200, 4), (13, 13, 5), (300, 120, 6)] {
+            let img = blobs(w, h, seed);
+            for f in filters {
+                for (dw, dh) in [(224usize, 224usize), (128, 128), (31, 57), (500, 480), (w, 40), (50, h), (1, 1)] {
+                    let mut want = vec![0u8; dw * dh * 3];
+                    resize_region_into(&img, w, h, 3, (0, 0, w, h), &mut want, dw, dh, f).unwrap();
+                    let mut got = vec![7u8; dw * dh * 3];
+                    resize_skipping_black(&img, w, h, &mut got, dw, dh, f).unwrap();
+                    assert!(got == want, "{w}x{h} -> {dw}x{dh} {f:?}");
+                }
+            }
+        }
+        // all black, and a buffer of the wrong size
+        let mut out = vec![9u8; 16 * 16 * 3];
+        resize_skipping_black(&[0; 40 * 30 * 3], 40, 30, &mut out, 16, 16, Filter::Bilinear).unwrap();
+        assert!(out.iter().all(|&v| v == 0));
+        assert!(resize_skipping_black(&[0; 40 * 30 * 3], 40, 30, &mut out[..5], 16, 16, Filter::Bilinear).is_err());
     }
 
     #[test]

@@ -67,77 +67,119 @@ fn kth_two(v: &mut [f64], a: usize, b: usize) -> (f64, f64) {
     (x, y)
 }
 
-/// Ranks `k` and `k1` (`k1 = k` or `k + 1`) through the sample bracket; `None` when it missed.
-fn bracketed_pair(
-    values: &[f64],
-    sample: &[f64],
-    k: usize,
-    k1: usize,
-    inside: &mut Vec<f64>,
-) -> Option<(f64, f64)> {
-    let n = values.len();
-    let pos = (k as f64 / n as f64 * sample.len() as f64) as usize;
-    let (lo, hi) = sample_bracket(sample, pos, MARGIN);
-    let mut below = 0usize;
-    inside.clear();
-    // branch-free counting in blocks of 8; the rare blocks with values inside the bracket
-    // are gathered in a second look
-    let mut blocks = values.chunks_exact(8);
-    for b in &mut blocks {
-        let mut nb = 0usize;
-        let mut any = false;
-        for &v in b {
-            nb += (v < lo) as usize;
-            any |= (v >= lo) & (v <= hi);
-        }
-        below += nb;
-        if any {
-            inside.extend(b.iter().filter(|&&v| v >= lo && v <= hi));
+/// Where one percentile lies in `n` sorted values: ranks `k` and `k1` (`k1 = k` or `k + 1`) and
+/// NumPy's interpolation weight (`None` when the result is the single element `k`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RankPlan {
+    pub k: usize,
+    pub k1: usize,
+    pub g: Option<f64>,
+}
+
+impl RankPlan {
+    pub(crate) fn new(n: usize, pct: f64) -> RankPlan {
+        match np_virtual_index(n, pct) {
+            Ok((k, g)) => RankPlan { k, k1: k + 1, g: Some(g) },
+            Err(i) => RankPlan { k: i, k1: i, g: None },
         }
     }
-    for &v in blocks.remainder() {
-        below += (v < lo) as usize;
-        if v >= lo && v <= hi {
-            inside.push(v);
+
+    /// The percentile from the order statistics `a` (rank `k`) and `b` (rank `k1`), mapped by `f`.
+    pub(crate) fn finish(&self, a: f64, b: f64, f: impl Fn(f64) -> f64) -> f64 {
+        match self.g {
+            Some(g) => np_lerp(f(a), f(b), g),
+            None => f(a),
         }
     }
-    // NaN is neither below nor inside (it sorts last, like "above" the bracket)
-    if below > k || below + inside.len() <= k1 {
+
+    /// The order statistics from a counting pass (`below` values under the bracket, `inside` the
+    /// values in it); `None` when the bracket missed a rank.
+    pub(crate) fn pair_from_counts(&self, below: usize, inside: &mut [f64]) -> Option<(f64, f64)> {
+        // NaN is neither below nor inside (it sorts last, like "above" the bracket)
+        if below > self.k || below + inside.len() <= self.k1 {
+            return None;
+        }
+        Some(kth_two(inside, self.k - below, self.k1 - below))
+    }
+}
+
+/// The sorted strided sample `at(i * (n / SAMPLE))`, `i < SAMPLE`, used to bracket ranks; `None`
+/// for small inputs (`n < 4 * SAMPLE`, exact selection on everything is cheap) or when the
+/// sample holds a NaN.
+pub(crate) fn sorted_sample(n: usize, at: impl Fn(usize) -> f64) -> Option<Vec<f64>> {
+    if n < 4 * SAMPLE {
         return None;
     }
-    Some(kth_two(inside, k - below, k1 - below))
+    let step = n / SAMPLE;
+    // sorted as integers in `f64::total_cmp` order (the key `total_cmp` itself compares; the map
+    // is its own inverse), cheaper than sorting with the comparison closure
+    let key = |b: i64| b ^ (((b >> 63) as u64) >> 1) as i64;
+    let mut k: Vec<i64> = Vec::with_capacity(SAMPLE);
+    for i in 0..SAMPLE {
+        let v = at(i * step);
+        if v.is_nan() {
+            return None;
+        }
+        k.push(key(v.to_bits() as i64));
+    }
+    k.sort_unstable();
+    Some(k.into_iter().map(|b| f64::from_bits(key(b) as u64)).collect())
+}
+
+/// The bracket `[lo, hi]` of rank `k` among `n` values, from their sorted sample.
+pub(crate) fn rank_bracket(sample: &[f64], n: usize, k: usize) -> (f64, f64) {
+    let pos = (k as f64 / n as f64 * sample.len() as f64) as usize;
+    sample_bracket(sample, pos, MARGIN)
 }
 
 /// Exact NumPy "linear" percentiles (`np.percentile(values, pcts)`) of `f(v)` over `values`,
 /// where `f` is non-decreasing: order statistics are taken on `values` and only the two
-/// neighbours are mapped before NumPy's interpolation. May reorder `values`. Panics on an empty
-/// slice.
+/// neighbours are mapped before NumPy's interpolation. All the brackets are counted in one pass
+/// over `values`. May reorder `values`. Panics on an empty slice.
 pub fn percentiles(values: &mut [f64], pcts: &[f64], f: impl Fn(f64) -> f64) -> Vec<f64> {
     let n = values.len();
     assert!(n > 0, "percentile of an empty array");
-    let sample: Option<Vec<f64>> = (n >= 4 * SAMPLE)
-        .then(|| {
-            let step = n / SAMPLE;
-            let mut s: Vec<f64> = (0..SAMPLE).map(|i| values[i * step]).collect();
-            s.sort_unstable_by(f64::total_cmp);
-            s
-        })
-        .filter(|s| !s.iter().any(|v| v.is_nan()));
-    let mut inside: Vec<f64> = Vec::new();
-    pcts.iter()
-        .map(|&p| {
-            let (k, k1, g) = match np_virtual_index(n, p) {
-                Ok((k, g)) => (k, k + 1, Some(g)),
-                Err(i) => (i, i, None),
-            };
-            let (a, b) = sample
-                .as_deref()
-                .and_then(|s| bracketed_pair(values, s, k, k1, &mut inside))
-                .unwrap_or_else(|| kth_two(values, k, k1));
-            match g {
-                Some(g) => np_lerp(f(a), f(b), g),
-                None => f(a),
+    let plans: Vec<RankPlan> = pcts.iter().map(|&p| RankPlan::new(n, p)).collect();
+    let mut found: Vec<Option<(f64, f64)>> = vec![None; plans.len()];
+    if let Some(sample) = sorted_sample(n, |i| values[i]) {
+        let br: Vec<(f64, f64)> = plans.iter().map(|p| rank_bracket(&sample, n, p.k)).collect();
+        let mut below = vec![0usize; br.len()];
+        let mut inside: Vec<Vec<f64>> = vec![Vec::new(); br.len()];
+        // branch-free counting in blocks of 8; the rare blocks with values inside a bracket
+        // are gathered in a second look
+        let mut blocks = values.chunks_exact(8);
+        for b in &mut blocks {
+            for (j, &(lo, hi)) in br.iter().enumerate() {
+                let mut nb = 0usize;
+                let mut any = false;
+                for &v in b {
+                    nb += (v < lo) as usize;
+                    any |= (v >= lo) & (v <= hi);
+                }
+                below[j] += nb;
+                if any {
+                    inside[j].extend(b.iter().filter(|&&v| v >= lo && v <= hi));
+                }
             }
+        }
+        for &v in blocks.remainder() {
+            for (j, &(lo, hi)) in br.iter().enumerate() {
+                below[j] += (v < lo) as usize;
+                if v >= lo && v <= hi {
+                    inside[j].push(v);
+                }
+            }
+        }
+        for j in 0..plans.len() {
+            found[j] = plans[j].pair_from_counts(below[j], &mut inside[j]);
+        }
+    }
+    plans
+        .iter()
+        .zip(found)
+        .map(|(p, got)| {
+            let (a, b) = got.unwrap_or_else(|| kth_two(values, p.k, p.k1));
+            p.finish(a, b, &f)
         })
         .collect()
 }
@@ -213,6 +255,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sorted_sample_is_total_cmp_order() {
+        let mut rng = Rng::new(2);
+        let specials = [0.0, -0.0, f64::INFINITY, f64::NEG_INFINITY, 1e-310, -1e-310, f64::MIN, f64::MAX];
+        let v: Vec<f64> = (0..3000)
+            .map(|i| if i % 50 == 0 { specials[i / 50 % 8] } else { rng.unit() - 0.5 })
+            .collect();
+        let got = sorted_sample(v.len(), |i| v[i]).unwrap();
+        let step = v.len() / SAMPLE;
+        let mut want: Vec<f64> = (0..SAMPLE).map(|i| v[i * step]).collect();
+        want.sort_by(f64::total_cmp);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert!(sorted_sample(100, |i| v[i]).is_none());
+        assert!(sorted_sample(3000, |i| if i == 0 { f64::NAN } else { v[i] }).is_none());
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! Macenko (torchstain's `NumpyMacenkoNormalizer`): fit on foreground pixels, table-driven recomposition.
 
-use super::mask::filter_into;
 #[cfg(test)]
 use super::mask::MaskRule;
 use super::params::MacenkoParams;
-use crate::numeric::linalg::{pinv_3x2, sym_eigen3};
-use crate::numeric::select::{percentile_mut, percentiles};
 use crate::config::StainConfig;
+use crate::numeric::linalg::{pinv_3x2, sym_eigen3};
+use crate::numeric::select::{percentile_mut, percentiles, rank_bracket, sorted_sample, RankPlan};
 
 /// Minimal number of pixels with optical density above `beta` needed for a Macenko fit.
 pub const MIN_OD_PIXELS: usize = 16;
@@ -19,7 +18,6 @@ pub fn od_lut(io: f64) -> [f64; 256] {
     }
     t
 }
-
 
 /// Result of a Macenko fit on a set of foreground pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,6 +135,277 @@ unsafe fn tdot_all_avx2(t: &[[f64; 256]; 3], px: &[[u8; 3]], out: &mut Vec<f64>)
     unsafe { out.set_len(n) };
 }
 
+/// What one fused counting pass ([`fused_count`]) found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct FusedCount {
+    /// Values below each bracket.
+    pub below: [usize; 2],
+    /// The values inside each bracket (in no particular order).
+    pub inside: [Vec<f64>; 2],
+    /// True when every `w` was `> 0` (false for NaN).
+    pub all_pos: bool,
+    /// The pass stopped early: far more values fell inside a bracket than it reserves room for
+    /// (the brackets missed; the counts are incomplete).
+    pub overflow: bool,
+}
+
+/// One pass over `px` with `u = tdot(ta, p)` and `w = tdot(tb, p)` per pixel, counting values
+/// against the brackets `br` (`(lo, hi)`, inclusive) without storing them: with `KEYS` the value
+/// is the angle key `-u / w` for both brackets, otherwise `u` is counted against `br[0]` and
+/// `w` against `br[1]`. The values are exactly those of [`tdot`] and the key loop (same
+/// operations in the same order), so selection on the gathered values gives the same order
+/// statistics as on the stored arrays. AVX2 gathers (4 pixels per step) when available.
+pub(crate) fn fused_count<const KEYS: bool>(
+    ta: &[[f64; 256]; 3],
+    tb: &[[f64; 256]; 3],
+    px: &[[u8; 3]],
+    br: [(f64, f64); 2],
+) -> FusedCount {
+    let mut out = FusedCount {
+        all_pos: true,
+        ..Default::default()
+    };
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            done = unsafe { fused_count_avx2::<KEYS>(ta, tb, px, br, &mut out) };
+        }
+    }
+    for &p in &px[done..] {
+        let (u, w) = (tdot(ta, p), tdot(tb, p));
+        out.all_pos &= w > 0.0;
+        let vals = if KEYS {
+            let k = -u / w;
+            [k, k]
+        } else {
+            [u, w]
+        };
+        for b in 0..2 {
+            let (lo, hi) = br[b];
+            out.below[b] += (vals[b] < lo) as usize;
+            if vals[b] >= lo && vals[b] <= hi {
+                out.inside[b].push(vals[b]);
+            }
+        }
+    }
+    out
+}
+
+/// AVX2 body of [`fused_count`]; returns the number of pixels handled (the rest is scalar).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fused_count_avx2<const KEYS: bool>(
+    ta: &[[f64; 256]; 3],
+    tb: &[[f64; 256]; 3],
+    px: &[[u8; 3]],
+    br: [(f64, f64); 2],
+    out: &mut FusedCount,
+) -> usize {
+    use std::arch::x86_64::*;
+    let n = px.len();
+    let base = px.as_ptr() as *const u8;
+    let lo = [_mm256_set1_pd(br[0].0), _mm256_set1_pd(br[1].0)];
+    let hi = [_mm256_set1_pd(br[0].1), _mm256_set1_pd(br[1].1)];
+    let zero = _mm256_setzero_pd();
+    let sign = _mm256_set1_pd(-0.0);
+    let mut pos = 0xF;
+    let mut below = [0u32; 2];
+    // no allocation (no call) inside the loop, so nothing is spilled around one: a bracket of a
+    // 512-value sample holds about 17/512 of the values; a quarter plus slack is plenty
+    let cap = [n / 4 + 64; 2];
+    out.inside[0].reserve(cap[0]);
+    out.inside[1].reserve(cap[1]);
+    let dst = [
+        out.inside[0].spare_capacity_mut().as_mut_ptr() as *mut f64,
+        out.inside[1].spare_capacity_mut().as_mut_ptr() as *mut f64,
+    ];
+    let mut len = [0usize; 2];
+    let mut full = false;
+    let mut j = 0;
+    // 16-byte loads: need 3 * j + 16 <= 3 * n
+    while 3 * j + 16 <= 3 * n {
+        // SAFETY: 16 readable bytes at pixel j; indices are u8 values < 256 = table length.
+        let (u, w) = unsafe {
+            let [ir, ig, ib] = rgb4_indices(base.add(3 * j));
+            let u = _mm256_add_pd(
+                _mm256_add_pd(
+                    _mm256_i32gather_pd::<8>(ta[0].as_ptr(), ir),
+                    _mm256_i32gather_pd::<8>(ta[1].as_ptr(), ig),
+                ),
+                _mm256_i32gather_pd::<8>(ta[2].as_ptr(), ib),
+            );
+            let w = _mm256_add_pd(
+                _mm256_add_pd(
+                    _mm256_i32gather_pd::<8>(tb[0].as_ptr(), ir),
+                    _mm256_i32gather_pd::<8>(tb[1].as_ptr(), ig),
+                ),
+                _mm256_i32gather_pd::<8>(tb[2].as_ptr(), ib),
+            );
+            (u, w)
+        };
+        pos &= _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(w, zero));
+        let vals = if KEYS {
+            // -u / w: negation (sign flip) then the division, as the scalar `-u / w`
+            let k = _mm256_div_pd(_mm256_xor_pd(u, sign), w);
+            [k, k]
+        } else {
+            [u, w]
+        };
+        for b in 0..2 {
+            let v = vals[b];
+            below[b] += (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(v, lo[b])) as u32).count_ones();
+            let ins = _mm256_movemask_pd(_mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_GE_OQ>(v, lo[b]),
+                _mm256_cmp_pd::<_CMP_LE_OQ>(v, hi[b]),
+            ));
+            if ins != 0 {
+                if len[b] + 4 > cap[b] {
+                    full = true;
+                    break;
+                }
+                let mut t = [0.0f64; 4];
+                // SAFETY: 4 x f64 store into a 32-byte array; len + 4 <= cap slots of spare capacity.
+                unsafe {
+                    _mm256_storeu_pd(t.as_mut_ptr(), v);
+                    for (l, &x) in t.iter().enumerate() {
+                        dst[b].add(len[b]).write(x);
+                        len[b] += (ins >> l & 1) as usize;
+                    }
+                }
+            }
+        }
+        if full {
+            break;
+        }
+        j += 4;
+    }
+    // SAFETY: slots 0..len of each spare capacity were written.
+    unsafe {
+        out.inside[0].set_len(len[0]);
+        out.inside[1].set_len(len[1]);
+    }
+    out.all_pos &= pos == 0xF;
+    out.below[0] += below[0] as usize;
+    out.below[1] += below[1] as usize;
+    if full {
+        // more values inside a bracket than reserved: the sample bracket is far off (a miss)
+        out.overflow = true;
+        return n;
+    }
+    j
+}
+
+/// The Macenko angle percentiles `(phi(alpha), phi(100 - alpha))` of the OD pixels by one fused
+/// counting pass (no key arrays), when every projection on `e2` is positive and the sampled
+/// brackets hold; `None` otherwise (the caller then takes the general path, same result).
+fn angle_percentiles_fused(
+    t1: &[[f64; 256]; 3],
+    t2: &[[f64; 256]; 3],
+    od_px: &[[u8; 3]],
+    alpha: f64,
+) -> Option<(f64, f64)> {
+    let n = od_px.len();
+    let sample = sorted_sample(n, |i| -tdot(t1, od_px[i]) / tdot(t2, od_px[i]))?;
+    let plans = [RankPlan::new(n, alpha), RankPlan::new(n, 100.0 - alpha)];
+    let br = plans.map(|p| rank_bracket(&sample, n, p.k));
+    let mut c = fused_count::<true>(t1, t2, od_px, br);
+    if !c.all_pos || c.overflow {
+        return None;
+    }
+    let phi = |k: f64| 1.0f64.atan2(-k);
+    let [i0, i1] = &mut c.inside;
+    let a = plans[0].pair_from_counts(c.below[0], i0)?;
+    let b = plans[1].pair_from_counts(c.below[1], i1)?;
+    Some((plans[0].finish(a.0, a.1, phi), plans[1].finish(b.0, b.1, phi)))
+}
+
+/// The `pct` percentiles of the concentrations `tdot(t0, p)` and `tdot(t1, p)` over `px` by one
+/// fused counting pass; `None` when a sampled bracket misses (or the input is small).
+fn concentration_percentiles_fused(
+    t0: &[[f64; 256]; 3],
+    t1: &[[f64; 256]; 3],
+    px: &[[u8; 3]],
+    pct: f64,
+) -> Option<[f64; 2]> {
+    let n = px.len();
+    let s0 = sorted_sample(n, |i| tdot(t0, px[i]))?;
+    let s1 = sorted_sample(n, |i| tdot(t1, px[i]))?;
+    let plan = RankPlan::new(n, pct);
+    let mut c = fused_count::<false>(t0, t1, px, [rank_bracket(&s0, n, plan.k), rank_bracket(&s1, n, plan.k)]);
+    if c.overflow {
+        return None;
+    }
+    let [i0, i1] = &mut c.inside;
+    let a = plan.pair_from_counts(c.below[0], i0)?;
+    let b = plan.pair_from_counts(c.below[1], i1)?;
+    Some([plan.finish(a.0, a.1, |v| v), plan.finish(b.0, b.1, |v| v)])
+}
+
+/// The OD pixels of `px` (all channels `ok`) into `spare` (in order) and their shifted OD sums:
+/// `sum[i] += d[i]`, `sxx[i][j] += d[i] * d[j]` (`j >= i`), `d[c] = dl[c][p[c]]`, pixel by
+/// pixel. Returns the number of OD pixels. Compiled for AVX2 when available (three-operand
+/// forms; no FMA, so every product and sum is rounded as in the plain loop: same bits).
+fn od_select_and_sums(
+    px: &[[u8; 3]],
+    ok: &[bool; 256],
+    dl: &[[f64; 256]; 3],
+    spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+    sum: &mut [f64; 3],
+    sxx: &mut [[f64; 3]; 3],
+) -> usize {
+    #[inline(always)]
+    fn body(
+        px: &[[u8; 3]],
+        ok: &[bool; 256],
+        dl: &[[f64; 256]; 3],
+        spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+        sum: &mut [f64; 3],
+        sxx: &mut [[f64; 3]; 3],
+    ) -> usize {
+        assert!(spare.len() >= px.len());
+        let (mut s, mut q) = (*sum, *sxx);
+        let mut cnt = 0usize;
+        for (i, p) in px.iter().enumerate() {
+            // branch-free selection (cnt <= i, in bounds); the sums only for OD pixels
+            spare[cnt.min(i)].write(*p);
+            if ok[p[0] as usize] & ok[p[1] as usize] & ok[p[2] as usize] {
+                cnt += 1;
+                let d = [dl[0][p[0] as usize], dl[1][p[1] as usize], dl[2][p[2] as usize]];
+                for i in 0..3 {
+                    s[i] += d[i];
+                    for j in i..3 {
+                        q[i][j] += d[i] * d[j];
+                    }
+                }
+            }
+        }
+        (*sum, *sxx) = (s, q);
+        cnt
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(
+            px: &[[u8; 3]],
+            ok: &[bool; 256],
+            dl: &[[f64; 256]; 3],
+            spare: &mut [std::mem::MaybeUninit<[u8; 3]>],
+            sum: &mut [f64; 3],
+            sxx: &mut [[f64; 3]; 3],
+        ) -> usize {
+            body(px, ok, dl, spare, sum, sxx)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            return unsafe { avx2(px, ok, dl, spare, sum, sxx) };
+        }
+    }
+    body(px, ok, dl, spare, sum, sxx)
+}
+
 /// Returns `Err(reason)` when degenerate.
 #[inline(never)]
 fn macenko_stain_vectors(
@@ -148,28 +417,23 @@ fn macenko_stain_vectors(
     // OD is decreasing in the value, so this is a per-channel threshold on the value.
     let ok: [bool; 256] = std::array::from_fn(|v| !(lut[v] < s.beta));
     let is_od = |p: &[u8; 3]| ok[p[0] as usize] & ok[p[1] as usize] & ok[p[2] as usize];
-    // Covariance (np.cov: centred, ddof = 1) in one pass over data shifted by the first
+    // Covariance (np.cov: centred, ddof = 1) in one pass over data shifted by the first OD
     // pixel's OD (shifted sums avoid the cancellation of the naive formula), fused with the
-    // selection of the OD pixels.
+    // selection of the OD pixels (one pass over the foreground, same sums in the same order).
     let mut od_px: Vec<[u8; 3]> = Vec::new();
-    filter_into(fg, is_od, &mut od_px);
     let mut sum = [0.0f64; 3];
     let mut sxx = [[0.0f64; 3]; 3];
-    if let Some(p0) = od_px.first() {
+    if let Some(first) = fg.iter().position(is_od) {
+        let p0 = fg[first];
         let shift = [lut[p0[0] as usize], lut[p0[1] as usize], lut[p0[2] as usize]];
-        for p in &od_px {
-            let d = [
-                lut[p[0] as usize] - shift[0],
-                lut[p[1] as usize] - shift[1],
-                lut[p[2] as usize] - shift[2],
-            ];
-            for i in 0..3 {
-                sum[i] += d[i];
-                for j in i..3 {
-                    sxx[i][j] += d[i] * d[j];
-                }
-            }
-        }
+        // `dl[c][v] = lut[v] - shift[c]`: the same subtraction as per pixel, done once per value
+        let dl: [[f64; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| lut[v] - shift[c]));
+        let rest = &fg[first..];
+        od_px.reserve(rest.len());
+        let spare = &mut od_px.spare_capacity_mut()[..rest.len()];
+        let cnt = od_select_and_sums(rest, &ok, &dl, spare, &mut sum, &mut sxx);
+        // SAFETY: slots 0..cnt were written (each OD pixel at its final slot).
+        unsafe { od_px.set_len(cnt) };
     }
     let n = od_px.len();
     if n < MIN_OD_PIXELS {
@@ -208,24 +472,9 @@ fn macenko_stain_vectors(
     let t2 = dot_tables(e2, lut);
     // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
     // percentiles can be selected on that key and only the two neighbours need an atan2.
-    let mut ys = Vec::new();
-    tdot_all(&t2, &od_px, &mut ys);
-    let mut keys = Vec::new();
-    tdot_all(&t1, &od_px, &mut keys);
-    let mut all_pos = true;
-    for (k, &y) in keys.iter_mut().zip(&ys) {
-        all_pos &= y > 0.0;
-        *k = -*k / y;
-    }
-    let (min_phi, max_phi) = if all_pos {
-        let phis = percentiles(&mut keys, &[s.alpha, 100.0 - s.alpha], |k| 1.0f64.atan2(-k));
-        (phis[0], phis[1])
-    } else {
-        let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(&t2, *p).atan2(tdot(&t1, *p))).collect();
-        (
-            percentile_mut(&mut phi, s.alpha),
-            percentile_mut(&mut phi, 100.0 - s.alpha),
-        )
+    let (min_phi, max_phi) = match angle_percentiles_fused(&t1, &t2, &od_px, s.alpha) {
+        Some(phis) => phis,
+        None => angle_percentiles_stored(&t1, &t2, &od_px, s.alpha),
     };
     let dir = |phi: f64| -> [f64; 3] {
         let (c, sn) = (phi.cos(), phi.sin());
@@ -245,6 +494,27 @@ fn macenko_stain_vectors(
     Ok((he, n))
 }
 
+/// The angle percentiles from stored keys (or, when some projection on `e2` is not positive,
+/// from the angles themselves): the general path of [`angle_percentiles_fused`].
+fn angle_percentiles_stored(t1: &[[f64; 256]; 3], t2: &[[f64; 256]; 3], od_px: &[[u8; 3]], alpha: f64) -> (f64, f64) {
+    let mut ys = Vec::new();
+    tdot_all(t2, od_px, &mut ys);
+    let mut keys = Vec::new();
+    tdot_all(t1, od_px, &mut keys);
+    let mut all_pos = true;
+    for (k, &y) in keys.iter_mut().zip(&ys) {
+        all_pos &= y > 0.0;
+        *k = -*k / y;
+    }
+    if all_pos {
+        let phis = percentiles(&mut keys, &[alpha, 100.0 - alpha], |k| 1.0f64.atan2(-k));
+        (phis[0], phis[1])
+    } else {
+        let mut phi: Vec<f64> = od_px.iter().map(|p| tdot(t2, *p).atan2(tdot(t1, *p))).collect();
+        (percentile_mut(&mut phi, alpha), percentile_mut(&mut phi, 100.0 - alpha))
+    }
+}
+
 /// Fit Macenko on foreground pixels: stain vectors from OD pixels, concentrations over all
 /// given pixels, `max_c` = 99th percentile. `Err(reason)` when degenerate.
 pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::Result<MacenkoFit, String> {
@@ -256,12 +526,14 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     let pinv = pinv_3x2(&he).ok_or_else(|| "stain vectors are collinear".to_string())?;
     let t0 = dot_tables(pinv[0], &lut);
     let t1 = dot_tables(pinv[1], &lut);
-    let mut c: Vec<f64> = Vec::new();
-    tdot_all(&t0, fg, &mut c);
-    let c0 = percentiles(&mut c, &[99.0], |v| v)[0];
-    tdot_all(&t1, fg, &mut c);
-    let c1 = percentiles(&mut c, &[99.0], |v| v)[0];
-    let max_c = [c0, c1];
+    let max_c = concentration_percentiles_fused(&t0, &t1, fg, 99.0).unwrap_or_else(|| {
+        let mut c: Vec<f64> = Vec::new();
+        tdot_all(&t0, fg, &mut c);
+        let c0 = percentiles(&mut c, &[99.0], |v| v)[0];
+        tdot_all(&t1, fg, &mut c);
+        let c1 = percentiles(&mut c, &[99.0], |v| v)[0];
+        [c0, c1]
+    });
     if !(max_c[0].is_finite() && max_c[1].is_finite() && max_c[0] > 1e-6 && max_c[1] > 1e-6) {
         return Err(format!(
             "degenerate stain concentrations (maxC = [{:.3e}, {:.3e}])",
@@ -337,7 +609,12 @@ pub fn macenko_apply_foreground(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tab
     macenko_apply_foreground_scalar(rgb, idx, px, tables);
 }
 
-pub(crate) fn macenko_apply_foreground_scalar(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tables: &[[[f64; 256]; 3]; 3]) {
+pub(crate) fn macenko_apply_foreground_scalar(
+    rgb: &mut [u8],
+    idx: &[u32],
+    px: &[[u8; 3]],
+    tables: &[[[f64; 256]; 3]; 3],
+) {
     for (&i, &p) in idx.iter().zip(px) {
         let i = i as usize * 3;
         rgb[i..i + 3].copy_from_slice(&macenko_pixel(tables, p));
@@ -374,11 +651,138 @@ unsafe fn macenko_apply_foreground_avx2(rgb: &mut [u8], idx: &[u32], px: &[[u8; 
             // SAFETY: 4 x i32 store into a 16-byte array.
             unsafe { _mm_storeu_si128(out[k].as_mut_ptr() as *mut __m128i, _mm256_cvttpd_epi32(v)) };
         }
-        for (l, &i) in idx[j..j + 4].iter().enumerate() {
-            let i = i as usize * 3;
-            rgb[i..i + 3].copy_from_slice(&[out[0][l] as u8, out[1][l] as u8, out[2][l] as u8]);
+        let i0 = idx[j] as usize;
+        if idx[j + 3] as usize == i0 + 3 && 3 * i0 + 12 <= rgb.len() {
+            // four neighbouring pixels (indices are increasing): one 12-byte store of the
+            // interleaved values (all in 0..=255 already, so the saturating packs only narrow)
+            // SAFETY: 16-byte loads from the 3 x 16-byte array, 12 bytes stored in bounds (checked).
+            unsafe {
+                let r = _mm_loadu_si128(out[0].as_ptr() as *const __m128i);
+                let g = _mm_loadu_si128(out[1].as_ptr() as *const __m128i);
+                let b = _mm_loadu_si128(out[2].as_ptr() as *const __m128i);
+                let bytes = _mm_packus_epi16(_mm_packus_epi32(r, g), _mm_packus_epi32(b, b));
+                let rgb12 = _mm_shuffle_epi8(
+                    bytes,
+                    _mm_setr_epi8(0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, -1, -1, -1, -1),
+                );
+                let dst = rgb.as_mut_ptr().add(3 * i0);
+                _mm_storel_epi64(dst as *mut __m128i, rgb12);
+                (dst.add(8) as *mut i32).write_unaligned(_mm_extract_epi32::<2>(rgb12));
+            }
+        } else {
+            for (l, &i) in idx[j..j + 4].iter().enumerate() {
+                let i = i as usize * 3;
+                rgb[i..i + 3].copy_from_slice(&[out[0][l] as u8, out[1][l] as u8, out[2][l] as u8]);
+            }
         }
         j += 4;
     }
     macenko_apply_foreground_scalar(rgb, &idx[j..], &px[j..], tables);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stain::tests::{synthetic_tissue, Rng};
+
+    fn pixels(n: usize, seed: u64) -> Vec<[u8; 3]> {
+        synthetic_tissue(n, 1, seed)
+            .chunks_exact(3)
+            .map(|p| [p[0], p[1], p[2]])
+            .collect()
+    }
+
+    #[test]
+    fn fused_count_equals_scalar_definition() {
+        let lut = od_lut(240.0);
+        let mut rng = Rng::new(3);
+        for n in [0usize, 1, 5, 6, 7, 1000, 3001] {
+            let px: Vec<[u8; 3]> = (0..n).map(|_| rng.pixel()).collect();
+            let ta = dot_tables([0.3, -0.8, 0.5], &lut);
+            let tb = dot_tables([0.6, 0.4, 0.7], &lut);
+            let u: Vec<f64> = px.iter().map(|&p| tdot(&ta, p)).collect();
+            let w: Vec<f64> = px.iter().map(|&p| tdot(&tb, p)).collect();
+            // a bracket around the 30-35 % values, and an open one below the 10 % value
+            let at = |v: &[f64], q: f64| {
+                let mut s = v.to_vec();
+                s.sort_by(f64::total_cmp);
+                s.get((q * s.len() as f64) as usize).copied().unwrap_or(0.0)
+            };
+            for keys in [false, true] {
+                let vals: [Vec<f64>; 2] = if keys {
+                    let k: Vec<f64> = u.iter().zip(&w).map(|(a, b)| -a / b).collect();
+                    [k.clone(), k]
+                } else {
+                    [u.clone(), w.clone()]
+                };
+                let br = [
+                    (at(&vals[0], 0.30), at(&vals[0], 0.35)),
+                    (f64::NEG_INFINITY, at(&vals[1], 0.1)),
+                ];
+                let got = if keys {
+                    fused_count::<true>(&ta, &tb, &px, br)
+                } else {
+                    fused_count::<false>(&ta, &tb, &px, br)
+                };
+                assert!(!got.overflow);
+                for b in 0..2 {
+                    let (lo, hi) = br[b];
+                    assert_eq!(
+                        got.below[b],
+                        vals[b].iter().filter(|&&v| v < lo).count(),
+                        "n={n} keys={keys}"
+                    );
+                    let mut want: Vec<f64> = vals[b].iter().copied().filter(|&v| v >= lo && v <= hi).collect();
+                    let mut have = got.inside[b].clone();
+                    want.sort_by(f64::total_cmp);
+                    have.sort_by(f64::total_cmp);
+                    assert_eq!(have, want, "n={n} keys={keys} bracket {b}");
+                }
+                assert_eq!(got.all_pos, w.iter().all(|&v| v > 0.0));
+            }
+            // a bracket holding everything overflows the reserved room (big inputs, SIMD path)
+            let all = fused_count::<false>(&ta, &tb, &px, [(f64::NEG_INFINITY, f64::INFINITY); 2]);
+            assert_eq!(all.overflow, n >= 1000, "n={n}");
+        }
+    }
+
+    #[test]
+    fn fused_percentiles_equal_stored_ones() {
+        let lut = od_lut(240.0);
+        for (n, seed) in [(2100usize, 1u64), (5000, 2), (35_000, 3), (40_001, 4)] {
+            let px = pixels(n, seed);
+            let t1 = dot_tables([0.2, -0.7, 0.6], &lut);
+            let t2 = dot_tables([0.6, 0.5, 0.6], &lut);
+            // pixels with OD 0 in every channel (value 239) have no positive projection
+            let px: Vec<[u8; 3]> = px.into_iter().filter(|&p| tdot(&t2, p) > 0.0).collect();
+            let n = px.len();
+            for alpha in [1.0, 0.0, 5.0, 50.0] {
+                let Some(fused) = angle_percentiles_fused(&t1, &t2, &px, alpha) else {
+                    assert!(
+                        alpha > 1.0,
+                        "n={n} alpha={alpha}: the 0 and 1 % brackets (>= 3.5 sigma) hold"
+                    );
+                    continue;
+                };
+                assert_eq!(
+                    fused,
+                    angle_percentiles_stored(&t1, &t2, &px, alpha),
+                    "n={n} alpha={alpha}"
+                );
+            }
+            let got = concentration_percentiles_fused(&t1, &t2, &px, 99.0).unwrap();
+            for (k, t) in [&t1, &t2].into_iter().enumerate() {
+                let mut c = Vec::new();
+                tdot_all(t, &px, &mut c);
+                assert_eq!(got[k], percentiles(&mut c, &[99.0], |v| v)[0], "n={n}");
+            }
+        }
+        // small inputs and non-positive projections take the general path
+        let px = pixels(100, 5);
+        let t1 = dot_tables([0.2, -0.7, 0.6], &lut);
+        assert!(angle_percentiles_fused(&t1, &t1, &px, 1.0).is_none());
+        let px = pixels(5000, 6);
+        let neg = dot_tables([-0.6, 0.5, 0.6], &lut);
+        assert!(angle_percentiles_fused(&t1, &neg, &px, 1.0).is_none() || px.iter().all(|&p| tdot(&neg, p) > 0.0));
+    }
 }

@@ -88,19 +88,74 @@ pub fn fit_subsample<'a>(fg: &'a [[u8; 3]], fit_pixels: Option<usize>, sub: &'a 
 /// Scratch buffers above this many pixels are released after use (huge images).
 const KEEP_SCRATCH_PIXELS: usize = 1 << 22;
 
+/// A stain transform fitted on one image, to be applied to pixels later
+/// ([`fit_in_place`], `stain.apply_at_output`).
+pub enum StainTransform {
+    /// Recomposition tables of [`macenko_tables`].
+    Macenko(Box<[[[f64; 256]; 3]; 3]>),
+    /// Source statistics and target of the Reinhard transfer.
+    Reinhard { src: ReinhardParams, target: ReinhardParams },
+}
+
+impl StainTransform {
+    /// Transform the pixels `px` at indices `idx` of `rgb` (as [`gather_foreground`] gives them).
+    pub fn apply(&self, rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]]) {
+        match self {
+            StainTransform::Macenko(t) => macenko_apply_foreground(rgb, idx, px, t),
+            StainTransform::Reinhard { src, target } => reinhard_apply_foreground(rgb, idx, px, src, target, &Lab::new()),
+        }
+    }
+
+    /// Transform every pixel of a packed RGB8 image that is not pure black (0, 0, 0).
+    pub fn apply_non_black(&self, rgb: &mut [u8]) {
+        let rule = MaskRule {
+            black_threshold: 0,
+            white_threshold: None,
+        };
+        FOREGROUND.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let (idx, px, _) = &mut *guard;
+            idx.clear();
+            px.clear();
+            gather_foreground(rgb, rule, idx, px);
+            self.apply(rgb, idx, px);
+        })
+    }
+}
+
 /// Normalise one packed RGB8 image in place according to `cfg`, using `target` as the
 /// reference. Never fails: degenerate inputs give a fallback (see module docs).
 ///
 /// One pass blackens the background and gathers the foreground (indices + values, in
 /// per-thread scratch buffers); the fit and the recomposition then touch foreground pixels only.
 pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> StainOutcome {
+    fit_gathered(rgb, cfg, target, true).0
+}
+
+/// The first half of [`normalize_in_place`]: blacken the background and fit, but leave the
+/// foreground as it is and return the fitted transform (`None` on a fallback or for no stain).
+pub fn fit_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParams) -> (StainOutcome, Option<StainTransform>) {
+    fit_gathered(rgb, cfg, target, false)
+}
+
+fn fit_gathered(
+    rgb: &mut [u8],
+    cfg: &StainConfig,
+    target: &StainParams,
+    apply_now: bool,
+) -> (StainOutcome, Option<StainTransform>) {
     let rule = MaskRule::from_config(cfg);
     if matches!(target, StainParams::None) || cfg.method == StainMethod::None {
-        return StainOutcome::default();
+        return (StainOutcome::default(), None);
     }
-    let fallback = |reason: String| StainOutcome {
-        fallback: true,
-        reason: Some(reason),
+    let fallback = |reason: String| {
+        (
+            StainOutcome {
+                fallback: true,
+                reason: Some(reason),
+            },
+            None,
+        )
     };
     FOREGROUND.with(|cell| {
         let mut guard = cell.borrow_mut();
@@ -116,28 +171,22 @@ pub fn normalize_in_place(rgb: &mut [u8], cfg: &StainConfig, target: &StainParam
             ))
         } else {
             let fit_px = fit_subsample(fg, cfg.fit_pixels, sub);
-            match target {
+            let transform = match target {
                 StainParams::Macenko(t) => {
                     let s = MacenkoSettings::from_config(cfg);
-                    match macenko_fit_pixels(fit_px, &s) {
-                        Ok(fit) => {
-                            macenko_apply_foreground(rgb, idx, fg, &macenko_tables(&fit, t, s.io));
-                            StainOutcome::default()
-                        }
-                        Err(r) => fallback(r),
-                    }
+                    macenko_fit_pixels(fit_px, &s).map(|fit| StainTransform::Macenko(macenko_tables(&fit, t, s.io)))
                 }
-                StainParams::Reinhard(t) => {
-                    let lab = Lab::new();
-                    match reinhard_fit_pixels(fit_px, &lab) {
-                        Ok(src) => {
-                            reinhard_apply_foreground(rgb, idx, fg, &src, t, &lab);
-                            StainOutcome::default()
-                        }
-                        Err(r) => fallback(r),
-                    }
+                StainParams::Reinhard(t) => reinhard_fit_pixels(fit_px, &Lab::new())
+                    .map(|src| StainTransform::Reinhard { src, target: *t }),
+                StainParams::None => unreachable!("checked above"),
+            };
+            match transform {
+                Ok(tf) if apply_now => {
+                    tf.apply(rgb, idx, fg);
+                    (StainOutcome::default(), None)
                 }
-                StainParams::None => StainOutcome::default(),
+                Ok(tf) => (StainOutcome::default(), Some(tf)),
+                Err(r) => fallback(r),
             }
         };
         if idx.capacity() > KEEP_SCRATCH_PIXELS {
@@ -263,6 +312,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn bbox_equals_pixel_scan() {
+        let mut rng = Rng::new(9);
+        for (w, h) in [(1usize, 1usize), (11, 3), (50, 40), (97, 13)] {
+            for white in [None, Some(200u8)] {
+                let rule = MaskRule {
+                    black_threshold: 10,
+                    white_threshold: white,
+                };
+                // black, dark background noise, white glass, and a few coloured pixels
+                let img: Vec<u8> = (0..w * h)
+                    .flat_map(|_| match rng.next() % 40 {
+                        0 => rng.pixel(),
+                        1 => [3, 10, 7],
+                        2 => [250, 240, 230],
+                        _ => [0, 0, 0],
+                    })
+                    .collect();
+                let mut want: Option<(usize, usize, usize, usize)> = None;
+                for y in 0..h {
+                    for x in 0..w {
+                        if !rule.is_background(&img[3 * (y * w + x)..3 * (y * w + x) + 3]) {
+                            let b = want.get_or_insert((x, y, x + 1, y + 1));
+                            *b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
+                        }
+                    }
+                }
+                assert_eq!(foreground_bbox(&img, w, h, rule), want, "{w}x{h} {white:?}");
+            }
+        }
+    }
+
+    #[test]
     fn bbox() {
         let r = MaskRule {
             black_threshold: 10,
@@ -287,12 +368,21 @@ pub(crate) mod tests {
                 };
                 // mix of pure black runs, dark-but-not-zero background, bright and coloured pixels
                 // (runs of 40 "any colour" pixels give whole blocks of 8 foreground pixels)
+                // and runs of 100 pure black pixels (the 32-pixel skips of the SIMD path)
                 let img: Vec<u8> = (0..w * h)
-                    .flat_map(|q| match if q % 64 < 40 { 4 } else { rng.next() % 5 } {
-                        0 | 1 => [0, 0, 0],
-                        2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
-                        3 => [250, 240, 230],
-                        _ => rng.pixel(),
+                    .flat_map(|q| {
+                        match if q / 100 % 3 == 1 {
+                            0
+                        } else if q % 64 < 40 {
+                            4
+                        } else {
+                            rng.next() % 5
+                        } {
+                            0 | 1 => [0, 0, 0],
+                            2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
+                            3 => [250, 240, 230],
+                            _ => rng.pixel(),
+                        }
                     })
                     .collect();
                 let mut want_px = Vec::new();
@@ -314,7 +404,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn all_zero_and_filter_into() {
+    fn all_zero_detects_every_byte() {
         for n in 0..80 {
             let mut v = vec![0u8; n];
             assert!(all_zero(&v));
@@ -324,12 +414,6 @@ pub(crate) mod tests {
                 v[k] = 0;
             }
         }
-        let src: Vec<u32> = (0..100).collect();
-        let mut out = vec![999];
-        filter_into(&src, |x| x % 3 == 1, &mut out);
-        assert_eq!(out, src.iter().copied().filter(|x| x % 3 == 1).collect::<Vec<_>>());
-        filter_into(&src, |_| false, &mut out);
-        assert!(out.is_empty());
     }
 
     #[test]
@@ -366,13 +450,19 @@ pub(crate) mod tests {
         }
         let n = 1003;
         let px: Vec<[u8; 3]> = (0..n).map(|_| rng.pixel()).collect();
-        let idx: Vec<u32> = (0..n as u32).map(|i| (i * 7) % (n as u32 * 2)).collect();
-        let mut a = vec![1u8; n * 2 * 3];
-        let mut b = a.clone();
-        macenko_apply_foreground(&mut a, &idx, &px, &t);
-        macenko_apply_foreground_scalar(&mut b, &idx, &px, &t);
-        assert_eq!(a, b);
-        assert!(a.contains(&255) && a.contains(&0));
+        // scattered indices, and runs of 10 neighbours (the contiguous stores), up to the last pixel
+        let scattered: Vec<u32> = (0..n as u32).map(|i| (i * 7) % (n as u32 * 2)).collect();
+        let runs: Vec<u32> = (0..n as u32)
+            .map(|i| i + i / 10 + (n as u32 * 2 - n as u32 - n as u32 / 10 - 1))
+            .collect();
+        for idx in [scattered, runs] {
+            let mut a = vec![1u8; n * 2 * 3];
+            let mut b = a.clone();
+            macenko_apply_foreground(&mut a, &idx, &px, &t);
+            macenko_apply_foreground_scalar(&mut b, &idx, &px, &t);
+            assert_eq!(a, b);
+            assert!(a.contains(&255) && a.contains(&0));
+        }
     }
 
     #[test]
