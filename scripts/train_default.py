@@ -3,16 +3,17 @@
 
 It runs, in order (each step resumes or reuses its output when restarted)::
 
-    leukedge preprocess DATA -o WORK/fold0_128 --stain none --crop bbox --crop-margin 8 --size 128 --split-by subject
-    leukedge cv    WORK/fold0_128 -o WORK/cv --folds 3 --seeds 0,1 --recipe recipes/default.toml --resume
-    leukedge train WORK/fold0_128 -o WORK/final --recipe recipes/default.toml --no-validation --resume
+    leukedge preprocess DATA -o WORK/fold0_192 --stain none --crop bbox --crop-margin 8 --size 192 --split-by subject
+    leukedge cv    WORK/fold0_192 -o WORK/cv --folds 3 --seeds 0,1 --recipe recipes/default.toml --resume
+    leukedge train WORK/fold0_192 -o WORK/final --recipe recipes/default.toml --no-validation --resume
     leukedge export WORK/final/bundle -o WORK/final/bundle/export
 
 then copies the bundle (with its export, the CV summary and plots, and a README) into the package.
 DATA is C-NMC 2019 training fold 0 (``../shared/data/cnmc_fold0``, 3,527 cells, 28 subjects).
 
-Run time on the 2-core development machine: about 45 minutes (frozen-block features 7 min, CV
-6 x 5 min, final model 8 min, export 1 min).
+Run time on the 2-core development machine: about 1.5 hours at 192 px, measured with other jobs
+sharing the machine (frozen-block features of the 3,527 cells x 8 views about 10 min, once per cache;
+each of the 6 CV runs 6-16 min; final model about 15 min; export 1 min).
 
 Usage::
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = Path("recipes") / "default.toml"  # relative to REPO (the commands run there): the bundle records it so
-PREPROCESS = ["--stain", "none", "--crop", "bbox", "--crop-margin", "8", "--size", "128", "--split-by", "subject"]
+SIZE = 192  # px; in CV 192 > 160 > 128 (see leukedge/default_model/README.md)
+PREPROCESS = ["--stain", "none", "--crop", "bbox", "--crop-margin", "8", "--size", str(SIZE), "--split-by", "subject"]
 CV = ["--folds", "3", "--seeds", "0,1"]
 
 
@@ -52,7 +54,7 @@ def main() -> None:
     if not args.data.is_dir():
         sys.exit(f"{args.data}: data folder not found")
     t0 = time.time()
-    cache, cv_dir, final = args.work / "fold0_128", args.work / "cv", args.work / "final"
+    cache, cv_dir, final = args.work / f"fold0_{SIZE}", args.work / "cv", args.work / "final"
     leukedge("preprocess", str(args.data), "-o", str(cache), *PREPROCESS)
     if not args.skip_cv:
         leukedge("cv", str(cache), "-o", str(cv_dir), *CV, "--recipe", str(RECIPE), "--resume")
