@@ -25,10 +25,12 @@
 //! [`normalize_in_place`] makes one pass that blackens the background and gathers the
 //! foreground indices/values into per-thread scratch buffers (runs of 8 pure-black pixels are
 //! skipped with three 64-bit loads); the fit and the recomposition then touch foreground pixels
-//! only. Per-pixel dot products with OD vectors are 256-entry tables per channel (AVX2 gathers,
-//! 4 pixels per step, when available); percentiles select exact order statistics inside a
-//! sampled bracket; the output is `Io * T0[r] * T1[g] * T2[b]` per channel (3x3 tables of
-//! `exp(-Q * OD)`, `Q = HERef diag(maxCRef/maxC) pinv(HE)`).
+//! only. The fit's first pass (OD selection + covariance sums) also writes the optical densities
+//! as one plane per channel, so the two passes after it (angle keys, concentrations) are SIMD
+//! products on those planes (no table gathers; same roundings as the tables); percentiles select
+//! exact order statistics inside a sampled bracket; the output is `Io * T0[r] * T1[g] * T2[b]`
+//! per channel (3x3 tables of `exp(-Q * OD)`, `Q = HERef diag(maxCRef/maxC) pinv(HE)`), the
+//! entries read by plain loads and combined 4 pixels at a time with AVX2.
 //!
 //! **Reinhard** works in CIE L\*a\*b\* (sRGB, D65 white) with exactly the formulas of
 //! torchstain's NumPy backend (`rgb2lab`/`lab2rgb`, themselves skimage's), so that on images
