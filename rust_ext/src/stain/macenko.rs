@@ -82,6 +82,11 @@ pub(crate) fn tdot(t: &[[f64; 256]; 3], p: [u8; 3]) -> f64 {
 /// over all pixels become plain SIMD loads and products instead of table gathers, which are
 /// slow on some CPUs (on this project's AMD Zen 4 test machine the two gather passes took about
 /// a quarter of a whole batch).
+///
+/// Memory: 24 bytes per pixel. Foregrounds up to [`WHOLE_PLANES_MAX`] pixels get planes of all
+/// their pixels, written by the fit's first pass; bigger ones go through the counting passes in
+/// chunks of [`PLANE_CHUNK`] pixels (each chunk's planes filled just before it is counted), so
+/// the scratch stays bounded whatever the image.
 #[derive(Debug, Default)]
 pub(crate) struct OdPlanes {
     pub c: [Vec<f64>; 3],
@@ -92,14 +97,29 @@ impl OdPlanes {
         self.c[0].len()
     }
 
-    /// The planes of `px` (tests and the general path; the fit fuses this with its first pass).
+    /// The planes of `px` (tests; the fit fuses this with its first pass).
     #[cfg(test)]
     pub(crate) fn of(px: &[[u8; 3]], lut: &[f64; 256]) -> OdPlanes {
-        OdPlanes {
-            c: std::array::from_fn(|ch| px.iter().map(|p| lut[p[ch] as usize]).collect()),
+        let mut od = OdPlanes::default();
+        od.fill(lut, px);
+        od
+    }
+
+    /// Replace the planes by those of `px`.
+    fn fill(&mut self, lut: &[f64; 256], px: &[[u8; 3]]) {
+        for (ch, c) in self.c.iter_mut().enumerate() {
+            c.clear();
+            c.extend(px.iter().map(|p| lut[p[ch] as usize]));
         }
     }
 }
+
+/// Largest foreground (pixels) whose planes are kept whole (24 MiB); see [`OdPlanes`].
+const WHOLE_PLANES_MAX: usize = 1 << 20;
+/// Pixels per chunk of planes for bigger foregrounds (96 KiB of planes).
+const PLANE_CHUNK: usize = 4096;
+/// Plane scratch above this many pixels is released after the fit.
+const KEEP_PLANES: usize = 1 << 18;
 
 thread_local! {
     /// Per-thread scratch of [`macenko_fit_pixels`] (reused across images).
@@ -312,14 +332,55 @@ unsafe fn fused_count_avx2<const KEYS: bool>(
     j
 }
 
+/// A counting pass ([`fused_count`]) over the pixels `px`: on the planes `od` of all of them when
+/// `whole` (with the OD-pixel mask `beta`), otherwise chunk by chunk with `od` as scratch (`px`
+/// is then already the list of pixels that take part). The same counts either way (a chunk can
+/// only report `overflow` sooner, which sends the caller to its general path, same result).
+#[allow(clippy::too_many_arguments)]
+fn count_pass<const KEYS: bool>(
+    ka: [f64; 3],
+    kb: [f64; 3],
+    lut: &[f64; 256],
+    od: &mut OdPlanes,
+    whole: bool,
+    px: &[[u8; 3]],
+    beta: Option<f64>,
+    br: [(f64, f64); 2],
+) -> FusedCount {
+    if whole {
+        return fused_count::<KEYS>(ka, kb, od, beta, br);
+    }
+    let mut total = FusedCount {
+        all_pos: true,
+        ..Default::default()
+    };
+    for chunk in px.chunks(PLANE_CHUNK) {
+        od.fill(lut, chunk);
+        let c = fused_count::<KEYS>(ka, kb, od, None, br);
+        for b in 0..2 {
+            total.below[b] += c.below[b];
+            total.inside[b].extend_from_slice(&c.inside[b]);
+        }
+        total.all_pos &= c.all_pos;
+        if c.overflow {
+            total.overflow = true;
+            break;
+        }
+    }
+    total
+}
+
 /// The Macenko angle percentiles `(phi(alpha), phi(100 - alpha))` of the OD pixels `od_px` (the
 /// pixels of `od` with optical density `>= beta` in every channel) by one fused counting pass
 /// (no key arrays), when every projection on `e2` is positive and the sampled brackets hold;
 /// `None` otherwise (the caller then takes the general path, same result).
+/// `whole`: `od` holds the planes of all the foreground (see [`count_pass`]).
+#[allow(clippy::too_many_arguments)]
 fn angle_percentiles_fused(
     e: [[f64; 3]; 2],
     lut: &[f64; 256],
-    od: &OdPlanes,
+    od: &mut OdPlanes,
+    whole: bool,
     od_px: &[[u8; 3]],
     beta: f64,
     alpha: f64,
@@ -331,7 +392,7 @@ fn angle_percentiles_fused(
     })?;
     let plans = [RankPlan::new(n, alpha), RankPlan::new(n, 100.0 - alpha)];
     let br = plans.map(|p| rank_bracket(&sample, n, p.k));
-    let mut c = fused_count::<true>(e[0], e[1], od, Some(beta), br);
+    let mut c = count_pass::<true>(e[0], e[1], lut, od, whole, od_px, Some(beta), br);
     if !c.all_pos || c.overflow {
         return None;
     }
@@ -343,15 +404,22 @@ fn angle_percentiles_fused(
 }
 
 /// The `pct` percentiles of the concentrations `proj(k[0], o)` and `proj(k[1], o)` over the
-/// pixels of `od` by one fused counting pass; `None` when a sampled bracket misses (or the
-/// input is small).
-fn concentration_percentiles_fused(k: [[f64; 3]; 2], od: &OdPlanes, pct: f64) -> Option<[f64; 2]> {
-    let n = od.len();
-    let at = |i: usize| [od.c[0][i], od.c[1][i], od.c[2][i]];
-    let s0 = sorted_sample(n, |i| proj(k[0], at(i)))?;
-    let s1 = sorted_sample(n, |i| proj(k[1], at(i)))?;
+/// pixels `px` by one fused counting pass (`od`, `whole`: see [`count_pass`]); `None` when a
+/// sampled bracket misses (or the input is small).
+fn concentration_percentiles_fused(
+    k: [[f64; 3]; 2],
+    lut: &[f64; 256],
+    od: &mut OdPlanes,
+    whole: bool,
+    px: &[[u8; 3]],
+    pct: f64,
+) -> Option<[f64; 2]> {
+    let n = px.len();
+    let s0 = sorted_sample(n, |i| proj(k[0], od_of(lut, px[i])))?;
+    let s1 = sorted_sample(n, |i| proj(k[1], od_of(lut, px[i])))?;
     let plan = RankPlan::new(n, pct);
-    let mut c = fused_count::<false>(k[0], k[1], od, None, [rank_bracket(&s0, n, plan.k), rank_bracket(&s1, n, plan.k)]);
+    let br = [rank_bracket(&s0, n, plan.k), rank_bracket(&s1, n, plan.k)];
+    let mut c = count_pass::<false>(k[0], k[1], lut, od, whole, px, None, br);
     if c.overflow {
         return None;
     }
@@ -364,10 +432,11 @@ fn concentration_percentiles_fused(k: [[f64; 3]; 2], od: &OdPlanes, pct: f64) ->
 /// One pass over `px`: its optical densities into the planes `pl` (`pl[c][i] = lut[px[i][c]]`),
 /// the OD pixels (all channels `ok`) into `spare` (in order) and their shifted OD sums:
 /// `sum[i] += d[i]`, `sxx[i][j] += d[i] * d[j]` (`j >= i`), `d[c] = lut[p[c]] - shift[c]`, pixel
-/// by pixel. Returns the number of OD pixels. Compiled for AVX2 when available (three-operand
-/// forms; no FMA, so every product and sum is rounded as in the plain loop: same bits).
+/// by pixel. Returns the number of OD pixels. Without `PLANES` the planes are not written (`pl`
+/// may be empty). Compiled for AVX2 when available (three-operand forms; no FMA, so every
+/// product and sum is rounded as in the plain loop: same bits).
 #[allow(clippy::too_many_arguments)]
-fn od_select_and_sums(
+fn od_select_and_sums<const PLANES: bool>(
     px: &[[u8; 3]],
     ok: &[bool; 256],
     lut: &[f64; 256],
@@ -379,7 +448,7 @@ fn od_select_and_sums(
 ) -> usize {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn body(
+    fn body<const PLANES: bool>(
         px: &[[u8; 3]],
         ok: &[bool; 256],
         lut: &[f64; 256],
@@ -390,15 +459,17 @@ fn od_select_and_sums(
         sxx: &mut [[f64; 3]; 3],
     ) -> usize {
         let n = px.len();
-        assert!(spare.len() >= n && pl.iter().all(|c| c.len() >= n));
+        assert!(spare.len() >= n && (!PLANES || pl.iter().all(|c| c.len() >= n)));
         let [p0, p1, p2] = pl;
         let (mut s, mut q) = (*sum, *sxx);
         let mut cnt = 0usize;
         for (i, p) in px.iter().enumerate() {
             let o = od_of(lut, *p);
-            p0[i].write(o[0]);
-            p1[i].write(o[1]);
-            p2[i].write(o[2]);
+            if PLANES {
+                p0[i].write(o[0]);
+                p1[i].write(o[1]);
+                p2[i].write(o[2]);
+            }
             // branch-free selection (cnt <= i, in bounds); the sums only for OD pixels
             spare[cnt.min(i)].write(*p);
             if ok[p[0] as usize] & ok[p[1] as usize] & ok[p[2] as usize] {
@@ -419,7 +490,7 @@ fn od_select_and_sums(
     {
         #[target_feature(enable = "avx2")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
+        unsafe fn avx2<const PLANES: bool>(
             px: &[[u8; 3]],
             ok: &[bool; 256],
             lut: &[f64; 256],
@@ -429,24 +500,25 @@ fn od_select_and_sums(
             sum: &mut [f64; 3],
             sxx: &mut [[f64; 3]; 3],
         ) -> usize {
-            body(px, ok, lut, shift, pl, spare, sum, sxx)
+            body::<PLANES>(px, ok, lut, shift, pl, spare, sum, sxx)
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2.
-            return unsafe { avx2(px, ok, lut, shift, pl, spare, sum, sxx) };
+            return unsafe { avx2::<PLANES>(px, ok, lut, shift, pl, spare, sum, sxx) };
         }
     }
-    body(px, ok, lut, shift, pl, spare, sum, sxx)
+    body::<PLANES>(px, ok, lut, shift, pl, spare, sum, sxx)
 }
 
-/// The stain vectors `he` and the OD pixel count; fills `od` with the planes of `fg`.
-/// Returns `Err(reason)` when degenerate.
+/// The stain vectors `he` and the OD pixel count; with `whole`, fills `od` with the planes of
+/// `fg` (otherwise uses it as chunk scratch). Returns `Err(reason)` when degenerate.
 #[inline(never)]
 fn macenko_stain_vectors(
     fg: &[[u8; 3]],
     lut: &[f64; 256],
     s: &MacenkoSettings,
     od: &mut OdPlanes,
+    whole: bool,
 ) -> std::result::Result<([[f64; 2]; 3], usize), String> {
     // Pixels whose OD is >= beta in every channel (torchstain: ~np.any(OD < beta, axis=1)).
     // OD is decreasing in the value, so this is a per-channel threshold on the value.
@@ -461,23 +533,29 @@ fn macenko_stain_vectors(
     let mut od_px: Vec<[u8; 3]> = Vec::with_capacity(n_fg);
     let mut sum = [0.0f64; 3];
     let mut sxx = [[0.0f64; 3]; 3];
+    let n_pl = if whole { n_fg } else { 0 };
     for c in od.c.iter_mut() {
         c.clear();
-        c.reserve(n_fg);
+        c.reserve(n_pl);
     }
     let [c0, c1, c2] = &mut od.c;
     let pl = [
-        &mut c0.spare_capacity_mut()[..n_fg],
-        &mut c1.spare_capacity_mut()[..n_fg],
-        &mut c2.spare_capacity_mut()[..n_fg],
+        &mut c0.spare_capacity_mut()[..n_pl],
+        &mut c1.spare_capacity_mut()[..n_pl],
+        &mut c2.spare_capacity_mut()[..n_pl],
     ];
-    let cnt = od_select_and_sums(fg, &ok, lut, shift, pl, &mut od_px.spare_capacity_mut()[..n_fg], &mut sum, &mut sxx);
+    let spare = &mut od_px.spare_capacity_mut()[..n_fg];
+    let cnt = if whole {
+        od_select_and_sums::<true>(fg, &ok, lut, shift, pl, spare, &mut sum, &mut sxx)
+    } else {
+        od_select_and_sums::<false>(fg, &ok, lut, shift, pl, spare, &mut sum, &mut sxx)
+    };
     // SAFETY: slots 0..cnt of od_px were written (each OD pixel at its final slot), and all
-    // n_fg slots of every plane.
+    // n_pl slots of every plane.
     unsafe {
         od_px.set_len(cnt);
         for c in od.c.iter_mut() {
-            c.set_len(n_fg);
+            c.set_len(n_pl);
         }
     }
     let n = od_px.len();
@@ -515,7 +593,7 @@ fn macenko_stain_vectors(
     }
     // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
     // percentiles can be selected on that key and only the two neighbours need an atan2.
-    let (min_phi, max_phi) = match angle_percentiles_fused([e1, e2], lut, od, &od_px, s.beta, s.alpha) {
+    let (min_phi, max_phi) = match angle_percentiles_fused([e1, e2], lut, od, whole, &od_px, s.beta, s.alpha) {
         Some(phis) => phis,
         None => angle_percentiles_stored(&dot_tables(e1, lut), &dot_tables(e2, lut), &od_px, s.alpha),
     };
@@ -566,19 +644,25 @@ pub fn macenko_fit_pixels(fg: &[[u8; 3]], s: &MacenkoSettings) -> std::result::R
     }
     PLANES.with(|cell| {
         let mut od = cell.borrow_mut();
-        let fit = fit_with_planes(fg, s, &mut od);
-        if od.c[0].capacity() > super::KEEP_SCRATCH_PIXELS {
+        let fit = fit_with_planes(fg, s, &mut od, fg.len() <= WHOLE_PLANES_MAX);
+        if od.c[0].capacity() > KEEP_PLANES {
             *od = OdPlanes::default();
         }
         fit
     })
 }
 
-fn fit_with_planes(fg: &[[u8; 3]], s: &MacenkoSettings, od: &mut OdPlanes) -> std::result::Result<MacenkoFit, String> {
+/// [`macenko_fit_pixels`] with the plane scratch `od`, whole or in chunks (same result).
+fn fit_with_planes(
+    fg: &[[u8; 3]],
+    s: &MacenkoSettings,
+    od: &mut OdPlanes,
+    whole: bool,
+) -> std::result::Result<MacenkoFit, String> {
     let lut = od_lut(s.io);
-    let (he, n_od) = macenko_stain_vectors(fg, &lut, s, od)?;
+    let (he, n_od) = macenko_stain_vectors(fg, &lut, s, od, whole)?;
     let pinv = pinv_3x2(&he).ok_or_else(|| "stain vectors are collinear".to_string())?;
-    let max_c = concentration_percentiles_fused(pinv, od, 99.0).unwrap_or_else(|| {
+    let max_c = concentration_percentiles_fused(pinv, &lut, od, whole, fg, 99.0).unwrap_or_else(|| {
         let mut c: Vec<f64> = Vec::new();
         tdot_all(&dot_tables(pinv[0], &lut), fg, &mut c);
         let c0 = percentiles(&mut c, &[99.0], |v| v)[0];
@@ -815,39 +899,63 @@ mod tests {
         let (t1, t2) = (dot_tables(e1, &lut), dot_tables(e2, &lut));
         for (n, seed) in [(3000usize, 1u64), (5000, 2), (35_000, 3), (40_001, 4)] {
             let fg = pixels(n, seed);
-            let od = OdPlanes::of(&fg, &lut);
             // the OD pixels (OD >= beta > 0 everywhere, so their projections on e2 are positive)
             let od_px: Vec<[u8; 3]> = fg.iter().copied().filter(|&p| is_od(&lut, p, beta)).collect();
             assert!(od_px.len() < fg.len() && od_px.len() > 2048, "n={n}: {} OD pixels", od_px.len());
-            for alpha in [1.0, 0.0, 5.0, 50.0] {
-                let Some(fused) = angle_percentiles_fused([e1, e2], &lut, &od, &od_px, beta, alpha) else {
-                    assert!(
-                        alpha > 1.0,
-                        "n={n} alpha={alpha}: the 0 and 1 % brackets (>= 3.5 sigma) hold"
+            // planes of the whole foreground (masked by beta), or chunks of the pixel lists
+            for whole in [true, false] {
+                let mut od = if whole { OdPlanes::of(&fg, &lut) } else { OdPlanes::default() };
+                for alpha in [1.0, 0.0, 5.0, 50.0] {
+                    let Some(fused) = angle_percentiles_fused([e1, e2], &lut, &mut od, whole, &od_px, beta, alpha)
+                    else {
+                        assert!(
+                            alpha > 1.0,
+                            "n={n} alpha={alpha}: the 0 and 1 % brackets (>= 3.5 sigma) hold"
+                        );
+                        continue;
+                    };
+                    assert_eq!(
+                        fused,
+                        angle_percentiles_stored(&t1, &t2, &od_px, alpha),
+                        "n={n} whole={whole} alpha={alpha}"
                     );
-                    continue;
-                };
-                assert_eq!(
-                    fused,
-                    angle_percentiles_stored(&t1, &t2, &od_px, alpha),
-                    "n={n} alpha={alpha}"
-                );
-            }
-            let got = concentration_percentiles_fused([e1, e2], &od, 99.0).unwrap();
-            for (k, t) in [&t1, &t2].into_iter().enumerate() {
-                let mut c = Vec::new();
-                tdot_all(t, &fg, &mut c);
-                assert_eq!(got[k], percentiles(&mut c, &[99.0], |v| v)[0], "n={n}");
+                }
+                if whole {
+                    od = OdPlanes::of(&fg, &lut);
+                }
+                let got = concentration_percentiles_fused([e1, e2], &lut, &mut od, whole, &fg, 99.0).unwrap();
+                for (k, t) in [&t1, &t2].into_iter().enumerate() {
+                    let mut c = Vec::new();
+                    tdot_all(t, &fg, &mut c);
+                    assert_eq!(got[k], percentiles(&mut c, &[99.0], |v| v)[0], "n={n} whole={whole}");
+                }
             }
         }
         // small inputs and non-positive projections take the general path
         let px = pixels(100, 5);
-        let od = OdPlanes::of(&px, &lut);
-        assert!(angle_percentiles_fused([e1, e2], &lut, &od, &px, 0.0, 1.0).is_none());
+        let mut od = OdPlanes::of(&px, &lut);
+        assert!(angle_percentiles_fused([e1, e2], &lut, &mut od, true, &px, 0.0, 1.0).is_none());
         let px = pixels(5000, 6);
-        let od = OdPlanes::of(&px, &lut);
+        let mut od = OdPlanes::of(&px, &lut);
         let neg = [-0.6, 0.5, 0.6];
         let all_pos = px.iter().all(|&p| proj(neg, od_of(&lut, p)) > 0.0);
-        assert!(angle_percentiles_fused([e1, neg], &lut, &od, &px, f64::NEG_INFINITY, 1.0).is_none() || all_pos);
+        assert!(
+            angle_percentiles_fused([e1, neg], &lut, &mut od, true, &px, f64::NEG_INFINITY, 1.0).is_none() || all_pos
+        );
+    }
+
+    #[test]
+    fn fit_with_chunked_planes_equals_whole_planes() {
+        // the path of foregrounds above WHOLE_PLANES_MAX gives the same fit, to the bit
+        let s = MacenkoSettings::default();
+        for (n, seed) in [(3 * PLANE_CHUNK + 7, 8u64), (40_000, 9)] {
+            let fg = pixels(n, seed);
+            let whole = fit_with_planes(&fg, &s, &mut OdPlanes::default(), true).unwrap();
+            let mut scratch = OdPlanes::default();
+            let chunked = fit_with_planes(&fg, &s, &mut scratch, false).unwrap();
+            assert_eq!(whole, chunked, "n={n}");
+            // the chunk scratch holds at most one chunk
+            assert!(scratch.len() <= PLANE_CHUNK, "n={n}: {} planes", scratch.len());
+        }
     }
 }

@@ -88,7 +88,7 @@ pub fn fit_subsample<'a>(fg: &'a [[u8; 3]], fit_pixels: Option<usize>, sub: &'a 
 }
 
 /// Scratch buffers above this many pixels are released after use (huge images).
-pub(crate) const KEEP_SCRATCH_PIXELS: usize = 1 << 22;
+const KEEP_SCRATCH_PIXELS: usize = 1 << 22;
 
 /// A stain transform fitted on one image, to be applied to pixels later
 /// ([`fit_in_place`], `stain.apply_at_output`).
