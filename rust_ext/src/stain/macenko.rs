@@ -920,9 +920,6 @@ mod tests {
                         "n={n} whole={whole} alpha={alpha}"
                     );
                 }
-                if whole {
-                    od = OdPlanes::of(&fg, &lut);
-                }
                 let got = concentration_percentiles_fused([e1, e2], &lut, &mut od, whole, &fg, 99.0).unwrap();
                 for (k, t) in [&t1, &t2].into_iter().enumerate() {
                     let mut c = Vec::new();
