@@ -104,7 +104,7 @@ def decode(source: _PathLike | bytes, max_pixels: int = 64_000_000) -> _ImageArr
     Raises:
         DecodeError: zero-byte, truncated or corrupt data, not an image, more than
             ``max_pixels`` pixels (checked from the header before allocating), unsupported
-            format (only BMP, PNG, JPEG, TIFF), or the file cannot be read.
+            format (only BMP, PNG, JPEG, TIFF, WebP), or the file cannot be read.
     """
 
 def fit_stain(images: Sequence[_ImageArray] | _ImageArray, config_json: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 # constants
 CLASS_NAMES = ("hem", "all")  # index == label
 POSITIVE_CLASS = "all"
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 # --backend of `leukedge infer` / `leukedge station run` (what engines.get_backend accepts)
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

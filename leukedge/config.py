@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 STAIN_METHODS = ("macenko", "reinhard", "none")
-CROP_MODES = ("bbox", "none")
+CROP_MODES = ("bbox", "window", "none")
 SQUARE_MODES = ("pad", "crop")
 FILTERS = ("bilinear", "lanczos3", "box", "nearest", "catmullrom")
 LAYOUTS = ("nchw", "nhwc")
@@ -107,6 +107,10 @@ class PreprocessConfig:
     stain: StainConfig = field(default_factory=StainConfig)
     crop: str = "bbox"
     crop_margin: int = 8
+    crop_window: int = 384
+    """Side, in source pixels, of the fixed window that ``crop="window"`` cuts around the cell's centre
+    (then resized to ``size``): the cell keeps its size relative to the frame, which bbox cropping
+    erases. Used only by ``crop="window"``, and serialised only then (existing hashes unchanged)."""
     square: str = "pad"
     size: int = 224
     filter: str = "bilinear"
@@ -138,6 +142,8 @@ class PreprocessConfig:
             del d["stain"]["fit_pixels"]
         if not d["stain"].get("apply_at_output"):  # likewise
             del d["stain"]["apply_at_output"]
+        if d["crop"] != "window":  # used by crop="window" only: other configs keep their hashes
+            del d["crop_window"]
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         return d

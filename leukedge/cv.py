@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -27,7 +28,8 @@ import numpy as np
 
 from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
 from ._util import Reporter
-from .train import TrainConfig, _as_int, _write_json, recipe_of, usable_rows
+from .baseline import area_baseline_fold, cell_areas, summarize_baseline
+from .train import TrainConfig, _as_int, _subjects_of, _write_json, recipe_of, usable_rows
 
 CV_FILE = "cv.json"
 OOF_FILE = "oof_predictions.csv"
@@ -56,12 +58,28 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(grid[i]), float(scores[i])
 
 
-def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(train rows, validation rows) of the cache for each of ``k`` subject-grouped folds."""
+SPLITS = ("subject", "official")
+
+
+def row_digests(images: np.ndarray) -> list[str]:
+    """sha256 of each cached image: equal for cells that are pixel-identical in the source (the
+    preprocessing is deterministic), whatever their file format or name. C-NMC holds such
+    duplicates under different subject names, across official folds too."""
+    return [hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest() for i in range(len(images))]
+
+
+def _pool_rows(manifest: Sequence[dict[str, Any]]) -> list[int]:
+    return [i for i in usable_rows(manifest) if str(manifest[i].get("split") or "") != "test"]
+
+
+def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int,
+               digests: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(train rows, validation rows) of the cache for each of ``k`` subject-grouped folds. With
+    ``digests`` (:func:`row_digests`), pixel-identical cells are kept on one side as well."""
     from .data import group_kfold
 
-    rows = [i for i in usable_rows(manifest) if str(manifest[i].get("split") or "") != "test"]
-    items = [manifest[i] for i in rows]
+    rows = _pool_rows(manifest)
+    items = [manifest[i] if digests is None else {**manifest[i], "sha256": digests[i]} for i in rows]
     folds = []
     for tr, va in group_kfold(items, k=k, seed=seed):
         tr_rows, va_rows = [rows[i] for i in tr], [rows[i] for i in va]
@@ -70,6 +88,41 @@ def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int) -> list[tu
             raise RuntimeError(f"internal error: subjects in two folds: {sorted(leak)[:5]}")
         folds.append((tr_rows, va_rows))
     return folds
+
+
+def official_folds(manifest: Sequence[dict[str, Any]], digests: Sequence[str] | None = None
+                   ) -> list[tuple[int, list[int], list[int], int]]:
+    """Official-fold transfer: for each official fold F of the cache, ``(F, train rows, test rows,
+    dropped)``: train on every other official fold, test on F. Test cells pixel-identical to a
+    training cell (``digests``) are dropped (``dropped`` counts them), and a subject found on both
+    sides is refused. Needs rows of at least two official folds (``fold`` in the manifest, from the
+    ``fold_N`` folders)."""
+    rows = _pool_rows(manifest)
+    by_fold: dict[int, list[int]] = {}
+    missing = 0
+    for i in rows:
+        f = _as_int(manifest[i].get("fold"))
+        if f < 0:
+            missing += 1
+        else:
+            by_fold.setdefault(f, []).append(i)
+    if len(by_fold) < 2:
+        raise ValueError(f"--split official needs cells of at least two official folds (fold_N folders); this cache has "
+                         f"{len(by_fold)} fold(s){f' and {missing} cells without a fold' if missing else ''}")
+    out = []
+    for f in sorted(by_fold):
+        tr = sorted(i for g, r in by_fold.items() if g != f for i in r)
+        te = by_fold[f]
+        leak = {str(manifest[i].get("subject")) for i in tr} & {str(manifest[i].get("subject")) for i in te}
+        if leak:
+            raise ValueError(f"subjects in two official folds: {', '.join(sorted(leak)[:5])}: not an official C-NMC split")
+        dropped = 0
+        if digests is not None:
+            seen = {digests[i] for i in tr}
+            kept = [i for i in te if digests[i] not in seen]
+            dropped, te = len(te) - len(kept), kept
+        out.append((f, tr, te, dropped))
+    return out
 
 
 def _read_fold_predictions(path: Path) -> dict[int, float] | None:
@@ -122,9 +175,16 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
 
 
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
-                   seeds: Sequence[int] = (0,), log: Callable[[str], None] = print, reporter: Reporter | None = None,
-                   **overrides: Any) -> CVResult:
+                   seeds: Sequence[int] = (0,), split: str = "subject", log: Callable[[str], None] = print,
+                   reporter: Reporter | None = None, **overrides: Any) -> CVResult:
     """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
+
+    ``split="subject"``: ``folds`` subject-grouped, class-stratified folds per seed.
+    ``split="official"``: official-fold transfer, the honest analogue of new patients: for each
+    official fold, train on the others and test on it (both directions with two folds), once per
+    seed; ``folds`` is ignored. Either way pixel-identical cells never sit on both sides, and the
+    summary carries the one-number baseline (:mod:`leukedge.baseline`, logistic regression on the
+    cell's foreground area) scored on the same test cells.
 
     Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
     ``config.resume`` is set; an interrupted fold continues from its checkpoints.
@@ -134,6 +194,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     from .train import resolve_device
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if folds < 2:
         raise ValueError("--folds must be at least 2")
     if not seeds:
@@ -148,13 +210,24 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     t0 = time.time()
     fold_rows: list[dict[str, Any]] = []
     oof: list[dict[str, Any]] = []
+    digests = row_digests(loaded.images)
+    if split == "official":
+        official = official_folds(manifest, digests)
+        plan = [(f"test fold {f}", tr, te, dropped, f) for f, tr, te, dropped in official]
+        folds = len(plan)
+    baseline_rows: list[dict[str, Any] | None] = []
+    areas = cell_areas(loaded, _pool_rows(manifest), log)
     for seed in seeds:
-        splits = make_folds(manifest, folds, int(seed))
-        for k, (tr, va) in enumerate(splits):
-            run = out / f"seed{seed}" / f"fold{k}"
+        if split == "subject":
+            plan = [(f"fold {k + 1}/{folds}", tr, va, 0, None) for k, (tr, va) in enumerate(make_folds(manifest, folds, int(seed), digests))]
+        for k, (name, tr, va, dropped, test_fold) in enumerate(plan):
+            run = out / f"seed{seed}" / (f"fold{k}" if test_fold is None else f"official{test_fold}")
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
-            log(f"[bold]seed {seed} fold {k + 1}/{folds}[/]: train {len(tr)} cells, validate {len(va)} cells of "
-                f"{len(subj_va)} unseen subjects")
+            log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(_subjects_of(manifest, tr))} subjects, "
+                f"validate {len(va)} cells of {len(subj_va)} unseen subjects"
+                + (f" ({dropped} test cells pixel-identical to training cells left out)" if dropped else ""))
+            if seed == seeds[0]:
+                baseline_rows.append(area_baseline_fold(areas, tr, va, labels, k, test_fold))
             probs, hist = _fold_predictions(cache, run, cfg, int(seed), tr, va, log, reporter, dctx)  # [ddp]
             y = labels[va]
             m = compute_metrics(y, probs)
@@ -162,7 +235,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                 by_tta = (json.loads((run / "metrics.json").read_text()).get("val") or {}).get("by_tta")
             except (OSError, ValueError):
                 by_tta = None
-            fold_rows.append({"seed": int(seed), "fold": k, "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va,
+            fold_rows.append({"seed": int(seed), "fold": k, "test_fold": test_fold, "dropped_duplicates": dropped,
+                              "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va,
                               "val_counts": m["class_counts"], "weighted_f1": m["weighted_f1"], "roc_auc": m["roc_auc"],
                               "accuracy": m["accuracy"], "history": hist, "by_tta": by_tta,
                               "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))})
@@ -172,7 +246,8 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                 r = manifest[i]
                 oof.append({"seed": int(seed), "fold": k, "row": int(i), "path": r.get("path"), "subject": r.get("subject"),
                             "label": int(labels[i]), "probability": float(p)})
-    summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic)
+    summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic, split=split)
+    summary["baseline"] = summarize_baseline(baseline_rows)
     summary["cache"] = str(cache)
     summary["seconds"] = round(time.time() - t0, 1)
     if dctx.is_main:  # [ddp]
@@ -181,7 +256,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
 
 
 def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: TrainConfig, *, folds: int,
-              seeds: Sequence[int], synthetic: bool = False) -> dict[str, Any]:
+              seeds: Sequence[int], synthetic: bool = False, split: str = "subject") -> dict[str, Any]:
     """cv.json: per fold, mean ± sd over every (seed, fold), pooled per seed, per subject, OOF threshold."""
     from .evaluate import compute_metrics
 
@@ -212,7 +287,11 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
                       "mean_prob_all": float(p.mean()), "predicted_blast_fraction": float((p >= thr).mean())})
     table.sort(key=lambda r: (r["accuracy"], r["subject"]))
     return {
-        "scheme": f"{folds}-fold subject-grouped, class-stratified (identical files linked), seeds {', '.join(map(str, seeds))}",
+        "scheme": (f"official-fold transfer (train on the other official folds, test on one; {folds} directions, "
+                   f"pixel-identical cells dropped from the test side), seeds {', '.join(map(str, seeds))}"
+                   if split == "official" else
+                   f"{folds}-fold subject-grouped, class-stratified (pixel-identical cells linked), seeds {', '.join(map(str, seeds))}"),
+        "split": split,
         "folds": folds,
         "seeds": [int(s) for s in seeds],
         "recipe": recipe_of(cfg),

@@ -156,3 +156,70 @@ def test_resume_with_other_test_time_settings_rescores_and_other_recipe_is_refus
     assert [r["probability"] for r in flip.oof] != [r["probability"] for r in first.oof]
     with pytest.raises(ValueError, match="lr 0.001, now 0.002"):
         cross_validate(cache, tmp_path / "cv", cfg, folds=2, seeds=[0], log=lambda *_: None, resume=True, lr=0.002)
+
+
+@pytest.fixture(scope="module")
+def two_fold_cache(tmp_path_factory) -> Path:
+    """Synthetic cells in two official folds (fold_0, fold_1), one cell of fold 1 a pixel copy of a fold-0
+    cell under another subject's name (as in C-NMC), WebP beside BMP."""
+    root = tmp_path_factory.mktemp("cv_official")
+    generate_dataset(root / "data", subjects=8, cells_per_subject=10, seed=5, folds=2, size=96)
+    files = sorted((root / "data").rglob("*.bmp"))
+    f0 = [p for p in files if "fold_0" in str(p)]
+    f1 = [p for p in files if "fold_1" in str(p)]
+    assert f0 and f1
+    donor = f0[0]
+    victim_subject = f1[0].name.split("_")[1]
+    cls = donor.parent.name
+    copy = root / "data" / "C-NMC_Leukemia" / "training_data" / "fold_1" / cls / f"UID_{victim_subject}_999_1_{cls}.bmp"
+    copy.write_bytes(donor.read_bytes())
+    from PIL import Image
+
+    webp = f1[1].with_suffix(".webp")
+    Image.open(f1[1]).save(webp, lossless=True)
+    f1[1].unlink()
+    cfg = PreprocessConfig(stain=StainConfig(method="none"), crop="window", crop_window=80, size=32)
+    run_preprocess([root / "data"], root / "cache", cfg, progress=False)
+    return root / "cache"
+
+
+def test_official_split_trains_on_one_fold_and_tests_on_the_other(two_fold_cache, tmp_path):
+    from leukedge.cv import official_folds, row_digests
+
+    loaded = load_cache(two_fold_cache)
+    manifest = list(loaded.manifest)
+    assert all(r.get("status", "ok") == "ok" for r in manifest), [r for r in manifest if r.get("status") != "ok"]
+    assert any(str(r["path"]).endswith(".webp") for r in manifest)
+    plan = official_folds(manifest, row_digests(loaded.images))
+    assert [f for f, *_ in plan] == [0, 1]
+    for f, tr, te, _dropped in plan:
+        assert {int(manifest[i]["fold"]) for i in te} == {f}
+        assert f not in {int(manifest[i]["fold"]) for i in tr}
+        assert not {manifest[i]["subject"] for i in tr} & {manifest[i]["subject"] for i in te}
+    # the pixel copy is dropped from the test side in both directions (it has a twin on the training side)
+    assert [d for *_, d in plan] == [1, 1]
+
+    cfg = TrainConfig(arch="tiny", epochs=1, batch_size=16, seed=0, progress=False, quiet=True, select="last")
+    res = cross_validate(two_fold_cache, tmp_path / "cv", cfg, seeds=[0], split="official", log=lambda *_: None)
+    s = res.summary
+    assert s["split"] == "official" and "official-fold transfer" in s["scheme"]
+    assert [r["test_fold"] for r in s["fold_runs"]] == [0, 1]
+    for run, (f, tr, te, _) in zip(s["fold_runs"], plan):
+        bundle = tmp_path / "cv" / "seed0" / f"official{f}" / "bundle"
+        split = json.loads((bundle.parent / "metrics.json").read_text())["split"]
+        trained_subjects = set(split["train_subjects"])
+        assert trained_subjects == {manifest[i]["subject"] for i in tr}
+        assert trained_subjects and not trained_subjects & set(run["val_subjects"])
+        ev = evaluate(two_fold_cache, bundle, indices=te)
+        assert ev["weighted_f1"] == pytest.approx(run["weighted_f1"], abs=1e-9)
+        assert ev["roc_auc"] == pytest.approx(run["roc_auc"], abs=1e-9)
+        assert run["n_val"] == len(te)
+    base = s["baseline"]
+    assert base["name"] == "cell-area logistic regression" and len(base["folds"]) == 2
+    assert all(0.0 <= b["weighted_f1"] <= 1.0 for b in base["folds"])
+
+
+def test_official_split_needs_two_folds(cache, tmp_path):
+    cfg = TrainConfig(arch="tiny", epochs=1, batch_size=16, progress=False, quiet=True)
+    with pytest.raises(ValueError, match="at least two official folds"):
+        cross_validate(cache, tmp_path / "cv", cfg, split="official", log=lambda *_: None)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..cv import OOF_FILE, cross_validate
+from ..cv import OOF_FILE, SPLITS, cross_validate
 from ..distributed import is_main  # [ddp]
 from ._console import RichReporter
 from .train import config_from_cli, train_options
@@ -16,11 +16,15 @@ from .train import config_from_cli, train_options
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run directory: cv.json, oof_predictions.csv, per_subject.csv, plots, report.html, seed*/fold*/.")
-@click.option("--folds", type=click.IntRange(2, 50), default=3, show_default=True, help="Number of subject-grouped folds.")
+@click.option("--split", type=click.Choice(SPLITS), default="subject", show_default=True,
+              help="subject: K subject-grouped folds inside the pooled cells. official: official-fold transfer, train on "
+                   "the other official C-NMC folds and test on one, every direction (the honest analogue of new patients; "
+                   "needs a cache of two or more fold_N folders).")
+@click.option("--folds", type=click.IntRange(2, 50), default=3, show_default=True, help="Number of subject-grouped folds (--split subject).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one partition of the subjects each.")
 @train_options
 @click.pass_context
-def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str, **params: Any) -> None:
+def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int, seeds: str, **params: Any) -> None:
     """Cross-validate a training recipe on CACHE with subject-grouped, class-stratified folds.
 
     Takes exactly the options of `leukedge train` (or its --recipe file). Prints and writes, per fold
@@ -39,7 +43,7 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
     main_rank = is_main()  # [ddp] under torchrun rank 0 prints
     console = Console(stderr=True, quiet=not main_rank)
     try:
-        res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, log=console.print,
+        res = cross_validate(cache, out_dir, cfg, folds=folds, seeds=seed_list, split=split, log=console.print,
                              reporter=RichReporter(quiet=cfg.quiet or not main_rank, bars=cfg.progress and main_rank))
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
@@ -53,8 +57,14 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
     for c in ("seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"):
         t.add_column(c, justify="right" if c not in ("val subjects",) else "left")
     for f in s["fold_runs"]:
-        t.add_row(str(f["seed"]), str(f["fold"]), str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
+        fold = str(f["fold"]) if f.get("test_fold") is None else f"test on official fold {f['test_fold']}"
+        t.add_row(str(f["seed"]), fold, str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
                   "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
+    base = s.get("baseline")
+    for b in (base or {}).get("folds", []):
+        fold = str(b["fold"]) if b.get("test_fold") is None else f"test on official fold {b['test_fold']}"
+        t.add_row("baseline", fold, str(b["n_test"]), base["name"], f"{b['weighted_f1']:.4f}",
+                  "n/a" if b["roc_auc"] is None else f"{b['roc_auc']:.4f}", style="dim")
     out.print(t)
     st = Table(title="per subject, worst first (accuracy over seeds)")
     for c in ("subject", "class", "cells", "accuracy", "mean P(all)"):
@@ -68,6 +78,9 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
               + ("n/a" if auc["mean"] is None else f"{auc['mean']:.4f} ± {auc['sd']:.4f}")
               + f" over {f1['n']} folds ({len(seed_list)} seed(s)); worst subjects {', '.join(s['worst_subjects'])}; "
               f"out-of-fold best threshold {s['oof_threshold']['mean']:.2f} ± {s['oof_threshold']['sd']:.2f}")
+    if base:
+        out.print(f"baseline ({base['name']}): weighted F1 {base['weighted_f1']['mean']:.4f} ± {base['weighted_f1']['sd']:.4f}"
+                  + ("" if base["roc_auc"]["mean"] is None else f", ROC-AUC {base['roc_auc']['mean']:.4f}"))
     out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import click
 
 from .. import synth
+from .._util import IMAGE_EXTENSIONS
 from ..artifacts import load_cache
 from ..config import PreprocessConfig, StainConfig
 from ..evaluate import evaluate, write_report
@@ -119,8 +120,7 @@ def cells_grid(paths: list[Path], out_png: Path, config: PreprocessConfig, title
 
 
 def _pick_cells(root: Path, n: int) -> list[Path]:
-    exts = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     alls = [p for p in files if "_all" in p.name]
     hems = [p for p in files if "_hem" in p.name]
     picked = [x for pair in zip(alls, hems) for x in pair][:n]

@@ -56,7 +56,7 @@ def print_summary(summary: PreprocessSummary, console: Any) -> None:
 
 
 _PIXEL_OPTIONS = ("stain", "stain_io", "stain_alpha", "stain_beta", "black_threshold", "white_threshold", "min_foreground",
-                  "stain_reference", "crop", "crop_margin", "square", "size", "filter", "mean", "std")
+                  "stain_reference", "crop", "crop_margin", "crop_window", "square", "size", "filter", "mean", "std")
 
 
 def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> PreprocessConfig:
@@ -67,7 +67,7 @@ def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> Preproces
         if o.get(opt) is not None:
             stain[key] = o[opt]
     changes: dict[str, Any] = {"stain": StainConfig(**stain)}
-    for opt in ("crop", "crop_margin", "square", "size", "filter", "max_pixels"):
+    for opt in ("crop", "crop_margin", "crop_window", "square", "size", "filter", "max_pixels"):
         if o.get(opt) is not None:
             changes[opt] = o[opt]
     for opt in ("mean", "std"):
@@ -90,8 +90,11 @@ def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> Preproces
 @click.option("--black-threshold", type=click.IntRange(0, 254), help="Background if max(R,G,B) <= this [default: 10].")
 @click.option("--white-threshold", type=click.IntRange(1, 255), help="Also background if min(R,G,B) >= this [default: off].")
 @click.option("--min-foreground", type=click.IntRange(0), help="Fewer foreground pixels -> stain fallback [default: 500].")
-@click.option("--crop", type=click.Choice(CROP_MODES), help="Crop to the foreground bounding box [default: bbox].")
-@click.option("--crop-margin", type=click.IntRange(0), help="Margin around the bounding box in px [default: 8].")
+@click.option("--crop", type=click.Choice(CROP_MODES),
+              help="bbox: crop to the cell's bounding box (the cell fills the frame, its size is lost); window: a fixed "
+                   "--crop-window square of source pixels centred on the cell (size kept); none: the whole frame [default: bbox].")
+@click.option("--crop-margin", type=click.IntRange(0), help="Margin around the bounding box in px (--crop bbox) [default: 8].")
+@click.option("--crop-window", type=click.IntRange(8, 4096), help="Side of the native-scale window in source px (--crop window) [default: 384].")
 @click.option("--square", type=click.Choice(SQUARE_MODES), help="Make non-square images square by padding or centre crop [default: pad].")
 @click.option("--size", type=click.IntRange(8, 4096), help="Output width and height [default: 224].")
 @click.option("--filter", "filter_", type=click.Choice(FILTERS), help="Resize filter [default: bilinear].")

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::config::{Config, CropMode, Layout};
 use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
 use crate::error::{Error, Result};
-use crate::resize::{expand_rect, square_resize_into};
+use crate::resize::{crop_window, expand_rect, square_resize_into, window_origin};
 use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
 /// One input item.
@@ -24,7 +24,7 @@ use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, 
 pub enum Source<'a> {
     /// A file on disk.
     Path(PathBuf),
-    /// Encoded image bytes (BMP/PNG/JPEG/TIFF).
+    /// Encoded image bytes (BMP/PNG/JPEG/TIFF/WebP).
     Bytes(&'a [u8]),
     /// Raw interleaved uint8 pixels (`channels` = 1, 2, 3 or 4).
     Pixels {
@@ -109,14 +109,21 @@ impl Pipeline {
         let cfg = &self.cfg;
         let rule = MaskRule::from_config(&cfg.stain);
         let whole = (0, 0, img.width, img.height);
-        let region = match cfg.crop {
-            CropMode::None => whole,
+        let mut img = match cfg.crop {
+            CropMode::None => img,
             CropMode::Bbox => match foreground_bbox(&img.data, img.width, img.height, rule) {
-                Some(b) => expand_rect(b, cfg.crop_margin as usize, img.width, img.height),
-                None => whole,
+                Some(b) => match expand_rect(b, cfg.crop_margin as usize, img.width, img.height) {
+                    r if r == whole => img,
+                    r => crop(&img, r),
+                },
+                None => img,
             },
+            CropMode::Window => {
+                let side = cfg.crop_window as usize;
+                let cell = foreground_bbox(&img.data, img.width, img.height, rule).unwrap_or(whole);
+                crop_window(&img, window_origin(cell, side, img.width, img.height), side)
+            }
         };
-        let mut img = if region == whole { img } else { crop(&img, region) };
         let full = (0, 0, img.width, img.height);
         if cfg.stain.apply_at_output {
             // fit (and blacken the background) at full resolution, transform the output pixels
@@ -460,6 +467,42 @@ mod tests {
 
     fn cfg(json: &str) -> Pipeline {
         Pipeline::from_json(json).unwrap()
+    }
+
+    /// `crop = "window"` keeps the cell's size: a disc twice as wide covers four times the output
+    /// pixels (bbox cropping makes both fill the frame), wherever the cell lies in the frame.
+    #[test]
+    fn window_crop_keeps_cell_size() {
+        let disc = |r: f64, cx: f64, cy: f64| {
+            let mut img = Rgb8::black(450, 450);
+            for y in 0..450 {
+                for x in 0..450 {
+                    if ((x as f64 - cx).powi(2) + (y as f64 - cy).powi(2)).sqrt() <= r {
+                        img.data[(y * 450 + x) * 3..(y * 450 + x) * 3 + 3].copy_from_slice(&[180, 120, 200]);
+                    }
+                }
+            }
+            img
+        };
+        let fg = |p: &Pipeline, img: Rgb8| {
+            let mut dst = vec![0u8; 3 * 96 * 96];
+            p.process_rgb(img, &mut dst).unwrap();
+            dst.chunks_exact(3).filter(|c| c.iter().any(|&v| v > 10)).count() as f64
+        };
+        let win = cfg(r#"{"size": 96, "crop": "window", "crop_window": 384, "stain": {"method": "none"}}"#);
+        let bbox = cfg(r#"{"size": 96, "crop": "bbox", "crop_margin": 0, "stain": {"method": "none"}}"#);
+        let (small, big) = (fg(&win, disc(40.0, 225.0, 225.0)), fg(&win, disc(80.0, 225.0, 225.0)));
+        assert!((big / small - 4.0).abs() < 0.3, "{small} {big}");
+        let expected = std::f64::consts::PI * (80.0f64 * 96.0 / 384.0).powi(2);
+        assert!((big / expected - 1.0).abs() < 0.08, "{big} vs {expected}");
+        // near a corner: same area (the window moves inside the frame instead of padding)
+        let corner = fg(&win, disc(80.0, 85.0, 370.0));
+        assert!((corner / big - 1.0).abs() < 0.03, "{corner} {big}");
+        let (bs, bb) = (fg(&bbox, disc(40.0, 225.0, 225.0)), fg(&bbox, disc(80.0, 225.0, 225.0)));
+        assert!((bb / bs - 1.0).abs() < 0.05, "bbox erases size: {bs} {bb}");
+        // an empty frame is centred, not an error
+        assert_eq!(fg(&win, Rgb8::black(450, 450)), 0.0);
+        assert!(Pipeline::from_json(r#"{"crop": "window", "crop_window": 5}"#).is_err());
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum StainMethod {
 pub enum CropMode {
     Bbox,
     None,
+    /// A fixed `crop_window` x `crop_window` window of native pixels centred on the cell: the
+    /// cell keeps its size (relative to the frame) and shape after resizing.
+    Window,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +132,8 @@ pub struct Config {
     pub stain: StainConfig,
     pub crop: CropMode,
     pub crop_margin: u32,
+    /// Side of the native-scale window of `crop = "window"`, in source pixels.
+    pub crop_window: u32,
     pub square: SquareMode,
     pub size: u32,
     pub filter: Filter,
@@ -145,6 +150,7 @@ impl Default for Config {
             stain: StainConfig::default(),
             crop: CropMode::Bbox,
             crop_margin: 8,
+            crop_window: 384,
             square: SquareMode::Pad,
             size: 224,
             filter: Filter::Bilinear,
@@ -171,6 +177,9 @@ impl Config {
         }
         if !(8..=4096).contains(&self.size) {
             return bad(format!("size={} must be between 8 and 4096 (--size)", self.size));
+        }
+        if !(8..=4096).contains(&self.crop_window) {
+            return bad(format!("crop_window={} must be between 8 and 4096 (--crop-window)", self.crop_window));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || self.mean.iter().any(|m| !m.is_finite()) {
             return bad(format!(

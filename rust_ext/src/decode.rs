@@ -143,6 +143,7 @@ fn format_name(f: ImageFormat) -> &'static str {
         ImageFormat::Png => "PNG",
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::Tiff => "TIFF",
+        ImageFormat::WebP => "WebP",
         _ => "other",
     }
 }
@@ -318,12 +319,12 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
     let format = image::guess_format(bytes).map_err(|_| Error::decode(source, DecodeReason::NotAnImage))?;
     if !matches!(
         format,
-        ImageFormat::Bmp | ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff
+        ImageFormat::Bmp | ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff | ImageFormat::WebP
     ) {
         return Err(Error::decode(
             source,
             DecodeReason::Unsupported(format!(
-                "{format:?} files are not supported (only BMP, PNG, JPEG, TIFF)"
+                "{format:?} files are not supported (only BMP, PNG, JPEG, TIFF, WebP)"
             )),
         ));
     }
@@ -593,6 +594,42 @@ pub(crate) mod tests {
         let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
         let e = decode_bytes(gif, "x.gif", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
         assert!(e.contains("x.gif") && e.contains("unsupported"), "{e}");
+    }
+
+    /// Lossless WebP (VP8L, the container of the shared C-NMC fold 1) decodes to exactly the pixels
+    /// of the same image as PNG and BMP; a truncated or corrupt WebP is a per-file error naming it.
+    #[test]
+    fn webp_lossless_roundtrip_equals_png_and_bmp() {
+        let img = DynamicImage::ImageRgb8(sample_rgb(97, 61));
+        let webp = encode(&img, ImageFormat::WebP);
+        assert_eq!(&webp[..4], b"RIFF");
+        let w = decode_bytes(&webp, "cell.webp", DEFAULT_MAX_PIXELS).unwrap();
+        let p = decode_bytes(&encode(&img, ImageFormat::Png), "cell.png", DEFAULT_MAX_PIXELS).unwrap();
+        let b = decode_bytes(&encode(&img, ImageFormat::Bmp), "cell.bmp", DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((w.width, w.height), (97, 61));
+        assert_eq!(w.data, p.data);
+        assert_eq!(w.data, b.data);
+        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(5, 4, |x, y| image::Rgba([x as u8 * 40, y as u8 * 50, 7, 255])));
+        let d = decode_bytes(&encode(&rgba, ImageFormat::WebP), "a.webp", DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(d.data, rgba.to_rgb8().into_raw());
+    }
+
+    #[test]
+    fn truncated_or_corrupt_webp_names_the_file() {
+        let img = DynamicImage::ImageRgb8(sample_rgb(64, 64));
+        let webp = encode(&img, ImageFormat::WebP);
+        for cut in [webp.len() / 2, 20, webp.len() - 3] {
+            let e = decode_bytes(&webp[..cut], "half.webp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+            assert!(e.contains("half.webp"), "{cut}: {e}");
+        }
+        let mut bad = webp.clone();
+        for b in bad.iter_mut().skip(30) {
+            *b ^= 0x5A;
+        }
+        let e = decode_bytes(&bad, "junk.webp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("junk.webp") && e.contains("WebP"), "{e}");
+        let e = decode_bytes(&webp, "small-limit.webp", 100).unwrap_err().to_string();
+        assert!(e.contains("too large") && e.contains("64x64"), "{e}");
     }
 
     /// A 54-byte BMP header claiming 100000 x 100000 pixels must be refused before allocating

@@ -33,7 +33,7 @@ impl fmt::Display for DecodeReason {
             DecodeReason::Truncated(why) => write!(f, "truncated or corrupt image data ({why})"),
             DecodeReason::NotAnImage => write!(
                 f,
-                "not an image (unrecognised content; supported formats: BMP, PNG, JPEG, TIFF)"
+                "not an image (unrecognised content; supported formats: BMP, PNG, JPEG, TIFF, WebP)"
             ),
             DecodeReason::TooLarge {
                 width,

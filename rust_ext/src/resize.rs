@@ -41,6 +41,43 @@ pub fn expand_rect(r: Rect, margin: usize, width: usize, height: usize) -> Rect 
     )
 }
 
+/// Top-left corner `(x, y)` of a `side` x `side` window centred on the rectangle `r` of a
+/// `width` x `height` image. Along an axis where the image is at least `side` long, the window is
+/// shifted to lie inside the image (no padding, same scale); where it is shorter, the image is
+/// centred in the window (the corner is negative: the rest is black padding).
+pub fn window_origin(r: Rect, side: usize, width: usize, height: usize) -> (isize, isize) {
+    fn axis(a: usize, b: usize, side: usize, len: usize) -> isize {
+        if len >= side {
+            ((a + b).saturating_sub(side) / 2).min(len - side) as isize
+        } else {
+            -(((side - len) / 2) as isize)
+        }
+    }
+    (axis(r.0, r.2, side, width), axis(r.1, r.3, side, height))
+}
+
+/// The `side` x `side` window of `img` whose top-left corner is `origin` (which may lie outside
+/// the image): pixels outside the image are black. `side` comes from the validated config
+/// (at most 4096), never from the file.
+pub fn crop_window(img: &Rgb8, origin: (isize, isize), side: usize) -> Rgb8 {
+    let mut out = Rgb8::black(side, side);
+    let (ox, oy) = origin;
+    let x0 = ox.max(0) as usize;
+    let x1 = ((ox + side as isize).max(0) as usize).min(img.width);
+    let y0 = oy.max(0) as usize;
+    let y1 = ((oy + side as isize).max(0) as usize).min(img.height);
+    if x0 >= x1 || y0 >= y1 {
+        return out;
+    }
+    for y in y0..y1 {
+        let dy = (y as isize - oy) as usize;
+        let dx = (x0 as isize - ox) as usize;
+        let src = &img.data[(y * img.width + x0) * 3..(y * img.width + x1) * 3];
+        out.data[(dy * side + dx) * 3..(dy * side + dx) * 3 + src.len()].copy_from_slice(src);
+    }
+    out
+}
+
 /// Centred square inside `r` (for `square = "crop"`).
 pub fn centre_square(r: Rect) -> Rect {
     let (w, h) = (r.2 - r.0, r.3 - r.1);
@@ -345,6 +382,39 @@ mod tests {
         assert_eq!(expand_rect((5, 5, 10, 10), 8, 12, 100), (0, 0, 12, 18));
         assert_eq!(centre_square((0, 0, 10, 4)), (3, 0, 7, 4));
         assert_eq!(centre_square((2, 1, 5, 9)), (2, 3, 5, 6));
+    }
+
+    #[test]
+    fn window_origin_centres_then_stays_inside() {
+        // 450 x 450 frame, 384 window: centred on the cell when it can be ...
+        assert_eq!(window_origin((200, 210, 250, 260), 384, 450, 450), (33, 43));
+        // ... shifted inside at a border (no padding, so no change of scale) ...
+        assert_eq!(window_origin((0, 0, 40, 30), 384, 450, 450), (0, 0));
+        assert_eq!(window_origin((420, 400, 450, 450), 384, 450, 450), (66, 66));
+        // ... and the image centred in the window when the image is shorter than it.
+        assert_eq!(window_origin((0, 0, 10, 10), 384, 100, 450), (-142, 0));
+        assert_eq!(window_origin((0, 0, 300, 20), 8, 300, 20), (146, 6));
+    }
+
+    #[test]
+    fn crop_window_copies_native_pixels_and_pads_black() {
+        let img = Rgb8::new(4, 3, (0..36).map(|v| v as u8 + 1).collect());
+        let inside = crop_window(&img, (1, 1), 2);
+        assert_eq!((inside.width, inside.height), (2, 2));
+        let px = |im: &Rgb8, x: usize, y: usize| im.data[(y * im.width + x) * 3];
+        assert_eq!(px(&inside, 0, 0), px(&img, 1, 1));
+        assert_eq!(px(&inside, 1, 1), px(&img, 2, 2));
+        let padded = crop_window(&img, (-2, -1), 6);
+        assert_eq!((padded.width, padded.height), (6, 6));
+        for y in 0..6 {
+            for x in 0..6 {
+                let (sx, sy) = (x as isize - 2, y as isize - 1);
+                let want = if (0..4).contains(&sx) && (0..3).contains(&sy) { px(&img, sx as usize, sy as usize) } else { 0 };
+                assert_eq!(px(&padded, x, y), want, "({x},{y})");
+            }
+        }
+        assert!(crop_window(&img, (10, 10), 3).data.iter().all(|&v| v == 0));
+        assert!(crop_window(&img, (-10, -10), 3).data.iter().all(|&v| v == 0));
     }
 
     #[test]
