@@ -342,3 +342,21 @@ def test_is_synthetic(tmp_path):
     assert not is_synthetic(tmp_path / "real")
     (tmp_path / "real" / "cache.json").write_text(json.dumps({"synthetic": True}))
     assert is_synthetic(tmp_path / "real")
+
+
+def test_webp_cells_are_discovered_inspected_and_watched(tmp_path):
+    """Fold 1 of C-NMC is shared as WebP: discovery, `data inspect` and the station's default extensions take it."""
+    from PIL import Image
+
+    from leukedge._util import IMAGE_EXTENSIONS
+
+    assert ".webp" in IMAGE_EXTENSIONS
+    root = tmp_path / "C-NMC_Leukemia" / "training_data" / "fold_1"
+    for cls, subj in (("all", "34"), ("hem", "H10")):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(make_cell(int(cls == "all"), size=96)).save(root / cls / f"UID_{subj}_1_1_{cls}.webp", lossless=True)
+    recs = discover(tmp_path)
+    assert sorted((r.subject, r.label, r.fold) for r in recs) == [("34", 1, 1), ("H10", 0, 1)]
+    r = CliRunner().invoke(data_group, ["inspect", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "2" in r.output

@@ -208,3 +208,38 @@ def test_bad_argument_types(native):
 
 def test_sample_paths_are_real_files(cnmc_sample):
     assert isinstance(cnmc_sample, Path) and cnmc_sample.is_dir()
+
+
+def test_lossless_webp_equals_the_bmp_pixels_of_real_cells(native, sample_cells, tmp_path):
+    """C-NMC fold 1 is shared as lossless WebP: every real sample cell re-encoded so decodes to its BMP's pixels,
+    and goes through `preprocess_batch` exactly like the BMP."""
+    from leukedge.config import PreprocessConfig, StainConfig
+
+    webps = []
+    for p in sample_cells[:12]:
+        w = tmp_path / (p.stem + ".webp")
+        Image.open(p).save(w, lossless=True)
+        np.testing.assert_array_equal(native.decode(str(w)), native.decode(str(p)), err_msg=str(p))
+        np.testing.assert_array_equal(native.decode(w.read_bytes()), _pil_rgb(p))
+        webps.append(w)
+    cfg = PreprocessConfig(stain=StainConfig(method="none"), crop="window", size=64).to_json()
+    a, sa = native.preprocess_batch([str(p) for p in sample_cells[:12]], cfg)
+    b, sb = native.preprocess_batch([str(w) for w in webps], cfg)
+    assert all(s["ok"] for s in sa + sb)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_or_corrupt_webp_is_a_per_file_error(native, sample_cells, tmp_path):
+    good = tmp_path / "good.webp"
+    Image.open(sample_cells[0]).save(good, lossless=True)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.webp"
+    cut.write_bytes(data[: len(data) // 2])
+    junk = tmp_path / "junk.webp"
+    junk.write_bytes(data[:30] + bytes(b ^ 0x5A for b in data[30:]))
+    out, status = native.preprocess_batch([str(cut), str(good), str(junk)], '{"size": 32}')
+    assert [s["ok"] for s in status] == [False, True, False]
+    assert "cut.webp" in status[0]["error"] and "junk.webp" in status[2]["error"]
+    assert not out[0].any() and out[1].any()
+    with pytest.raises(native.DecodeError, match="cut.webp"):
+        native.decode(str(cut))
