@@ -143,9 +143,19 @@ def _cv_section(cv: dict | None, pngs: list[Path], run_dir: Path) -> str:
         parts.append("<h3>Weighted F1 with each test-time augmentation (same fold models)</h3>")
         parts.append(_table(["TTA", "weighted F1"], [(k, ms(v)) for k, v in by_tta.items()]))
     parts.append("<h3>Folds</h3>")
-    parts.append(_table(["seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"],
-                        [(r.get("seed"), r.get("fold"), r.get("n_val"), ", ".join(r.get("val_subjects") or []),
-                          r.get("weighted_f1"), r.get("roc_auc")) for r in cv["fold_runs"]]))
+
+    def fold_name(r: dict) -> Any:
+        return r.get("fold") if r.get("test_fold") is None else f"test on official fold {r['test_fold']}"
+
+    rows = [(r.get("seed"), fold_name(r), r.get("n_val"), ", ".join(r.get("val_subjects") or []),
+             r.get("weighted_f1"), r.get("roc_auc")) for r in cv["fold_runs"]]
+    base = cv.get("baseline") if isinstance(cv.get("baseline"), dict) else None
+    rows += [("baseline", fold_name(b), b.get("n_test"), base.get("name"), b.get("weighted_f1"), b.get("roc_auc"))
+             for b in (base or {}).get("folds", [])]
+    parts.append(_table(["seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"], rows))
+    if base:
+        parts.append(f"<p>Baseline rows: {html.escape(str(base.get('name')))} on the same training and test cells "
+                     "(the floor a model must beat; C-NMC's magnification is fixed and blasts are larger).</p>")
     subjects = cv.get("per_subject") or []
     if subjects:
         parts.append("<h3>Per subject, worst first</h3>")
