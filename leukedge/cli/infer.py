@@ -126,14 +126,12 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
     from ..config import ConfigMismatchError
     from ..engines import BackendUnavailable
     from ..ray_infer import RayProgress, run_ray_inference
-    from ._console import progress_bar
-
     console = Console()
-    with progress_bar(transient=True, stats=True) as prog:
-        task = prog.add_task("infer (Ray)", total=None, stats="starting Ray ...")
+    with RichReporter().progress("infer (Ray)", total=None, transient=True) as task:
+        task.update(stats="starting Ray ...")
 
         def on_progress(p: RayProgress) -> None:
-            prog.update(task, total=p.total, completed=p.done, stats=f"{p.files_per_s:.1f} files/s, {p.failed} failed")
+            task.update(total=p.total, completed=p.done, stats=f"{p.files_per_s:.1f} files/s, {p.failed} failed")
 
         try:
             res = run_ray_inference(model, sources, out_path, address=address, batch=batch, backend=backend,

@@ -159,7 +159,7 @@ def predict_fn(pred: Any):
     Each dict gets ``timings = {"preprocess_ms", "compute_ms"}``: the times of the engine batch the
     file was in (the station hands the Predictor at most one engine batch at a time).
     """
-    timed = getattr(pred, "_predict", None)
+    timed = getattr(pred, "predict_timed", None)
 
     def predict(paths: list[str]) -> list[dict]:
         if timed is None:

@@ -1,0 +1,156 @@
+"""Progress without a terminal: the one plain-line mechanism (leukedge._util.LineProgress) that every
+command uses when stderr is not a TTY (nohup, CI, systemd), and the station's per-batch log lines."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from leukedge._util import LineProgress, PlainReporter, format_duration
+
+LINE = re.compile(r"^(?P<desc>[^:]+): (?P<done>[\d,]+)/(?P<total>[\d,]+) \((?P<pct>\d+) %\) \| (?P<rate>[\d.,]+)/s")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_line_progress_every_tenth_and_every_interval_with_rate_and_eta():
+    clock, lines = Clock(), []
+    task = LineProgress("infer", 1000, lines.append, every_s=30.0, clock=clock)
+    for _ in range(99):  # 99 items in 9.9 s: below 10 % and below 30 s, nothing yet
+        clock.t += 0.1
+        task.advance(1)
+    assert lines == []
+    clock.t += 0.1
+    task.advance(1)  # 100 = 10 %
+    assert len(lines) == 1
+    m = LINE.match(lines[0])
+    assert m and m["desc"] == "infer" and m["done"] == "100" and m["total"] == "1,000" and m["pct"] == "10"
+    assert m["rate"] == "10.0"  # 100 items in 10 s
+    assert "ETA 1m30s" in lines[0] and "elapsed 10s" in lines[0]
+    # slow phase: 1 item a minute -> a line every 30 s even though no 10 % step is crossed
+    clock.t += 31
+    task.advance(1, stats="loss 0.1234")
+    assert len(lines) == 2 and lines[1].startswith("infer: 101/1,000 (10 %)") and lines[1].endswith("loss 0.1234")
+    task.update(completed=1000)
+    assert len(lines) == 3 and "(100 %)" in lines[2] and "ETA" not in lines[2]
+    task.finish()
+    assert len(lines) == 3  # nothing new since the last line: no duplicate closing line
+
+
+def test_line_progress_closing_line_and_unknown_total():
+    clock, lines = Clock(), []
+    task = LineProgress("scan", None, lines.append, every_s=30.0, clock=clock)
+    clock.t += 2
+    task.advance(7)
+    task.finish()
+    assert lines == ["scan: 7 | 3.5/s | elapsed 2s | done"]
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0.4, 59, 61, 3599, 7260)] == ["0s", "59s", "1m01s", "59m59s", "2h01m"]
+
+
+def test_plain_reporter_prints_progress_lines_and_quiet_prints_none():
+    buf = io.StringIO()
+    with PlainReporter(stream=buf).progress("epoch 1/2", total=20) as task:
+        for _ in range(20):
+            task.advance(1)
+    out = buf.getvalue().splitlines()
+    assert len(out) == 10 and out[0].startswith("epoch 1/2: 2/20 (10 %)") and out[-1].startswith("epoch 1/2: 20/20 (100 %)")
+    quiet = io.StringIO()
+    with PlainReporter(quiet=True, stream=quiet).progress("x", total=5) as task:
+        task.advance(5)
+    assert quiet.getvalue() == ""
+
+
+def test_rich_reporter_without_terminal_prints_plain_lines_not_bars():
+    from rich.console import Console
+
+    from leukedge.cli._console import RichReporter
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=40)  # narrow: lines must not be wrapped
+    rep = RichReporter(console)
+    with rep.progress("preprocess [cells]", total=4) as task:
+        for _ in range(4):
+            task.advance(1, stats="[bold]4 ok[/]")
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith("preprocess [cells]: ") for line in lines)  # no markup eaten, no wrapping
+    assert lines[-1].startswith("preprocess [cells]: 4/4 (100 %)") and lines[-1].endswith("4 ok")
+    assert "\x1b[" not in buf.getvalue() and "━" not in buf.getvalue()
+    # bars=False (e.g. --quiet): no lines either
+    buf2 = io.StringIO()
+    with RichReporter(Console(file=buf2, force_terminal=False), bars=False).progress("x", total=3) as task:
+        task.advance(3)
+    assert buf2.getvalue() == ""
+
+
+def test_rich_reporter_on_a_terminal_keeps_the_bar():
+    from rich.console import Console
+
+    from leukedge.cli._console import RichReporter
+
+    buf = io.StringIO()
+    rep = RichReporter(Console(file=buf, force_terminal=True, width=100))
+    with rep.progress("train", total=2) as task:
+        task.advance(2)
+    assert "━" in buf.getvalue()  # the Rich bar, as before
+    assert not LINE.search(buf.getvalue())
+
+
+def test_synth_command_without_terminal_prints_progress_lines(tmp_path):
+    r = CliRunner().invoke(__import__("leukedge.cli", fromlist=["main"]).main,
+                           ["data", "synth", str(tmp_path / "cells"), "--subjects", "4", "--cells-per-subject", "5",
+                            "--size", "64", "--format", "png"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("synth: ")]
+    assert len(lines) == 10, r.output  # 20 cells: a line every 10 %
+    assert lines[-1].startswith("synth: 20/20 (100 %)") and "/s" in lines[-1]
+
+
+def test_station_logs_each_batch_and_stores_preprocess_times(tmp_path, sample_cells):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("leukedge._native")
+    from leukedge.cli.station import station_group
+
+    watch = tmp_path / "watch" / "slide1"
+    watch.mkdir(parents=True)
+    for p in sample_cells[:10]:
+        shutil.copy(p, watch / p.name)
+    r = CliRunner().invoke(station_group, ["run", str(tmp_path / "watch"), "--once", "--batch", "4",
+                                           "--backend", "onnxruntime", "--device", "cpu", "--threads", "1",
+                                           "--settle-ms", "0"])
+    assert r.exit_code == 0, r.output
+    batch_lines = [ln for ln in r.output.splitlines() if ln.startswith("batch #")]
+    assert len(batch_lines) == 3, r.output  # 10 files in batches of 4
+    for ln in batch_lines:
+        assert re.search(r"^batch #\d+: [1-4] files? \(\w+\) \| \d+ ok, 0 errors \| latency p50 [\d,]+ ms, max [\d,]+ ms \| "
+                         r"preprocess [\d,]+ ms, compute [\d,]+ ms$", ln), ln
+    with sqlite3.connect(tmp_path / "watch" / ".leukedge-station.sqlite") as c:
+        pre = [row[0] for row in c.execute("SELECT preprocess_ms FROM results")]
+        batches = [row[0] for row in c.execute("SELECT preprocess_ms FROM batches")]
+    assert len(pre) == 10 and all(v is not None and v > 0 for v in pre)
+    assert batches and all(v is not None and v > 0 for v in batches)
+
+
+def test_every_long_command_reports_through_the_reporter():
+    """The commands named in the issue (preprocess, train, cv, infer, demo, synth) pass the CLI reporter
+    that falls back to plain lines; none draws its own bar."""
+    cli = Path(__file__).resolve().parents[1] / "leukedge" / "cli"
+    for name in ("preprocess", "train", "cv", "infer", "demo", "data"):
+        text = (cli / f"{name}.py").read_text()
+        assert "RichReporter" in text, name
+        assert "progress_bar(" not in text, name
