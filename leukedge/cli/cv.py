@@ -8,6 +8,7 @@ import click
 
 from ..cv import OOF_FILE, cross_validate
 from ..distributed import is_main  # [ddp]
+from ..evaluate import format_ci
 from ._console import RichReporter
 from .train import config_from_cli, train_options
 
@@ -68,6 +69,9 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
               + ("n/a" if auc["mean"] is None else f"{auc['mean']:.4f} ± {auc['sd']:.4f}")
               + f" over {f1['n']} folds ({len(seed_list)} seed(s)); worst subjects {', '.join(s['worst_subjects'])}; "
               f"out-of-fold best threshold {s['oof_threshold']['mean']:.2f} ± {s['oof_threshold']['sd']:.2f}")
+    pooled = s["per_seed"][0]
+    out.print(f"pooled out-of-fold weighted F1 (seed {pooled['seed']}) {pooled['pooled_weighted_f1']:.4f} "
+              f"{format_ci(s.get('pooled_weighted_f1_ci'))}")
     out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
 
 
