@@ -8,7 +8,8 @@ It runs, in order (each step resumes or reuses its output when restarted)::
     leukedge train WORK/fold0_192 -o WORK/final --recipe recipes/default.toml --no-validation --resume
     leukedge export WORK/final/bundle -o WORK/final/bundle/export
 
-then copies the bundle (with its export, the CV summary and plots, and a README) into the package.
+then copies the bundle (with its export, the CV summary and plots, and a README) into the package and
+writes its ``trained_on.txt`` (``scripts/write_trained_on.py``: pixel digests of every training cell).
 DATA is C-NMC 2019 training fold 0 (``../shared/data/cnmc_fold0``, 3,527 cells, 28 subjects).
 
 Run time on the 2-core development machine: about 1.5 hours at 192 px, measured with other jobs
@@ -81,6 +82,9 @@ def main() -> None:
         for name in ("cv.json", "cv_folds.png", "cv_per_subject.png", "cv_roc.png", "per_subject.csv"):
             shutil.copy2(cv_dir / name, args.out / name)
     shutil.copy2(final / "training_curves.png", args.out / "training_curves.png")
+    # trained_on.txt: pixel digests of every training cell, so that no score counts a cell the model saw
+    subprocess.run([sys.executable, str(REPO / "scripts" / "write_trained_on.py"), str(args.out), str(args.data)],
+                   check=True, cwd=REPO)
     print(f"default model written to {args.out} in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
