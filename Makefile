@@ -13,10 +13,16 @@ PY := $(VENV)/bin/python
 # (without its extension-module feature) are compiled again for the tests.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO_TEST_PROFILE ?= --release
-# maturin develop: cargo prints its own progress ("Compiling image v0.25.x ...") while it builds the Rust core,
-# then the package is installed in editable mode with the named extras; run again with nothing changed, it
-# recompiles nothing.
-MATURIN_DEVELOP = VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+# install-%: pip installs the requirements of the named extras (scripts/extra_requirements.py expands
+# leukedge[...] references), then maturin develop builds the Rust core, printing cargo's own progress
+# ("Compiling image v0.25.x ..."), and installs leukedge in editable mode. Run again with nothing changed,
+# cargo compiles nothing.
+define INSTALL
+	$(PY) scripts/extra_requirements.py $(1) > $(VENV)/requirements-$(subst $(space),-,$(1)).txt
+	$(PY) -m pip install --progress-bar on -r $(VENV)/requirements-$(subst $(space),-,$(1)).txt
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+endef
+space := $(subst ,, )
 
 .PHONY: venv setup setup-demo setup-train demo demo-train test test-rust test-python lint bench clean-venv
 
@@ -26,13 +32,13 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip "maturin>=1.5,<2"
 
 setup-demo: $(PY)
-	$(MATURIN_DEVELOP) --extras demo
+	$(call INSTALL,demo)
 
 setup-train: $(PY)
-	$(MATURIN_DEVELOP) --extras demo,train
+	$(call INSTALL,demo train)
 
 setup: $(PY)
-	$(MATURIN_DEVELOP) --extras dev
+	$(call INSTALL,dev)
 
 demo: setup-demo
 	$(VENV)/bin/leukedge demo

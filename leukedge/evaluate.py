@@ -314,6 +314,32 @@ def find_history(bundle_path: Path | None) -> list[dict[str, Any]] | None:
     return None
 
 
+def mistake_thumbnails(preds: Sequence[dict[str, Any]], n: int = 12, size: int = 96) -> list[tuple[np.ndarray, str]]:
+    """Thumbnails of the ``n`` most confident mistakes (wrong, with P(all) farthest from 0.5) whose image files
+    still decode, with a caption each (true class, P(all), subject)."""
+    from ._util import load_native
+
+    native = load_native(required=False)
+    if native is None:
+        return []
+    wrong = [p for p in preds if p.get("label", -1) >= 0 and int(p["prob_all"] >= 0.5) != int(p["label"])]
+    wrong.sort(key=lambda p: -abs(float(p["prob_all"]) - 0.5))
+    thumbs = []
+    for p in wrong:
+        if len(thumbs) >= n:
+            break
+        try:
+            img = native.decode(str(p["path"]))
+            h, w = img.shape[:2]
+            scale = size / max(h, w)
+            img = native.resize(img, max(1, round(w * scale)), max(1, round(h * scale)))
+        except (OSError, ValueError, RuntimeError, TypeError):  # moved or unreadable since: no thumbnail
+            continue
+        thumbs.append((img, f"true {CLASS_NAMES[int(p['label'])]}, P(all) {float(p['prob_all']):.2f}\n"
+                            f"subject {p.get('subject') or '?'}"))
+    return thumbs
+
+
 def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path | None = None) -> dict[str, str]:
     """Write metrics.json, predictions.csv and PNG plots into ``out_dir``; returns {name: path}."""
     from . import plots
@@ -340,6 +366,17 @@ def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path 
     if result.get("confusion_matrix"):
         files["confusion_matrix"] = str(plots.plot_confusion(result["confusion_matrix"]["matrix"], CLASS_NAMES,
                                                              out / "confusion_matrix.png", synthetic=syn))
+    if lab:
+        yl, pl = np.array([p["label"] for p in lab]), np.array([p["prob_all"] for p in lab])
+        for name, made in (("pr", plots.plot_pr(yl, pl, out / "pr.png", synthetic=syn)),
+                           ("calibration", plots.plot_calibration(yl, pl, out / "calibration.png", synthetic=syn)),
+                           ("threshold_sweep", plots.plot_threshold_sweep(yl, pl, out / "threshold_sweep.png",
+                                                                          synthetic=syn))):
+            if made:
+                files[name] = str(made)
+        gallery = plots.plot_mistakes(mistake_thumbnails(lab), out / "mistakes.png", synthetic=syn)
+        if gallery:
+            files["mistakes"] = str(gallery)
     ps = plots.plot_per_subject(result.get("per_subject", []), out / "per_subject.png", synthetic=syn)
     if ps:
         files["per_subject"] = str(ps)
