@@ -149,6 +149,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
 
 # --------------------------------------------------------------------------------------------
+# the real sample cells
+def sample_dir() -> Path | None:
+    """The real C-NMC sample cells that the demo and the export check use, if any: ``$LEUKEDGE_SAMPLE_DIR``,
+    else ``../shared/data/cnmc_sample`` beside a source checkout (a folder holding ``pyproject.toml`` and this
+    package). An installed package never looks outside itself: there, only the environment variable counts."""
+    env = os.environ.get("LEUKEDGE_SAMPLE_DIR")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "pyproject.toml").is_file():
+        return None
+    cand = checkout.parent / "shared" / "data" / "cnmc_sample"
+    return cand if cand.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------------
 # the Rust core
 NATIVE_MISSING = ("the Rust core leukedge._native is not built; install the package with `pip install -e .` "
                   "(needs a Rust toolchain and maturin)")

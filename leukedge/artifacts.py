@@ -152,6 +152,27 @@ class Cache:
         return np.array(out, dtype=np.int64)
 
 
+def _holds_images(folder: Path, limit: int = 2000) -> bool:
+    """Whether an image file is among the first ``limit`` entries found under ``folder`` (a bounded look)."""
+    from ._util import IMAGE_EXTENSIONS
+
+    for n, (_, _, files) in enumerate(os.walk(folder)):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files) or n >= limit:
+            return n < limit
+    return False
+
+
+def _not_a_cache(p: Path) -> str:
+    """Why ``p`` cannot be loaded as a cache, and the command that makes one (never one that writes into an
+    image folder)."""
+    if p.is_dir() and not any((p / f).exists() for f in ("metrics.json", "bundle.json", "images.npy")) and _holds_images(p):
+        return (f"{p} holds images, not a complete dataset cache: preprocess them first, e.g. "
+                f"`leukedge preprocess {p} -o {p.name or 'data'}_cache`, then train on {p.name or 'data'}_cache")
+    if p.is_dir() and (p / "images.npy").exists():
+        return f"{p}: not a complete dataset cache (no cache.json: the preprocessing run was interrupted); run it again"
+    return f"{p}: not a complete dataset cache (no cache.json); make one with `leukedge preprocess IMAGES -o {p}`"
+
+
 def load_cache(path: str | os.PathLike) -> Cache:
     """Load a dataset cache folder (or its ``cache.json``) written by ``leukedge preprocess``.
 
@@ -163,7 +184,7 @@ def load_cache(path: str | os.PathLike) -> Cache:
         p = p.parent
     meta_file = p / "cache.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{p}: not a complete dataset cache (no cache.json); run `leukedge preprocess ... -o {p}`")
+        raise FileNotFoundError(_not_a_cache(p))
     meta = json.loads(meta_file.read_text())
     config = PreprocessConfig.load(p / "config.json")
     manifest = read_manifest(p / "manifest.csv")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the TOML reader pip vendors (pip is in every venv this runs in)
+    from pip._vendor import tomli as tomllib  # type: ignore[no-redef]
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 SELF = re.compile(r"^leukedge\[([^\]]+)\]\s*(;.*)?$")

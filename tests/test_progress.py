@@ -154,3 +154,61 @@ def test_every_long_command_reports_through_the_reporter():
         text = (cli / f"{name}.py").read_text()
         assert "RichReporter" in text, name
         assert "progress_bar(" not in text, name
+
+
+# -- help and messages (issue 26, item 9) -------------------------------------------------------------
+def test_help_lists_commands_in_pipeline_order_and_o_means_out():
+    from leukedge.cli import main
+
+    r = CliRunner().invoke(main, ["--help"])
+    names = [ln.split()[0] for ln in r.output.split("Commands:")[1].splitlines() if ln.startswith("  ") and ln.split()
+             and not ln.startswith("   ")]
+    assert names == ["demo", "data", "preprocess", "train", "cv", "evaluate", "export", "build-engine", "infer", "station",
+                     "report"], names
+    for cmd in (["report"], ["station", "export"], ["infer"], ["train"], ["export"], ["preprocess"]):
+        text = CliRunner().invoke(main, [*cmd, "--help"]).output
+        assert "-o, --out" in text, cmd
+    infer_help = CliRunner().invoke(main, ["infer", "--help"]).output
+    assert "see below" not in infer_help and "see the list above" not in CliRunner().invoke(main, ["cv", "--help"]).output
+    assert "efficientnet_lite0: ReLU6" in CliRunner().invoke(main, ["cv", "--help"]).output.replace("\n", " ").replace("  ", " ") \
+        or "efficientnet_lite0:" in CliRunner().invoke(main, ["cv", "--help"]).output
+
+
+def test_train_on_an_image_folder_says_to_preprocess_elsewhere(tmp_path):
+    from leukedge.cli import main
+
+    folder = tmp_path / "cells" / "all"
+    folder.mkdir(parents=True)
+    (folder / "UID_1_1_1_all.bmp").write_bytes(b"BM")
+    r = CliRunner().invoke(main, ["train", str(tmp_path / "cells"), "-o", str(tmp_path / "run")])
+    assert r.exit_code != 0
+    msg = " ".join(r.output.split())
+    assert msg.count(str(tmp_path / "cells")) == 2  # the folder, and the command's input: never twice as a prefix
+    assert f"-o {tmp_path / 'cells'} " not in msg and "-o cells_cache" in msg
+
+
+def test_preprocess_defaults_to_the_shipped_models_stain(tmp_path):
+    pytest.importorskip("leukedge._native")
+    from leukedge.artifacts import default_model_path, load_cache, load_config_source
+    from leukedge.cli import main
+    from leukedge.synth import make_cell, write_png
+
+    for i, (cls, name) in enumerate((("all", "UID_1_1_1_all.png"), ("all", "UID_2_1_1_all.png"), ("all", "UID_3_1_1_all.png"),
+                                     ("hem", "UID_H1_1_1_hem.png"), ("hem", "UID_H2_1_1_hem.png"), ("hem", "UID_H3_1_1_hem.png"))):
+        (tmp_path / "d" / cls).mkdir(parents=True, exist_ok=True)
+        write_png(tmp_path / "d" / cls / name, make_cell(int(cls == "all"), seed=i, size=96))
+    r = CliRunner().invoke(main, ["preprocess", str(tmp_path / "d"), "-o", str(tmp_path / "c"), "--size", "32"])
+    assert r.exit_code == 0, r.output
+    assert load_cache(tmp_path / "c").config.stain.method == load_config_source(default_model_path()).stain.method == "none"
+
+
+def test_predictor_fills_subject_and_true_label(sample_cells):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("leukedge._native")
+    from leukedge.infer import Predictor
+
+    with Predictor(backend="onnxruntime", device="cpu") as pred:
+        res = pred.predict(sample_cells[:2])
+    for r, p in zip(res, sample_cells[:2]):
+        assert r.status == "ok" and r.subject and r.true_label in ("all", "hem")
+        assert p.name.startswith(f"UID_{r.subject}_") or p.name.lower().startswith(f"uid_{r.subject.lower()}_")

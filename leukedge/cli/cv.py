@@ -45,7 +45,7 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, folds: int, seeds: str,
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc
+        raise click.ClickException(str(exc) if str(cache) in str(exc) else f"{cache}: {exc}") from exc
     if not main_rank:  # [ddp]
         return
     s = res.summary

@@ -34,16 +34,12 @@ from ._console import RichReporter
 from .infer import print_stats
 from .preprocess import print_summary
 
-_REPO_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cnmc_sample"  # leukedge/cli/demo.py
-
 
 def default_real_dir() -> Path | None:
-    """The 52 real C-NMC cells beside the checkout (``../shared/data/cnmc_sample``), if present."""
-    env = os.environ.get("LEUKEDGE_SAMPLE_DIR")
-    for cand in ([Path(env)] if env else []) + [_REPO_SAMPLE, Path.cwd().parent / "shared" / "data" / "cnmc_sample"]:
-        if cand.is_dir():
-            return cand
-    return None
+    """The real C-NMC cells for the shipped model's stage (see :func:`leukedge._util.sample_dir`)."""
+    from .._util import sample_dir
+
+    return sample_dir()
 
 
 @dataclass(frozen=True)
@@ -412,7 +408,8 @@ def _print_final(console: Any, summary: dict[str, Any]) -> None:
 @click.option("--quick", is_flag=True, default=lambda: os.environ.get("LEUKEDGE_DEMO_QUICK", "") not in ("", "0"),
               help="Tiny set and few epochs (about a minute); also LEUKEDGE_DEMO_QUICK=1.")
 @click.option("--real", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of real cells for the shipped default model [default: ../shared/data/cnmc_sample if present].")
+              help="Folder of real cells for the shipped default model [default: $LEUKEDGE_SAMPLE_DIR, or "
+                   "../shared/data/cnmc_sample beside a source checkout].")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="Inference backend for the infer stages.")
 @click.option("--seed", type=int, default=0, show_default=True)

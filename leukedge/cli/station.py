@@ -421,7 +421,7 @@ def csv_cell(value: Any) -> Any:
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
               help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Output file ('-' for stdout); written atomically (temporary file + rename).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None,
               help="Output format [default: from the file extension, else csv].")

@@ -152,6 +152,6 @@ def train_cmd(ctx: click.Context, cache: str, out_dir: str, **params: Any) -> No
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc
+        raise click.ClickException(str(exc) if str(cache) in str(exc) else f"{cache}: {exc}") from exc
 
 
