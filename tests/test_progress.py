@@ -144,6 +144,24 @@ def test_station_logs_each_batch_and_stores_preprocess_times(tmp_path, sample_ce
         batches = [row[0] for row in c.execute("SELECT preprocess_ms FROM batches")]
     assert len(pre) == 10 and all(v is not None and v > 0 for v in pre)
     assert batches and all(v is not None and v > 0 for v in batches)
+    # one timestamp format: status --json and export both give ISO 8601 with the UTC offset
+    import json as _json
+
+    st = _json.loads(CliRunner().invoke(station_group, ["status", str(tmp_path / "watch"), "--json"]).output)
+    iso = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
+    assert iso.match(st["station"]["started_at"]) and iso.match(st["station"]["stopped_at"])
+    assert all(iso.match(s["last_result_at"]) for s in st["samples"])
+    out = tmp_path / "cells.json"
+    assert CliRunner().invoke(station_group, ["export", str(tmp_path / "watch"), "--out", str(out), "--cells"]).exit_code == 0
+    assert all(iso.match(r["done_at"]) for r in _json.loads(out.read_text()))
+
+
+def test_one_station_throughput_definition():
+    from leukedge.station.db import throughput
+
+    assert throughput(120, now=1000.0, since=None) == 2.0  # 120 results in the last minute
+    assert throughput(20, now=1000.0, since=990.0) == 2.0  # a run 10 s old: per second since its start
+    assert throughput(3, now=1000.0, since=999.9) == 3.0  # at least 1 s
 
 
 def test_every_long_command_reports_through_the_reporter():
@@ -212,3 +230,16 @@ def test_predictor_fills_subject_and_true_label(sample_cells):
     for r, p in zip(res, sample_cells[:2]):
         assert r.status == "ok" and r.subject and r.true_label in ("all", "hem")
         assert p.name.startswith(f"UID_{r.subject}_") or p.name.lower().startswith(f"uid_{r.subject.lower()}_")
+
+
+def test_build_engine_says_plainly_where_an_engine_runs():
+    from leukedge.cli import main
+    from leukedge.cli.build_engine import runs_on
+
+    r = CliRunner().invoke(main, ["build-engine", "x.onnx", "-o", "x.plan", "--target-cc", "8.7"])
+    msg = " ".join(r.output.split())
+    assert r.exit_code != 0 and "Jetson Orin (CC 8.7)" in msg and "JetPack" in msg and "not from pip" in msg
+    rtx = runs_on({"flavour": "tensorrt-rtx", "trt_version": "1.7", "target_compute_capabilities": ["8.6", "8.9"]})
+    assert "8.6, 8.9" in rtx and "NOT on Jetson Orin (8.7) or Hopper (9.0)" in rtx
+    std = runs_on({"flavour": "tensorrt", "trt_version": "10.3", "built_on": {"gpu": "Orin", "compute_capability": "8.7"}})
+    assert "runs only on Orin (CC 8.7)" in std
