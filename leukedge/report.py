@@ -306,7 +306,8 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} th,td{border:1px
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 th{background:#f2eef5} .figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0} figure img{max-width:520px;border:1px solid #ddd} .wide figure img{max-width:100%}
 figcaption{font-size:.8rem;color:#666} .warn{color:#8a5300;font-weight:600}
-@media (max-width:700px){figure img{max-width:100%} table{font-size:.8rem} body{margin:1rem auto}} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
+td{overflow-wrap:anywhere}
+@media (max-width:700px){figure img{max-width:100%} table{font-size:.8rem;display:block;overflow-x:auto;max-width:100%} body{margin:1rem auto}} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
 """
 
 
