@@ -243,3 +243,18 @@ def test_build_engine_says_plainly_where_an_engine_runs():
     assert "8.6, 8.9" in rtx and "NOT on Jetson Orin (8.7) or Hopper (9.0)" in rtx
     std = runs_on({"flavour": "tensorrt", "trt_version": "10.3", "built_on": {"gpu": "Orin", "compute_capability": "8.7"}})
     assert "runs only on Orin (CC 8.7)" in std
+
+
+def test_engine_mismatch_hint_rebuilds_from_the_requested_models_export(tmp_path):
+    from leukedge.artifacts import EngineMismatchError
+    from leukedge.config import PreprocessConfig
+    from leukedge.engines.factory import _rebuild_from_requested
+    from leukedge.engines.resolve import ModelSpec
+
+    spec = ModelSpec(kind="export", config=PreprocessConfig(), path=tmp_path / "mymodel", onnx_fp16=tmp_path / "mymodel" / "export" / "model_fp16.onnx",
+                     engine=tmp_path / "mymodel" / "export" / "model.plan")
+    old = EngineMismatchError("built for CC 8.6, this GPU is 8.9. Rebuild it here: leukedge build-engine /old/export -o x")
+    new = _rebuild_from_requested(spec, old)
+    assert isinstance(new, EngineMismatchError) and str(old) in str(new)
+    assert f"leukedge build-engine {tmp_path / 'mymodel' / 'export'} -o {spec.engine}" in str(new)
+    assert _rebuild_from_requested(spec, ValueError("other")) is None
