@@ -27,7 +27,8 @@ LEAN_DEMO = """
 import sys
 from leukedge.cli import main
 try:
-    main(["demo", "--quick", "-o", sys.argv[1]])
+    # onnxruntime: `--backend auto` may import torch to ask it for a CUDA device where torch is installed
+    main(["demo", "--quick", "--backend", "onnxruntime", "-o", sys.argv[1]])
 except SystemExit as exc:
     if exc.code:
         raise
