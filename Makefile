@@ -1,30 +1,65 @@
-# leukedge: the two commands a newcomer needs.
-#   make demo   - install everything and run the whole pipeline end to end on synthetic cells
-#   make test   - install everything and run all tests (cargo + pytest)
-#   make lint   - ruff (with its complexity limit) and mypy on the public API, as configured in pyproject.toml
+# leukedge: the commands a newcomer needs. Each makes (once) and uses its own virtual environment, $(VENV).
+#   make demo        - the Rust core + leukedge[demo] (ONNX Runtime, scikit-learn, matplotlib; NO PyTorch) + the
+#                      shipped model, then `leukedge demo`: preprocess -> infer -> station -> report on real + synthetic cells
+#   make demo-train  - adds PyTorch (leukedge[train]; PyPI's torch wheel is the CUDA build, about 4 GB with its
+#                      nvidia-* wheels) and runs `leukedge demo --train` (a tiny model trained on synthetic cells)
+#   make test        - the development install (leukedge[dev]) and every test: cargo test + pytest
+#   make lint        - ruff (with its complexity limit) and mypy on the public API, as configured in pyproject.toml
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The extension (maturin, release) and `cargo test` share one target directory. A release-profile `cargo test`
+# was measured to recompile all 71 crates anyway (the extension is a thin-LTO cdylib, the test harness is not),
+# so the tests keep the debug profile, which compiles faster; CARGO_TEST_PROFILE=--release to change that.
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+CARGO_TEST_PROFILE ?=
+# install-%: pip installs the requirements of the named extras (scripts/extra_requirements.py expands
+# leukedge[...] references), then maturin develop builds the Rust core, printing cargo's own progress
+# ("Compiling image v0.25.x ..."), and installs leukedge in editable mode. Run again with nothing changed,
+# cargo compiles nothing.
+define INSTALL
+	$(PY) scripts/extra_requirements.py $(1) > $(VENV)/requirements-$(subst $(space),-,$(1)).txt
+	$(PY) -m pip install --progress-bar on -r $(VENV)/requirements-$(subst $(space),-,$(1)).txt
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+endef
+space := $(subst ,, )
 
-.PHONY: setup demo test test-rust test-python lint bench
+.PHONY: venv setup setup-demo setup-train demo demo-train test test-rust test-python lint bench clean-venv
 
-setup:
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install -e ".[dev]"
+venv: $(PY)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip "maturin>=1.5,<2"
 
-demo: setup
-	leukedge demo
+setup-demo: $(PY)
+	$(call INSTALL,demo)
+
+setup-train: $(PY)
+	$(call INSTALL,demo train)
+
+setup: $(PY)
+	$(call INSTALL,dev)
+
+demo: setup-demo
+	$(VENV)/bin/leukedge demo
+
+demo-train: setup-train
+	$(VENV)/bin/leukedge demo --train
 
 test: setup test-rust test-python
 
 test-rust:
-	cargo test --manifest-path rust_ext/Cargo.toml --no-default-features
+	cargo test $(CARGO_TEST_PROFILE) --manifest-path rust_ext/Cargo.toml --no-default-features
 
 test-python:
-	$(PYTHON) -m pytest -q -rs
+	$(PY) -m pytest -q -rs
 
 lint:
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: setup
-	$(PYTHON) benchmarks/bench_preprocess.py
+	$(PY) benchmarks/bench_preprocess.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -149,6 +149,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
 
 # --------------------------------------------------------------------------------------------
+# the real sample cells
+def sample_dir() -> Path | None:
+    """The real C-NMC sample cells that the demo and the export check use, if any: ``$LEUKEDGE_SAMPLE_DIR``,
+    else ``../shared/data/cnmc_sample`` beside a source checkout (a folder holding ``pyproject.toml`` and this
+    package). An installed package never looks outside itself: there, only the environment variable counts."""
+    env = os.environ.get("LEUKEDGE_SAMPLE_DIR")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "pyproject.toml").is_file():
+        return None
+    cand = checkout.parent / "shared" / "data" / "cnmc_sample"
+    return cand if cand.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------------
 # the Rust core
 NATIVE_MISSING = ("the Rust core leukedge._native is not built; install the package with `pip install -e .` "
                   "(needs a Rust toolchain and maturin)")
@@ -184,7 +200,9 @@ class Reporter(Protocol):
                  completed: int = 0) -> ContextManager[Task]: ...
 
 
-class _NullTask:
+class NullTask:
+    """A progress task that shows nothing."""
+
     def advance(self, n: int = 1, **fields: Any) -> None:
         pass
 
@@ -209,9 +227,129 @@ def strip_markup(message: str) -> str:
     return _MARKUP.sub("", message)
 
 
+#: seconds between two plain progress lines of one task (``LEUKEDGE_PROGRESS_S`` overrides it)
+PROGRESS_EVERY_S = 30.0
+#: a plain progress line also at every this fraction of the total (10 %, 20 % ...)
+PROGRESS_EVERY_FRACTION = 0.1
+
+
+def _progress_every_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("LEUKEDGE_PROGRESS_S", PROGRESS_EVERY_S)))
+    except ValueError:
+        return PROGRESS_EVERY_S
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: a duration as people read it in a log."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class LineProgress:
+    """A progress task that prints plain lines, for output that is not a terminal (nohup, CI, systemd):
+    ``infer: 3,200/24,689 (13 %) | 84.1/s | ETA 4m15s | elapsed 38s``.
+
+    A line is printed when another 10 % of ``total`` is done, when ``every_s`` seconds (default 30,
+    ``LEUKEDGE_PROGRESS_S``) passed since the last line, and once at the end (:meth:`finish`), so a log
+    shows steady progress without a line per item. ``emit`` receives each line (e.g. ``print``); the
+    ``stats`` field (free text such as the running loss) is appended. Every leukedge command uses this,
+    through :class:`PlainReporter` and the CLI's reporter when stderr is not a terminal."""
+
+    def __init__(self, description: str, total: int | None, emit: Callable[[str], None], *, completed: int = 0,
+                 every_s: float | None = None, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.description, self.total, self.emit = description, total, emit
+        self.completed = self._start = completed
+        self.stats = ""
+        self.every_s = _progress_every_s() if every_s is None else every_s
+        self._clock = clock or time.monotonic
+        self._t0 = self._last_t = self._clock()
+        self._last_step = self._step(completed)
+        self._printed_at = completed
+
+    def _step(self, done: int) -> int:
+        if not self.total:
+            return 0
+        return int(done / self.total / PROGRESS_EVERY_FRACTION + 1e-9)
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.completed += n
+        self._fields(fields)
+        self._maybe_line()
+
+    def update(self, **fields: Any) -> None:
+        moved = "completed" in fields
+        if moved:
+            self.completed = int(fields.pop("completed"))
+        self._fields(fields)
+        if moved:
+            self._maybe_line()
+
+    def _maybe_line(self) -> None:
+        now = self._clock()
+        step = self._step(self.completed)
+        if step > self._last_step or now - self._last_t >= self.every_s:
+            self._last_step = step
+            self._line(now)
+
+    def _fields(self, fields: dict[str, Any]) -> None:
+        if "total" in fields:
+            self.total = fields.pop("total")
+        if "description" in fields:
+            self.description = str(fields.pop("description"))
+        if "stats" in fields:
+            self.stats = str(fields.pop("stats") or "")
+
+    def line(self, now: float | None = None) -> str:
+        """The current progress as one line."""
+        now = self._clock() if now is None else now
+        elapsed = now - self._t0
+        done_here = self.completed - self._start
+        rate = done_here / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.description}: {self.completed:,}" + (f"/{self.total:,}" if self.total else "")
+                 + (f" ({100 * self.completed / self.total:.0f} %)" if self.total else "")]
+        parts.append(f"{rate:,.1f}/s" if rate < 100 else f"{rate:,.0f}/s")
+        if self.total and rate > 0 and self.completed < self.total:
+            parts.append(f"ETA {format_duration((self.total - self.completed) / rate)}")
+        parts.append(f"elapsed {format_duration(elapsed)}")
+        if self.stats:
+            parts.append(strip_markup(self.stats))
+        return " | ".join(parts)
+
+    def _line(self, now: float) -> None:
+        self._last_t = now
+        self._printed_at = self.completed
+        self.emit(self.line(now))
+
+    def finish(self) -> None:
+        """The closing line (``done``), unless nothing happened since the last line."""
+        if self.completed != self._printed_at or self.completed == self._start:
+            now = self._clock()
+            self._last_t = now
+            self._printed_at = self.completed
+            self.emit(self.line(now) + " | done")
+
+
+@contextlib.contextmanager
+def line_progress(description: str, total: int | None, emit: Callable[[str], None], *,
+                  completed: int = 0) -> Iterator[LineProgress]:
+    """A :class:`LineProgress` task whose closing line is printed when the block ends."""
+    task = LineProgress(description, total, emit, completed=completed)
+    try:
+        yield task
+    finally:
+        task.finish()
+
+
 class PlainReporter:
-    """Messages as plain lines on stderr, no progress bars (``quiet``: no messages either).
-    What library calls use when no Reporter is given, e.g. in a notebook."""
+    """Messages and progress as plain lines on stderr (progress: :class:`LineProgress`, a line every 10 %
+    or 30 s); ``quiet``: neither. What library calls use when no Reporter is given, e.g. in a notebook."""
 
     def __init__(self, quiet: bool = False, stream: Any = None) -> None:
         self.quiet = quiet
@@ -221,10 +359,17 @@ class PlainReporter:
         if not self.quiet:
             print(strip_markup(message), file=self.stream or sys.stderr, flush=True)
 
+    def _emit(self, line: str) -> None:
+        print(line, file=self.stream or sys.stderr, flush=True)
+
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None, *, transient: bool = False,
                  completed: int = 0) -> Iterator[Task]:
-        yield _NullTask()
+        if self.quiet:
+            yield NullTask()
+            return
+        with line_progress(description, total, self._emit, completed=completed) as task:
+            yield task
 
 
 NULL_REPORTER = PlainReporter(quiet=True)

@@ -9,7 +9,8 @@ One place knows each file format, so no stage parses another stage's files by ha
 * an ONNX export folder (``preprocess.json``, ``export.json``, ``model_fp32/fp16.onnx``): :func:`onnx_config`,
   :func:`check_export_hashes`, :func:`read_export_manifest`;
 * an engine's sidecar ``ENGINE.json``: :func:`sidecar_path`, :func:`read_sidecar`, :func:`write_sidecar`;
-* the model shipped with the package: :func:`default_model_path`.
+* the model shipped with the package: :func:`default_model_path`;
+* a bundle's ``trained_on.txt`` (pixel digests of its training cells): :func:`write_trained_on`, :func:`read_trained_on`.
 
 Nothing here imports torch, onnxruntime or TensorRT at module level (``onnx`` only inside
 :func:`onnx_config`), so ONNX-only deployments and ``import leukedge`` stay light.
@@ -151,6 +152,27 @@ class Cache:
         return np.array(out, dtype=np.int64)
 
 
+def _holds_images(folder: Path, limit: int = 2000) -> bool:
+    """Whether an image file is among the first ``limit`` entries found under ``folder`` (a bounded look)."""
+    from ._util import IMAGE_EXTENSIONS
+
+    for n, (_, _, files) in enumerate(os.walk(folder)):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files) or n >= limit:
+            return n < limit
+    return False
+
+
+def _not_a_cache(p: Path) -> str:
+    """Why ``p`` cannot be loaded as a cache, and the command that makes one (never one that writes into an
+    image folder)."""
+    if p.is_dir() and not any((p / f).exists() for f in ("metrics.json", "bundle.json", "images.npy")) and _holds_images(p):
+        return (f"{p} holds images, not a complete dataset cache: preprocess them first, e.g. "
+                f"`leukedge preprocess {p} -o {p.name or 'data'}_cache`, then train on {p.name or 'data'}_cache")
+    if p.is_dir() and (p / "images.npy").exists():
+        return f"{p}: not a complete dataset cache (no cache.json: the preprocessing run was interrupted); run it again"
+    return f"{p}: not a complete dataset cache (no cache.json); make one with `leukedge preprocess IMAGES -o {p}`"
+
+
 def load_cache(path: str | os.PathLike) -> Cache:
     """Load a dataset cache folder (or its ``cache.json``) written by ``leukedge preprocess``.
 
@@ -162,7 +184,7 @@ def load_cache(path: str | os.PathLike) -> Cache:
         p = p.parent
     meta_file = p / "cache.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{p}: not a complete dataset cache (no cache.json); run `leukedge preprocess ... -o {p}`")
+        raise FileNotFoundError(_not_a_cache(p))
     meta = json.loads(meta_file.read_text())
     config = PreprocessConfig.load(p / "config.json")
     manifest = read_manifest(p / "manifest.csv")
@@ -261,6 +283,40 @@ def read_bundle_json(folder: Path) -> tuple[dict[str, Any], PreprocessConfig]:
 def default_model_path() -> Path:
     """The model shipped with the package (``leukedge/default_model``): a bundle with its ONNX export."""
     return Path(__file__).resolve().parent / "default_model"
+
+
+#: a bundle's list of the cells it was trained on, as pixel digests (:func:`leukedge.data.pixel_digest`)
+TRAINED_ON_FILE = "trained_on.txt"
+
+
+def write_trained_on(bundle: str | Path, digests: Sequence[str], *, note: str = "") -> Path:
+    """Write ``BUNDLE/trained_on.txt``: one pixel digest per line (sorted, unique) of every cell the model was
+    trained on, after a comment header saying what the digests are; ``note`` (e.g. the data set) goes into
+    the header. Scoring code uses it to keep a model's own training cells out of its scores."""
+    lines = [f"# {TRAINED_ON_FILE}: sha256 of the decoded RGB pixels (H x W x 3 uint8, leukedge._native.decode) of",
+             "# every image this model was trained on; leukedge.data.pixel_digest(path) computes one.",
+             *(f"# {line}" for line in note.splitlines() if line.strip()),
+             *sorted(set(digests))]
+    path = Path(bundle) / TRAINED_ON_FILE
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_trained_on(bundle: str | Path) -> frozenset[str] | None:
+    """The pixel digests of ``BUNDLE/trained_on.txt``, or None when the bundle has no such file (then which
+    cells it saw is unknown). A line that is not a 64-digit hex digest is refused (ValueError)."""
+    path = Path(bundle) / TRAINED_ON_FILE
+    if not path.is_file():
+        return None
+    out = set()
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
+            raise ValueError(f"{path}:{n}: not a sha256 hex digest: {line[:80]!r}")
+        out.add(line)
+    return frozenset(out)
 
 
 # --------------------------------------------------------------------------------------------

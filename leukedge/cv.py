@@ -258,7 +258,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
 def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: TrainConfig, *, folds: int,
               seeds: Sequence[int], synthetic: bool = False, split: str = "subject") -> dict[str, Any]:
     """cv.json: per fold, mean ± sd over every (seed, fold), pooled per seed, per subject, OOF threshold."""
-    from .evaluate import compute_metrics
+    from .evaluate import compute_metrics, subject_bootstrap_ci
 
     per_seed = []
     for s in seeds:
@@ -267,7 +267,9 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         p = np.array([r["probability"] for r in rows])
         m = compute_metrics(y, p)
         t, f1_t = best_threshold(y, p)
+        ci = subject_bootstrap_ci(y, p, [r["subject"] for r in rows])
         per_seed.append({"seed": int(s), "pooled_weighted_f1": m["weighted_f1"], "pooled_roc_auc": m["roc_auc"],
+                         "pooled_weighted_f1_ci": ci,
                          "per_class_f1": {c: d["f1"] for c, d in m["per_class"].items()},
                          "fold_mean_weighted_f1": float(np.mean([f["weighted_f1"] for f in fold_rows if f["seed"] == int(s)])),
                          "oof_best_threshold": t, "oof_best_threshold_weighted_f1": f1_t})
@@ -302,6 +304,8 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         "weighted_f1_by_tta": {mode: _mean_sd([(f.get("by_tta") or {}).get(mode, {}).get("val_f1") for f in fold_rows])
                                for mode in ("none", "flip", "d4")} if all(f.get("by_tta") for f in fold_rows) else None,
         "pooled_weighted_f1": _mean_sd([s["pooled_weighted_f1"] for s in per_seed]),
+        # the interval of the first seed's pooled out-of-fold predictions (every subject once, by a model that never saw it)
+        "pooled_weighted_f1_ci": per_seed[0]["pooled_weighted_f1_ci"] if per_seed else None,
         "oof_threshold": _mean_sd([s["oof_best_threshold"] for s in per_seed]),
         "per_seed": per_seed,
         "fold_runs": [{k: v for k, v in f.items() if k != "history"} for f in fold_rows],

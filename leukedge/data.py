@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob as _glob
+import hashlib
 import json
 import logging
 import os
@@ -723,6 +724,31 @@ def inspect_dataset(paths: Sequence[str | os.PathLike], *, check_decode: bool = 
         "duplicates": duplicates,
         "warnings": warnings_out,
     }
+
+
+def pixel_digest(image: str | os.PathLike | np.ndarray) -> str:
+    """sha256 of an image's decoded pixels: the RGB bytes (H x W x 3 uint8, row-major) that the Rust core's
+    ``decode`` gives. Unlike a file hash it identifies the *cell* whatever the container (BMP, PNG, a renamed
+    or re-saved copy), which is what "the model has seen this cell" means (``trained_on.txt`` of a bundle)."""
+    arr = image if isinstance(image, np.ndarray) else load_native().decode(str(image))
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def pixel_digests(paths: Sequence[str | os.PathLike], threads: int = 0,
+                  progress: Any = None) -> dict[str, str | None]:
+    """:func:`pixel_digest` of many files (threads: the Rust decode releases the GIL); None for a file that
+    does not decode. ``progress(n)`` is called as files finish."""
+    def one(p: str | os.PathLike) -> str | None:
+        try:
+            return pixel_digest(p)
+        except (OSError, ValueError, RuntimeError):  # undecodable: no digest (reported by the caller)
+            return None
+        finally:
+            if progress is not None:
+                progress(1)
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        return {str(p): d for p, d in zip(paths, pool.map(one, paths))}
 
 
 def _safe_sha(path: Path) -> str | None:

@@ -94,6 +94,86 @@ def per_subject_breakdown(subjects: Sequence[Any], y: Sequence[int], p: Sequence
     return sorted(rows, key=lambda r: subject_sort_key(r["subject"]))
 
 
+#: bootstrap replicates of :func:`subject_bootstrap_ci` (and the confidence level)
+BOOTSTRAP_REPLICATES = 1000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def subject_classes(y: Sequence[int], subjects: Sequence[Any]) -> dict[str, int]:
+    """Each subject's class (the majority label of its labelled cells; C-NMC subjects hold one class)."""
+    votes: dict[str, list[int]] = defaultdict(list)
+    for label, s in zip(y, subjects):
+        if int(label) >= 0:
+            votes["?" if s in (None, "") else str(s)].append(int(label))
+    return {s: int(np.mean(v) >= 0.5) for s, v in votes.items()}
+
+
+def subject_bootstrap_ci(y_true: Sequence[int], prob: Sequence[float], subjects: Sequence[Any], *,
+                         threshold: float = 0.5, n_boot: int = BOOTSTRAP_REPLICATES, level: float = BOOTSTRAP_LEVEL,
+                         seed: int = 0) -> dict[str, Any] | None:
+    """Weighted F1 with a confidence interval from a subject-level bootstrap.
+
+    Cells of one subject are not independent (same patient, stain, session), so whole subjects are
+    resampled with replacement, separately within the normal and the leukemic subjects (every replicate
+    keeps both classes and the same number of subjects of each); a replicate's weighted F1 is scikit-learn's
+    over all cells of the drawn subjects (a subject drawn k times counts k times: ``sample_weight``). Returns
+    the point estimate, the percentile interval and what it rests on, or None with fewer than 2 subjects
+    of each class (then no interval says anything)."""
+    from sklearn.metrics import f1_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    subj = np.array(["?" if s in (None, "") else str(s) for s in subjects], dtype=object)
+    keep = y >= 0
+    y, p, subj = y[keep], p[keep], subj[keep]
+    classes = subject_classes(y, subj)
+    groups = [sorted(s for s, c in classes.items() if c == k) for k in (0, 1)]
+    if min(len(g) for g in groups) < 2:
+        return None
+    pred = (p >= threshold).astype(np.int64)
+    index = {s: i for i, s in enumerate(sorted(classes))}
+    cell_subject = np.array([index[s] for s in subj], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n_boot, dtype=np.float64)
+    for b in range(n_boot):
+        draws = np.zeros(len(index), dtype=np.float64)
+        for g in groups:
+            picked = rng.integers(0, len(g), size=len(g))
+            np.add.at(draws, [index[g[i]] for i in picked], 1.0)
+        scores[b] = f1_score(y, pred, labels=[0, 1], average="weighted", sample_weight=draws[cell_subject],
+                             zero_division=0)
+    alpha = (1.0 - level) / 2
+    return {"weighted_f1": float(f1_score(y, pred, labels=[0, 1], average="weighted", zero_division=0)),
+            "low": float(np.quantile(scores, alpha)), "high": float(np.quantile(scores, 1 - alpha)), "level": level,
+            "n_boot": n_boot, "n_subjects": {"hem": len(groups[0]), "all": len(groups[1])}, "n_cells": int(len(y)),
+            "method": "subject-level bootstrap (subjects resampled within each class), percentile interval"}
+
+
+def format_ci(ci: dict[str, Any] | None) -> str:
+    """``[0.812, 0.901] (95 % subject bootstrap, 9 + 19 subjects)``, or a note why there is none."""
+    if not ci:
+        return "no interval (fewer than 2 subjects of a class)"
+    n = ci["n_subjects"]
+    return (f"[{ci['low']:.3f}, {ci['high']:.3f}] ({100 * ci['level']:.0f} % subject bootstrap, "
+            f"{n['hem']} hem + {n['all']} all subjects)")
+
+
+def few_subjects_warning(y: Sequence[int], subjects: Sequence[Any], split_name: str = "validation") -> str | None:
+    """A warning when ``split_name`` holds fewer than 2 subjects of a class: its score then describes one
+    person (or none) of that class, not the class. None when every class has 2 or more subjects."""
+    classes = subject_classes(y, subjects)
+    problems = []
+    for k, name in enumerate(CLASS_NAMES):
+        who = sorted((s for s, c in classes.items() if c == k), key=subject_sort_key)
+        if len(who) < 2:
+            cells = sum(1 for label, s in zip(y, subjects) if int(label) == k and str(s) in who)
+            problems.append(f"{len(who)} {name} subject" + (f" ({who[0]}, {cells} cells)" if who else "s"))
+    if not problems:
+        return None
+    return (f"the {split_name} split holds only {' and '.join(problems)}: its scores describe that person rather than "
+            "the class; cross-validate (`leukedge cv`) or hold out more subjects (--val-fraction with --resplit)")
+
+
 # ----------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------
@@ -203,6 +283,9 @@ def evaluate(cache: Any, bundle: Any = None, split: str | None = None, *, indice
     if labelled.any():
         m = compute_metrics(labels[labelled], probs[labelled])
         result.update(m)
+        lab_subjects = [s for s, ok in zip(subjects, labelled) if ok]
+        result["weighted_f1_ci"] = subject_bootstrap_ci(labels[labelled], probs[labelled], lab_subjects)
+        result["subject_warning"] = few_subjects_warning(labels[labelled], lab_subjects, split or "evaluated")
     else:
         result["warning_unlabelled"] = "no labelled images: only predictions are reported"
     # Per-subject breakdown over every evaluated image (labelled or not).
@@ -231,6 +314,32 @@ def find_history(bundle_path: Path | None) -> list[dict[str, Any]] | None:
     return None
 
 
+def mistake_thumbnails(preds: Sequence[dict[str, Any]], n: int = 12, size: int = 96) -> list[tuple[np.ndarray, str]]:
+    """Thumbnails of the ``n`` most confident mistakes (wrong, with P(all) farthest from 0.5) whose image files
+    still decode, with a caption each (true class, P(all), subject)."""
+    from ._util import load_native
+
+    native = load_native(required=False)
+    if native is None:
+        return []
+    wrong = [p for p in preds if p.get("label", -1) >= 0 and int(p["prob_all"] >= 0.5) != int(p["label"])]
+    wrong.sort(key=lambda p: -abs(float(p["prob_all"]) - 0.5))
+    thumbs = []
+    for p in wrong:
+        if len(thumbs) >= n:
+            break
+        try:
+            img = native.decode(str(p["path"]))
+            h, w = img.shape[:2]
+            scale = size / max(h, w)
+            img = native.resize(img, max(1, round(w * scale)), max(1, round(h * scale)))
+        except (OSError, ValueError, RuntimeError, TypeError):  # moved or unreadable since: no thumbnail
+            continue
+        thumbs.append((img, f"true {CLASS_NAMES[int(p['label'])]}, P(all) {float(p['prob_all']):.2f}\n"
+                            f"subject {p.get('subject') or '?'}"))
+    return thumbs
+
+
 def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path | None = None) -> dict[str, str]:
     """Write metrics.json, predictions.csv and PNG plots into ``out_dir``; returns {name: path}."""
     from . import plots
@@ -257,6 +366,17 @@ def write_report(result: dict[str, Any], out_dir: str | Path, bundle_path: Path 
     if result.get("confusion_matrix"):
         files["confusion_matrix"] = str(plots.plot_confusion(result["confusion_matrix"]["matrix"], CLASS_NAMES,
                                                              out / "confusion_matrix.png", synthetic=syn))
+    if lab:
+        yl, pl = np.array([p["label"] for p in lab]), np.array([p["prob_all"] for p in lab])
+        for name, made in (("pr", plots.plot_pr(yl, pl, out / "pr.png", synthetic=syn)),
+                           ("calibration", plots.plot_calibration(yl, pl, out / "calibration.png", synthetic=syn)),
+                           ("threshold_sweep", plots.plot_threshold_sweep(yl, pl, out / "threshold_sweep.png",
+                                                                          synthetic=syn))):
+            if made:
+                files[name] = str(made)
+        gallery = plots.plot_mistakes(mistake_thumbnails(lab), out / "mistakes.png", synthetic=syn)
+        if gallery:
+            files["mistakes"] = str(gallery)
     ps = plots.plot_per_subject(result.get("per_subject", []), out / "per_subject.png", synthetic=syn)
     if ps:
         files["per_subject"] = str(ps)

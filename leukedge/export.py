@@ -45,12 +45,12 @@ FP16_TOL = {"max_abs_prob": 0.05}
 META_PREFIX = "leukedge."
 
 
-def default_sample_dir() -> Path:
-    """``../shared/data/cnmc_sample`` relative to the repository (the 52 real C-NMC cells)."""
-    env = os.environ.get("LEUKEDGE_SAMPLE_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc_sample"
+def default_sample_dir() -> Path | None:
+    """The real cells of the agreement check: :func:`leukedge._util.sample_dir` (``$LEUKEDGE_SAMPLE_DIR``, or the
+    checkout's ``../shared/data/cnmc_sample``; nothing outside an installed package)."""
+    from ._util import sample_dir
+
+    return sample_dir()
 
 
 # --------------------------------------------------------------------------------------------

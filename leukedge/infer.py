@@ -286,6 +286,8 @@ class Predictor:
         """:meth:`predict` plus the per-batch times in ms (``preprocess``, ``backend``, ``compute``, ``h2d``,
         ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds."""
         items = [str(i) if isinstance(i, os.PathLike) else i for i in items]
+        if meta is None:  # subject and true label from C-NMC file names, as `infer` gives them
+            meta = [name_meta(i) if isinstance(i, str) else {} for i in items]
         results: list[FileResult] = []
         times: dict[str, list[float]] = {"preprocess": [], "compute": [], "h2d": [], "d2h": [], "backend": [], "e2e": []}
 
@@ -317,6 +319,14 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------------------------
+def name_meta(path: str) -> dict[str, Any]:
+    """``{"subject", "true_label"}`` of a C-NMC file name (``UID_H3_1_2_hem.bmp``), empty for other names."""
+    from .data import parse_name
+
+    parsed = parse_name(path)
+    return {} if parsed is None else {"subject": parsed.subject, "true_label": parsed.class_name}
+
+
 def discover_sources(sources: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """``[{"path", "subject", "true_label"}]`` for every image under ``sources`` (files, folders, globs, lists)."""
     from .data import discover

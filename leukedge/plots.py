@@ -136,3 +136,98 @@ def plot_cv_folds(folds: Sequence[dict[str, Any]], path: str | Path, *, syntheti
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(_title("Subject-grouped cross-validation", synthetic), fontsize=10)
     return _save(fig, path)
+
+
+def plot_pr(y_true: np.ndarray, prob: np.ndarray, path: str | Path, *, synthetic: bool = False) -> Path | None:
+    """Precision-recall curve of each class (P(all) for 'all', 1 - P(all) for 'hem'); None with one class."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for cls, yy, score, colour in (("all", y == 1, p, "tab:red"), ("hem", y == 0, 1 - p, "tab:blue")):
+        prec, rec, _ = precision_recall_curve(yy, score)
+        ax.plot(rec, prec, lw=2, color=colour, label=f"{cls}: AP {average_precision_score(yy, score):.3f} "
+                                                     f"(base rate {yy.mean():.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(_title("Precision-recall", synthetic), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_calibration(y_true: np.ndarray, prob: np.ndarray, path: str | Path, *, bins: int = 10,
+                     synthetic: bool = False) -> Path | None:
+    """Reliability diagram: the fraction of 'all' cells per bin of P(all) against the bin's mean P(all),
+    with the cells per bin below; None with one class."""
+    from sklearn.calibration import calibration_curve
+
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        return None
+    frac, mean_p = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(4.8, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    ax.plot(mean_p, frac, "o-", lw=2, label="this model")
+    ax.set_ylabel("fraction of cells that are 'all'")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(_title("Calibration of P(all)", synthetic), fontsize=10)
+    ax2.hist(p, bins=bins, range=(0, 1), color="tab:grey")
+    ax2.set_xlabel("predicted P(all)")
+    ax2.set_ylabel("cells")
+    return _save(fig, path)
+
+
+def plot_threshold_sweep(y_true: np.ndarray, prob: np.ndarray, path: str | Path, *, threshold: float = 0.5,
+                         synthetic: bool = False) -> Path | None:
+    """Weighted F1, recall of each class and accuracy as the decision threshold on P(all) moves from 0 to 1
+    (the model's own threshold is marked); None with one class."""
+    from sklearn.metrics import f1_score, recall_score
+
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        return None
+    ts = np.linspace(0.02, 0.98, 49)
+    curves: dict[str, list[float]] = {"weighted F1": [], "recall all": [], "recall hem": []}
+    for t in ts:
+        pred = (p >= t).astype(int)
+        curves["weighted F1"].append(float(f1_score(y, pred, average="weighted", zero_division=0)))
+        curves["recall all"].append(float(recall_score(y, pred, pos_label=1, zero_division=0)))
+        curves["recall hem"].append(float(recall_score(y, pred, pos_label=0, zero_division=0)))
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for (name, vals), style in zip(curves.items(), ("-", "--", ":")):
+        ax.plot(ts, vals, style, lw=2, label=name)
+    best = int(np.argmax(curves["weighted F1"]))
+    ax.axvline(threshold, color="grey", lw=1, label=f"model threshold ({threshold:g})")
+    ax.plot(ts[best], curves["weighted F1"][best], "k*", ms=10, label=f"best here {ts[best]:.2f}: {curves['weighted F1'][best]:.3f}")
+    ax.set_xlabel("decision threshold on P(all)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower center", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(_title("Threshold sweep (picked on these cells: optimistic)", synthetic), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_mistakes(thumbs: Sequence[tuple[np.ndarray, str]], path: str | Path, *, synthetic: bool = False) -> Path | None:
+    """A gallery of cell thumbnails (RGB uint8 arrays) with a caption each: the most confident mistakes."""
+    if not thumbs:
+        return None
+    cols = min(6, len(thumbs))
+    rows = (len(thumbs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, caption) in zip(axes.flat, thumbs):
+        ax.imshow(img)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(_title("Most confident mistakes", synthetic), fontsize=10)
+    return _save(fig, path)

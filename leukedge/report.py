@@ -90,13 +90,22 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
         return ""
     parts = ['<section id="metrics"><h2>Metrics</h2>']
     for path, ev in evals:
-        title = ev.get("title") or _rel(path.parent, run_dir) or "evaluation"
+        title = ev.get("title") or _heading(path.parent, run_dir)
         split = f" (split: {ev['split']})" if ev.get("split") else ""
         parts.append(f"<h3>{html.escape(str(title))}{html.escape(split)}</h3>")
-        rows = [(k, ev.get(k)) for k in ("n", "weighted_f1", "accuracy", "macro_f1", "roc_auc") if k in ev]
+        rows = [(label, ev.get(k)) for k, label in (("n", "cells"), ("weighted_f1", "weighted F1 (the C-NMC metric)"),
+                                                    ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                                                    ("roc_auc", "ROC-AUC")) if k in ev]
+        ci = ev.get("weighted_f1_ci")
+        if "weighted_f1" in ev:
+            rows.insert(2, ("weighted F1, 95 % interval", _ci_text(ci)))
         if ev.get("model"):
             rows.append(("model", ev["model"]))
+        if ev.get("excluded_training_cells"):
+            rows.append(("left out (the model was trained on them)", f"{len(ev['excluded_training_cells'])} cells"))
         parts.append(_table(["metric", "value"], rows, "kv"))
+        if ev.get("subject_warning"):
+            parts.append(f'<p class="warn">Warning: {html.escape(str(ev["subject_warning"]))}</p>')
         per_class = ev.get("per_class") or {}
         if per_class:
             parts.append(_table(
@@ -124,6 +133,36 @@ def _metrics_section(evals: list[tuple[Path, dict]], run_dir: Path) -> str:
     return "".join(parts)
 
 
+def _ci_text(ci: Any) -> str:
+    if not isinstance(ci, dict):
+        return "none: fewer than 2 subjects of a class, so no interval would mean anything"
+    n = ci.get("n_subjects") or {}
+    return (f"{ci['low']:.3f} to {ci['high']:.3f} (subject-level bootstrap, {ci.get('n_boot')} resamples of "
+            f"{n.get('hem', '?')} hem + {n.get('all', '?')} all subjects)")
+
+
+#: readable names of the folders and files leukedge's stages write (for headings and captions)
+_FOLDER_NAMES = {"evaluate": "Evaluation", "real": "Shipped default model on real cells", "infer": "Inference",
+                 "train": "Training", "bundle": "Model bundle", "onnx": "ONNX export", "engine": "Engine", "": "This run"}
+_PLOT_NAMES = {"roc": "ROC curve", "confusion_matrix": "Confusion matrix", "per_subject": "Per subject: predicted blast fraction",
+               "pr": "Precision-recall curves", "calibration": "Calibration (reliability diagram)",
+               "threshold_sweep": "Threshold sweep", "mistakes": "Most confident mistakes", "training_curves": "Training curves",
+               "cells_grid": "Raw and stain-normalised cells", "cv_folds": "Cross-validation: F1 per epoch and fold",
+               "cv_per_subject": "Cross-validation: per subject", "cv_roc": "Cross-validation: out-of-fold ROC"}
+
+
+def _heading(folder: Path, run_dir: Path) -> str:
+    rel = _rel(folder, run_dir)
+    rel = "" if rel == "." else rel
+    return _FOLDER_NAMES.get(rel, rel.replace("/", " / ") or "This run")
+
+
+def _caption(png: Path, run_dir: Path) -> str:
+    name = _PLOT_NAMES.get(png.stem, png.stem.replace("_", " "))
+    where = _heading(png.parent, run_dir)
+    return name if where == "This run" else f"{name} ({where.lower() if where[:1].isupper() and ' ' in where else where})"
+
+
 def _cv_section(cv: dict | None, pngs: list[Path], run_dir: Path) -> str:
     """Cross-validation (``cv.json`` from ``leukedge cv``): scores per fold, mean ± sd, per subject, plots."""
     if not isinstance(cv, dict) or "fold_runs" not in cv:
@@ -136,6 +175,8 @@ def _cv_section(cv: dict | None, pngs: list[Path], run_dir: Path) -> str:
     parts = ['<section id="cv"><h2>Cross-validation</h2>', f"<p>{html.escape(str(cv.get('scheme', '')))}</p>",
              _table(["metric", "value"], [("weighted F1 (mean ± sd over folds)", ms(f1)), ("ROC-AUC", ms(auc)),
                                           ("pooled out-of-fold weighted F1 (over seeds)", ms(cv.get("pooled_weighted_f1") or {})),
+                                          ("pooled out-of-fold weighted F1, 95 % interval (first seed)",
+                                           _ci_text(cv.get("pooled_weighted_f1_ci"))),
                                           ("out-of-fold best threshold", ms(cv.get("oof_threshold") or {})),
                                           ("worst subjects", ", ".join(cv.get("worst_subjects") or []))], "kv")]
     by_tta = cv.get("weighted_f1_by_tta")
@@ -180,7 +221,8 @@ def _plots_section(pngs: list[Path], run_dir: Path, wanted: tuple[str, ...], sid
     if not chosen:
         return ""
     imgs = "".join(
-        f'<figure>{_img_tag(p, p.stem)}<figcaption>{html.escape(_rel(p, run_dir))}</figcaption></figure>' for p in chosen
+        f'<figure>{_img_tag(p, _caption(p, run_dir))}<figcaption>{html.escape(_caption(p, run_dir))}</figcaption></figure>'
+        for p in chosen
     )
     cls = "figs wide" if wide else "figs"
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2><div class="{cls}">{imgs}</div></section>'
@@ -193,9 +235,19 @@ _STAGE_LABELS = (("preprocess", "preprocessing (Rust)"), ("h2d", "H2D copy"), ("
 def _latency_section(stats: list[tuple[Path, dict]], run_dir: Path) -> str:
     if not stats:
         return ""
-    parts = ['<section id="latency"><h2>Throughput and latency</h2>']
+    parts = ['<section id="latency"><h2>Throughput and latency</h2>',
+             "<p>Two throughputs per run: <b>end to end</b> is files per second of the whole pipelined run (Rust "
+             "preprocessing of batch k+1 overlaps the model on batch k; the slower stage sets the pace); <b>alone</b> "
+             "is what each stage would reach by itself (batch size / its mean time per batch).</p>"]
+    models = {str(st.get("model") or st.get("backend")) for _, st in stats}
+    if len(stats) > 1:
+        parts.append("<p>The runs below " + ("use different models (e.g. a small demo CNN and the shipped "
+                     "EfficientNet-Lite0 at 192 px), so their throughputs compare models, not machines."
+                     if len(models) > 1 else "use the same model on different cells.") + "</p>")
     for path, st in stats:
-        parts.append(f"<h3>{html.escape(_rel(path, run_dir))}</h3>")
+        n = st.get("n_files")
+        parts.append(f"<h3>{html.escape(_heading(path.parent, run_dir))}: {html.escape(str(st.get('backend', '')))}, "
+                     f"batch {html.escape(str(st.get('batch', '')))}, {html.escape(str(n))} files</h3>")
         thr = st.get("stage_throughput_img_s") or {}
         head = [("backend", st.get("backend")), ("why this backend", st.get("backend_reason")),
                 ("batch", st.get("batch")), ("pipelined", st.get("pipeline")), ("files", st.get("n_files")),
@@ -242,10 +294,16 @@ def _demo_section(summary: dict | None) -> str:
         return ""
     rows = [(s.get("stage"), s.get("status"), s.get("seconds"), s.get("note")) for s in summary.get("stages", [])]
     out = '<section id="stages"><h2>Pipeline stages</h2>' + _table(["stage", "status", "seconds", "note"], rows)
-    if summary.get("real_sample"):
-        rs = summary["real_sample"]
-        out += "<h3>Shipped default model on real C-NMC cells</h3>" + _table(
-            ["", ""], [(k, v) for k, v in rs.items() if not isinstance(v, (dict, list))], "kv")
+    rs = summary.get("real_sample")
+    if isinstance(rs, dict) and rs.get("seen_files"):  # its scores are in the metrics section; here: what was left out
+        out += (f"<p>Real cells the shipped model was trained on, left out of its score ({len(rs['seen_files'])}): "
+                f"{html.escape(', '.join(rs['seen_files']))}</p>")
+    st = summary.get("station")
+    if isinstance(st, dict) and st.get("samples"):
+        out += ("<h3>Microscope station: per-sample totals</h3>"
+                + _table(["sample", "cells", "blasts", "blast fraction", "errors"],
+                         [(s.get("sample_id"), s.get("n_cells"), s.get("n_blasts"), s.get("blast_fraction"), s.get("n_errors"))
+                          for s in st["samples"]]))
     return out + "</section>"
 
 
@@ -257,7 +315,9 @@ h1{margin-bottom:.2rem} h2{border-bottom:2px solid #7b4b94;padding-bottom:.2rem;
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 th{background:#f2eef5} .figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0} figure img{max-width:520px;border:1px solid #ddd} .wide figure img{max-width:100%}
-figcaption{font-size:.8rem;color:#666} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
+figcaption{font-size:.8rem;color:#666} .warn{color:#8a5300;font-weight:600}
+td{overflow-wrap:anywhere}
+@media (max-width:700px){figure img{max-width:100%} table{font-size:.8rem;display:block;overflow-x:auto;max-width:100%} body{margin:1rem auto}} .meta{color:#666;font-size:.85rem} pre{background:#f6f6f6;padding:.5rem;overflow:auto}
 """
 
 
@@ -292,9 +352,9 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     banners = ['<div class="banner clinical">Research software. Not for clinical use: leukedge predictions must not '
                'be used for diagnosis or treatment decisions.</div>']
     if synthetic:
-        banners.insert(0, '<div class="banner">This run used SYNTHETIC data: the cells were generated by '
-                          '<code>leukedge data synth</code>, and the model was trained on synthetic data. Its metrics '
-                          'say nothing about real leukemia detection.</div>')
+        banners.insert(0, '<div class="banner">This run used SYNTHETIC data: cells generated by '
+                          '<code>leukedge data synth</code> (and, where a model was trained here, a model trained on '
+                          'them). Numbers on synthetic cells say nothing about real leukemia detection.</div>')
 
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -306,8 +366,11 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         _demo_section(demo if isinstance(demo, dict) else None),
         _cv_section(cv if isinstance(cv, dict) else None, pngs, run_dir),
         _metrics_section(evals, run_dir),
-        _plots_section([p for p in pngs if not p.name.startswith("cv_")], run_dir, ("roc", "confusion"), "plots",
-                       "ROC curve and confusion matrix"),
+        _plots_section([p for p in pngs if not p.name.startswith("cv_")], run_dir,
+                       ("roc", "confusion", "pr.png", "calibration", "threshold_sweep", "per_subject"), "plots",
+                       "How the model scores: ROC, precision-recall, calibration, threshold, per subject"),
+        _plots_section([p for p in pngs if not p.name.startswith("cv_")], run_dir, ("mistakes",), "mistakes",
+                       "Most confident mistakes (thumbnails)", wide=True),
         _plots_section(pngs, run_dir, ("curve", "history", "training"), "training", "Training curves", wide=True),
         _latency_section(stats, run_dir),
         _plots_section(pngs, run_dir, ("latency", "throughput"), "latency-plots", "Latency plots"),

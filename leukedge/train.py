@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import distributed as _ddp  # [ddp] torchrun / DistributedDataParallel hooks (no-ops in one process)
-from ._util import NULL_REPORTER, PlainReporter, Reporter, callable_module
+from ._util import NULL_REPORTER, PlainReporter, Reporter, atomic_write_text, callable_module, format_duration
 from ._util import as_int as _as_int
 from ._util import atomic_write_json as _write_json
 from .config import PreprocessConfig
@@ -215,6 +215,11 @@ def make_split(manifest: Sequence[dict[str, Any]], cfg: TrainConfig, log: Callab
         labs = [_as_int(manifest[i].get("label")) for i in rows]
         return {"hem": labs.count(0), "all": labs.count(1)}
 
+    from .evaluate import few_subjects_warning
+
+    thin = few_subjects_warning([_as_int(manifest[i].get("label")) for i in val],
+                                [manifest[i].get("subject") for i in val]) if val else None
+
     return {
         "strategy": strategy,
         "val_fold": cfg.val_fold,
@@ -226,6 +231,7 @@ def make_split(manifest: Sequence[dict[str, Any]], cfg: TrainConfig, log: Callab
         "val_counts": counts(val),
         "train_subjects": sorted(_subjects_of(manifest, train)),
         "val_subjects": sorted(_subjects_of(manifest, val)),
+        "subject_warning": thin,  # fewer than 2 validation subjects of a class (None: enough)
     }
 
 
@@ -301,6 +307,67 @@ def augment_batch(x: "torch.Tensor", g: "torch.Generator", black_threshold: int 
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
+#: the estimated time per epoch is printed after this many training batches of the run's first epoch
+ESTIMATE_AFTER_BATCHES = 5
+
+#: one row per epoch, as Ultralytics and Lightning users expect (rewritten whole after every epoch)
+RESULTS_CSV = "results.csv"
+RESULTS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_f1", "val_acc", "val_auc", "lr", "seconds",
+                   "best_so_far")
+#: TensorBoard event files (``tensorboard --logdir RUN/tensorboard``), written when tensorboard is installed
+TENSORBOARD_DIR = "tensorboard"
+
+
+def write_results_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """``results.csv``: the epoch history, one row per epoch (empty cells where there was no validation)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(RESULTS_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for rec in history:
+        w.writerow({k: "" if rec.get(k) is None else rec.get(k) for k in RESULTS_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+class EpochLogger:
+    """Per-epoch scalars as TensorBoard event files in ``RUN/tensorboard/`` (``train/loss``, ``val/f1`` ...),
+    when the ``tensorboard`` package is installed; otherwise nothing (``results.csv`` is always written)."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+        self.log_dir, self.enabled = log_dir, enabled
+        self._writer: Any = None
+
+    def _open(self) -> Any:
+        if self._writer is None and self.enabled:
+            try:
+                import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.enabled = False
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._writer
+
+    def write(self, rec: dict[str, Any]) -> None:
+        w = self._open()
+        if w is None:
+            return
+        epoch = int(rec["epoch"])
+        for key, tag in (("train_loss", "train/loss"), ("train_acc", "train/accuracy"), ("val_loss", "val/loss"),
+                         ("val_f1", "val/weighted_f1"), ("val_acc", "val/accuracy"), ("val_auc", "val/roc_auc"),
+                         ("lr", "lr"), ("seconds", "epoch_seconds")):
+            if rec.get(key) is not None:
+                w.add_scalar(tag, float(rec[key]), epoch)
+        w.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 2 % at ``total``."""
     if step < warmup:
@@ -574,7 +641,8 @@ def train(cache_path: str | Path | Any, out_dir: str | Path, config: TrainConfig
     ``reporter``: where messages and progress go (default: plain lines on stderr unless ``quiet``; the CLI
     passes one that draws Rich progress bars when ``progress``).
 
-    ``out_dir`` receives ``bundle/`` (best weights), ``history.json``, ``metrics.json``,
+    ``out_dir`` receives ``bundle/`` (best weights), ``history.json``, ``results.csv`` (one row per epoch),
+    ``tensorboard/`` (event files, when tensorboard is installed), ``metrics.json``,
     ``split.json``, ``training_curves.png`` and ``checkpoints/`` (last + best, for ``resume``).
     """
     import torch
@@ -601,7 +669,10 @@ def _train(cache_path: Any, out_dir: str | Path, cfg: TrainConfig,
     run.build_optimiser()
     run.restore()
     run.feature_cache()
-    run.epochs(on_epoch_end)
+    try:
+        run.epochs(on_epoch_end)
+    finally:
+        run.epoch_logger.close()
     return run.write_bundle()
 
 
@@ -632,6 +703,7 @@ class _Trainer:
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, 0, 0, 1
         self.feats: np.ndarray | None = None
         self.t_start = time.time()
+        self.epoch_logger = EpochLogger(out / TENSORBOARD_DIR, enabled=self.dctx.is_main)  # [ddp] rank 0 writes
 
     # -- phases ---------------------------------------------------------------------------
     def load_inputs(self, cache_path: Any) -> None:
@@ -675,6 +747,8 @@ class _Trainer:
         for name, yy in (("training", self.y_train), ("validation", self.y_val)):
             if len(yy) and len(np.unique(yy)) < 2:
                 log(f"[yellow]warning: the {name} split holds only one class ({len(yy)} images)[/]")
+        if split.get("subject_warning"):
+            log(f"[bold yellow]warning: {split['subject_warning']}[/]")
         log(f"[bold]split[/] {split['strategy']}: train {len(self.train_rows)} {split['train_counts']} from "
             f"{len(split['train_subjects'])} subjects, val {len(self.val_rows)} {split['val_counts']} from "
             f"{len(split['val_subjects'])} subjects" + ("" if split["patient_disjoint"] else " [red](NOT patient-disjoint)[/]"))
@@ -838,7 +912,7 @@ class _Trainer:
             for m in self.frozen:
                 m.eval()
             loss_sum, correct, seen = 0.0, 0, 0
-            for xb, yb in self._batches_of(batches, g):
+            for i, (xb, yb) in enumerate(self._batches_of(batches, g), start=1):
                 x = self._inputs_on_device(xb, g)
                 yb = yb.to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -855,6 +929,8 @@ class _Trainer:
                 correct += int((logits.argmax(1) == yb).sum().item())
                 seen += len(yb)
                 task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
+                if epoch == self.start_epoch and i == min(ESTIMATE_AFTER_BATCHES, len(batches)):
+                    self._estimate_epoch_time(time.time() - t0, i, len(batches), epoch)
         loss_sum, correct, seen = self.dctx.sum(loss_sum, correct, seen)  # [ddp] over all ranks
         if len(self.val_rows):
             vm = _val_metrics(self.dctx.sharded_predict(lambda r: self.predict_val(self.use_amp, r), self.val_rows,  # [ddp]
@@ -863,8 +939,11 @@ class _Trainer:
             vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
         rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
                "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 2)}
+        # Without validation the "best" model is simply the latest one; under select="last" the latest is kept
+        # whatever its score, but only an epoch that beats every earlier one is called "(best)".
+        rec["best_so_far"] = vm["val_f1"] is not None and all(
+            vm["val_f1"] > (h.get("val_f1") if h.get("val_f1") is not None else -1.0) + 1e-9 for h in self.history)
         self.history.append(rec)
-        # Without validation the "best" model is simply the latest one.
         improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > self.best_f1 + 1e-9
         if improved:
             self.best_f1, self.best_epoch, self.bad_epochs = (vm["val_f1"] if vm["val_f1"] is not None else -1.0), epoch, 0
@@ -873,6 +952,14 @@ class _Trainer:
         else:
             self.bad_epochs += 1
         return rec, improved
+
+    def _estimate_epoch_time(self, seconds: float, done: int, n_batches: int, epoch: int) -> None:
+        """Say early how long an epoch (and the run) will take, from the first batches' time."""
+        per_epoch = seconds / max(done, 1) * n_batches
+        left = self.cfg.epochs - epoch + 1
+        self.log(f"estimated time per epoch: about {format_duration(per_epoch)} ({n_batches} batches of {self.cfg.batch_size}, "
+                 f"measured on the first {done}; validation not included)"
+                 + (f"; {left} epochs about {format_duration(per_epoch * left)}" if left > 1 else ""))
 
     def checkpoint(self, epoch: int) -> None:
         """Everything ``resume`` needs after ``epoch``: last weights, optimiser state, run state, history
@@ -899,6 +986,8 @@ class _Trainer:
             if old.name not in (weights, optim):
                 old.unlink(missing_ok=True)
         _write_json(self.out / "history.json", {"history": self.history, "best_epoch": self.best_epoch})
+        write_results_csv(self.out / RESULTS_CSV, self.history)
+        self.epoch_logger.write(self.history[-1])
 
     def _report_epoch(self, epoch: int, rec: dict[str, Any], improved: bool, total_task: Any) -> None:
         auc = rec["val_auc"]
@@ -907,11 +996,12 @@ class _Trainer:
             self.log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | no validation  "
                      f"lr {rec['lr']:.2e}  {rec['seconds']:.0f}s")
         else:
-            total_task.advance(1, stats=f"val F1 {rec['val_f1']:.4f}" + (" *" if improved else ""))
+            total_task.advance(1, stats=f"val F1 {rec['val_f1']:.4f}" + (" *" if rec.get("best_so_far") else ""))
+            best = bool(rec.get("best_so_far"))
             self.log(f"epoch {epoch:3d}  train loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.3f} | val loss "
                      f"{rec['val_loss']:.4f}  F1 {rec['val_f1']:.4f}  acc {rec['val_acc']:.3f}  AUC "
                      f"{'n/a' if auc is None else f'{auc:.4f}'}  lr {rec['lr']:.2e}  {rec['seconds']:.0f}s"
-                     + ("  (best)" if improved else ""))
+                     + ("  (best)" if best else ""))
 
     def final_validation(self) -> tuple[dict[str, Any] | None, np.ndarray | None]:
         """Metrics of the kept model on the validation rows (on cached features all 8 views are computed
@@ -1021,12 +1111,36 @@ def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
     return {"file": cfg.recipe, "settings": d}
 
 
+#: the recipes shipped inside the package (``leukedge/recipes/NAME.toml``), named by ``--recipe NAME``
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``--recipe default`` ...)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """The recipe file that ``--recipe`` names: an existing file as it is, else a shipped recipe by name
+    (``default``, ``default.toml``, or the pre-0.2 checkout path ``recipes/default.toml``), which works
+    from an installed package too. An unknown name raises ValueError listing the shipped ones."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{p.stem}.toml"
+    if p.suffix in ("", ".toml") and (len(p.parts) == 1 or p.parent.name == "recipes") and shipped.is_file():
+        return shipped
+    raise ValueError(f"recipe {name_or_path}: no such file and no shipped recipe of that name "
+                     f"(shipped: {', '.join(shipped_recipes()) or 'none'})")
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe file (TOML): its keys are ``leukedge train`` options (``lr``, ``freeze-blocks`` ...),
-    optionally under a ``[train]`` table. Unknown keys are refused, naming the file."""
+    optionally under a ``[train]`` table. Unknown keys are refused, naming the file. ``path`` may also
+    name a shipped recipe (see :func:`resolve_recipe`)."""
     import tomllib
 
-    p = Path(path)
+    p = resolve_recipe(path)
     try:
         data = tomllib.loads(p.read_text())
     except OSError as exc:

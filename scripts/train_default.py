@@ -14,6 +14,8 @@ FOLD0 / FOLD1 are C-NMC 2019 training folds 0 and 1 (``../shared/data/cnmc_fold0
 28 subjects; ``../shared/data/cnmc_fold1`` lossless WebP, 3,581 cells of 14 subjects). The official-fold
 run trains on one fold and tests on the other, both ways: the honest analogue of new patients, and the
 measure every recipe choice was made on (see the model card).
+Last it writes the bundle's ``trained_on.txt`` (``scripts/write_trained_on.py``: pixel digests of every
+training cell, so that no score counts a cell the model saw).
 
 Run time on the 2-core development machine (shared with other jobs): preprocessing 1-2 min; frozen-block
 features of the 7,108 cells x 8 views once per cache and per training set; each CV run a few minutes
@@ -104,6 +106,9 @@ def main() -> None:
             for f in CV_FILES:
                 shutil.copy2(d / f, args.out / f"{name}_{f}")
     shutil.copy2(final / "training_curves.png", args.out / "training_curves.png")
+    # trained_on.txt: pixel digests of every training cell, so that no score counts a cell the model saw
+    subprocess.run([sys.executable, str(REPO / "scripts" / "write_trained_on.py"), str(args.out), *map(str, data)],
+                   check=True, cwd=REPO)
     print(f"default model written to {args.out} in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 

@@ -16,17 +16,77 @@ from leukedge.report import build_report
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("demo") / "run"
-    res = CliRunner().invoke(main, ["demo", "--quick", "-o", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(main, ["demo", "--train", "--quick", "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out
+
+
+LEAN_DEMO = """
+import sys
+from leukedge.cli import main
+try:
+    # onnxruntime: `--backend auto` may import torch to ask it for a CUDA device where torch is installed
+    main(["demo", "--quick", "--backend", "onnxruntime", "-o", sys.argv[1]])
+except SystemExit as exc:
+    if exc.code:
+        raise
+# the default demo must not need PyTorch: it never imports it (it may look whether it is installed)
+print("TORCH IMPORTED" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+@pytest.mark.timeout(900)
+def test_lean_demo_runs_without_torch_and_scores_only_unseen_real_cells(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import leukedge
+
+    out = tmp_path / "lean"
+    env = {**os.environ, "PYTHONPATH": str(Path(leukedge.__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", LEAN_DEMO, str(out)], capture_output=True, text=True, env=env, timeout=850)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().endswith("torch not imported"), r.stdout[-500:]
+    summary = json.loads((out / "demo_summary.json").read_text())
+    stages = {s["stage"].split(". ", 1)[1]: s for s in summary["stages"]}
+    assert list(stages) == ["synth", "preprocess", "infer", "real cells", "station"]
+    for name in ("synth", "preprocess", "infer", "station"):
+        assert stages[name]["status"] == "ok", stages[name]
+    # not a terminal: plain progress lines and one line per station batch
+    assert re.search(r"^synth: 90/90 \(100 %\) \| [\d.]+/s", r.stdout + r.stderr, re.M)
+    assert re.search(r"^batch #1: \d+ files? \(\w+\) \| \d+ ok", r.stdout + r.stderr, re.M)
+    assert summary["station"]["processed"] > 0 and summary["station"]["samples"]
+    html = (out / "report.html").read_text()
+    assert "Not for clinical use" in html
+    assert stages["real cells"]["status"] != "failed", stages["real cells"]
+    rs = summary.get("real_sample")
+    if rs is None:  # no real sample cells on this machine
+        assert stages["real cells"]["status"] == "skipped"
+        return
+    from leukedge.artifacts import default_model_path, read_trained_on
+    from leukedge.data import pixel_digest
+
+    seen = read_trained_on(default_model_path())
+    assert seen is not None
+    metrics = json.loads((out / "real" / "metrics.json").read_text())
+    excluded = set(metrics["excluded_training_cells"])
+    assert len(excluded) == rs["in_training_set"] and rs["scored"] + rs["in_training_set"] == rs["labelled"]
+    sample = Path(rs["dir"])
+    for p in sorted(sample.rglob("*.bmp")):
+        assert (pixel_digest(p) in seen) == (p.name in excluded), p.name
+    assert metrics["n"] == rs["scored"] > 0
+    assert "never saw" in metrics["title"] and "Shipped default model" in html
 
 
 @pytest.mark.timeout(900)
 def test_demo_quick_runs_every_stage(demo_dir: Path) -> None:
     summary = json.loads((demo_dir / "demo_summary.json").read_text())
     stages = {s["stage"].split(". ", 1)[1]: s for s in summary["stages"]}
-    assert list(stages) == ["synth", "preprocess", "train", "evaluate", "export", "build-engine", "infer", "real cells"]
+    assert list(stages) == ["synth", "preprocess", "train", "evaluate", "export", "build-engine", "infer", "real cells",
+                            "station"]
     for name in ("synth", "preprocess", "train", "evaluate", "export", "infer"):
         assert stages[name]["status"] == "ok", stages[name]
     # the engine stage either built an engine or says why it was skipped

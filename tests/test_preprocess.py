@@ -86,7 +86,7 @@ def test_rerun_reuses_rows(native, synth_root, tmp_path):
     before = np.array(load_cache(out).images)
     assert first.n_reused == 0 and first.n_computed == 24
 
-    res = _invoke(str(src), "-o", str(out), "--size", "40", "--threads", "1")
+    res = _invoke(str(src), "-o", str(out), "--size", "40", "--threads", "1", "--stain", "macenko")  # = PreprocessConfig()
     assert res.exit_code == 0, res.output
     assert "reused" in res.output
     again = run_preprocess([src], out, PreprocessConfig(size=40), threads=1, progress=False)

@@ -13,25 +13,25 @@ import click
 
 from .. import __version__
 
-# command name -> (module, attribute, one-line help shown by `leukedge --help`)
+# command name -> (module, attribute, one-line help shown by `leukedge --help`), in pipeline order (the order --help lists)
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "preprocess": ("leukedge.cli.preprocess", "preprocess_cmd", "Decode, stain-normalise and resize images into a dataset cache."),
+    "demo": ("leukedge.cli.demo", "demo_cmd", "Run the pipeline end to end: the shipped model on real and synthetic cells (no data set, GPU or PyTorch needed)."),
     "data": ("leukedge.cli.data", "data_group", "Inspect C-NMC folders and generate synthetic cells."),
+    "preprocess": ("leukedge.cli.preprocess", "preprocess_cmd", "Decode, stain-normalise and resize images into a dataset cache."),
     "train": ("leukedge.cli.train", "train_cmd", "Train a classifier on a preprocessed cache (subject-disjoint validation)."),
     "cv": ("leukedge.cli.cv", "cv_cmd", "Subject-grouped K-fold cross-validation of a training recipe (several seeds)."),
     "evaluate": ("leukedge.cli.evaluate", "evaluate_cmd", "Evaluate a model bundle: weighted F1, ROC-AUC, per-subject breakdown, plots."),
     "export": ("leukedge.cli.export", "export_cmd", "Export a model bundle to ONNX (FP32 and FP16) and check it against PyTorch."),
     "build-engine": ("leukedge.cli.build_engine", "build_engine_cmd", "Compile an ONNX export into a TensorRT / TensorRT-RTX FP16 engine."),
     "infer": ("leukedge.cli.infer", "infer_cmd", "Batched, pipelined inference over image files with latency statistics."),
-    "report": ("leukedge.cli.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
-    "demo": ("leukedge.cli.demo", "demo_cmd", "Run the whole pipeline end to end on synthetic cells (no data set, no GPU needed)."),
     "station": ("leukedge.cli.station", "station_group", "Microscope-station mode: watch a folder and classify new cells."),
+    "report": ("leukedge.cli.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_COMMANDS)
+        return list(_COMMANDS)  # pipeline order, as listed in _COMMANDS
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in _COMMANDS:

@@ -19,6 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .._util import NullTask, line_progress
+
 
 def progress_bar(console: Console | None = None, *, transient: bool = False, disable: bool = False,
                  stats: bool = False) -> Progress:
@@ -45,7 +47,11 @@ class _RichTask:
 class RichReporter:
     """:class:`leukedge._util.Reporter` on a Rich console: ``log`` prints (markup rendered), ``progress``
     draws a bar (nested calls share one live display, e.g. the epochs bar and the current epoch's bar).
-    ``quiet``: no messages; ``bars=False``: no progress bars."""
+    ``quiet``: no messages; ``bars=False``: no progress bars.
+
+    When the console is not a terminal (nohup, CI, a systemd journal, a pipe) there is no bar: each task
+    prints plain progress lines instead (:class:`leukedge._util.LineProgress`: every 10 % or 30 s, with
+    rate and ETA, and a closing line), the one mechanism every command shares."""
 
     def __init__(self, console: Console | None = None, *, quiet: bool = False, bars: bool = True) -> None:
         self.console = console or Console(stderr=True, quiet=quiet)
@@ -55,9 +61,20 @@ class RichReporter:
     def log(self, message: str) -> None:
         self.console.print(message)
 
+    def plain_line(self, line: str) -> None:
+        """One plain log line: no markup, no highlighting, never wrapped (a journal keeps it whole)."""
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None, *, transient: bool = False,
-                 completed: int = 0) -> Iterator[_RichTask]:
+                 completed: int = 0) -> Iterator[Any]:
+        if not self.console.is_terminal:
+            if not self.bars or self.console.quiet:
+                yield NullTask()
+                return
+            with line_progress(description, total, self.plain_line, completed=completed) as task:
+                yield task
+            return
         if self._live is not None:  # nested: a task of the running display, removed when done
             tid = self._live.add_task(description, total=total, completed=completed, stats="")
             try:

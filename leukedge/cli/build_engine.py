@@ -48,8 +48,37 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
     ]
     for k, v in rows:
         console.print(f"  [bold]{k:<16}[/] {v}")
+    console.print(f"  [bold]{'runs on':<16}[/] {runs_on(info)}", soft_wrap=True)
     for n in info.get("notes", []):
         console.print(f"  [yellow]note[/] {n}")
+
+
+#: where each GPU family gets its engine (said after every build and on a refused --target-cc)
+JETSON_NOTE = ("Jetson Orin (CC 8.7) and Hopper (CC 9.0, e.g. H100/H200) are not TensorRT-RTX targets: there, build "
+               "with standard TensorRT on the device itself (`leukedge build-engine EXPORT_DIR -o model.plan --backend "
+               "tensorrt`); on a Jetson TensorRT comes with JetPack (JetPack 6: TensorRT 10.3, JetPack 5: 8.5; "
+               "`sudo apt install nvidia-jetpack`), not from pip.")
+
+
+def _check_target_cc(values: tuple[str, ...]) -> tuple[str, ...]:
+    for v in values:
+        if v not in RTX_CC_NAMES:
+            raise click.BadParameter(f"{v!r} is not a TensorRT-RTX target (it builds for "
+                                     f"{', '.join(sorted(RTX_CC_NAMES))}). {JETSON_NOTE}", param_hint="--target-cc")
+    return values
+
+
+def runs_on(info: dict[str, Any]) -> str:
+    """Which GPUs the engine will and will not run on, in words."""
+    if str(info.get("flavour", "")).startswith("tensorrt-rtx"):
+        target = ", ".join(info.get("target_compute_capabilities") or []) or RTX_DEFAULT_TARGETS_DOC
+        return (f"runs on RTX / desktop GPUs of compute capability {target} with TensorRT-RTX "
+                f"{info.get('trt_version', '')}; NOT on Jetson Orin (8.7) or Hopper (9.0). {JETSON_NOTE}")
+    b = info.get("built_on") or {}
+    gpu = f"{b['gpu']} (CC {b['compute_capability']})" if b.get("gpu") else "the GPU it was built on"
+    hc = " and other Ampere+ GPUs (hardware-compatible)" if info.get("hardware_compat") else ""
+    return (f"runs only on {gpu}{hc} with TensorRT {info.get('trt_version', '')}: engines are specific to the GPU and "
+            "the TensorRT version; rebuild on each target")
 
 
 @click.command("build-engine")
@@ -67,8 +96,10 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
 @click.option("--workspace", "workspace_mib", type=click.IntRange(16), default=1024, show_default=True,
               help="Builder workspace limit in MiB.")
 @click.option("--hardware-compat", is_flag=True, help="Standard TensorRT: build an Ampere+ hardware-compatible engine.")
-@click.option("--target-cc", multiple=True, type=click.Choice(sorted(RTX_CC_NAMES)),
-              help="TensorRT-RTX: compute capability to build for (repeatable) [default: portable Ampere+ set].")
+@click.option("--target-cc", multiple=True, callback=lambda ctx, param, value: _check_target_cc(value), metavar="CC",
+              help=f"TensorRT-RTX: compute capability to build for (repeatable; {', '.join(sorted(RTX_CC_NAMES))}) "
+                   "[default: portable Ampere+ set]. Not 8.7 (Jetson Orin) or 9.0 (Hopper): build those with standard "
+                   "TensorRT on the device.")
 @click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
 @click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")
 def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int, opt_batch: int, max_batch: int,
@@ -84,7 +115,12 @@ def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int,
                             hardware_compat=hardware_compat, target_cc=target_cc, verbose=verbose,
                             reporter=RichReporter())
     except (BuildError, BackendUnavailable, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        hint = ""
+        if backend == "tensorrt" and isinstance(exc, BackendUnavailable | BuildError) and "tensorrt" in str(exc).lower():
+            hint = (" Standard TensorRT is not a pip install: on a Jetson it comes with JetPack (the SDK: JetPack 6 = "
+                    "TensorRT 10.3, `sudo apt install nvidia-jetpack`); on a desktop GPU install NVIDIA's TensorRT for "
+                    "your CUDA version. Without it, --backend tensorrt-rtx builds ahead of time for RTX / desktop GPUs.")
+        raise click.ClickException(str(exc) + hint) from exc
     print_summary(info, engine, console)
     if validate:
         try:

@@ -8,6 +8,7 @@ import click
 
 from ..cv import OOF_FILE, SPLITS, cross_validate
 from ..distributed import is_main  # [ddp]
+from ..evaluate import format_ci
 from ._console import RichReporter
 from .train import config_from_cli, train_options
 
@@ -48,7 +49,7 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
-        raise click.ClickException(f"{cache}: {exc}") from exc
+        raise click.ClickException(str(exc) if str(cache) in str(exc) else f"{cache}: {exc}") from exc
     if not main_rank:  # [ddp]
         return
     s = res.summary
@@ -81,6 +82,9 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
     if base:
         out.print(f"baseline ({base['name']}): weighted F1 {base['weighted_f1']['mean']:.4f} ± {base['weighted_f1']['sd']:.4f}"
                   + ("" if base["roc_auc"]["mean"] is None else f", ROC-AUC {base['roc_auc']['mean']:.4f}"))
+    pooled = s["per_seed"][0]
+    out.print(f"pooled out-of-fold weighted F1 (seed {pooled['seed']}) {pooled['pooled_weighted_f1']:.4f} "
+              f"{format_ci(s.get('pooled_weighted_f1_ci'))}")
     out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..config import ConfigMismatchError
-from ..evaluate import SYNTHETIC_WARNING, evaluate, write_report
+from ..evaluate import SYNTHETIC_WARNING, evaluate, format_ci, write_report
 from ._console import RichReporter
 
 
@@ -23,8 +23,10 @@ def _print_summary(result: dict[str, Any], files: dict[str, str]) -> None:
               f"{result['n_images']} images, {result['n_labelled']} labelled")
     if "weighted_f1" in result:
         auc = result.get("roc_auc")
-        con.print(f"[bold]weighted F1 {result['weighted_f1']:.4f}[/]  accuracy {result['accuracy']:.4f}  "
-                  f"ROC-AUC {'n/a' if auc is None else f'{auc:.4f}'}")
+        con.print(f"[bold]weighted F1 {result['weighted_f1']:.4f}[/] {format_ci(result.get('weighted_f1_ci'))}  "
+                  f"accuracy {result['accuracy']:.4f}  ROC-AUC {'n/a' if auc is None else f'{auc:.4f}'}")
+        if result.get("subject_warning"):
+            con.print(f"[bold yellow]warning: {result['subject_warning']}[/]")
         t = Table(title="Per class")
         for c in ("class", "precision", "recall", "F1", "support"):
             t.add_column(c, justify="left" if c == "class" else "right")

@@ -45,7 +45,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
               help="I/O dtype of the FP16 graph (float32 keeps FP32 I/O with casts at the boundary).")
 @click.option("--opset", type=click.IntRange(13, 23), default=17, show_default=True, help="ONNX opset.")
 @click.option("--samples", type=click.Path(path_type=Path), default=None,
-              help="Real cells for the agreement check [default: ../shared/data/cnmc_sample].")
+              help="Real cells for the agreement check [default: $LEUKEDGE_SAMPLE_DIR, or ../shared/data/cnmc_sample beside a "
+                   "source checkout; none for an installed package].")
 @click.option("--synthetic", "n_synth", type=click.IntRange(0, 1024), default=16, show_default=True,
               help="Synthetic cells for the agreement check.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Compare ONNX Runtime with PyTorch.")

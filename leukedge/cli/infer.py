@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
-from ..engines import THREAD_RULE
 from ..infer import ResultsNotWritten, run_inference
 from ._console import RichReporter
 
@@ -59,10 +57,10 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="Rust preprocessing threads (0: automatic, see below).")
+              help="Rust preprocessing threads (0: automatic; the split used is printed and saved in OUT.stats.json).")
 @click.option("--backend-threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="Intra-op threads of a CPU backend: ONNX Runtime CPU EP / torch.set_num_threads "
-                   "(0: automatic, see below; ignored on a GPU).")
+                   "(0: automatic; ignored on a GPU).")
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed warm-up batches.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N files.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
@@ -81,8 +79,9 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
               ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
-    Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
-    OUT.stats.json under "threads"):
+    Without --model, the shipped default model runs (ONNX Runtime, no PyTorch needed). Results go
+    to OUT (.csv or .jsonl) with the subject and true label read from C-NMC file names; latency
+    and throughput statistics go to OUT.stats.json. Unreadable files are reported per file.
     """
     from rich.console import Console
 
@@ -126,14 +125,12 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
     from ..config import ConfigMismatchError
     from ..engines import BackendUnavailable
     from ..ray_infer import RayProgress, run_ray_inference
-    from ._console import progress_bar
-
     console = Console()
-    with progress_bar(transient=True, stats=True) as prog:
-        task = prog.add_task("infer (Ray)", total=None, stats="starting Ray ...")
+    with RichReporter().progress("infer (Ray)", total=None, transient=True) as task:
+        task.update(stats="starting Ray ...")
 
         def on_progress(p: RayProgress) -> None:
-            prog.update(task, total=p.total, completed=p.done, stats=f"{p.files_per_s:.1f} files/s, {p.failed} failed")
+            task.update(total=p.total, completed=p.done, stats=f"{p.files_per_s:.1f} files/s, {p.failed} failed")
 
         try:
             res = run_ray_inference(model, sources, out_path, address=address, batch=batch, backend=backend,
@@ -153,7 +150,5 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
     console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
 
-
-infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE
 
 

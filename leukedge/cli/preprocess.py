@@ -55,6 +55,10 @@ def print_summary(summary: PreprocessSummary, console: Any) -> None:
             console.print(f"  ... and {len(summary.failures) - 200} more (status=error in manifest.csv)")
 
 
+#: `leukedge preprocess` without --stain: the shipped model's setting (the library's PreprocessConfig keeps macenko,
+#: whose pixel hash existing caches and bundles carry)
+DEFAULT_STAIN = "none"
+
 _PIXEL_OPTIONS = ("stain", "stain_io", "stain_alpha", "stain_beta", "black_threshold", "white_threshold", "min_foreground",
                   "stain_reference", "crop", "crop_margin", "crop_window", "square", "size", "filter", "mean", "std")
 
@@ -82,7 +86,9 @@ def _config_from_options(base: PreprocessConfig, o: dict[str, Any]) -> Preproces
 @click.option("--config", "config_file", type=click.Path(exists=True),
               help="Use exactly this preprocessing: a config.json, a bundle.json / model bundle folder (its "
                    "\"preprocess\" settings) or a dataset cache folder. Cannot be combined with pixel options.")
-@click.option("--stain", type=click.Choice(STAIN_METHODS), help="Stain normalisation [default: macenko].")
+@click.option("--stain", type=click.Choice(STAIN_METHODS),
+              help=f"Stain normalisation [default: {DEFAULT_STAIN}: what the shipped model uses, since C-NMC images are "
+                   "already stain-normalised; macenko or reinhard for images from other sources].")
 @click.option("--stain-reference", multiple=True, metavar="PATH", help="Fit stain parameters on these images (folders, files, globs; repeatable).")
 @click.option("--stain-io", type=float, help="Transmitted light intensity Io [default: 240].")
 @click.option("--stain-alpha", type=float, help="Macenko angle percentile alpha [default: 1].")
@@ -134,7 +140,7 @@ def preprocess_cmd(ctx: click.Context, sources: tuple[str, ...], out: str, confi
             if opts.get("max_pixels"):
                 cfg = cfg.replace(max_pixels=opts["max_pixels"])
         else:
-            cfg = _config_from_options(PreprocessConfig(), opts)
+            cfg = _config_from_options(PreprocessConfig(stain=StainConfig(method=DEFAULT_STAIN)), opts)
             if opts.get("stain_reference"):
                 cfg = fit_stain_reference(list(opts["stain_reference"]), cfg)
                 console.print(f"Fitted {cfg.stain.method} stain parameters on the reference images: {json.dumps(cfg.stain.params)}")

@@ -11,7 +11,8 @@ from ..report import build_report
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="HTML file [RUN_DIR/report.html].")
+@click.option("-o", "--out", "--output", "output", type=click.Path(dir_okay=False, path_type=Path),
+              help="HTML file [RUN_DIR/report.html] (--output: the old spelling).")
 @click.option("--title", help="Title shown at the top of the report.")
 def report_cmd(run_dir: Path, output: Path | None, title: str | None) -> None:
     """Rebuild the self-contained HTML report from any train, evaluate, infer or demo RUN_DIR."""

@@ -95,7 +95,8 @@ def _model_id(spec: Any, backend: Any = None) -> str:
 
 
 def open_predictor(model: str | None, backend: str, *, fallback: bool, device: str, threads: int,
-                   batch_size: int, console: Console, cuda_binding: str = "auto") -> tuple[Any, ModelInfo]:
+                   batch_size: int, console: Console, cuda_binding: str = "auto",
+                   engine: str | None = None) -> tuple[Any, ModelInfo]:
     """Load the model + backend once; returns (Predictor, ModelInfo).  Raises click errors that say
     clearly what failed (and falls back to ONNX Runtime when asked to)."""
     from ..infer import Predictor
@@ -109,7 +110,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
         console.print(f"[dim]no --model given: using the packaged default model {model}[/]")
     try:
         pred = Predictor(model, backend=backend, device=device, threads=threads, batch=batch_size,
-                         cuda_binding=cuda_binding)
+                         cuda_binding=cuda_binding, engine=engine)
     except Exception as exc:  # noqa: BLE001 - classified below
         if backend in GPU_BACKENDS and fallback and not _is_config_mismatch(exc):
             console.print(
@@ -159,7 +160,7 @@ def predict_fn(pred: Any):
     Each dict gets ``timings = {"preprocess_ms", "compute_ms"}``: the times of the engine batch the
     file was in (the station hands the Predictor at most one engine batch at a time).
     """
-    timed = getattr(pred, "_predict", None)
+    timed = getattr(pred, "predict_timed", None)
 
     def predict(paths: list[str]) -> list[dict]:
         if timed is None:
@@ -191,6 +192,9 @@ def _asdict(r: Any) -> dict:
 @click.option("-m", "--model", type=click.Path(exists=True), default=None,
               help="Model bundle directory, export directory, .onnx file or TensorRT engine "
                    "(default: the packaged default model).")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TensorRT engine to run with MODEL's preprocessing, as in `leukedge infer` (refused if the "
+                   "preprocessing hashes differ).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="Inference runtime (auto: TensorRT engine if usable, else PyTorch on CUDA, else ONNX Runtime, else PyTorch).")
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
@@ -233,7 +237,8 @@ def _asdict(r: Any) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary line.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write this run's summary (counts, batch sizes, exit reason) to a JSON file.")
-def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, device: str, cuda_binding: str,
+def run_cmd(watch_dir: str, model: str | None, engine: str | None, backend: str, fallback: bool, device: str,
+            cuda_binding: str,
             db_path: str | None,
             batch_size: int, max_wait_ms: float, settle_ms: float, poll_ms: float, sample_pattern: str | None,
             extensions: tuple[str, ...], ignore: tuple[str, ...], max_file_mb: float, threads: int, once: bool,
@@ -260,7 +265,7 @@ def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, dev
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     pred, info = open_predictor(model, backend, fallback=fallback, device=device, cuda_binding=cuda_binding,
-                                threads=threads, batch_size=batch_size, console=console)
+                                threads=threads, batch_size=batch_size, console=console, engine=engine)
     reporter = Reporter(console, quiet=quiet)
     station = Station(settings, predict_fn(pred), info, reporter=reporter)
     try:
@@ -305,7 +310,7 @@ def status_data(conn) -> dict[str, Any]:
         }
     return {
         "station": live,
-        "throughput_1m": sdb.recent_throughput(conn, 60.0, now),
+        "throughput_1m": sdb.recent_throughput(conn, 60.0, now, since=live["started_at"] if live and live["running"] else None),
         "totals": sdb.totals(conn),
         "samples": sdb.sample_totals(conn),
     }
@@ -322,8 +327,8 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
     path = _resolve_db(watch_dir, db_path)
     with _reading(path) as conn:
         data = status_data(conn)
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+    if as_json:  # wall-clock times as in `station export`: ISO 8601 with the local UTC offset
+        click.echo(json.dumps(iso_times(data), indent=2, default=str))
         return
     console = Console()
     st = _escaped(data["station"])
@@ -395,6 +400,20 @@ def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
 
 
+#: wall-clock (epoch-second) fields of the station's status and export output
+TIME_FIELDS = ("first_result_at", "last_result_at", "detected_at", "done_at", "started_at", "stopped_at", "ready_at")
+
+
+def iso_times(obj: Any) -> Any:
+    """``obj`` (dicts and lists, nested) with every wall-clock field of :data:`TIME_FIELDS` as ISO 8601 with the
+    local UTC offset: the one timestamp format of ``status --json`` and ``export``."""
+    if isinstance(obj, dict):
+        return {k: (_iso(v) if k in TIME_FIELDS and isinstance(v, (int, float)) else iso_times(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [iso_times(v) for v in obj]
+    return obj
+
+
 def render_export(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
@@ -421,7 +440,7 @@ def csv_cell(value: Any) -> Any:
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
               help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Output file ('-' for stdout); written atomically (temporary file + rename).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None,
               help="Output format [default: from the file extension, else csv].")
@@ -436,10 +455,7 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
             rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
         else:
             rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
-    for r in rows:  # wall-clock times as ISO 8601 with the local UTC offset
-        for k in ("first_result_at", "last_result_at", "detected_at", "done_at"):
-            if r.get(k) is not None:
-                r[k] = _iso(r[k])
+    rows = [iso_times(r) for r in rows]  # wall-clock times as ISO 8601 with the local UTC offset
     text = render_export(rows, cols, fmt)
     if output == "-":
         sys.stdout.write(text)

@@ -18,6 +18,23 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else (f"{v:,.0f} ms" if v < 10_000 else f"{v / 1000:,.1f} s")
 
 
+def batch_line(batch_id: int, size: int, reason: str, rows: list[ResultRow]) -> str:
+    """One batch as a log line: ``batch #12: 16 files (full) | 15 ok, 1 error | latency p50 702 ms,
+    max 811 ms | preprocess 21 ms, compute 64 ms``. Latency is a file's time from detection to its
+    committed row; preprocess / compute are the batch's engine times."""
+    n_err = sum(1 for r in rows if r.status == "error")
+    lat = sorted(r.latency_ms for r in rows)
+    parts = [f"batch #{batch_id}: {size} file{'s' if size != 1 else ''} ({reason})",
+             f"{len(rows) - n_err} ok, {n_err} error{'s' if n_err != 1 else ''}"]
+    if lat:
+        parts.append(f"latency p50 {_ms(lat[len(lat) // 2])}, max {_ms(lat[-1])}")
+    pre = max((r.preprocess_ms for r in rows if r.preprocess_ms is not None), default=None)
+    comp = max((r.compute_ms for r in rows if r.compute_ms is not None), default=None)
+    if pre is not None or comp is not None:
+        parts.append(f"preprocess {_ms(pre)}, compute {_ms(comp)}")
+    return " | ".join(parts)
+
+
 class Reporter:
     def __init__(self, console: Console | None = None, *, quiet: bool = False, log_every_s: float = 10.0,
                  live: bool | None = None) -> None:
@@ -74,9 +91,12 @@ class Reporter:
         for r in rows:
             if r.status == "error":
                 self.message(f"[red]error[/] {escape(str(r.path))}: {escape(str(r.error))}")
-        if not self.use_live and not self.quiet and time.monotonic() - self._last_log >= self.log_every_s:
-            self._last_log = time.monotonic()
-            self.console.print(self.status_line())
+        if not self.use_live and not self.quiet:
+            # one plain line per batch, never wrapped: what a systemd journal or a log file keeps
+            self.console.print(batch_line(batch_id, size, reason, rows), markup=False, highlight=False, soft_wrap=True)
+            if time.monotonic() - self._last_log >= self.log_every_s:
+                self._last_log = time.monotonic()
+                self.console.print(self.status_line(), soft_wrap=True)
 
     def stop(self, station: Any) -> None:
         had_live = self._live is not None

@@ -78,10 +78,29 @@ def _tensorrt_or_reason(spec: ModelSpec, kind: str, cuda_binding: str, reasons: 
         b.reason = f"engine {spec.engine.name} usable on {b.gpu_name}"
         return b
     except Exception as exc:  # noqa: BLE001 - reported below
+        better = _rebuild_from_requested(spec, exc)
         if kind != "auto" or _is_mismatch(exc):
+            if better is not None:
+                raise better from exc
             raise
-        reasons.append(f"TensorRT engine {spec.engine.name} not usable: {exc}")
+        reasons.append(f"TensorRT engine {spec.engine.name} not usable: {better or exc}")
         return None
+
+
+def _rebuild_from_requested(spec: ModelSpec, exc: BaseException) -> BaseException | None:
+    """An engine mismatch's rebuild hint names the ONNX file the engine was once built from; the same error
+    with the command that rebuilds it from the export of the model that was asked for (None: no change)."""
+    from ..artifacts import EngineMismatchError
+
+    export = next((p.parent for p in (spec.onnx_fp16, spec.onnx_fp32) if p is not None), None)
+    if not isinstance(exc, EngineMismatchError) or export is None or spec.engine is None:
+        return None
+    import shlex
+
+    cmd = f"leukedge build-engine {shlex.quote(str(export))} -o {shlex.quote(str(spec.engine))}"
+    if cmd in str(exc):
+        return None
+    return EngineMismatchError(f"{exc} To rebuild it from the model you asked for ({spec.path}): {cmd}")
 
 
 def _onnxruntime_or_reason(spec: ModelSpec, kind: str, device: str, precision: str, threads: int, exclusive: bool,

@@ -426,8 +426,7 @@ class Station:
             while self._done_times and self._done_times[0] < now - 60:
                 self._done_times.popleft()
             n = len(self._done_times)
-        window = min(60.0, max(now - self._t_start, 1.0))
-        return n / window
+        return sdb.throughput(n, now, self._t_start, 60.0)
 
     def live(self) -> dict[str, Any]:
         st = self.scanner.stats if self.scanner else None

@@ -374,10 +374,21 @@ def latest_run(conn: sqlite3.Connection) -> dict[str, Any] | None:
     return dict(r) if r else None
 
 
-def recent_throughput(conn: sqlite3.Connection, window_s: float = 60.0, now: float | None = None) -> float:
+def throughput(n_done: int, now: float, since: float | None, window_s: float = 60.0) -> float:
+    """THE station throughput: results per second over the last ``window_s`` seconds, or since ``since`` (the
+    run's start) when that is shorter (at least 1 s), so a run that started 10 s ago is not divided by 60.
+    The live line, the final line and ``station status`` all use it."""
+    window = window_s if since is None else min(window_s, max(now - since, 1.0))
+    return n_done / window
+
+
+def recent_throughput(conn: sqlite3.Connection, window_s: float = 60.0, now: float | None = None,
+                      since: float | None = None) -> float:
+    """:func:`throughput` from the stored results (``since``: the running station's start)."""
     now = time.time() if now is None else now
-    n = conn.execute("SELECT COUNT(*) FROM results WHERE done_at >= ?", (now - window_s,)).fetchone()[0]
-    return n / window_s
+    start = now - window_s if since is None else max(now - window_s, since)
+    n = conn.execute("SELECT COUNT(*) FROM results WHERE done_at >= ?", (start,)).fetchone()[0]
+    return throughput(int(n), now, since, window_s)
 
 
 def totals(conn: sqlite3.Connection) -> dict[str, int]:
