@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::config::{Config, CropMode, Layout};
 use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
 use crate::error::{Error, Result};
+use crate::gate;
 use crate::resize::{expand_rect, square_resize_into};
 use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
@@ -42,6 +43,16 @@ pub struct ItemStatus {
     pub error: Option<String>,
     pub stain_fallback: bool,
     pub stain_reason: Option<String>,
+    /// Why the cell quality gate rejected the frame (`ok` stays true: the pixels are written; the
+    /// caller must not classify it). `None` = passed (or the gate is off).
+    pub rejected: Option<String>,
+}
+
+/// What [`Pipeline::process_rgb`] learnt about one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    pub stain: StainOutcome,
+    pub rejected: Option<String>,
 }
 
 /// The output buffer of a whole batch (`n * item_len` elements).
@@ -105,16 +116,20 @@ impl Pipeline {
 
     /// Everything after decoding: crop, stain, square + resize into `dst` (`size*size*3`
     /// packed RGB bytes).
-    pub fn process_rgb(&self, img: Rgb8, dst: &mut [u8]) -> Result<StainOutcome> {
+    pub fn process_rgb(&self, img: Rgb8, dst: &mut [u8]) -> Result<Processed> {
         let cfg = &self.cfg;
         let rule = MaskRule::from_config(&cfg.stain);
         let whole = (0, 0, img.width, img.height);
-        let region = match cfg.crop {
-            CropMode::None => whole,
-            CropMode::Bbox => match foreground_bbox(&img.data, img.width, img.height, rule) {
-                Some(b) => expand_rect(b, cfg.crop_margin as usize, img.width, img.height),
-                None => whole,
-            },
+        let need_bbox = cfg.crop == CropMode::Bbox || cfg.gate.enabled;
+        let bbox = if need_bbox {
+            foreground_bbox(&img.data, img.width, img.height, rule)
+        } else {
+            None
+        };
+        let rejected = gate::check(&img.data, img.width, img.height, bbox, rule, &cfg.gate);
+        let region = match (cfg.crop, bbox) {
+            (CropMode::Bbox, Some(b)) => expand_rect(b, cfg.crop_margin as usize, img.width, img.height),
+            _ => whole,
         };
         let mut img = if region == whole { img } else { crop(&img, region) };
         let full = (0, 0, img.width, img.height);
@@ -125,11 +140,17 @@ impl Pipeline {
             if let Some(t) = transform {
                 t.apply_non_black(dst);
             }
-            return Ok(outcome);
+            return Ok(Processed {
+                stain: outcome,
+                rejected,
+            });
         }
         let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
-        Ok(outcome)
+        Ok(Processed {
+            stain: outcome,
+            rejected,
+        })
     }
 
     /// Convert a packed RGB `size x size` image into one item of the output.
@@ -181,7 +202,7 @@ impl Pipeline {
     pub fn run_item(&self, src: &Source<'_>, name: &str, out: ItemOut<'_>, scratch: &mut Vec<u8>) -> ItemStatus {
         let s2 = (self.cfg.size as usize).pow(2);
         scratch.resize(3 * s2, 0);
-        let res = catch_unwind(AssertUnwindSafe(|| -> Result<StainOutcome> {
+        let res = catch_unwind(AssertUnwindSafe(|| -> Result<Processed> {
             let img = self.load(src, name)?;
             self.process_rgb(img, scratch)
         }));
@@ -197,13 +218,14 @@ impl Pipeline {
             }
         };
         match res {
-            Ok(outcome) => {
+            Ok(p) => {
                 self.write_item(scratch, out);
                 ItemStatus {
                     ok: true,
                     error: None,
-                    stain_fallback: outcome.fallback,
-                    stain_reason: outcome.reason,
+                    stain_fallback: p.stain.fallback,
+                    stain_reason: p.stain.reason,
+                    rejected: p.rejected,
                 }
             }
             Err(e) => {
@@ -217,6 +239,7 @@ impl Pipeline {
                     error: Some(msg),
                     stain_fallback: false,
                     stain_reason: None,
+                    rejected: None,
                 }
             }
         }
@@ -677,6 +700,39 @@ mod tests {
         p.run_batch(&src, &names, OutBuf::F32(&mut o1), 1).unwrap();
         p.run_batch(&src, &names, OutBuf::F32(&mut o2), 2).unwrap();
         assert_eq!(o1, o2);
+    }
+
+    #[test]
+    fn gate_rejects_junk_but_still_writes_its_pixels() {
+        let (w, h) = (120, 120);
+        let cell = synthetic_cell(w, h, 5);
+        let grey = vec![128u8; w * h * 3];
+        let black = vec![0u8; w * h * 3];
+        let src: Vec<Source<'_>> = [&cell, &grey, &black]
+            .iter()
+            .map(|d| Source::Pixels {
+                data: d,
+                width: w,
+                height: h,
+                channels: 3,
+            })
+            .collect();
+        let names: Vec<String> = (0..3).map(|i| i.to_string()).collect();
+        for json in [r#"{"size":16,"dtype":"uint8"}"#, r#"{"size":16,"dtype":"uint8","crop":"none"}"#] {
+            let p = cfg(json);
+            let mut out = vec![0u8; 3 * p.cfg.item_len()];
+            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            assert!(st.iter().all(|s| s.ok && s.error.is_none()), "{st:?}");
+            assert_eq!(st[0].rejected, None, "{json}");
+            assert!(st[1].rejected.as_deref().unwrap().contains("foreground area"), "{st:?}");
+            assert!(st[2].rejected.as_deref().unwrap().starts_with("no cell found"), "{st:?}");
+            let len = p.cfg.item_len();
+            assert!(out[len..2 * len].iter().any(|&v| v != 0), "grey pixels written");
+        }
+        let p = cfg(r#"{"size":16,"gate":{"enabled":false}}"#);
+        let mut out = vec![0f32; 3 * p.cfg.item_len()];
+        let st = p.run_batch(&src, &names, OutBuf::F32(&mut out), 1).unwrap();
+        assert!(st.iter().all(|s| s.rejected.is_none()));
     }
 
     #[test]
