@@ -27,12 +27,24 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from ._util import NULL_REPORTER, POSITIVE_CLASS, Reporter, atomic_write_text, load_native, softmax
+from ._util import (
+    NULL_REPORTER,
+    POSITIVE_CLASS,
+    Reporter,
+    atomic_write_text,
+    load_native,
+    path_raw_b64,
+    path_text,
+    softmax,
+)
 from .artifacts import default_model_path as default_model_path
 from .config import PreprocessConfig
 from .engines import Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
+from .ood import OodThreshold, energy_score, ood_threshold_of
 
-RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
+RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback",
+                 "reason", "ood_score", "path_bytes")
+MAX_BATCH = 1024  # a bigger batch only makes an allocation fail deep in the runtime (`infer --batch 4096`)
 PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
 
 
@@ -57,14 +69,24 @@ class FileResult:
     path: str
     probability: float | None
     label: str | None
-    status: str  # "ok" | "error"
+    status: str  # "ok" | "error" | "rejected" (not a cell the model may be asked about: never a label)
     error: str | None = None
     subject: str | None = None
     true_label: str | None = None
     stain_fallback: bool = False
+    reason: str | None = None  # why it was rejected (the cell quality gate, or out of distribution)
+    ood_score: float | None = None  # the model's energy score (higher = less like its training cells)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as written: ``path`` as readable text (undecodable bytes and control characters such as a
+        carriage return escaped as ``\\xNN``) and, only when that escaping happened, ``path_bytes``: the
+        exact name, base64 of ``os.fsencode(path)`` (lossless)."""
+        d = asdict(self)
+        d["path"], d["path_bytes"] = path_text(self.path), path_raw_b64(self.path)
+        for k in ("error", "reason", "subject"):
+            if isinstance(d[k], str):
+                d[k] = d[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return d
 
 
 @dataclass
@@ -82,7 +104,11 @@ class InferResult:
 
     @property
     def n_error(self) -> int:
-        return sum(r.status != "ok" for r in self.results)
+        return sum(r.status == "error" for r in self.results)
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(r.status == "rejected" for r in self.results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,30 +275,44 @@ class Predictor:
         self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=self.threads.preprocess,
                                   pipeline=pipeline, preprocess_fn=preprocess_fn)
         self.config = self.runner.config
+        self.ood: OodThreshold | None = ood_threshold_of(spec)
 
     @property
     def batch(self) -> int:
         return self.runner.batch
 
     def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
-        finite = np.isfinite(logits[: len(b.items)]).all(axis=1)
+        """One result per item: ``error`` (preprocessing failed, or a non-finite model output), ``rejected``
+        (the cell quality gate of the Rust core, or an energy score above the model's OOD threshold) or
+        ``ok``. A rejected item never gets a probability or a label."""
+        n = len(b.items)
+        finite = np.isfinite(logits[:n]).all(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
-            probs = softmax(logits[: len(b.items)])[:, self.pos_index]
-        preds = logits[: len(b.items)].argmax(1)
+            probs = softmax(logits[:n])[:, self.pos_index]
+            scores = energy_score(logits[:n])
+        preds = logits[:n].argmax(1)
         out = []
         for j, (item, st) in enumerate(zip(b.items, b.statuses)):
             m = meta[b.index * self.batch + j] if meta is not None else {}
             path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
-            if st.get("ok") and not finite[j]:
+            subject, true_label = m.get("subject"), m.get("true_label")
+            fallback = bool(st.get("stain_fallback", False))
+            if not st.get("ok"):
+                out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
+                                      subject, true_label, False))
+            elif st.get("rejected"):
+                out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
+                                      reason=str(st["rejected"])))
+            elif not finite[j]:
                 out.append(FileResult(path, None, None, "error",
                                       "the model produced a non-finite output (NaN or inf) for this image; its weights "
-                                      "are probably corrupt", m.get("subject"), m.get("true_label"), False))
-            elif st.get("ok"):
-                out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
-                                      m.get("subject"), m.get("true_label"), bool(st.get("stain_fallback", False))))
+                                      "are probably corrupt", subject, true_label, False))
+            elif self.ood is not None and scores[j] > self.ood.threshold:
+                out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
+                                      reason=self.ood.reason(float(scores[j])), ood_score=float(scores[j])))
             else:
-                out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
-                                      m.get("subject"), m.get("true_label"), False))
+                out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
+                                      subject, true_label, fallback, ood_score=float(scores[j])))
         return out
 
     def predict(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
@@ -400,7 +440,9 @@ def inference_stats(pred: Predictor, results: Sequence[FileResult], times: dict[
         "warmup": warmup,
         "n_files": n,
         "n_ok": n_ok,
-        "n_error": n - n_ok,
+        "n_rejected": sum(r.status == "rejected" for r in results),
+        "n_error": sum(r.status == "error" for r in results),
+        "ood_threshold": pred.ood.to_dict() if pred.ood is not None else None,
         "n_batches": len(times["e2e"]),
         "wall_s": wall,
         "throughput_img_s": n / wall if wall > 0 else None,

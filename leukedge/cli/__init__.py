@@ -25,6 +25,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "infer": ("leukedge.cli.infer", "infer_cmd", "Batched, pipelined inference over image files with latency statistics."),
     "report": ("leukedge.cli.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
     "demo": ("leukedge.cli.demo", "demo_cmd", "Run the whole pipeline end to end on synthetic cells (no data set, no GPU needed)."),
+    "calibrate-ood": ("leukedge.cli.ood", "calibrate_ood_cmd", "Calibrate a model's out-of-distribution threshold on its training cache."),
     "station": ("leukedge.cli.station", "station_group", "Microscope-station mode: watch a folder and classify new cells."),
 }
 

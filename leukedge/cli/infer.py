@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 
 from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
 from ..engines import THREAD_RULE
-from ..infer import ResultsNotWritten, run_inference
+from ..infer import MAX_BATCH, ResultsNotWritten, run_inference
 from ._console import RichReporter
 
 
@@ -52,7 +53,9 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="TensorRT engine to run with MODEL's preprocessing (refused if the preprocessing hashes differ).")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
-@click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("-b", "--batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
+              help=f"Images per backend call, at most {MAX_BATCH} (one batch of {MAX_BATCH} at 224 px is 0.6 GB of "
+                   "float32 input, twice over when pipelined).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES),
               default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
@@ -95,6 +98,11 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
                           backend=backend, device=device, precision=precision, limit=limit, actors=ray_actors,
                           cuda_binding=cuda_binding)
     console = Console()
+    cores = os.cpu_count() or 1
+    for name, n in (("--threads", threads), ("--backend-threads", backend_threads)):
+        if n > cores:
+            console.print(f"[yellow]warning: {name} {n} is more than the {cores} cores of this machine; the threads "
+                          "will fight over them and the run can be many times slower (0 = automatic)[/]")
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
                             backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
@@ -106,13 +114,27 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
 
     console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     print_stats(res.stats, console)
-    bad = [r for r in res.results if r.status != "ok"]
+    _print_problems(console, res)
+    console.print(f"{res.n_ok} ok, {res.n_rejected} rejected (not classified), {res.n_error} failed → "
+                  f"{escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
+
+
+def _print_problems(console: Any, res: Any) -> None:
+    """The first 10 errors and the first 5 rejected files, each with its reason."""
+    from rich.markup import escape
+
+    from .._util import path_text
+
+    bad = [r for r in res.results if r.status == "error"]
     for r in bad[:10]:
-        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
+        console.print(f"[red]error[/] {escape(path_text(r.path))}: {escape(str(r.error))}")
     if len(bad) > 10:
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
-                  f"(stats {escape(str(res.stats_path))})")
+    rej = [r for r in res.results if r.status == "rejected"]
+    for r in rej[:5]:
+        console.print(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
+    if len(rej) > 5:
+        console.print(f"[yellow]… and {len(rej) - 5} more rejected (see the reason column)[/]")
 
 
 def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | None, out_path: Path, address: str,
@@ -146,12 +168,9 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
     console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     console.print(f"{s['n_files']} files in {s['wall_s']:.1f} s: [bold]{s['throughput_img_s'] or 0:.1f}[/] files/s "
                   f"(job start-up included)")
-    bad = [r for r in res.results if r.status != "ok"]
-    for r in bad[:10]:
-        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
-    if len(bad) > 10:
-        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
+    _print_problems(console, res)
+    console.print(f"{res.n_ok} ok, {res.n_rejected} rejected, {res.n_error} failed → {escape(str(res.out_path))} "
+                  f"(stats {escape(str(res.stats_path))})")
 
 
 infer_cmd.help = inspect.cleandoc(infer_cmd.help or "") + "\n\n" + THREAD_RULE

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
+from .._util import path_text
 from ..station.db import ResultRow
 
 
@@ -73,7 +74,9 @@ class Reporter:
         self._last_batch = f"batch #{batch_id}: {size} ({reason})"
         for r in rows:
             if r.status == "error":
-                self.message(f"[red]error[/] {escape(str(r.path))}: {escape(str(r.error))}")
+                self.message(f"[red]error[/] {escape(path_text(r.path))}: {escape(str(r.error))}")
+            elif r.status == "rejected":
+                self.message(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
         if not self.use_live and not self.quiet and time.monotonic() - self._last_log >= self.log_every_s:
             self._last_log = time.monotonic()
             self.console.print(self.status_line())
@@ -88,6 +91,7 @@ class Reporter:
             if not had_live:
                 self.console.print(self.status_line())
             self.console.print(
-                f"[bold]stopped[/]: {sm.exit_reason}. This run: {sm.processed:,} results ({sm.errors:,} errors) in "
+                f"[bold]stopped[/]: {sm.exit_reason}. This run: {sm.processed:,} results ({sm.errors:,} errors, "
+                f"{sm.rejected:,} rejected) in "
                 f"{sm.batches:,} batches; {sm.left_in_queue} file(s) left for the next start."
             )

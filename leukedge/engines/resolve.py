@@ -68,6 +68,11 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
         return _export_spec(p)
     if p.is_dir():
         raise ValueError(f"{p}: not a model bundle (bundle.json) or an export directory (preprocess.json)")
+    if not p.is_file():  # a FIFO would block the ONNX reader forever, /dev/zero never ends
+        import stat
+
+        kind = "a FIFO / named pipe" if stat.S_ISFIFO(p.stat().st_mode) else "a device or special file"
+        raise ValueError(f"{p}: is {kind}, not a model file (expected a bundle dir, export dir, .onnx or engine file)")
     if p.suffix == ".onnx":
         cfg, meta = onnx_config(p)
         spec = ModelSpec("onnx", p, cfg, meta)

@@ -67,6 +67,9 @@ class StationSettings:
         self.db_path = Path(self.db_path).resolve()
         if self.batch_size < 1:
             raise ValueError("--batch must be >= 1")
+        if not self.extensions or any(not str(e).strip(" .") for e in self.extensions):
+            raise ValueError(f"--ext {' '.join(repr(e) for e in self.extensions) or '(none)'}: every extension must "
+                             "name one, e.g. --ext .bmp (an empty one watches nothing)")
         if self.max_wait_ms < 0 or self.settle_ms < 0 or self.poll_ms <= 0:
             raise ValueError("--max-wait-ms and --settle-ms must be >= 0, --poll-ms > 0")
 
@@ -76,6 +79,7 @@ class StationSummary:
     run_id: int
     processed: int = 0
     errors: int = 0
+    rejected: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     exit_reason: str = ""
@@ -125,6 +129,7 @@ class Station:
         self.in_batch = False
         self._t_start = time.time()
         self._published: tuple[int, int] = (0, 0)  # (scans, settling) after the scanner's last put
+        self._mono: tuple[float, float] = (0.0, 0.0)  # monotonic start and end of the batch being stored
 
     # -- control ---------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -329,7 +334,8 @@ class Station:
         file, commit them in one transaction, then tell the scanner and update the live numbers."""
         assert self.conn is not None and self.summary is not None and self.scanner is not None
         started = time.time()
-        opened = started - max(time.monotonic() - min(it.ready_mono for it in batch), 0.0)
+        started_mono = time.monotonic()
+        opened = started - max(started_mono - min(it.ready_mono for it in batch), 0.0)
         batch_id = sdb.open_batch(self.conn, run_id=self.summary.run_id, size=len(batch), reason=reason,
                                   opened_at=opened, started_at=started)
         to_predict = [it for it in batch if it.error is None and not it.reactivate]
@@ -352,6 +358,7 @@ class Station:
         rows, reactivated, retry = [], [], []
         pre_ms_total = comp_ms_total = 0.0
         done = time.time()
+        self._mono = (started_mono, time.monotonic())  # durations from the monotonic clock (wall time may jump)
         for it in batch:
             if it.reactivate:
                 reactivated.append(it)
@@ -381,10 +388,17 @@ class Station:
         """The stored row of one file: its prediction ``r``, or the error that kept it from being classified."""
         assert self.summary is not None
         status, error, prob, label, is_blast = "error", it.error, None, None, None
+        reason = fallback = ood = None
         pre_ms = comp_ms = None
         if r is not None:
             status = "ok" if r.get("status", "ok") == "ok" and r.get("error") in (None, "") else "error"
-            error = None if status == "ok" else str(r.get("error") or "prediction failed")
+            if r.get("status") == "rejected" and r.get("error") in (None, ""):
+                status, reason = "rejected", str(r.get("reason") or "rejected")  # never a label, never a blast
+            error = None if status != "error" else str(r.get("error") or "prediction failed")
+            if r.get("stain_fallback") is not None:
+                fallback = int(bool(r.get("stain_fallback")))
+            if r.get("ood_score") is not None:
+                ood = float(r["ood_score"])
             if status == "ok":
                 prob = float(r["probability"])
                 label = None if r.get("label") is None else str(r["label"])
@@ -394,13 +408,15 @@ class Station:
             comp_ms = _first(t, "compute_ms", "infer_ms", "inference_ms", "backend_ms", "compute")
             if pre_ms is None and comp_ms is None:
                 comp_ms = pred_ms
+        started_mono, done_mono = self._mono
+        detected_mono = it.detected_mono if it.detected_mono is not None else it.ready_mono
         return sdb.ResultRow(
             path=it.path, sha256=it.sha256, size=it.size, mtime_ns=it.mtime_ns, sample_id=it.sample_id, status=status,
             error=error, probability=prob, label=label, is_blast=is_blast, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend, run_id=self.summary.run_id,
             batch_id=batch_id, detected_at=it.detected_at, ready_at=it.ready_at, started_at=started, done_at=done,
-            queued_ms=(started - it.ready_at) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
-            latency_ms=(done - it.detected_at) * 1000,
+            queued_ms=max(started_mono - it.ready_mono, 0.0) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
+            latency_ms=max(done_mono - detected_mono, 0.0) * 1000, reason=reason, stain_fallback=fallback, ood_score=ood,
         )
 
     def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[sdb.ResultRow]) -> None:
@@ -410,6 +426,7 @@ class Station:
         self.summary.batch_sizes.append(len(batch))
         self.summary.processed += len(rows)
         self.summary.errors += n_err
+        self.summary.rejected += sum(1 for r in rows if r.status == "rejected")
         now = time.time()
         with self._stats_lock:
             for row in rows:

@@ -115,6 +115,7 @@ class ReadyFile:
     how: str                    # settled | renamed
     error: str | None = None    # set for files refused before inference (too large, empty)
     reactivate: bool = False    # content already classified earlier: only mark it current again
+    detected_mono: float | None = None  # monotonic, first seen: durations never jump with the wall clock
 
 
 @dataclass
@@ -132,6 +133,7 @@ class _Candidate:
     stable_since: float
     observations: int = 1
     renamed: bool = False
+    detected_mono: float | None = None
 
 
 @dataclass
@@ -348,7 +350,7 @@ class Scanner:
                 if cand is None and self.trust_rename and st.st_size > 0 and path not in temp_present:
                     renamed = path in self.recent_temps or os.path.splitext(path)[0] in self.recent_temps
                 if cand is None:
-                    cand = _Candidate(st.st_size, st.st_mtime_ns, wall, now, 1, renamed)
+                    cand = _Candidate(st.st_size, st.st_mtime_ns, wall, now, 1, renamed, now)
                     self.candidates[path] = cand
                 else:
                     cand.size, cand.mtime_ns = key
@@ -421,6 +423,7 @@ class Scanner:
             path=path, sha256=digest, size=cand.size, mtime_ns=cand.mtime_ns, sample_id=self.sample_fn(path),
             detected_at=cand.detected_at, ready_at=time.time(), ready_mono=time.monotonic(),
             how="renamed" if cand.renamed else "settled", error=error, reactivate=reactivate,
+            detected_mono=cand.detected_mono,
         )
 
 
