@@ -321,16 +321,21 @@ class Predictor:
         return self.predict_timed(items, meta, progress)[0]
 
     def predict_timed(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
-                      progress: Callable[[int], None] | None = None
+                      progress: Callable[[int], None] | None = None,
+                      on_results: Callable[[list[FileResult]], None] | None = None,
                       ) -> tuple[list[FileResult], dict[str, list[float]], float]:
         """:meth:`predict` plus the per-batch times in ms (``preprocess``, ``backend``, ``compute``, ``h2d``,
-        ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds."""
+        ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds. ``on_results`` gets each
+        batch's results as soon as the batch is done (``infer`` streams them to its output file)."""
         items = [str(i) if isinstance(i, os.PathLike) else i for i in items]
         results: list[FileResult] = []
         times: dict[str, list[float]] = {"preprocess": [], "compute": [], "h2d": [], "d2h": [], "backend": [], "e2e": []}
 
         def on_batch(b: _Batch, logits: np.ndarray, timing: Any, t_end: float) -> None:
-            results.extend(self._results_for(b, logits, meta))
+            batch_results = self._results_for(b, logits, meta)
+            results.extend(batch_results)
+            if on_results is not None:
+                on_results(batch_results)
             times["preprocess"].append((b.t_prep1 - b.t_prep0) * 1e3)
             times["backend"].append(timing.total_ms)
             if timing.compute_ms is not None:
@@ -368,14 +373,14 @@ def discover_sources(sources: Iterable[str | os.PathLike]) -> list[dict[str, Any
     return out
 
 
-def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
-    """CSV or JSONL (by suffix), written atomically (temp file + os.replace)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+def format_results(results: Sequence[FileResult], suffix: str, header: bool = True) -> str:
+    """Rows as CSV (with the header line when ``header``) or JSON lines, by ``suffix``; every row ends in a
+    newline, so a file they are appended to is valid after every batch."""
     buf = io.StringIO()
     if suffix == ".csv":
         w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
-        w.writeheader()
+        if header:
+            w.writeheader()
         for r in results:
             d = r.to_dict()
             d["probability"] = "" if r.probability is None else f"{r.probability:.6f}"
@@ -384,9 +389,116 @@ def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Pat
         for r in results:
             buf.write(json.dumps(r.to_dict()) + "\n")
     else:
+        raise ValueError(f"results file must end in .csv or .jsonl, not {suffix!r}")
+    return buf.getvalue()
+
+
+def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
+    """CSV or JSONL (by suffix), written atomically (temp file + os.replace)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in RESULT_SUFFIXES:
         raise ValueError(f"{path}: results file must end in .csv or .jsonl")
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, format_results(results, suffix))
     return path
+
+
+class InferenceInterrupted(Exception):
+    """``infer`` was interrupted (SIGINT): the message says where the finished results are and how to resume."""
+
+
+def partial_path_for(out_path: str | os.PathLike) -> Path:
+    p = Path(out_path)
+    return p.with_name(p.name + ".partial")
+
+
+def done_paths(path: Path) -> set[str]:
+    """The exact paths that already have a row in a results file (``path_bytes`` where the name was escaped).
+    A last line cut off by a kill is dropped from the file first."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    text = data.decode("utf-8", "replace")
+    if path.name.lower().removesuffix(".partial").endswith(".csv"):
+        rows: Iterable[dict[str, Any]] = csv.DictReader(io.StringIO(text))
+    else:
+        rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    import base64
+
+    return {os.fsdecode(base64.b64decode(r["path_bytes"])) if r.get("path_bytes") else str(r.get("path"))
+            for r in rows}
+
+
+class ResultStream:
+    """The results file of ``infer``, written as batches finish: rows are appended to ``OUT.partial`` (flushed
+    and synced after every batch, so an interrupted run leaves a valid file of whole rows), which becomes
+    ``OUT`` (``os.replace``) when the run completes. ``resume``: continue ``OUT.partial`` (or ``OUT``) and
+    :attr:`done` holds the paths to skip."""
+
+    def __init__(self, out_path: str | os.PathLike, resume: bool = False) -> None:
+        self.final = Path(out_path)
+        self.suffix = self.final.suffix.lower()
+        self.partial = partial_path_for(out_path)
+        self.done: set[str] = set()
+        self.written = 0
+        if resume and self.partial.is_file():
+            self.done = done_paths(self.partial)
+        elif resume and self.final.is_file():
+            self.done = done_paths(self.final)
+            import shutil
+
+            shutil.copyfile(self.final, self.partial)
+        elif self.partial.exists():
+            self.partial.unlink()
+        new = not self.partial.exists() or self.partial.stat().st_size == 0
+        self._f = open(self.partial, "a", encoding="utf-8", newline="")
+        if new and self.suffix == ".csv":
+            self._write(format_results([], self.suffix, header=True))
+
+    def _write(self, text: str) -> None:
+        self._f.write(text)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, results: Sequence[FileResult]) -> None:
+        try:
+            self._write(format_results(results, self.suffix, header=False))
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        self.written += len(results)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self._f.close()
+            except OSError:  # the data was synced after each batch; a close error loses nothing more
+                pass
+
+    def finish(self) -> Path:
+        self.close()
+        try:
+            os.replace(self.partial, self.final)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        return self.final
+
+    def _failed(self, exc: OSError) -> "ResultsNotWritten":
+        """One clear error for a write that failed (full or read-only disk): the rows written so far stay."""
+        self.close()
+        kept = self.written + len(self.done)
+        if kept and self.partial.exists():
+            where = (f"the {kept} result(s) written so far are in {self.partial}; free some space and run the same "
+                     "command with --resume")
+        else:
+            self.abandon()
+            where = "nothing was written there; free some space or choose another -o"
+        return ResultsNotWritten(f"the results could not be written to {self.final}: {exc.strerror or exc} ({where})")
+
+    def abandon(self) -> None:
+        self.close()
+        self.partial.unlink(missing_ok=True)
 
 
 RESULT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
@@ -485,39 +597,60 @@ def run_inference(
     predictor: Predictor | None = None,
     preprocess_fn: PreprocessFn | None = None,
     cuda_binding: str = "auto",
+    resume: bool = False,
 ) -> InferResult:
     """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``.
 
     ``progress``: report the files done to ``reporter`` (the CLI passes one that draws a progress bar).
+    Rows are streamed to ``OUT.partial`` as batches finish (:class:`ResultStream`) and moved to ``OUT`` at
+    the end. On SIGINT the finished rows stay in ``OUT.partial`` and :class:`InferenceInterrupted` says so;
+    ``resume`` skips the files that already have a row there (or in ``OUT``) and appends the rest.
     """
     if out_path is not None:
         check_output_path(out_path)
     entries = discover_sources(sources)
     if limit is not None:
         entries = entries[:limit]
+    n_found = len(entries)
     own = predictor is None
     pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, backend_threads=backend_threads,
                                   pipeline=pipeline, device=device, precision=precision, engine=engine,
                                   preprocess_fn=preprocess_fn, cuda_binding=cuda_binding)
+    stream: ResultStream | None = None
     try:
         pred.runner.warmup(warmup)
+        if out_path is not None:
+            stream = ResultStream(out_path, resume=resume)
+            if stream.done:
+                entries = [e for e in entries if e["path"] not in stream.done]
         rep = reporter if progress and entries and reporter is not None else NULL_REPORTER
         with rep.progress("infer", total=len(entries), transient=True) as task:
-            results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance)
+            results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance,
+                                                      on_results=stream.append if stream is not None else None)
         stats = inference_stats(pred, results, times, wall, warmup)
-        n = len(results)
+        stats["n_resumed"] = n_found - len(entries)
         res = InferResult(results, stats, backend=pred.backend.name, reason=pred.reason)
-        if out_path is not None:
+        if stream is not None:
+            res.out_path = stream.finish()
+            res.stats_path = stats_path_for(out_path or "")
             try:
-                res.out_path = write_results(results, out_path)
-                res.stats_path = stats_path_for(out_path)
                 atomic_write_text(res.stats_path, json.dumps(stats, indent=2) + "\n")
             except OSError as exc:
-                raise ResultsNotWritten(
-                    f"the results of {n} file(s) could not be written to {out_path}: {exc.strerror or exc} "
-                    "(nothing was written there; free some space or choose another -o)") from exc
+                raise ResultsNotWritten(f"the results are in {res.out_path}, but the statistics could not be written to "
+                                        f"{res.stats_path}: {exc.strerror or exc}") from exc
         return res
+    except KeyboardInterrupt as exc:
+        if stream is None or stream.written + len(stream.done) == 0:
+            if stream is not None:
+                stream.abandon()
+            raise InferenceInterrupted("interrupted before any file was classified; nothing was written") from exc
+        stream.close()
+        raise InferenceInterrupted(
+            f"interrupted: {stream.written + len(stream.done)} of {n_found} file(s) have their results in "
+            f"{stream.partial}; run the same command with --resume to classify only the rest") from exc
     finally:
+        if stream is not None:
+            stream.close()
         if own:
             pred.close()
 

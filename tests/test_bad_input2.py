@@ -332,3 +332,146 @@ def test_png_iccp_bomb_memory_is_bounded(native, tmp_path):
 def test_fuzz_corpus_has_the_new_seeds():
     names = {p.name for p in (REPO / "fuzz" / "corpus").iterdir()}
     assert {"iccp-bomb.png", "short-scan.jpg", "multipage.tif"} <= names
+
+
+# -- 6. the engine file is the one its sidecar describes ------------------------------------------------------
+def test_engine_whose_bytes_differ_from_its_sidecar_hash_is_refused(tmp_path):
+    import hashlib
+
+    from leukedge.artifacts import EngineMismatchError, read_sidecar, write_sidecar
+
+    cfg = PreprocessConfig(size=32)
+    eng = tmp_path / "m.plan"
+    eng.write_bytes(b"engine A")
+    write_sidecar(eng, {"flavour": "tensorrt", "trt_version": "10.3.0", "preprocess": cfg.to_dict(),
+                        "preprocess_hash": cfg.pixel_hash(), "inputs": [], "outputs": [],
+                        "engine_sha256": hashlib.sha256(b"engine A").hexdigest()})
+    assert read_sidecar(eng)["engine_sha256"]
+    eng.write_bytes(b"engine B")  # another engine copied over it
+    with pytest.raises(EngineMismatchError, match="not the engine its sidecar .* describes.*build-engine"):
+        read_sidecar(eng)
+
+
+# -- 9. the one-liners ---------------------------------------------------------------------------------------
+def test_fifo_or_device_as_model_is_refused_without_reading(tmp_path):
+    from leukedge.engines import resolve_model
+
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        resolve_model(fifo)  # used to block forever opening it
+    with pytest.raises(ValueError, match="device or special file"):
+        resolve_model("/dev/zero")
+
+
+def test_list_files_fifo_self_reference_and_deep_folders(tmp_path):
+    from leukedge.data import discover
+
+    fifo = tmp_path / "list.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        discover([fifo])  # used to hang
+    d = tmp_path / "cells"
+    d.mkdir()
+    write_png(d / "UID_1_1_1_all.png", make_cell(1, seed=1, size=32))
+    selfref = tmp_path / "self.txt"
+    selfref.write_text(f"self.txt\n{d / 'UID_1_1_1_all.png'}\n")
+    assert len(discover([selfref])) == 1  # used to be a RecursionError
+    deep = tmp_path / "deep"
+    p = str(deep)
+    for _ in range(1500):  # one level at a time: Path.mkdir(parents=True) itself recurses
+        os.mkdir(p)
+        p += "/d"
+    os.mkdir(p)
+    write_png(Path(p) / "UID_2_1_1_all.png", make_cell(1, seed=2, size=32))
+    try:
+        assert [r.path.name for r in discover([deep])] == ["UID_2_1_1_all.png"]  # RecursionError on Python 3.11
+    finally:
+        subprocess.run(["rm", "-rf", str(deep)], check=False)  # shutil.rmtree recurses too
+
+
+def test_manifest_label_out_of_range_and_foreign_cache_version(tmp_path):
+    from leukedge.artifacts import MANIFEST_FIELDS, load_cache, read_manifest
+
+    m = tmp_path / "manifest.csv"
+    m.write_text(",".join(MANIFEST_FIELDS) + "\n0,/x.bmp,7,all,s1,,,ok,,abc,False\n")
+    with pytest.raises(ValueError, match="label 7 is not"):
+        read_manifest(m)
+    (tmp_path / "cache.json").write_text(json.dumps({"version": 99, "pixel_hash": "x"}))
+    with pytest.raises(ValueError, match="cache version 99 is not"):
+        load_cache(tmp_path)
+
+
+def test_cli_batch_cap_thread_warning_and_empty_ext(tmp_path, native, tiny_bundle, mixed_folder):
+    from click.testing import CliRunner
+
+    from leukedge.cli import main
+
+    r = CliRunner().invoke(main, ["infer", str(mixed_folder), "-m", str(tiny_bundle), "-o", str(tmp_path / "r.csv"),
+                                  "--batch", "4096"])
+    assert r.exit_code == 2 and "4096" in r.output and "1024" in r.output
+    r = CliRunner().invoke(main, ["infer", str(mixed_folder / "cell0.png"), "-m", str(tiny_bundle), "-o",
+                                  str(tmp_path / "r.csv"), "--backend", "onnxruntime", "--backend-threads", "1024",
+                                  "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    assert "--backend-threads 1024 is more than the" in " ".join(r.output.split())
+    r = CliRunner().invoke(main, ["station", str(mixed_folder), "--ext", "", "--once"])
+    assert r.exit_code == 2 and "every extension must name one" in r.output
+
+
+def test_station_durations_use_the_monotonic_clock(tmp_path, monkeypatch):
+    import time as _time
+
+    from leukedge.station import core
+    from leukedge.station.core import ModelInfo, Station, StationSettings
+
+    watch = tmp_path / "w"
+    (watch / "s").mkdir(parents=True)
+    write_png(watch / "s" / "a.png", make_cell(1, seed=1, size=64))
+    real_time = _time.time
+    jump = {"on": False}
+
+    def predict(paths):
+        jump["on"] = True  # the wall clock jumps back an hour while the batch runs
+        return [{"path": p, "status": "ok", "probability": 0.9, "label": "all"} for p in paths]
+
+    monkeypatch.setattr(core.time, "time", lambda: real_time() - (3600 if jump["on"] else 0))
+    st = Station(StationSettings(watch_dir=watch, db_path=watch / "db.sqlite", settle_ms=0, poll_ms=20, once=True,
+                                 max_wait_ms=20), predict, ModelInfo("m", "m", "h", "b"), install_signal_handlers=False)
+    st.run()
+    c = sqlite3.connect(watch / "db.sqlite")
+    (lat, q), = c.execute("SELECT latency_ms, queued_ms FROM results").fetchall()
+    c.close()
+    assert 0 <= lat < 60_000 and 0 <= q < 60_000
+
+
+# -- 5. stale results -------------------------------------------------------------------------------------
+def test_station_rehashes_a_file_replaced_with_equal_size_and_mtime(tmp_path):
+    from leukedge.station.core import ModelInfo, Station, StationSettings
+
+    watch = tmp_path / "w"
+    (watch / "s").mkdir(parents=True)
+    f = watch / "s" / "a.bmp"
+    f.write_bytes(b"A" * 1000)
+    calls: list[bytes] = []
+
+    def predict(paths):
+        calls.extend(Path(p).read_bytes()[:1] for p in paths)
+        return [{"path": p, "status": "ok", "probability": 0.9, "label": "all"} for p in paths]
+
+    def run() -> None:
+        Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", settle_ms=0, poll_ms=20, once=True,
+                                max_wait_ms=20), predict, ModelInfo("m", "m", "h", "b"),
+                install_signal_handlers=False).run()
+
+    run()
+    st = f.stat()
+    tmp = watch / "s" / "new.tmp"
+    tmp.write_bytes(b"B" * 1000)  # other content, same size ...
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime
+    os.replace(tmp, f)
+    run()  # a restart: the old code kept the stale result for good
+    assert calls == [b"A", b"B"]
+    c = sqlite3.connect(tmp_path / "db.sqlite")
+    assert c.execute("SELECT COUNT(*), SUM(superseded) FROM results").fetchone() == (2, 1)
+    c.close()

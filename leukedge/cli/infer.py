@@ -11,7 +11,7 @@ import click
 
 from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
 from ..engines import THREAD_RULE
-from ..infer import MAX_BATCH, ResultsNotWritten, run_inference
+from ..infer import MAX_BATCH, InferenceInterrupted, ResultsNotWritten, run_inference
 from ._console import RichReporter
 
 
@@ -72,6 +72,9 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Preprocess batch k+1 while batch k runs on the backend.")
 @click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
+@click.option("--resume", is_flag=True,
+              help="Skip the files that already have a row in OUT.partial (left by an interrupted run) or OUT, and "
+                   "append the rest. Rows are written as batches finish, so Ctrl-C never loses finished work.")
 # [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.ray_infer)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run as a Ray Data job: `--ray local` starts a local Ray instance, bare `--ray` joins this "
@@ -80,14 +83,15 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="With --ray: model actors (0: one per GPU, else one per 4 CPUs).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool, cuda_binding: str, ray_address: str | None = None,
-              ray_actors: int = 0) -> None:
+              limit: int | None, pipeline: bool, cuda_binding: str, resume: bool = False,
+              ray_address: str | None = None, ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
     Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
     OUT.stats.json under "threads"):
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from ..artifacts import EngineMismatchError
     from ..config import ConfigMismatchError
@@ -106,11 +110,14 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
                             backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
-                            engine=engine, progress=True, reporter=RichReporter(), cuda_binding=cuda_binding)
+                            engine=engine, progress=True, reporter=RichReporter(), cuda_binding=cuda_binding,
+                            resume=resume)
+    except InferenceInterrupted as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/]")
+        raise SystemExit(130) from exc
     except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
             ResultsNotWritten) as exc:
         raise click.ClickException(str(exc)) from exc
-    from rich.markup import escape
 
     console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     print_stats(res.stats, console)

@@ -376,9 +376,9 @@ class Station:
                          preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms)
         # Tell the scanner only after the commit: a crash before it means the files are seen again.
         for row in rows:
-            self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns)
+            self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns, row.ctime_ns, row.inode)
         for it in reactivated:
-            self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns)
+            self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns, it.ctime_ns, it.inode)
         for it in retry:
             self.scanner.report_retry(it.path)
         self._count(batch, batch_id, reason, rows)
@@ -417,6 +417,7 @@ class Station:
             batch_id=batch_id, detected_at=it.detected_at, ready_at=it.ready_at, started_at=started, done_at=done,
             queued_ms=max(started_mono - it.ready_mono, 0.0) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
             latency_ms=max(done_mono - detected_mono, 0.0) * 1000, reason=reason, stain_fallback=fallback, ood_score=ood,
+            ctime_ns=it.ctime_ns, inode=it.inode,
         )
 
     def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[sdb.ResultRow]) -> None:
@@ -478,7 +479,8 @@ def _unchanged(it: ReadyFile) -> bool:
         st = os.stat(it.path)
     except OSError:
         return True  # gone: keep whatever the predictor said (it read the file or reported it missing)
-    return (st.st_size, st.st_mtime_ns) == (it.size, it.mtime_ns)
+    same = (st.st_size, st.st_mtime_ns) == (it.size, it.mtime_ns)
+    return same and (it.inode is None or (st.st_ctime_ns, st.st_ino) == (it.ctime_ns, it.inode))
 
 
 def _first(d: dict, *keys: str) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from .._util import path_raw, path_text
 
-SCHEMA_VERSION = 2  # 2: status 'rejected', columns reason, stain_fallback, ood_score, path_bytes (issue 25)
+SCHEMA_VERSION = 2  # 2: status 'rejected'; reason, stain_fallback, ood_score, path_bytes, ctime_ns, inode (issue 25)
 DB_FILENAME = ".leukedge-station.sqlite"
 
 _SCHEMA = """
@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS results (
     stain_fallback  INTEGER,          -- 1: stain normalisation fell back to the unnormalised image
     ood_score       REAL,             -- the model's energy score (higher = less like its training cells)
     path_bytes      BLOB,             -- the exact file name (os.fsencode) when `path` had to escape it
+    ctime_ns        INTEGER,          -- with inode: a replaced file of equal size and mtime is re-hashed
+    inode           INTEGER,
     UNIQUE (path, sha256)
 );
 CREATE INDEX IF NOT EXISTS results_sample ON results(sample_id, superseded);
@@ -273,15 +275,18 @@ class KnownFile:
     size: int | None
     mtime_ns: int | None
     superseded: bool
+    ctime_ns: int | None = None  # with the inode: a file replaced by one of equal size and mtime is noticed
+    inode: int | None = None
 
 
 def load_known(conn: sqlite3.Connection) -> dict[str, dict[str, KnownFile]]:
     """path -> {sha256 -> KnownFile} for every stored result (used to resume after a restart). Paths are
     the file system's (``os.fsdecode`` of the stored exact bytes where the name is not plain UTF-8)."""
     known: dict[str, dict[str, KnownFile]] = {}
-    for r in conn.execute("SELECT path, sha256, size, mtime_ns, superseded, path_bytes FROM results"):
+    for r in conn.execute("SELECT path, sha256, size, mtime_ns, superseded, path_bytes, ctime_ns, inode FROM results"):
         path = os.fsdecode(bytes(r["path_bytes"])) if r["path_bytes"] is not None else r["path"]
-        known.setdefault(path, {})[r["sha256"]] = KnownFile(r["sha256"], r["size"], r["mtime_ns"], bool(r["superseded"]))
+        known.setdefault(path, {})[r["sha256"]] = KnownFile(r["sha256"], r["size"], r["mtime_ns"], bool(r["superseded"]),
+                                                            r["ctime_ns"], r["inode"])
     return known
 
 
@@ -467,6 +472,8 @@ class ResultRow:
     stain_fallback: int | None = None
     ood_score: float | None = None
     path_bytes: bytes | None = None  # filled by values(): the exact name when `path` must be escaped
+    ctime_ns: int | None = None
+    inode: int | None = None
 
     def values(self) -> tuple[Any, ...]:
         """The row as stored: ``path`` as readable UTF-8 text (:func:`~leukedge._util.path_text`; a name that is
