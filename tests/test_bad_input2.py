@@ -475,3 +475,81 @@ def test_station_rehashes_a_file_replaced_with_equal_size_and_mtime(tmp_path):
     c = sqlite3.connect(tmp_path / "db.sqlite")
     assert c.execute("SELECT COUNT(*), SUM(superseded) FROM results").fetchone() == (2, 1)
     c.close()
+
+
+# -- 7. Ctrl-C on infer --------------------------------------------------------------------------------------
+def test_interrupted_infer_keeps_finished_rows_and_resumes(native, tiny_bundle, mixed_folder, tmp_path, monkeypatch):
+    from leukedge import infer as inf
+
+    out = tmp_path / "r.csv"
+    real = inf.Predictor._results_for
+    calls = {"n": 0}
+
+    def interrupt_on_third_batch(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(inf.Predictor, "_results_for", interrupt_on_third_batch)
+    with pytest.raises(inf.InferenceInterrupted, match=r"4 of 9 file\(s\) have their results in .*r\.csv\.partial.*--resume"):
+        inf.run_inference(tiny_bundle, [mixed_folder], out, backend="onnxruntime", warmup=0, batch=2, pipeline=False)
+    assert not out.exists()
+    part = out.with_name("r.csv.partial")
+    assert len(list(csv.DictReader(part.open()))) == 4
+    with part.open("a") as f:
+        f.write(str(mixed_folder / "cut-off-last-li"))  # a kill -9 in the middle of a row
+    monkeypatch.setattr(inf.Predictor, "_results_for", real)
+    res = inf.run_inference(tiny_bundle, [mixed_folder], out, backend="onnxruntime", warmup=0, batch=2, resume=True)
+    assert len(res.results) == 5 and res.stats["n_resumed"] == 4
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in mixed_folder.iterdir())
+    assert not part.exists()
+
+
+# -- 8. the station database on a full disk ---------------------------------------------------------------------
+def test_station_waits_for_disk_space_and_loses_nothing(tmp_path, monkeypatch):
+    from leukedge.station import core
+    from leukedge.station import db as sdb
+    from leukedge.station.core import ModelInfo, Station, StationError, StationSettings
+
+    watch = tmp_path / "w"
+    (watch / "s").mkdir(parents=True)
+    for i in range(3):
+        (watch / "s" / f"c{i}.bmp").write_bytes(bytes([i]) * 100)
+    real_insert = sdb.insert_batch
+    fails = {"n": 2}
+
+    def full_then_ok(*a, **k):
+        if fails["n"]:
+            fails["n"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_insert(*a, **k)
+
+    monkeypatch.setattr(sdb, "insert_batch", full_then_ok)
+    monkeypatch.setattr(core, "DISK_FULL_RETRY_S", 0.05)
+    messages: list[str] = []
+
+    class Rep:
+        def start(self, st): pass
+        def stop(self, st): pass
+        def batch_done(self, *a): pass
+        def message(self, m): messages.append(m)
+
+    st = Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", settle_ms=0, poll_ms=20, once=True,
+                                 max_wait_ms=20, batch_size=8),
+                 lambda paths: [{"path": p, "status": "ok", "probability": 0.9, "label": "all"} for p in paths],
+                 ModelInfo("m", "m", "h", "b"), reporter=Rep(), install_signal_handlers=False)
+    summary = st.run()  # it used to crash with a double traceback, the run logged as "killed"
+    assert summary.processed == 3
+    assert sum("is full" in m for m in messages) == 1 and any("disk space is back" in m for m in messages)
+    c = sqlite3.connect(tmp_path / "db.sqlite")
+    assert c.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 3
+    c.close()
+    # at start: a healthy database on a full disk is not called damaged
+    monkeypatch.setattr(sdb, "_connect_rw", lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError(
+        "database or disk is full")))
+    with pytest.raises(StationError, match="is full .*intact") as ei:
+        Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", once=True),
+                lambda p: [], ModelInfo("m", "m", "h", "b"), install_signal_handlers=False).run()
+    assert "damaged" not in str(ei.value)

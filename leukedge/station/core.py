@@ -9,8 +9,10 @@ not depend on a backend.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from .scanner import IMAGE_EXTENSIONS, ReadyFile, Scanner, make_sample_fn
 PredictFn = Callable[[Sequence[str]], Sequence[dict]]
 
 MAX_CONSECUTIVE_BACKEND_FAILURES = 3
+DISK_FULL_RETRY_S = 5.0
 
 
 class StationError(RuntimeError):
@@ -157,7 +160,7 @@ class Station:
         s = self.s
         try:
             self.conn = sdb.connect(s.db_path)
-        except sdb.DatabaseDamaged as exc:
+        except (sdb.DatabaseDamaged, sdb.DiskFull) as exc:
             raise StationError(str(exc)) from exc
         other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
@@ -223,6 +226,11 @@ class Station:
             self.summary.exit_reason = self._stop_reason or "stopped"
             try:
                 sdb.finish_run(self.conn, run_id, self.summary.exit_reason, state=state)
+            except sqlite3.OperationalError as exc:
+                if not sdb.is_disk_full(exc):
+                    raise
+                if self.reporter:  # one line, not a second traceback
+                    self.reporter.message(f"[red]{escape_markup(str(sdb.disk_full(s.db_path)))}[/]")
             finally:
                 self.conn.close()
                 for sig, h in old_handlers.items():
@@ -336,8 +344,14 @@ class Station:
         started = time.time()
         started_mono = time.monotonic()
         opened = started - max(started_mono - min(it.ready_mono for it in batch), 0.0)
-        batch_id = sdb.open_batch(self.conn, run_id=self.summary.run_id, size=len(batch), reason=reason,
-                                  opened_at=opened, started_at=started)
+        ids: list[int] = []
+        conn, run_id = self.conn, self.summary.run_id
+        if not self._while_disk_full(lambda: ids.append(sdb.open_batch(
+                conn, run_id=run_id, size=len(batch), reason=reason, opened_at=opened, started_at=started)), len(batch)):
+            for it in batch:
+                self.scanner.report_retry(it.path)
+            return
+        batch_id = ids[0]
         to_predict = [it for it in batch if it.error is None and not it.reactivate]
         results: dict[str, dict] = {}
         pred_ms = 0.0
@@ -372,8 +386,14 @@ class Station:
             pre_ms_total = max(pre_ms_total, row.preprocess_ms or 0.0)
             comp_ms_total = max(comp_ms_total, row.compute_ms or 0.0)
             rows.append(row)
-        sdb.insert_batch(self.conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
-                         preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms)
+        conn = self.conn
+        if not self._while_disk_full(
+                lambda: sdb.insert_batch(conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
+                                         preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms),
+                len(rows)):
+            for it in batch:  # stopped while the disk was full: nothing stored, all classified again next time
+                self.scanner.report_retry(it.path)
+            return
         # Tell the scanner only after the commit: a crash before it means the files are seen again.
         for row in rows:
             self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns, row.ctime_ns, row.inode)
@@ -382,6 +402,31 @@ class Station:
         for it in retry:
             self.scanner.report_retry(it.path)
         self._count(batch, batch_id, reason, rows)
+
+    def _while_disk_full(self, write: Callable[[], Any], n_files: int) -> bool:
+        """Run a database write; while the disk is full, keep the results in memory and retry every few seconds
+        (one line says so) until there is space (True) or the station is asked to stop (False: nothing stored)."""
+        assert self.conn is not None
+        said = False
+        while True:
+            try:
+                write()
+                if said and self.reporter:
+                    self.reporter.message("[green]disk space is back: the waiting results are stored[/]")
+                return True
+            except sqlite3.OperationalError as exc:
+                if not sdb.is_disk_full(exc):
+                    raise
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            if not said and self.reporter:
+                self.reporter.message(
+                    f"[red]{escape_markup(str(sdb.disk_full(self.s.db_path)).split(';')[0])}: the results of "
+                    f"{n_files} file(s) wait in memory; retrying every {DISK_FULL_RETRY_S:g} s (stopping now "
+                    "loses nothing: they are classified again on the next start)[/]")
+            said = True
+            if self._stop.wait(DISK_FULL_RETRY_S):
+                return False
 
     def _result_row(self, it: ReadyFile, r: dict | None, pred_ms: float, batch_id: int, started: float,
                     done: float) -> sdb.ResultRow:
@@ -466,6 +511,16 @@ class Station:
         if self.conn is None or self.summary is None:
             return
         d = self.live()
+        try:
+            self._write_heartbeat(d)
+        except sqlite3.OperationalError as exc:
+            if not sdb.is_disk_full(exc):
+                raise
+            with contextlib.suppress(sqlite3.Error):  # a missed heartbeat is harmless: the next one is written
+                self.conn.execute("ROLLBACK")
+
+    def _write_heartbeat(self, d: dict[str, Any]) -> None:
+        assert self.conn is not None and self.summary is not None
         sdb.write_heartbeat(
             self.conn, self.summary.run_id, state="stopping" if self.stopping else "running",
             queue_len=d["queue_len"], settling=d["settling"], processed=d["processed"], errors=d["errors"],

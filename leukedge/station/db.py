@@ -131,6 +131,27 @@ def damaged(path: str | os.PathLike, exc: BaseException) -> DatabaseDamaged:
     )
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" (SQLITE_FULL), which is not damage."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "disk is full" in str(exc).lower()
+
+
+class DiskFull(RuntimeError):
+    """The disk holding the station database is full (the database itself is fine)."""
+
+
+def disk_full(path: str | os.PathLike) -> DiskFull:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"the disk holding the station database {path} is full ({free}); the database and its results "
+                    "are intact: free some space and start the station again")
+
+
 class ReadOnlyConnection(sqlite3.Connection):
     """A read-only connection; ``note`` says what a reader should know (e.g. opened without its WAL)."""
 
@@ -187,6 +208,8 @@ def connect(path: str | os.PathLike, *, readonly: bool = False, timeout: float =
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise
+        if is_disk_full(exc):  # it used to be called "damaged ... move them away"
+            raise disk_full(path) from exc
         raise damaged(path, exc) from exc
 
 
