@@ -28,7 +28,7 @@ import numpy as np
 
 from ._util import atomic_write_text, file_sha256, path_text
 from .bundle_meta import BundleMetaError, validate_bundle_meta
-from .config import PreprocessConfig
+from .config import ConfigMismatchError, PreprocessConfig
 
 # dataset cache
 CACHE_VERSION = 1
@@ -309,11 +309,37 @@ def read_export_manifest(exp: Path) -> dict[str, Any]:
         raise ValueError(f"{manifest}: unreadable export manifest: {exc}") from exc
 
 
+def _check_onnx_metadata(exp: Path) -> None:
+    """Without ``export.json`` an export folder is only bound by the pixel hash each ONNX file carries in its
+    metadata: refuse a foreign ONNX that would otherwise run under this folder's preprocessing."""
+    want = PreprocessConfig.load(exp / "preprocess.json").pixel_hash()
+    for f in sorted(exp.glob("*.onnx")):
+        cfg, _ = onnx_config(f)
+        if cfg.pixel_hash() != want:
+            raise ConfigMismatchError(
+                f"{f} was exported with other preprocessing ({cfg.pixel_hash()[:12]}) than {exp}/preprocess.json "
+                f"({want[:12]}): it is another model's file; export the model again (leukedge export BUNDLE)")
+
+
+def check_weights_binding(exp: Path, bundle: Path) -> None:
+    """Refuse an export whose ``export.json`` names other weights than ``bundle/model.safetensors`` (swapped
+    weights made ``auto`` and ``torch`` give opposite answers without a word)."""
+    want = read_export_manifest(exp).get("weights_sha256")
+    weights = bundle / "model.safetensors"
+    if want and weights.is_file():
+        got = file_sha256(weights)
+        if got != want:
+            raise ValueError(
+                f"{exp} was exported from other weights than {weights} (sha256 {want[:12]} != {got[:12]}); "
+                f"export the bundle again: leukedge export {bundle}")
+
+
 def check_export_hashes(exp: Path) -> None:
     """Refuse an export folder whose ONNX files are not the ones its ``export.json`` lists (e.g. another
     model's file copied in): the model is identified by what runs, not by what the folder names."""
     manifest = exp / "export.json"
     if not manifest.is_file():
+        _check_onnx_metadata(exp)
         return
     files = read_export_manifest(exp).get("files") or {}
     for entry in files.values() if isinstance(files, dict) else []:

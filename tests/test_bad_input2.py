@@ -553,3 +553,36 @@ def test_station_waits_for_disk_space_and_loses_nothing(tmp_path, monkeypatch):
         Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", once=True),
                 lambda p: [], ModelInfo("m", "m", "h", "b"), install_signal_handlers=False).run()
     assert "damaged" not in str(ei.value)
+
+
+# -- 6. bundle, export and weights are bound by hashes -----------------------------------------------------------
+def test_foreign_onnx_without_export_json_and_swapped_weights_are_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    import torch
+
+    from leukedge.config import ConfigMismatchError
+    from leukedge.engines import resolve_model
+    from leukedge.export import export_model
+    from leukedge.models import build_model, save_bundle
+
+    torch.manual_seed(1)
+    other = build_model("tiny", width=8).eval()
+    ocfg = PreprocessConfig(size=64, crop="none")  # other preprocessing, same input size
+    ob = save_bundle(tmp_path / "other", other, arch="tiny", arch_kwargs={"width": 8}, config=ocfg, synthetic=True)
+    export_model(other, ocfg, ob / "export", meta=json.loads((ob / "bundle.json").read_text()), fp16=False,
+                 check=False, bundle_path=ob)
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_bundle / "export", exp)
+    (exp / "export.json").unlink()
+    resolve_model(exp)  # its own ONNX: fine
+    shutil.copy(ob / "export" / "model_fp32.onnx", exp / "model_fp32.onnx")
+    with pytest.raises(ConfigMismatchError, match="other preprocessing.*export the model again"):
+        resolve_model(exp)
+    # weights swapped under an export that names its own
+    b = tmp_path / "swapped"
+    shutil.copytree(tiny_bundle, b)
+    resolve_model(b)
+    shutil.copy(ob / "model.safetensors", b / "model.safetensors")
+    with pytest.raises(ValueError, match="exported from other weights.*leukedge export"):
+        resolve_model(b)
