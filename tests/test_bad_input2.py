@@ -586,3 +586,38 @@ def test_foreign_onnx_without_export_json_and_swapped_weights_are_refused(tiny_b
     shutil.copy(ob / "model.safetensors", b / "model.safetensors")
     with pytest.raises(ValueError, match="exported from other weights.*leukedge export"):
         resolve_model(b)
+
+
+# -- 4. decode memory budget of a batch -------------------------------------------------------------------------
+def _png16_black(path: Path, side: int) -> None:
+    """A 16-bit RGB PNG of side x side black pixels, streamed (about 0.4 MB for 7999 x 7999)."""
+    import struct
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(6)
+    row = b"\0" * (1 + 6 * side)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_batch_of_huge_16bit_pngs_stays_within_the_stated_memory_bound(native, tmp_path):
+    first = tmp_path / "big0.png"
+    _png16_black(first, 7999)  # 64 M pixels, just within max_pixels
+    files = [first] + [tmp_path / f"big{i}.png" for i in range(1, 8)]
+    for f in files[1:]:
+        os.link(first, f)
+    code = ("import json, resource, sys; from leukedge.config import PreprocessConfig, StainConfig; "
+            "p = PreprocessConfig(size=32, stain=StainConfig(method='none')).pipeline(); "
+            "_, st = p.run(sys.argv[1:], threads=8); "
+            "print(json.dumps([sum(s['ok'] for s in st), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]))")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_ok, rss_mb = json.loads(out.stdout.strip().splitlines()[-1])
+    assert n_ok == 8
+    # the bound `infer --help` states: 2 x max_pixels pixels at once, at most 16 bytes each (about 2 GB);
+    # eight at once on 8 threads took 6.5 GB before
+    assert rss_mb < 2200, f"peak RSS {rss_mb} MB"

@@ -87,6 +87,15 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
               ray_address: str | None = None, ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
+    Frames that are not one whole segmented cell (empty, blank, noisy, debris, cut by the border), and
+    cells unlike the model's training cells when its OOD threshold is calibrated, get status `rejected`
+    with a reason: never a label, counted apart. Rows are written as batches finish; after Ctrl-C,
+    --resume continues.
+
+    Memory: decoding holds at most 2 x max_pixels pixels at once over all threads (max_pixels of the
+    model's preprocessing, default 64 M; at most 16 bytes a pixel while decoding, so about 2 GB at worst),
+    plus two batches of input and the model.
+
     Threads (--threads / --backend-threads, 0 = automatic; the split used is printed and saved in
     OUT.stats.json under "threads"):
     """

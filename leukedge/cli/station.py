@@ -245,7 +245,10 @@ def run_cmd(watch_dir: str, model: str | None, backend: str, fallback: bool, dev
     Images are grouped into batches (--batch / --max-wait-ms), preprocessed and classified with the
     same stack as `leukedge infer`, and stored in SQLite with the sample id, probability, label, model
     and preprocessing identity and timings. A restart resumes where the last run stopped; nothing is
-    classified twice. SIGINT/SIGTERM finish the batch in flight, commit it and exit.
+    classified twice. SIGINT/SIGTERM finish the batch in flight, commit it and exit. Frames that are not a
+    whole segmented cell (and, with a calibrated model, cells unlike its training cells) are stored as
+    `rejected` and never counted in a blast fraction. Memory: decoding holds at most 2 x max_pixels pixels
+    at once (about 2 GB at worst with the default 64 M), whatever --threads.
     """
     console = Console(stderr=True)
     try:

@@ -8,13 +8,13 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::config::{Config, CropMode, Layout};
-use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
+use crate::decode::{channels_to_rgb, decode_bytes, header_pixels, max_file_bytes, read_image_file, Rgb8};
 use crate::error::{Error, Result};
 use crate::gate;
 use crate::resize::{expand_rect, square_resize_into};
@@ -94,24 +94,44 @@ impl Pipeline {
 
     /// Decode / convert a source into RGB8.
     pub fn load(&self, src: &Source<'_>, name: &str) -> Result<Rgb8> {
+        self.load_within(src, name, None).map(|(img, _)| img)
+    }
+
+    /// [`Pipeline::load`] within a batch's [`PixelBudget`]: the header's pixel count is reserved before
+    /// the pixels are decoded, and the returned guard keeps it reserved until the item is done.
+    pub fn load_within<'b>(
+        &self,
+        src: &Source<'_>,
+        name: &str,
+        budget: Option<&'b PixelBudget>,
+    ) -> Result<(Rgb8, Option<BudgetGuard<'b>>)> {
+        let decode = |bytes: &[u8], name: &str| {
+            let guard = budget.map(|b| b.acquire(header_pixels(bytes)));
+            decode_bytes(bytes, name, self.cfg.max_pixels).map(|img| (img, guard))
+        };
         match src {
-            Source::Path(p) => decode_path(p, self.cfg.max_pixels),
-            Source::Bytes(b) => decode_bytes(b, name, self.cfg.max_pixels),
+            Source::Path(p) => {
+                let bytes = read_image_file(p, max_file_bytes(self.cfg.max_pixels))?;
+                decode(&bytes, &p.display().to_string())
+            }
+            Source::Bytes(b) => decode(b, name),
             Source::Pixels {
                 data,
                 width,
                 height,
                 channels,
-            } => {
-                if (*width as u64) * (*height as u64) > self.cfg.max_pixels {
-                    return Err(Error::Input(format!(
-                        "{name}: {width}x{height} pixels exceeds max_pixels={}",
-                        self.cfg.max_pixels
-                    )));
-                }
-                channels_to_rgb(data, *width, *height, *channels).map_err(|e| Error::Input(format!("{name}: {e}")))
-            }
+            } => self.load_pixels(data, *width, *height, *channels, name).map(|img| (img, None)),
         }
+    }
+
+    fn load_pixels(&self, data: &[u8], width: usize, height: usize, channels: usize, name: &str) -> Result<Rgb8> {
+        if (width as u64) * (height as u64) > self.cfg.max_pixels {
+            return Err(Error::Input(format!(
+                "{name}: {width}x{height} pixels exceeds max_pixels={}",
+                self.cfg.max_pixels
+            )));
+        }
+        channels_to_rgb(data, width, height, channels).map_err(|e| Error::Input(format!("{name}: {e}")))
     }
 
     /// Everything after decoding: crop, stain, square + resize into `dst` (`size*size*3`
@@ -200,10 +220,22 @@ impl Pipeline {
 
     /// Process one source into `out` (zero-filled on error). Never panics.
     pub fn run_item(&self, src: &Source<'_>, name: &str, out: ItemOut<'_>, scratch: &mut Vec<u8>) -> ItemStatus {
+        self.run_item_within(src, name, out, scratch, None)
+    }
+
+    /// [`Pipeline::run_item`] within a batch's decode budget.
+    fn run_item_within(
+        &self,
+        src: &Source<'_>,
+        name: &str,
+        out: ItemOut<'_>,
+        scratch: &mut Vec<u8>,
+        budget: Option<&PixelBudget>,
+    ) -> ItemStatus {
         let s2 = (self.cfg.size as usize).pow(2);
         scratch.resize(3 * s2, 0);
         let res = catch_unwind(AssertUnwindSafe(|| -> Result<Processed> {
-            let img = self.load(src, name)?;
+            let (img, _held) = self.load_within(src, name, budget)?;
             self.process_rgb(img, scratch)
         }));
         let res = match res {
@@ -270,8 +302,9 @@ impl Pipeline {
             return Ok(Vec::new());
         }
         let pool = pool(threads)?;
+        let budget = PixelBudget::new(decode_budget_pixels(self.cfg.max_pixels));
         let work = |(i, out): (usize, ItemOut<'_>)| -> ItemStatus {
-            SCRATCH.with(|s| self.run_item(&sources[i], &names[i], out, &mut s.borrow_mut()))
+            SCRATCH.with(|s| self.run_item_within(&sources[i], &names[i], out, &mut s.borrow_mut(), Some(&budget)))
         };
         let statuses = pool.install(|| match out {
             OutBuf::U8(b) => b
@@ -284,6 +317,62 @@ impl Pipeline {
             OutBuf::F16(b) => b.par_chunks_mut(len).map(ItemOut::F16).enumerate().map(work).collect(),
         });
         Ok(statuses)
+    }
+}
+
+/// Pixels a batch may hold decoded at once, across all its threads: twice `max_pixels`. Many small
+/// images (a C-NMC cell is 0.2 M pixels) still decode in parallel; images near the limit decode two at a
+/// time whatever the thread count (eight 64 M-pixel 16-bit PNGs on 8 threads took 6.5 GB before).
+pub fn decode_budget_pixels(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(2)
+}
+
+/// A counting budget of decoded pixels shared by the threads of one batch (a mutex and a condition
+/// variable; a thread waits only while others hold pixels, so one image bigger than the whole budget
+/// still runs, alone).
+pub struct PixelBudget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl PixelBudget {
+    pub fn new(limit: u64) -> PixelBudget {
+        PixelBudget {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Reserve `pixels`, waiting until they fit beside what other threads hold.
+    pub fn acquire(&self, pixels: u64) -> BudgetGuard<'_> {
+        let n = pixels.min(self.limit);
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+        BudgetGuard { budget: self, n }
+    }
+
+    /// Pixels reserved now.
+    pub fn in_use(&self) -> u64 {
+        *self.used.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Pixels reserved from a [`PixelBudget`], given back when dropped (also on error or panic).
+pub struct BudgetGuard<'a> {
+    budget: &'a PixelBudget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= self.n;
+        self.budget.freed.notify_all();
     }
 }
 
@@ -733,6 +822,32 @@ mod tests {
         let mut out = vec![0f32; 3 * p.cfg.item_len()];
         let st = p.run_batch(&src, &names, OutBuf::F32(&mut out), 1).unwrap();
         assert!(st.iter().all(|s| s.rejected.is_none()));
+    }
+
+    #[test]
+    fn pixel_budget_bounds_what_threads_hold_at_once() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let budget = PixelBudget::new(100);
+        let peak = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for k in 0..8u64 {
+                let (budget, peak) = (&budget, &peak);
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        let _g = budget.acquire(30 + k * 5);
+                        peak.fetch_max(budget.in_use(), Ordering::SeqCst);
+                        std::thread::yield_now();
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::SeqCst) <= 100, "{}", peak.load(Ordering::SeqCst));
+        assert_eq!(budget.in_use(), 0);
+        // bigger than the whole budget: runs alone instead of waiting forever
+        let g = budget.acquire(1_000);
+        assert_eq!(budget.in_use(), 100);
+        drop(g);
+        assert_eq!(decode_budget_pixels(64_000_000), 128_000_000);
     }
 
     #[test]

@@ -398,6 +398,22 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
     Ok(dynamic_to_rgb8(img))
 }
 
+/// The pixel count an encoded image's header claims (0 when it cannot be read): what decoding it will
+/// hold in memory, for the decode budget of a batch. Reads the header only (a PNG's within
+/// [`PNG_METADATA_BUDGET`]).
+pub fn header_pixels(bytes: &[u8]) -> u64 {
+    let Ok(format) = image::guess_format(bytes) else {
+        return 0;
+    };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    if format == ImageFormat::Png {
+        reader.limits(png_header_limits(bytes));
+    } else {
+        reader.no_limits();
+    }
+    reader.into_dimensions().map(|(w, h)| w as u64 * h as u64).unwrap_or(0)
+}
+
 /// Largest file accepted for `max_pixels`: an uncompressed image of that many pixels at 8 bytes
 /// per pixel (16-bit RGBA) plus 64 MiB of headers and metadata, the same bound as the decoders'
 /// allocation limit. Anything bigger cannot be a genuine image within the pixel limit.
