@@ -344,14 +344,9 @@ class Station:
         started = time.time()
         started_mono = time.monotonic()
         opened = started - max(started_mono - min(it.ready_mono for it in batch), 0.0)
-        ids: list[int] = []
-        conn, run_id = self.conn, self.summary.run_id
-        if not self._while_disk_full(lambda: ids.append(sdb.open_batch(
-                conn, run_id=run_id, size=len(batch), reason=reason, opened_at=opened, started_at=started)), len(batch)):
-            for it in batch:
-                self.scanner.report_retry(it.path)
+        batch_id = self._open_batch(batch, reason, opened, started)
+        if batch_id is None:
             return
-        batch_id = ids[0]
         to_predict = [it for it in batch if it.error is None and not it.reactivate]
         results: dict[str, dict] = {}
         pred_ms = 0.0
@@ -402,6 +397,19 @@ class Station:
         for it in retry:
             self.scanner.report_retry(it.path)
         self._count(batch, batch_id, reason, rows)
+
+    def _open_batch(self, batch: list[ReadyFile], reason: str, opened: float, started: float) -> int | None:
+        """Record the batch as running; None when the station stopped while the disk was full (the files are
+        given back to the scanner, nothing is lost)."""
+        assert self.conn is not None and self.summary is not None and self.scanner is not None
+        ids: list[int] = []
+        conn, run_id = self.conn, self.summary.run_id
+        if self._while_disk_full(lambda: ids.append(sdb.open_batch(
+                conn, run_id=run_id, size=len(batch), reason=reason, opened_at=opened, started_at=started)), len(batch)):
+            return ids[0]
+        for it in batch:
+            self.scanner.report_retry(it.path)
+        return None
 
     def _while_disk_full(self, write: Callable[[], Any], n_files: int) -> bool:
         """Run a database write; while the disk is full, keep the results in memory and retry every few seconds
