@@ -221,7 +221,7 @@ def test_calibrate_ood_stores_the_threshold_and_infer_rejects_above_it(native, t
 
     from leukedge.cli import main
     from leukedge.infer import run_inference
-    from leukedge.preprocess import preprocess_dataset
+    from leukedge.preprocess import run_preprocess
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
@@ -230,9 +230,9 @@ def test_calibrate_ood_stores_the_threshold_and_infer_rejects_above_it(native, t
     for i in range(12):
         write_png(cells / f"UID_{i % 3 + 1}_{i}_1_all.png", make_cell(1, seed=200 + i, size=96))
     cache = tmp_path / "cache"
-    preprocess_dataset([tmp_path / "train"], cache, PreprocessConfig(size=64))
+    run_preprocess([tmp_path / "train"], cache, PreprocessConfig(size=64), threads=1, progress=False)
     r = CliRunner().invoke(main, ["calibrate-ood", str(bundle), str(cache), "--quantile", "0.5", "--backend",
-                                  "onnxruntime"])
+                                  "onnxruntime", "--split", "any"])
     assert r.exit_code == 0, r.output
     ood = json.loads((bundle / "bundle.json").read_text())["ood"]
     assert ood["n_cells"] == 12 and ood["quantile"] == 0.5 and np.isfinite(ood["threshold"])
@@ -289,13 +289,13 @@ def test_station_database_stores_non_utf8_names_and_resumes(tmp_path):
 
 def test_preprocess_survives_a_non_utf8_name(native, tmp_path):
     from leukedge.artifacts import load_cache
-    from leukedge.preprocess import preprocess_dataset
+    from leukedge.preprocess import run_preprocess
 
     d = tmp_path / "in" / "all"
     d.mkdir(parents=True)
     write_png(d / "UID_1_1_1_all.png", make_cell(1, seed=1, size=96))
     write_png(Path(os.fsdecode(os.fsencode(d) + b"/UID_2_1_1_all_\xff.png")), make_cell(1, seed=2, size=96))
-    preprocess_dataset([tmp_path / "in"], tmp_path / "cache", PreprocessConfig(size=32))
+    run_preprocess([tmp_path / "in"], tmp_path / "cache", PreprocessConfig(size=32), threads=1, progress=False)
     c = load_cache(tmp_path / "cache")
     assert len(c) == 2 and all(r["status"] == "ok" for r in c.manifest)
 
