@@ -49,6 +49,27 @@ def png_bomb_header(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def png_iccp_bomb(inflated: int) -> bytes:
+    """A valid small PNG whose colour profile (iCCP) inflates to ``inflated`` bytes (zlib at 1:1000: 60 MB
+    of profile in about 60 KB, within libFuzzer's -max_len). The Rust core stops inflating at 16 MiB."""
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    prof = b"".join(z.compress(b"\0" * (1 << 20)) for _ in range(inflated >> 20)) + z.flush()
+    raw = b"".join(b"\0" + bytes(range(24)) for _ in range(8))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+            + chunk(b"iCCP", b"icc\0\0" + prof) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def jpeg_short_scan(jpg: bytes) -> bytes:
+    """A JPEG with 70 % of its scan data cut out but its end marker kept (decoders fill the rest grey)."""
+    sos = jpg.index(b"\xff\xda")
+    scan_start = sos + 2 + int.from_bytes(jpg[sos + 2:sos + 4], "big")
+    keep = scan_start + (len(jpg) - 2 - scan_start) * 3 // 10
+    return jpg[:keep] + b"\xff\xd9"
+
+
 def bmp_header(w: int, h: int) -> bytes:
     return (b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 0, 0, 0, 0)
             + b"\0" * 16)
@@ -81,6 +102,12 @@ def generated() -> dict[str, bytes]:
     out["bomb-within.png"] = png_bomb_header(2000, 2000)
     out["bomb.bmp"] = bmp_header(100_000, 100_000)
     out["negative.bmp"] = bmp_header(16, -16)
+    out["iccp-bomb.png"] = png_iccp_bomb(60 << 20)
+    out["short-scan.jpg"] = jpeg_short_scan(out["rgb.jpg"])
+    first = Image.new("RGB", (56, 40))
+    buf = io.BytesIO()
+    first.save(buf, "TIFF", save_all=True, append_images=[rgb, rgb])
+    out["multipage.tif"] = buf.getvalue()
     out["empty"] = b""
     out["text"] = b"hello, I am not an image"
     out["gif"] = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"

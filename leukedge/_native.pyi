@@ -97,6 +97,10 @@ class _ItemStatus(TypedDict):
     """Why the stain normalisation fell back (e.g. ``"only 120 foreground pixels
     (min_foreground=500)"``, ``"optical density has zero variance (uniform colour)"``); ``None``
     when it did not."""
+    rejected: str | None
+    """Why the cell quality gate (config ``gate``) rejected the frame: no cell, foreground area out of
+    range, or the cell touches the frame border. ``ok`` stays true and the pixels are written, but the
+    item must not be classified. ``None`` when it passed (or the gate is off)."""
 
 def decode(source: _PathLike | bytes, max_pixels: int = 64_000_000) -> _ImageArray:
     """Decode an image file (path) or encoded bytes into a ``(H, W, 3)`` uint8 RGB array.

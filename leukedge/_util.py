@@ -112,6 +112,32 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, max_bytes: int | 
     return h.hexdigest()
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A file name as readable, writable text: the name itself when it is valid UTF-8 without control
+    characters; otherwise undecodable bytes as ``\\xNN`` and control characters (CR, LF, TAB, ...) as
+    ``\\xNN`` too, so that it can be stored in SQLite / written as UTF-8 and never splits a CSV row. Not
+    reversible on its own: :func:`path_raw` keeps the exact bytes whenever the two differ."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
+def path_raw(path: str | os.PathLike) -> bytes | None:
+    """The exact bytes of a file name (``os.fsencode``) when :func:`path_text` had to escape it, else None."""
+    raw = os.fsencode(path)
+    return None if path_text(path).encode("utf-8") == raw else raw
+
+
+def path_raw_b64(path: str | os.PathLike) -> str:
+    """:func:`path_raw` as base64 text ("" when the name needs no escaping): the lossless column of CSV / JSON."""
+    import base64
+
+    raw = path_raw(path)
+    return "" if raw is None else base64.b64encode(raw).decode("ascii")
+
+
 def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._util import atomic_write_text, file_sha256
+from ._util import atomic_write_text, file_sha256, path_text
 from .bundle_meta import BundleMetaError, validate_bundle_meta
-from .config import PreprocessConfig
+from .config import ConfigMismatchError, PreprocessConfig
 
 # dataset cache
 CACHE_VERSION = 1
@@ -58,11 +58,14 @@ def _opt_str(v: str) -> str | None:
     return v if v not in ("", "None") else None
 
 
-def _typed_row(row: dict[str, str]) -> dict[str, Any]:
+def _typed_row(row: dict[str, str], where: str = "manifest") -> dict[str, Any]:
+    label = int(row["label"])
+    if label not in (-1, 0, 1):  # it used to be an IndexError deep in training
+        raise ValueError(f"{where}: row {row.get('index')}: label {label} is not -1 (unknown), 0 (hem) or 1 (all)")
     return {
         "index": int(row["index"]),
         "path": row["path"],
-        "label": int(row["label"]),
+        "label": label,
         "class_name": row["class_name"],
         "subject": _opt_str(row["subject"]),
         "fold": _opt_int(row["fold"]),
@@ -81,15 +84,17 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: manifest lacks column(s) {', '.join(sorted(missing))}")
-        return [_typed_row(r) for r in reader]
+        return [_typed_row(r, str(path)) for r in reader]
 
 
 def write_manifest(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(MANIFEST_FIELDS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_FIELDS})
+            row = {k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_FIELDS}
+            row["path"] = path_text(row["path"])  # a name that is not UTF-8 (or holds a CR): escaped, readable
+            w.writerow(row)
 
 
 @dataclass
@@ -186,6 +191,9 @@ def load_cache(path: str | os.PathLike) -> Cache:
     if not meta_file.is_file():
         raise FileNotFoundError(_not_a_cache(p))
     meta = json.loads(meta_file.read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"{p}: cache version {meta.get('version')!r} is not this leukedge's ({CACHE_VERSION}); "
+                         f"run `leukedge preprocess` again to rebuild it")
     config = PreprocessConfig.load(p / "config.json")
     manifest = read_manifest(p / "manifest.csv")
     images = np.load(p / "images.npy", mmap_mode="r")
@@ -357,11 +365,37 @@ def read_export_manifest(exp: Path) -> dict[str, Any]:
         raise ValueError(f"{manifest}: unreadable export manifest: {exc}") from exc
 
 
+def _check_onnx_metadata(exp: Path) -> None:
+    """Without ``export.json`` an export folder is only bound by the pixel hash each ONNX file carries in its
+    metadata: refuse a foreign ONNX that would otherwise run under this folder's preprocessing."""
+    want = PreprocessConfig.load(exp / "preprocess.json").pixel_hash()
+    for f in sorted(exp.glob("*.onnx")):
+        cfg, _ = onnx_config(f)
+        if cfg.pixel_hash() != want:
+            raise ConfigMismatchError(
+                f"{f} was exported with other preprocessing ({cfg.pixel_hash()[:12]}) than {exp}/preprocess.json "
+                f"({want[:12]}): it is another model's file; export the model again (leukedge export BUNDLE)")
+
+
+def check_weights_binding(exp: Path, bundle: Path) -> None:
+    """Refuse an export whose ``export.json`` names other weights than ``bundle/model.safetensors`` (swapped
+    weights made ``auto`` and ``torch`` give opposite answers without a word)."""
+    want = read_export_manifest(exp).get("weights_sha256")
+    weights = bundle / "model.safetensors"
+    if want and weights.is_file():
+        got = file_sha256(weights)
+        if got != want:
+            raise ValueError(
+                f"{exp} was exported from other weights than {weights} (sha256 {want[:12]} != {got[:12]}); "
+                f"export the bundle again: leukedge export {bundle}")
+
+
 def check_export_hashes(exp: Path) -> None:
     """Refuse an export folder whose ONNX files are not the ones its ``export.json`` lists (e.g. another
     model's file copied in): the model is identified by what runs, not by what the folder names."""
     manifest = exp / "export.json"
     if not manifest.is_file():
+        _check_onnx_metadata(exp)
         return
     files = read_export_manifest(exp).get("files") or {}
     for entry in files.values() if isinstance(files, dict) else []:
@@ -408,4 +442,11 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("flavour", "trt_version", "preprocess", "preprocess_hash", "inputs", "outputs") if k not in info]
     if missing:
         raise EngineMismatchError(f"{path}: engine sidecar lacks {', '.join(missing)}; rebuild the engine")
+    want = info.get("engine_sha256")
+    if want and Path(engine_path).is_file():  # another engine under this name must not run with these settings
+        got = file_sha256(engine_path)
+        if got != want:
+            raise EngineMismatchError(
+                f"{engine_path} is not the engine its sidecar {path.name} describes (sha256 {got[:12]} != {want[:12]}); "
+                f"rebuild it with `leukedge build-engine EXPORT_DIR -o {engine_path}` or put the right file back.")
     return info

@@ -29,7 +29,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Fields that do not change pixel values and so are left out of the pixel hash.
-_NON_PIXEL_FIELDS = ("max_pixels", "layout", "dtype")
+_NON_PIXEL_FIELDS = ("max_pixels", "layout", "dtype", "gate")
 
 
 class ConfigMismatchError(ValueError):
@@ -102,6 +102,25 @@ class StainConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The cell quality gate of the Rust core (``rust_ext/src/gate.rs``, bounds and their measurement in
+    ``rust_ext/src/config.rs``): a decoded frame with fewer than ``min_pixels`` foreground pixels (no cell),
+    a foreground outside ``[min_area, max_area]`` of the frame (debris; a blank, grey, noisy or unsegmented
+    frame), or more than ``max_border`` of its border pixels foreground (a cell cut by the edge) is
+    *rejected*: never classified, counted apart. Foreground is the stain mask's (``stain.black_threshold``).
+
+    It never changes pixels, so it is not in the pixel hash; it travels with the model's preprocessing and
+    is left out of the serialised config while at its defaults (older bundles and caches load unchanged
+    and get the default gate). ``enabled=False`` turns it off (for unsegmented images)."""
+
+    enabled: bool = True
+    min_pixels: int = 100
+    min_area: float = 0.015
+    max_area: float = 0.5
+    max_border: float = 0.08
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     max_pixels: int = 64_000_000
     stain: StainConfig = field(default_factory=StainConfig)
@@ -118,8 +137,11 @@ class PreprocessConfig:
     dtype: str = "float32"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.gate, dict):
+            object.__setattr__(self, "gate", _gate_from_dict(self.gate))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -144,6 +166,8 @@ class PreprocessConfig:
             del d["stain"]["apply_at_output"]
         if d["crop"] != "window":  # used by crop="window" only: other configs keep their hashes
             del d["crop_window"]
+        if self.gate == GateConfig():  # not in older configs: left out at its defaults
+            del d["gate"]
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         return d
@@ -165,6 +189,8 @@ class PreprocessConfig:
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(d[k])
+        if isinstance(d.get("gate"), dict):
+            d["gate"] = _gate_from_dict(d["gate"])
         return cls(stain=stain, **d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -215,6 +241,14 @@ class PreprocessConfig:
                 f"({other.pixel_hash()[:12]}): {diffs}. Re-run `leukedge preprocess` with the {what}'s config "
                 f"(--config <bundle>/bundle.json) or rebuild the {what}."
             )
+
+
+def _gate_from_dict(d: dict[str, Any]) -> GateConfig:
+    known = {f.name for f in dataclasses.fields(GateConfig)}
+    bad = set(d) - known
+    if bad:
+        raise ValueError(f"unknown gate setting(s): {', '.join(sorted(bad))}")
+    return GateConfig(**d)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,6 +45,7 @@ from ._util import open_regular as open_regular
 log = logging.getLogger("leukedge.data")
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+MAX_LIST_BYTES = 64 << 20  # about 500,000 paths of 128 characters
 SYNTHETIC_MARKER = ".leukedge-synthetic"
 
 # Folder names understood as a class in generic layouts (lower-cased).
@@ -293,9 +294,25 @@ def _walk_images(root: Path, recursive: bool) -> list[Path]:
         seen.add(key)
         return True
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and first_visit(os.path.join(dirpath, d)))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f) and not f.startswith("."))
+    # An explicit stack, not os.walk: on Python 3.11 os.walk recurses once per level, and a folder 1,500
+    # levels deep raised RecursionError. Same order as os.walk (top-down, sorted).
+    stack = [str(root)]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files).append(e.name)
+            except OSError:
+                continue
+        out.extend(Path(dirpath) / f for f in files if is_image_file(f) and not f.startswith("."))
+        subdirs = [d for d in dirs if not d.startswith(".") and first_visit(os.path.join(dirpath, d))]
+        stack.extend(os.path.join(dirpath, d) for d in reversed(subdirs))
     return out
 
 
@@ -333,6 +350,7 @@ class _Discovery:
         self.labels = _LabelFiles()
         self.records: list[Record] = []
         self.seen: set[Path] = set()
+        self.lists: set[Path] = set()  # list files being read (a list that names itself is read once)
 
     def add(self, rec: Record) -> None:
         key = rec.path.resolve()
@@ -354,14 +372,29 @@ class _Discovery:
             for img in _walk_images(p, self.recursive):
                 self.add(_describe(img, p, self.labels, layout_hint))
         elif p.suffix.lower() in LIST_EXTENSIONS:
-            for line in p.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    self.handle(line, "list", p.parent)
+            self.handle_list(p)
         else:
             # A single file: anything we were asked for explicitly is listed, even an odd extension,
             # so that a broken or unsupported file is reported rather than silently skipped.
             self.add(_describe(p, None, self.labels, layout_hint or "file"))
+
+    def handle_list(self, p: Path) -> None:
+        """A list file: a regular file (a FIFO would block, /dev/zero never ends) of at most
+        :data:`MAX_LIST_BYTES`, read once even when it names itself or another list names it again."""
+        key = p.resolve()
+        if key in self.lists:
+            log.warning("%s: list file already read (it names itself, or a list names it twice); skipped", p)
+            return
+        self.lists.add(key)
+        try:
+            with open_regular(p, MAX_LIST_BYTES) as f:
+                text = f.read(MAX_LIST_BYTES + 1).decode("utf-8", "surrogateescape")
+        except (NotRegularFile, FileTooLarge) as exc:
+            raise ValueError(f"{p}: cannot be read as a list file: {exc.strerror}") from exc
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                self.handle(line, "list", p.parent)
 
     def handle_glob(self, s: str, p: Path, layout_hint: str | None) -> None:
         matches = sorted(_glob.glob(str(p), recursive=True))

@@ -256,6 +256,9 @@ def export_model(
         "leukedge_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "bundle": _bundle_ref(bundle_path, out),
+        # binds the export to the weights it was made from (checked when the bundle is loaded with it)
+        "weights_sha256": (file_sha256(Path(bundle_path) / "model.safetensors")
+                           if bundle_path is not None and (Path(bundle_path) / "model.safetensors").is_file() else None),
         "arch": meta.get("arch"),
         "class_names": meta.get("class_names", ["hem", "all"]),
         "positive_class": meta.get("positive_class", "all"),

@@ -27,12 +27,24 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import __version__
-from ._util import NULL_REPORTER, POSITIVE_CLASS, Reporter, atomic_write_text, load_native, softmax
+from ._util import (
+    NULL_REPORTER,
+    POSITIVE_CLASS,
+    Reporter,
+    atomic_write_text,
+    load_native,
+    path_raw_b64,
+    path_text,
+    softmax,
+)
 from .artifacts import default_model_path as default_model_path
 from .config import PreprocessConfig
 from .engines import Backend, ModelSpec, ThreadPlan, get_backend, plan_threads, resolve_model
+from .ood import OodThreshold, energy_score, ood_threshold_of
 
-RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback")
+RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback",
+                 "reason", "ood_score", "path_bytes")
+MAX_BATCH = 1024  # a bigger batch only makes an allocation fail deep in the runtime (`infer --batch 4096`)
 PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
 
 
@@ -57,14 +69,24 @@ class FileResult:
     path: str
     probability: float | None
     label: str | None
-    status: str  # "ok" | "error"
+    status: str  # "ok" | "error" | "rejected" (not a cell the model may be asked about: never a label)
     error: str | None = None
     subject: str | None = None
     true_label: str | None = None
     stain_fallback: bool = False
+    reason: str | None = None  # why it was rejected (the cell quality gate, or out of distribution)
+    ood_score: float | None = None  # the model's energy score (higher = less like its training cells)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as written: ``path`` as readable text (undecodable bytes and control characters such as a
+        carriage return escaped as ``\\xNN``) and, only when that escaping happened, ``path_bytes``: the
+        exact name, base64 of ``os.fsencode(path)`` (lossless)."""
+        d = asdict(self)
+        d["path"], d["path_bytes"] = path_text(self.path), path_raw_b64(self.path)
+        for k in ("error", "reason", "subject"):
+            if isinstance(d[k], str):
+                d[k] = d[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return d
 
 
 @dataclass
@@ -82,7 +104,11 @@ class InferResult:
 
     @property
     def n_error(self) -> int:
-        return sum(r.status != "ok" for r in self.results)
+        return sum(r.status == "error" for r in self.results)
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(r.status == "rejected" for r in self.results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,30 +275,44 @@ class Predictor:
         self.runner = BatchRunner(self.backend, spec.config, batch=batch, threads=self.threads.preprocess,
                                   pipeline=pipeline, preprocess_fn=preprocess_fn)
         self.config = self.runner.config
+        self.ood: OodThreshold | None = ood_threshold_of(spec)
 
     @property
     def batch(self) -> int:
         return self.runner.batch
 
     def _results_for(self, b: _Batch, logits: np.ndarray, meta: Sequence[dict[str, Any]] | None) -> list[FileResult]:
-        finite = np.isfinite(logits[: len(b.items)]).all(axis=1)
+        """One result per item: ``error`` (preprocessing failed, or a non-finite model output), ``rejected``
+        (the cell quality gate of the Rust core, or an energy score above the model's OOD threshold) or
+        ``ok``. A rejected item never gets a probability or a label."""
+        n = len(b.items)
+        finite = np.isfinite(logits[:n]).all(axis=1)
         with np.errstate(invalid="ignore", over="ignore"):
-            probs = softmax(logits[: len(b.items)])[:, self.pos_index]
-        preds = logits[: len(b.items)].argmax(1)
+            probs = softmax(logits[:n])[:, self.pos_index]
+            scores = energy_score(logits[:n])
+        preds = logits[:n].argmax(1)
         out = []
         for j, (item, st) in enumerate(zip(b.items, b.statuses)):
             m = meta[b.index * self.batch + j] if meta is not None else {}
             path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
-            if st.get("ok") and not finite[j]:
+            subject, true_label = m.get("subject"), m.get("true_label")
+            fallback = bool(st.get("stain_fallback", False))
+            if not st.get("ok"):
+                out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
+                                      subject, true_label, False))
+            elif st.get("rejected"):
+                out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
+                                      reason=str(st["rejected"])))
+            elif not finite[j]:
                 out.append(FileResult(path, None, None, "error",
                                       "the model produced a non-finite output (NaN or inf) for this image; its weights "
-                                      "are probably corrupt", m.get("subject"), m.get("true_label"), False))
-            elif st.get("ok"):
-                out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
-                                      m.get("subject"), m.get("true_label"), bool(st.get("stain_fallback", False))))
+                                      "are probably corrupt", subject, true_label, False))
+            elif self.ood is not None and scores[j] > self.ood.threshold:
+                out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
+                                      reason=self.ood.reason(float(scores[j])), ood_score=float(scores[j])))
             else:
-                out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
-                                      m.get("subject"), m.get("true_label"), False))
+                out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
+                                      subject, true_label, fallback, ood_score=float(scores[j])))
         return out
 
     def predict(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
@@ -281,10 +321,12 @@ class Predictor:
         return self.predict_timed(items, meta, progress)[0]
 
     def predict_timed(self, items: Sequence[str | os.PathLike | np.ndarray], meta: Sequence[dict[str, Any]] | None = None,
-                      progress: Callable[[int], None] | None = None
+                      progress: Callable[[int], None] | None = None,
+                      on_results: Callable[[list[FileResult]], None] | None = None,
                       ) -> tuple[list[FileResult], dict[str, list[float]], float]:
         """:meth:`predict` plus the per-batch times in ms (``preprocess``, ``backend``, ``compute``, ``h2d``,
-        ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds."""
+        ``d2h``, ``e2e``; lists, one entry per batch) and the wall time in seconds. ``on_results`` gets each
+        batch's results as soon as the batch is done (``infer`` streams them to its output file)."""
         items = [str(i) if isinstance(i, os.PathLike) else i for i in items]
         if meta is None:  # subject and true label from C-NMC file names, as `infer` gives them
             meta = [name_meta(i) if isinstance(i, str) else {} for i in items]
@@ -292,7 +334,10 @@ class Predictor:
         times: dict[str, list[float]] = {"preprocess": [], "compute": [], "h2d": [], "d2h": [], "backend": [], "e2e": []}
 
         def on_batch(b: _Batch, logits: np.ndarray, timing: Any, t_end: float) -> None:
-            results.extend(self._results_for(b, logits, meta))
+            batch_results = self._results_for(b, logits, meta)
+            results.extend(batch_results)
+            if on_results is not None:
+                on_results(batch_results)
             times["preprocess"].append((b.t_prep1 - b.t_prep0) * 1e3)
             times["backend"].append(timing.total_ms)
             if timing.compute_ms is not None:
@@ -338,14 +383,14 @@ def discover_sources(sources: Iterable[str | os.PathLike]) -> list[dict[str, Any
     return out
 
 
-def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
-    """CSV or JSONL (by suffix), written atomically (temp file + os.replace)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+def format_results(results: Sequence[FileResult], suffix: str, header: bool = True) -> str:
+    """Rows as CSV (with the header line when ``header``) or JSON lines, by ``suffix``; every row ends in a
+    newline, so a file they are appended to is valid after every batch."""
     buf = io.StringIO()
     if suffix == ".csv":
         w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
-        w.writeheader()
+        if header:
+            w.writeheader()
         for r in results:
             d = r.to_dict()
             d["probability"] = "" if r.probability is None else f"{r.probability:.6f}"
@@ -354,9 +399,116 @@ def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Pat
         for r in results:
             buf.write(json.dumps(r.to_dict()) + "\n")
     else:
+        raise ValueError(f"results file must end in .csv or .jsonl, not {suffix!r}")
+    return buf.getvalue()
+
+
+def write_results(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
+    """CSV or JSONL (by suffix), written atomically (temp file + os.replace)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in RESULT_SUFFIXES:
         raise ValueError(f"{path}: results file must end in .csv or .jsonl")
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, format_results(results, suffix))
     return path
+
+
+class InferenceInterrupted(Exception):
+    """``infer`` was interrupted (SIGINT): the message says where the finished results are and how to resume."""
+
+
+def partial_path_for(out_path: str | os.PathLike) -> Path:
+    p = Path(out_path)
+    return p.with_name(p.name + ".partial")
+
+
+def done_paths(path: Path) -> set[str]:
+    """The exact paths that already have a row in a results file (``path_bytes`` where the name was escaped).
+    A last line cut off by a kill is dropped from the file first."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    text = data.decode("utf-8", "replace")
+    if path.name.lower().removesuffix(".partial").endswith(".csv"):
+        rows: Iterable[dict[str, Any]] = csv.DictReader(io.StringIO(text))
+    else:
+        rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    import base64
+
+    return {os.fsdecode(base64.b64decode(r["path_bytes"])) if r.get("path_bytes") else str(r.get("path"))
+            for r in rows}
+
+
+class ResultStream:
+    """The results file of ``infer``, written as batches finish: rows are appended to ``OUT.partial`` (flushed
+    and synced after every batch, so an interrupted run leaves a valid file of whole rows), which becomes
+    ``OUT`` (``os.replace``) when the run completes. ``resume``: continue ``OUT.partial`` (or ``OUT``) and
+    :attr:`done` holds the paths to skip."""
+
+    def __init__(self, out_path: str | os.PathLike, resume: bool = False) -> None:
+        self.final = Path(out_path)
+        self.suffix = self.final.suffix.lower()
+        self.partial = partial_path_for(out_path)
+        self.done: set[str] = set()
+        self.written = 0
+        if resume and self.partial.is_file():
+            self.done = done_paths(self.partial)
+        elif resume and self.final.is_file():
+            self.done = done_paths(self.final)
+            import shutil
+
+            shutil.copyfile(self.final, self.partial)
+        elif self.partial.exists():
+            self.partial.unlink()
+        new = not self.partial.exists() or self.partial.stat().st_size == 0
+        self._f = open(self.partial, "a", encoding="utf-8", newline="")
+        if new and self.suffix == ".csv":
+            self._write(format_results([], self.suffix, header=True))
+
+    def _write(self, text: str) -> None:
+        self._f.write(text)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, results: Sequence[FileResult]) -> None:
+        try:
+            self._write(format_results(results, self.suffix, header=False))
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        self.written += len(results)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self._f.close()
+            except OSError:  # the data was synced after each batch; a close error loses nothing more
+                pass
+
+    def finish(self) -> Path:
+        self.close()
+        try:
+            os.replace(self.partial, self.final)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        return self.final
+
+    def _failed(self, exc: OSError) -> "ResultsNotWritten":
+        """One clear error for a write that failed (full or read-only disk): the rows written so far stay."""
+        self.close()
+        kept = self.written + len(self.done)
+        if kept and self.partial.exists():
+            where = (f"the {kept} result(s) written so far are in {self.partial}; free some space and run the same "
+                     "command with --resume")
+        else:
+            self.abandon()
+            where = "nothing was written there; free some space or choose another -o"
+        return ResultsNotWritten(f"the results could not be written to {self.final}: {exc.strerror or exc} ({where})")
+
+    def abandon(self) -> None:
+        self.close()
+        self.partial.unlink(missing_ok=True)
 
 
 RESULT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
@@ -410,7 +562,9 @@ def inference_stats(pred: Predictor, results: Sequence[FileResult], times: dict[
         "warmup": warmup,
         "n_files": n,
         "n_ok": n_ok,
-        "n_error": n - n_ok,
+        "n_rejected": sum(r.status == "rejected" for r in results),
+        "n_error": sum(r.status == "error" for r in results),
+        "ood_threshold": pred.ood.to_dict() if pred.ood is not None else None,
         "n_batches": len(times["e2e"]),
         "wall_s": wall,
         "throughput_img_s": n / wall if wall > 0 else None,
@@ -453,39 +607,60 @@ def run_inference(
     predictor: Predictor | None = None,
     preprocess_fn: PreprocessFn | None = None,
     cuda_binding: str = "auto",
+    resume: bool = False,
 ) -> InferResult:
     """Classify every image under ``sources``; write results (CSV/JSONL) + ``.stats.json`` if ``out_path``.
 
     ``progress``: report the files done to ``reporter`` (the CLI passes one that draws a progress bar).
+    Rows are streamed to ``OUT.partial`` as batches finish (:class:`ResultStream`) and moved to ``OUT`` at
+    the end. On SIGINT the finished rows stay in ``OUT.partial`` and :class:`InferenceInterrupted` says so;
+    ``resume`` skips the files that already have a row there (or in ``OUT``) and appends the rest.
     """
     if out_path is not None:
         check_output_path(out_path)
     entries = discover_sources(sources)
     if limit is not None:
         entries = entries[:limit]
+    n_found = len(entries)
     own = predictor is None
     pred = predictor or Predictor(model, backend=backend, batch=batch, threads=threads, backend_threads=backend_threads,
                                   pipeline=pipeline, device=device, precision=precision, engine=engine,
                                   preprocess_fn=preprocess_fn, cuda_binding=cuda_binding)
+    stream: ResultStream | None = None
     try:
         pred.runner.warmup(warmup)
+        if out_path is not None:
+            stream = ResultStream(out_path, resume=resume)
+            if stream.done:
+                entries = [e for e in entries if e["path"] not in stream.done]
         rep = reporter if progress and entries and reporter is not None else NULL_REPORTER
         with rep.progress("infer", total=len(entries), transient=True) as task:
-            results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance)
+            results, times, wall = pred.predict_timed([e["path"] for e in entries], entries, task.advance,
+                                                      on_results=stream.append if stream is not None else None)
         stats = inference_stats(pred, results, times, wall, warmup)
-        n = len(results)
+        stats["n_resumed"] = n_found - len(entries)
         res = InferResult(results, stats, backend=pred.backend.name, reason=pred.reason)
-        if out_path is not None:
+        if stream is not None:
+            res.out_path = stream.finish()
+            res.stats_path = stats_path_for(out_path or "")
             try:
-                res.out_path = write_results(results, out_path)
-                res.stats_path = stats_path_for(out_path)
                 atomic_write_text(res.stats_path, json.dumps(stats, indent=2) + "\n")
             except OSError as exc:
-                raise ResultsNotWritten(
-                    f"the results of {n} file(s) could not be written to {out_path}: {exc.strerror or exc} "
-                    "(nothing was written there; free some space or choose another -o)") from exc
+                raise ResultsNotWritten(f"the results are in {res.out_path}, but the statistics could not be written to "
+                                        f"{res.stats_path}: {exc.strerror or exc}") from exc
         return res
+    except KeyboardInterrupt as exc:
+        if stream is None or stream.written + len(stream.done) == 0:
+            if stream is not None:
+                stream.abandon()
+            raise InferenceInterrupted("interrupted before any file was classified; nothing was written") from exc
+        stream.close()
+        raise InferenceInterrupted(
+            f"interrupted: {stream.written + len(stream.done)} of {n_found} file(s) have their results in "
+            f"{stream.partial}; run the same command with --resume to classify only the rest") from exc
     finally:
+        if stream is not None:
+            stream.close()
         if own:
             pred.close()
 

@@ -93,6 +93,7 @@ class PreprocessSummary:
     n_computed: int = 0
     n_resumed: int = 0  # rows finished by an earlier run that was killed (taken from OUT/.tmp)
     n_stain_fallback: int = 0
+    n_rejected: int = 0  # frames the cell quality gate rejected (not in the training rows; listed in failures)
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> {"ok", "failed"}
     splits: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -156,7 +157,8 @@ def _resume_partial(tmp: Path, key: str, shape: tuple[int, ...]) -> tuple[np.nda
                 except (ValueError, KeyError, TypeError):
                     break  # a line cut by the kill: everything after it is redone
                 if 0 <= i < shape[0]:
-                    done[i] = {"ok": bool(d.get("ok")), "error": d.get("error"), "stain_fallback": bool(d.get("stain_fallback"))}
+                    done[i] = {"ok": bool(d.get("ok")), "error": d.get("error"), "stain_fallback": bool(d.get("stain_fallback")),
+                               "rejected": d.get("rejected")}
     except OSError:
         pass
     return images, done
@@ -353,7 +355,8 @@ class _Work:
                 self.images[todo] = target
             for k, i in enumerate(todo):
                 s = st[k]
-                self.status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback"))}
+                self.status[i] = {"ok": bool(s.get("ok")), "error": s.get("error"), "stain_fallback": bool(s.get("stain_fallback")),
+                                  "rejected": s.get("rejected")}
                 if not self.status[i]["ok"] and not self.status[i]["error"]:
                     self.status[i]["error"] = "failed (no reason given)"
         # Resumable after kill -9: the rows reach the disk first, then the log says they are done.
@@ -382,13 +385,20 @@ def _manifest_and_summary(out: Path, cfg: PreprocessConfig, records: Sequence[Re
     summary = PreprocessSummary(out_dir=out, n_total=n, n_reused=work.n_reused, pixel_hash=cfg.pixel_hash(),
                                 synthetic=synthetic)
     for i, (r, s, sp) in enumerate(zip(records, work.status, splits)):
+        # a frame the cell quality gate rejected is never trained on (status "rejected", the reason as error)
+        rejected = bool(s["ok"] and s.get("rejected"))
         manifest.append({
             "index": i, "path": str(r.path.resolve()), "label": r.label, "class_name": r.class_name, "subject": r.subject,
-            "fold": r.fold, "split": sp, "status": "ok" if s["ok"] else "error", "error": s["error"],
+            "fold": r.fold, "split": sp, "status": "rejected" if rejected else ("ok" if s["ok"] else "error"),
+            "error": s.get("rejected") if rejected else s["error"],
             "sha256": r.sha256, "stain_fallback": bool(s["stain_fallback"]),
         })
         pc = summary.per_class.setdefault(r.class_name, {"ok": 0, "failed": 0})
-        if s["ok"]:
+        if rejected:
+            summary.n_rejected += 1
+            pc["failed"] += 1
+            summary.failures.append((str(r.path), f"rejected: {s.get('rejected')}"))
+        elif s["ok"]:
             summary.n_ok += 1
             pc["ok"] += 1
             summary.n_stain_fallback += bool(s["stain_fallback"])

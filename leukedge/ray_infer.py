@@ -121,6 +121,7 @@ def preprocess_stage(batch: dict[str, np.ndarray], *, cfg_json: str, threads: in
         "ok": np.array([bool(s.get("ok")) for s in statuses], dtype=bool),
         "error": np.array([str(s.get("error") or "") for s in statuses], dtype=object),
         "stain_fallback": np.array([bool(s.get("stain_fallback", False)) for s in statuses], dtype=bool),
+        "rejected": np.array([str(s.get("rejected") or "") for s in statuses], dtype=object),
     }
 
 
@@ -145,8 +146,9 @@ class _Classify:
 
         paths = [str(p) for p in batch["path"]]
         x = np.asarray(batch["x"])
-        statuses = [{"ok": bool(o), "error": (str(e) or None), "stain_fallback": bool(f)}
-                    for o, e, f in zip(batch["ok"], batch["error"], batch["stain_fallback"])]
+        rejected = batch["rejected"] if "rejected" in batch else [""] * len(batch["ok"])
+        statuses = [{"ok": bool(o), "error": (str(e) or None), "stain_fallback": bool(f), "rejected": (str(r) or None)}
+                    for o, e, f, r in zip(batch["ok"], batch["error"], batch["stain_fallback"], rejected)]
         step = self.pred.batch
         rows: list[FileResult] = []
         for i in range(0, len(paths), step):
@@ -160,6 +162,8 @@ class _Classify:
             "status": np.array([r.status for r in rows], dtype=object),
             "error": np.array([r.error or "" for r in rows], dtype=object),
             "stain_fallback": np.array([r.stain_fallback for r in rows], dtype=bool),
+            "reason": np.array([r.reason or "" for r in rows], dtype=object),
+            "ood_score": np.array([np.nan if r.ood_score is None else r.ood_score for r in rows], np.float64),
             "backend": np.array([self.pred.backend.name] * len(rows), dtype=object),
         }
 
@@ -183,7 +187,7 @@ def write_parquet(results: Sequence[FileResult], path: str | os.PathLike) -> Pat
 
     path = Path(path)
     cols = {k: [getattr(r, k) for r in results] for k in RESULT_FIELDS}
-    types = {"probability": pa.float64(), "stain_fallback": pa.bool_()}
+    types = {"probability": pa.float64(), "stain_fallback": pa.bool_(), "ood_score": pa.float64()}
     table = pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -277,9 +281,11 @@ def _run_job(entries: Sequence[dict[str, Any]], plan: _Plan, stage_cfg: Any, act
         for j, idx in enumerate(out["idx"]):
             status = str(out["status"][j])
             p = float(out["probability"][j])
+            o = float(out["ood_score"][j])
             rows_by_idx[int(idx)] = (None if np.isnan(p) else p, str(out["label"][j]) or None, status,
-                                     str(out["error"][j]) or None, bool(out["stain_fallback"][j]))
-            failed += status != "ok"
+                                     str(out["error"][j]) or None, bool(out["stain_fallback"][j]),
+                                     str(out["reason"][j]) or None, None if np.isnan(o) else o)
+            failed += status == "error"
         backends.update(str(b) for b in out["backend"])
         if progress is not None:
             progress(RayProgress(len(rows_by_idx), len(entries), failed, time.perf_counter() - t0))
@@ -356,15 +362,17 @@ def run_ray_inference(
         raise RuntimeError(f"the Ray job returned no row for {len(missing)} file(s), e.g. {entries[missing[0]]['path']}")
     results = []
     for i, e in enumerate(entries):
-        prob, label, status, error, fallback = rows_by_idx[i]
-        results.append(FileResult(e["path"], prob, label, status, error, e.get("subject"), e.get("true_label"), fallback))
+        prob, label, status, error, fallback, reason, ood = rows_by_idx[i]
+        results.append(FileResult(e["path"], prob, label, status, error, e.get("subject"), e.get("true_label"), fallback,
+                                  reason, ood))
     n = len(results)
     n_ok = sum(r.status == "ok" for r in results)
     name = ",".join(sorted(backends)) or backend
     stats: dict[str, Any] = {
         "model": str(spec.path), "model_kind": spec.kind, "engine": str(engine) if engine else None,
         "backend": name, "preprocess_hash": spec.preprocess_hash, "input_size": stage_cfg.size, "batch": batch,
-        "n_files": n, "n_ok": n_ok, "n_error": n - n_ok, "wall_s": wall,
+        "n_files": n, "n_ok": n_ok, "n_rejected": sum(r.status == "rejected" for r in results),
+        "n_error": sum(r.status == "error" for r in results), "wall_s": wall,
         "throughput_img_s": n / wall if wall > 0 else None,
         "ray": {"address": address, "nodes": nodes, "cluster_cpus": plan.cluster_cpus, "cluster_gpus": plan.cluster_gpus,
                 "actors": plan.pool, "actor_gpus": 1 if plan.use_gpu else 0, "actor_cpus": plan.actor_cpus,

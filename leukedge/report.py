@@ -251,7 +251,9 @@ def _latency_section(stats: list[tuple[Path, dict]], run_dir: Path) -> str:
         thr = st.get("stage_throughput_img_s") or {}
         head = [("backend", st.get("backend")), ("why this backend", st.get("backend_reason")),
                 ("batch", st.get("batch")), ("pipelined", st.get("pipeline")), ("files", st.get("n_files")),
-                ("failed files", st.get("n_error")), ("end-to-end throughput (img/s)", st.get("throughput_img_s")),
+                ("failed files", st.get("n_error")),
+                ("rejected files (not cells the model may judge; not classified)", st.get("n_rejected")),
+                ("end-to-end throughput (img/s)", st.get("throughput_img_s")),
                 ("preprocessing alone (img/s)", thr.get("preprocess")), ("backend alone (img/s)", thr.get("backend")),
                 ("wall time (s)", st.get("wall_s"))]
         parts.append(_table(["", ""], [r for r in head if r[1] is not None], "kv"))

@@ -431,7 +431,8 @@ def test_infer_write_failure_is_one_line_and_leaves_no_temp_file(tiny_model, tmp
                                              "-o", str(out / "r.csv")])
     line = one_clear_line(res)
     assert "could not be written to" in line and str(out / "r.csv") in line and "No space left" in line
-    assert list(out.iterdir()) == []
+    # issue 25: rows are streamed as batches finish; the finished ones are kept, with the way to resume
+    assert list(out.iterdir()) == [out / "r.csv.partial"] and "--resume" in line
 
 
 # ==================================================================================================

@@ -24,6 +24,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("leukedge.cli.export", "export_cmd", "Export a model bundle to ONNX (FP32 and FP16) and check it against PyTorch."),
     "build-engine": ("leukedge.cli.build_engine", "build_engine_cmd", "Compile an ONNX export into a TensorRT / TensorRT-RTX FP16 engine."),
     "infer": ("leukedge.cli.infer", "infer_cmd", "Batched, pipelined inference over image files with latency statistics."),
+    "calibrate-ood": ("leukedge.cli.ood", "calibrate_ood_cmd", "Calibrate a model's out-of-distribution threshold on its training cache."),
     "station": ("leukedge.cli.station", "station_group", "Microscope-station mode: watch a folder and classify new cells."),
     "report": ("leukedge.cli.report", "report_cmd", "Build a self-contained HTML report from a run directory."),
 }

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
-from ..infer import ResultsNotWritten, run_inference
+from ..infer import MAX_BATCH, InferenceInterrupted, ResultsNotWritten, run_inference
 from ._console import RichReporter
 
 
@@ -50,7 +51,9 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="TensorRT engine to run with MODEL's preprocessing (refused if the preprocessing hashes differ).")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Results file: .csv or .jsonl (statistics go to OUT.stats.json).")
-@click.option("-b", "--batch", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("-b", "--batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
+              help=f"Images per backend call, at most {MAX_BATCH} (one batch of {MAX_BATCH} at 224 px is 0.6 GB of "
+                   "float32 input, twice over when pipelined).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES),
               default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
@@ -67,6 +70,9 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="Preprocess batch k+1 while batch k runs on the backend.")
 @click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
+@click.option("--resume", is_flag=True,
+              help="Skip the files that already have a row in OUT.partial (left by an interrupted run) or OUT, and "
+                   "append the rest. Rows are written as batches finish, so Ctrl-C never loses finished work.")
 # [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.ray_infer)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run as a Ray Data job: `--ray local` starts a local Ray instance, bare `--ray` joins this "
@@ -75,15 +81,25 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
               help="With --ray: model actors (0: one per GPU, else one per 4 CPUs).")
 def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None, out_path: Path, batch: int,
               backend: str, device: str, precision: str, threads: int, backend_threads: int, warmup: int,
-              limit: int | None, pipeline: bool, cuda_binding: str, ray_address: str | None = None,
-              ray_actors: int = 0) -> None:
+              limit: int | None, pipeline: bool, cuda_binding: str, resume: bool = False,
+              ray_address: str | None = None, ray_actors: int = 0) -> None:
     """Classify every cell image under SOURCES (files, folders, globs, list files).
 
     Without --model, the shipped default model runs (ONNX Runtime, no PyTorch needed). Results go
     to OUT (.csv or .jsonl) with the subject and true label read from C-NMC file names; latency
     and throughput statistics go to OUT.stats.json. Unreadable files are reported per file.
+
+    Frames that are not one whole segmented cell (empty, blank, noisy, debris, cut by the border), and
+    cells unlike the model's training cells when its OOD threshold is calibrated, get status `rejected`
+    with a reason: never a label, counted apart. Rows are written as batches finish; after Ctrl-C,
+    --resume continues.
+
+    Memory: decoding holds at most 2 x max_pixels pixels at once over all threads (max_pixels of the
+    model's preprocessing, default 64 M; at most 16 bytes a pixel while decoding, so about 2 GB at worst),
+    plus two batches of input and the model.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from ..artifacts import EngineMismatchError
     from ..config import ConfigMismatchError
@@ -94,24 +110,46 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
                           backend=backend, device=device, precision=precision, limit=limit, actors=ray_actors,
                           cuda_binding=cuda_binding)
     console = Console()
+    cores = os.cpu_count() or 1
+    for name, n in (("--threads", threads), ("--backend-threads", backend_threads)):
+        if n > cores:
+            console.print(f"[yellow]warning: {name} {n} is more than the {cores} cores of this machine; the threads "
+                          "will fight over them and the run can be many times slower (0 = automatic)[/]")
     try:
         res = run_inference(model, sources, out_path, batch=batch, backend=backend, threads=threads,
                             backend_threads=backend_threads, pipeline=pipeline, warmup=warmup, limit=limit, device=device, precision=precision,
-                            engine=engine, progress=True, reporter=RichReporter(), cuda_binding=cuda_binding)
+                            engine=engine, progress=True, reporter=RichReporter(), cuda_binding=cuda_binding,
+                            resume=resume)
+    except InferenceInterrupted as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/]")
+        raise SystemExit(130) from exc
     except (FileNotFoundError, ValueError, ConfigMismatchError, EngineMismatchError, BackendUnavailable, RuntimeError,
             ResultsNotWritten) as exc:
         raise click.ClickException(str(exc)) from exc
-    from rich.markup import escape
 
     console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     print_stats(res.stats, console)
-    bad = [r for r in res.results if r.status != "ok"]
+    _print_problems(console, res)
+    console.print(f"{res.n_ok} ok, {res.n_rejected} rejected (not classified), {res.n_error} failed → "
+                  f"{escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
+
+
+def _print_problems(console: Any, res: Any) -> None:
+    """The first 10 errors and the first 5 rejected files, each with its reason."""
+    from rich.markup import escape
+
+    from .._util import path_text
+
+    bad = [r for r in res.results if r.status == "error"]
     for r in bad[:10]:
-        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
+        console.print(f"[red]error[/] {escape(path_text(r.path))}: {escape(str(r.error))}")
     if len(bad) > 10:
         console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} "
-                  f"(stats {escape(str(res.stats_path))})")
+    rej = [r for r in res.results if r.status == "rejected"]
+    for r in rej[:5]:
+        console.print(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
+    if len(rej) > 5:
+        console.print(f"[yellow]… and {len(rej) - 5} more rejected (see the reason column)[/]")
 
 
 def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | None, out_path: Path, address: str,
@@ -143,12 +181,9 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
     console.print(f"backend [bold]{escape(res.backend)}[/]: {escape(res.reason)}")
     console.print(f"{s['n_files']} files in {s['wall_s']:.1f} s: [bold]{s['throughput_img_s'] or 0:.1f}[/] files/s "
                   f"(job start-up included)")
-    bad = [r for r in res.results if r.status != "ok"]
-    for r in bad[:10]:
-        console.print(f"[red]error[/] {escape(r.path)}: {escape(str(r.error))}")
-    if len(bad) > 10:
-        console.print(f"[red]… and {len(bad) - 10} more errors[/]")
-    console.print(f"{res.n_ok} ok, {res.n_error} failed → {escape(str(res.out_path))} (stats {escape(str(res.stats_path))})")
+    _print_problems(console, res)
+    console.print(f"{res.n_ok} ok, {res.n_rejected} rejected, {res.n_error} failed → {escape(str(res.out_path))} "
+                  f"(stats {escape(str(res.stats_path))})")
 
 
 

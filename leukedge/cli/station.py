@@ -250,7 +250,10 @@ def run_cmd(watch_dir: str, model: str | None, engine: str | None, backend: str,
     Images are grouped into batches (--batch / --max-wait-ms), preprocessed and classified with the
     same stack as `leukedge infer`, and stored in SQLite with the sample id, probability, label, model
     and preprocessing identity and timings. A restart resumes where the last run stopped; nothing is
-    classified twice. SIGINT/SIGTERM finish the batch in flight, commit it and exit.
+    classified twice. SIGINT/SIGTERM finish the batch in flight, commit it and exit. Frames that are not a
+    whole segmented cell (and, with a calibrated model, cells unlike its training cells) are stored as
+    `rejected` and never counted in a blast fraction. Memory: decoding holds at most 2 x max_pixels pixels
+    at once (about 2 GB at worst with the default 64 M), whatever --threads.
     """
     console = Console(stderr=True)
     try:
@@ -353,17 +356,19 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
             f"{_fmt_age(time.time() - st['stopped_at'])} ago: {st['exit_reason'] or st['state']}"
         )
     tot = data["totals"]
-    console.print(f"  {tot['rows'] - tot['superseded']:,} files: {tot['ok']:,} classified, {tot['errors']:,} errors"
+    console.print(f"  {tot['rows'] - tot['superseded']:,} files: {tot['ok']:,} classified, {tot['errors']:,} errors, "
+                  f"{tot['rejected']:,} rejected (not cells the model may judge; never in a blast fraction)"
                   + (f", {tot['superseded']:,} superseded (file replaced)" if tot["superseded"] else ""))
     table = Table(title="Per-sample totals", show_lines=False)
     for col, just in (("sample", "left"), ("cells", "right"), ("blasts", "right"), ("blast fraction", "right"),
-                      ("errors", "right"), ("last result", "right")):
+                      ("errors", "right"), ("rejected", "right"), ("last result", "right")):
         table.add_column(col, justify=just)
     for s in data["samples"]:
         frac = "-" if s["blast_fraction"] is None else f"{100 * s['blast_fraction']:.1f} %"
         last = "-" if s["last_result_at"] is None else time.strftime("%H:%M:%S", time.localtime(s["last_result_at"]))
         table.add_row(escape(str(s["sample_id"])), f"{s['n_cells']:,}", f"{s['n_blasts']:,}", frac,
-                      f"[red]{s['n_errors']}[/]" if s["n_errors"] else "0", last)
+                      f"[red]{s['n_errors']}[/]" if s["n_errors"] else "0",
+                      f"[yellow]{s['n_rejected']}[/]" if s["n_rejected"] else "0", last)
     console.print(table)
 
 

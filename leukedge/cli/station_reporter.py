@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
+from .._util import path_text
 from ..station.db import ResultRow
 
 
@@ -90,7 +91,9 @@ class Reporter:
         self._last_batch = f"batch #{batch_id}: {size} ({reason})"
         for r in rows:
             if r.status == "error":
-                self.message(f"[red]error[/] {escape(str(r.path))}: {escape(str(r.error))}")
+                self.message(f"[red]error[/] {escape(path_text(r.path))}: {escape(str(r.error))}")
+            elif r.status == "rejected":
+                self.message(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
         if not self.use_live and not self.quiet:
             # one plain line per batch, never wrapped: what a systemd journal or a log file keeps
             self.console.print(batch_line(batch_id, size, reason, rows), markup=False, highlight=False, soft_wrap=True)
@@ -108,6 +111,7 @@ class Reporter:
             if not had_live:
                 self.console.print(self.status_line())
             self.console.print(
-                f"[bold]stopped[/]: {sm.exit_reason}. This run: {sm.processed:,} results ({sm.errors:,} errors) in "
+                f"[bold]stopped[/]: {sm.exit_reason}. This run: {sm.processed:,} results ({sm.errors:,} errors, "
+                f"{sm.rejected:,} rejected) in "
                 f"{sm.batches:,} batches; {sm.left_in_queue} file(s) left for the next start."
             )

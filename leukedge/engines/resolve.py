@@ -16,6 +16,7 @@ from ..artifacts import (
     EXPORT_FP16,
     EXPORT_FP32,
     check_export_hashes,
+    check_weights_binding,
     onnx_config,
     read_bundle_json,
     read_export_manifest,
@@ -68,6 +69,11 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
         return _export_spec(p)
     if p.is_dir():
         raise ValueError(f"{p}: not a model bundle (bundle.json) or an export directory (preprocess.json)")
+    if not p.is_file():  # a FIFO would block the ONNX reader forever, /dev/zero never ends
+        import stat
+
+        kind = "a FIFO / named pipe" if stat.S_ISFIFO(p.stat().st_mode) else "a device or special file"
+        raise ValueError(f"{p}: is {kind}, not a model file (expected a bundle dir, export dir, .onnx or engine file)")
     if p.suffix == ".onnx":
         cfg, meta = onnx_config(p)
         spec = ModelSpec("onnx", p, cfg, meta)
@@ -103,6 +109,7 @@ def _export_spec(p: Path) -> ModelSpec:
         raise ValueError(f"{p}: export directory has no {EXPORT_FP32} / {EXPORT_FP16}")
     if meta.get("bundle") and (p / meta["bundle"]).is_dir():  # absolute, or ".." for a bundle's export/
         spec.bundle = (p / meta["bundle"]).resolve()
+        check_weights_binding(p, spec.bundle)
     return spec
 
 
@@ -131,6 +138,8 @@ def _fill_export(spec: ModelSpec, exp: Path) -> None:
     if (exp / EXPORT_FP16).is_file():
         spec.onnx_fp16 = exp / EXPORT_FP16
     check_export_hashes(exp)
+    if spec.bundle is not None:
+        check_weights_binding(exp, Path(spec.bundle))
     eng = find_engine(exp)
     if eng is not None:
         info = read_sidecar(eng)

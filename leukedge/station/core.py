@@ -9,8 +9,10 @@ not depend on a backend.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from .scanner import IMAGE_EXTENSIONS, ReadyFile, Scanner, make_sample_fn
 PredictFn = Callable[[Sequence[str]], Sequence[dict]]
 
 MAX_CONSECUTIVE_BACKEND_FAILURES = 3
+DISK_FULL_RETRY_S = 5.0
 
 
 class StationError(RuntimeError):
@@ -67,6 +70,9 @@ class StationSettings:
         self.db_path = Path(self.db_path).resolve()
         if self.batch_size < 1:
             raise ValueError("--batch must be >= 1")
+        if not self.extensions or any(not str(e).strip(" .") for e in self.extensions):
+            raise ValueError(f"--ext {' '.join(repr(e) for e in self.extensions) or '(none)'}: every extension must "
+                             "name one, e.g. --ext .bmp (an empty one watches nothing)")
         if self.max_wait_ms < 0 or self.settle_ms < 0 or self.poll_ms <= 0:
             raise ValueError("--max-wait-ms and --settle-ms must be >= 0, --poll-ms > 0")
 
@@ -76,6 +82,7 @@ class StationSummary:
     run_id: int
     processed: int = 0
     errors: int = 0
+    rejected: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     exit_reason: str = ""
@@ -125,6 +132,7 @@ class Station:
         self.in_batch = False
         self._t_start = time.time()
         self._published: tuple[int, int] = (0, 0)  # (scans, settling) after the scanner's last put
+        self._mono: tuple[float, float] = (0.0, 0.0)  # monotonic start and end of the batch being stored
 
     # -- control ---------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -152,7 +160,7 @@ class Station:
         s = self.s
         try:
             self.conn = sdb.connect(s.db_path)
-        except sdb.DatabaseDamaged as exc:
+        except (sdb.DatabaseDamaged, sdb.DiskFull) as exc:
             raise StationError(str(exc)) from exc
         other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
@@ -218,6 +226,11 @@ class Station:
             self.summary.exit_reason = self._stop_reason or "stopped"
             try:
                 sdb.finish_run(self.conn, run_id, self.summary.exit_reason, state=state)
+            except sqlite3.OperationalError as exc:
+                if not sdb.is_disk_full(exc):
+                    raise
+                if self.reporter:  # one line, not a second traceback
+                    self.reporter.message(f"[red]{escape_markup(str(sdb.disk_full(s.db_path)))}[/]")
             finally:
                 self.conn.close()
                 for sig, h in old_handlers.items():
@@ -329,9 +342,11 @@ class Station:
         file, commit them in one transaction, then tell the scanner and update the live numbers."""
         assert self.conn is not None and self.summary is not None and self.scanner is not None
         started = time.time()
-        opened = started - max(time.monotonic() - min(it.ready_mono for it in batch), 0.0)
-        batch_id = sdb.open_batch(self.conn, run_id=self.summary.run_id, size=len(batch), reason=reason,
-                                  opened_at=opened, started_at=started)
+        started_mono = time.monotonic()
+        opened = started - max(started_mono - min(it.ready_mono for it in batch), 0.0)
+        batch_id = self._open_batch(batch, reason, opened, started)
+        if batch_id is None:
+            return
         to_predict = [it for it in batch if it.error is None and not it.reactivate]
         results: dict[str, dict] = {}
         pred_ms = 0.0
@@ -352,6 +367,7 @@ class Station:
         rows, reactivated, retry = [], [], []
         pre_ms_total = comp_ms_total = 0.0
         done = time.time()
+        self._mono = (started_mono, time.monotonic())  # durations from the monotonic clock (wall time may jump)
         for it in batch:
             if it.reactivate:
                 reactivated.append(it)
@@ -365,26 +381,77 @@ class Station:
             pre_ms_total = max(pre_ms_total, row.preprocess_ms or 0.0)
             comp_ms_total = max(comp_ms_total, row.compute_ms or 0.0)
             rows.append(row)
-        sdb.insert_batch(self.conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
-                         preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms)
+        conn = self.conn
+        if not self._while_disk_full(
+                lambda: sdb.insert_batch(conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
+                                         preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms),
+                len(rows)):
+            for it in batch:  # stopped while the disk was full: nothing stored, all classified again next time
+                self.scanner.report_retry(it.path)
+            return
         # Tell the scanner only after the commit: a crash before it means the files are seen again.
         for row in rows:
-            self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns)
+            self.scanner.report_done(row.path, row.sha256, row.size, row.mtime_ns, row.ctime_ns, row.inode)
         for it in reactivated:
-            self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns)
+            self.scanner.report_done(it.path, it.sha256, it.size, it.mtime_ns, it.ctime_ns, it.inode)
         for it in retry:
             self.scanner.report_retry(it.path)
         self._count(batch, batch_id, reason, rows)
+
+    def _open_batch(self, batch: list[ReadyFile], reason: str, opened: float, started: float) -> int | None:
+        """Record the batch as running; None when the station stopped while the disk was full (the files are
+        given back to the scanner, nothing is lost)."""
+        assert self.conn is not None and self.summary is not None and self.scanner is not None
+        ids: list[int] = []
+        conn, run_id = self.conn, self.summary.run_id
+        if self._while_disk_full(lambda: ids.append(sdb.open_batch(
+                conn, run_id=run_id, size=len(batch), reason=reason, opened_at=opened, started_at=started)), len(batch)):
+            return ids[0]
+        for it in batch:
+            self.scanner.report_retry(it.path)
+        return None
+
+    def _while_disk_full(self, write: Callable[[], Any], n_files: int) -> bool:
+        """Run a database write; while the disk is full, keep the results in memory and retry every few seconds
+        (one line says so) until there is space (True) or the station is asked to stop (False: nothing stored)."""
+        assert self.conn is not None
+        said = False
+        while True:
+            try:
+                write()
+                if said and self.reporter:
+                    self.reporter.message("[green]disk space is back: the waiting results are stored[/]")
+                return True
+            except sqlite3.OperationalError as exc:
+                if not sdb.is_disk_full(exc):
+                    raise
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            if not said and self.reporter:
+                self.reporter.message(
+                    f"[red]{escape_markup(str(sdb.disk_full(self.s.db_path)).split(';')[0])}: the results of "
+                    f"{n_files} file(s) wait in memory; retrying every {DISK_FULL_RETRY_S:g} s (stopping now "
+                    "loses nothing: they are classified again on the next start)[/]")
+            said = True
+            if self._stop.wait(DISK_FULL_RETRY_S):
+                return False
 
     def _result_row(self, it: ReadyFile, r: dict | None, pred_ms: float, batch_id: int, started: float,
                     done: float) -> sdb.ResultRow:
         """The stored row of one file: its prediction ``r``, or the error that kept it from being classified."""
         assert self.summary is not None
         status, error, prob, label, is_blast = "error", it.error, None, None, None
+        reason = fallback = ood = None
         pre_ms = comp_ms = None
         if r is not None:
             status = "ok" if r.get("status", "ok") == "ok" and r.get("error") in (None, "") else "error"
-            error = None if status == "ok" else str(r.get("error") or "prediction failed")
+            if r.get("status") == "rejected" and r.get("error") in (None, ""):
+                status, reason = "rejected", str(r.get("reason") or "rejected")  # never a label, never a blast
+            error = None if status != "error" else str(r.get("error") or "prediction failed")
+            if r.get("stain_fallback") is not None:
+                fallback = int(bool(r.get("stain_fallback")))
+            if r.get("ood_score") is not None:
+                ood = float(r["ood_score"])
             if status == "ok":
                 prob = float(r["probability"])
                 label = None if r.get("label") is None else str(r["label"])
@@ -394,13 +461,16 @@ class Station:
             comp_ms = _first(t, "compute_ms", "infer_ms", "inference_ms", "backend_ms", "compute")
             if pre_ms is None and comp_ms is None:
                 comp_ms = pred_ms
+        started_mono, done_mono = self._mono
+        detected_mono = it.detected_mono if it.detected_mono is not None else it.ready_mono
         return sdb.ResultRow(
             path=it.path, sha256=it.sha256, size=it.size, mtime_ns=it.mtime_ns, sample_id=it.sample_id, status=status,
             error=error, probability=prob, label=label, is_blast=is_blast, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend, run_id=self.summary.run_id,
             batch_id=batch_id, detected_at=it.detected_at, ready_at=it.ready_at, started_at=started, done_at=done,
-            queued_ms=(started - it.ready_at) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
-            latency_ms=(done - it.detected_at) * 1000,
+            queued_ms=max(started_mono - it.ready_mono, 0.0) * 1000, preprocess_ms=pre_ms, compute_ms=comp_ms,
+            latency_ms=max(done_mono - detected_mono, 0.0) * 1000, reason=reason, stain_fallback=fallback, ood_score=ood,
+            ctime_ns=it.ctime_ns, inode=it.inode,
         )
 
     def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[sdb.ResultRow]) -> None:
@@ -410,6 +480,7 @@ class Station:
         self.summary.batch_sizes.append(len(batch))
         self.summary.processed += len(rows)
         self.summary.errors += n_err
+        self.summary.rejected += sum(1 for r in rows if r.status == "rejected")
         now = time.time()
         with self._stats_lock:
             for row in rows:
@@ -447,6 +518,16 @@ class Station:
         if self.conn is None or self.summary is None:
             return
         d = self.live()
+        try:
+            self._write_heartbeat(d)
+        except sqlite3.OperationalError as exc:
+            if not sdb.is_disk_full(exc):
+                raise
+            with contextlib.suppress(sqlite3.Error):  # a missed heartbeat is harmless: the next one is written
+                self.conn.execute("ROLLBACK")
+
+    def _write_heartbeat(self, d: dict[str, Any]) -> None:
+        assert self.conn is not None and self.summary is not None
         sdb.write_heartbeat(
             self.conn, self.summary.run_id, state="stopping" if self.stopping else "running",
             queue_len=d["queue_len"], settling=d["settling"], processed=d["processed"], errors=d["errors"],
@@ -460,7 +541,8 @@ def _unchanged(it: ReadyFile) -> bool:
         st = os.stat(it.path)
     except OSError:
         return True  # gone: keep whatever the predictor said (it read the file or reported it missing)
-    return (st.st_size, st.st_mtime_ns) == (it.size, it.mtime_ns)
+    same = (st.st_size, st.st_mtime_ns) == (it.size, it.mtime_ns)
+    return same and (it.inode is None or (st.st_ctime_ns, st.st_ino) == (it.ctime_ns, it.inode))
 
 
 def _first(d: dict, *keys: str) -> float | None:

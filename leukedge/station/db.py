@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-SCHEMA_VERSION = 1
+from .._util import path_raw, path_text
+
+SCHEMA_VERSION = 2  # 2: status 'rejected'; reason, stain_fallback, ood_score, path_bytes, ctime_ns, inode (issue 25)
 DB_FILENAME = ".leukedge-station.sqlite"
 
 _SCHEMA = """
@@ -62,7 +64,7 @@ CREATE TABLE IF NOT EXISTS results (
     size            INTEGER,
     mtime_ns        INTEGER,
     sample_id       TEXT,
-    status          TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+    status          TEXT NOT NULL CHECK (status IN ('ok', 'error', 'rejected')),
     error           TEXT,
     probability     REAL,
     label           TEXT,
@@ -81,6 +83,12 @@ CREATE TABLE IF NOT EXISTS results (
     compute_ms      REAL,
     latency_ms      REAL,             -- done_at - detected_at
     superseded      INTEGER NOT NULL DEFAULT 0,
+    reason          TEXT,             -- why it was rejected (cell quality gate, out of distribution)
+    stain_fallback  INTEGER,          -- 1: stain normalisation fell back to the unnormalised image
+    ood_score       REAL,             -- the model's energy score (higher = less like its training cells)
+    path_bytes      BLOB,             -- the exact file name (os.fsencode) when `path` had to escape it
+    ctime_ns        INTEGER,          -- with inode: a replaced file of equal size and mtime is re-hashed
+    inode           INTEGER,
     UNIQUE (path, sha256)
 );
 CREATE INDEX IF NOT EXISTS results_sample ON results(sample_id, superseded);
@@ -121,6 +129,27 @@ def damaged(path: str | os.PathLike, exc: BaseException) -> DatabaseDamaged:
         "for inspection (`sqlite3 FILE .recover` can often rescue the rows), move them away and start the "
         "station again: it classifies the folder anew into a fresh database."
     )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" (SQLITE_FULL), which is not damage."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "disk is full" in str(exc).lower()
+
+
+class DiskFull(RuntimeError):
+    """The disk holding the station database is full (the database itself is fine)."""
+
+
+def disk_full(path: str | os.PathLike) -> DiskFull:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"the disk holding the station database {path} is full ({free}); the database and its results "
+                    "are intact: free some space and start the station again")
 
 
 class ReadOnlyConnection(sqlite3.Connection):
@@ -179,6 +208,8 @@ def connect(path: str | os.PathLike, *, readonly: bool = False, timeout: float =
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise
+        if is_disk_full(exc):  # it used to be called "damaged ... move them away"
+            raise disk_full(path) from exc
         raise damaged(path, exc) from exc
 
 
@@ -192,14 +223,47 @@ def _connect_rw(path: Path, timeout: float) -> sqlite3.Connection:
     # WAL + NORMAL is consistent after a crash; a commit lost to a power cut only means the file is
     # classified again on the next start (it is not in the database), never that a row is corrupt.
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
     conn.executescript(_SCHEMA)
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) == 1:
+        _migrate_1_to_2(conn)
     elif int(row[0]) != SCHEMA_VERSION:
         raise RuntimeError(f"{path}: station database schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+    conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+_V1_RESULT_COLUMNS = ("id", "path", "sha256", "size", "mtime_ns", "sample_id", "status", "error", "probability", "label",
+                      "is_blast", "model_id", "preprocess_hash", "backend", "run_id", "batch_id", "detected_at", "ready_at",
+                      "started_at", "done_at", "queued_ms", "preprocess_ms", "compute_ms", "latency_ms", "superseded")
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: ``results`` allows status ``rejected`` and gains ``reason``, ``stain_fallback``,
+    ``ood_score``. A CHECK constraint cannot be altered in SQLite, so the table is rebuilt (SQLite's
+    documented 12-step way, foreign keys off, in one transaction: all or nothing); row ids are kept."""
+    table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS results ("):]
+    table = table[: table.index(");") + 2].replace("IF NOT EXISTS results (", "results_v2 (")
+    extra = [r[1] for r in conn.execute("PRAGMA table_info(results)") if r[1] not in _V1_RESULT_COLUMNS]
+    cols = ", ".join((*_V1_RESULT_COLUMNS, *extra))  # columns other changes added survive the rebuild
+    with transaction(conn):
+        conn.execute(table)
+        for c in extra:
+            conn.execute(f"ALTER TABLE results_v2 ADD COLUMN {c}")
+        conn.execute(f"INSERT INTO results_v2({cols}) SELECT {cols} FROM results")
+        conn.execute("DROP TABLE results")
+        conn.execute("ALTER TABLE results_v2 RENAME TO results")
+        for stmt in _SCHEMA.split(";"):
+            if "CREATE INDEX IF NOT EXISTS" in stmt and " ON results(" in stmt:
+                conn.execute(stmt)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+def has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    """True when ``table`` has ``column`` (a read-only connection may hold an older schema)."""
+    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
 
 
 class transaction:
@@ -234,13 +298,18 @@ class KnownFile:
     size: int | None
     mtime_ns: int | None
     superseded: bool
+    ctime_ns: int | None = None  # with the inode: a file replaced by one of equal size and mtime is noticed
+    inode: int | None = None
 
 
 def load_known(conn: sqlite3.Connection) -> dict[str, dict[str, KnownFile]]:
-    """path -> {sha256 -> KnownFile} for every stored result (used to resume after a restart)."""
+    """path -> {sha256 -> KnownFile} for every stored result (used to resume after a restart). Paths are
+    the file system's (``os.fsdecode`` of the stored exact bytes where the name is not plain UTF-8)."""
     known: dict[str, dict[str, KnownFile]] = {}
-    for r in conn.execute("SELECT path, sha256, size, mtime_ns, superseded FROM results"):
-        known.setdefault(r["path"], {})[r["sha256"]] = KnownFile(r["sha256"], r["size"], r["mtime_ns"], bool(r["superseded"]))
+    for r in conn.execute("SELECT path, sha256, size, mtime_ns, superseded, path_bytes, ctime_ns, inode FROM results"):
+        path = os.fsdecode(bytes(r["path_bytes"])) if r["path_bytes"] is not None else r["path"]
+        known.setdefault(path, {})[r["sha256"]] = KnownFile(r["sha256"], r["size"], r["mtime_ns"], bool(r["superseded"]),
+                                                            r["ctime_ns"], r["inode"])
     return known
 
 
@@ -255,7 +324,7 @@ def start_run(conn: sqlite3.Connection, *, watch_dir: str, model: str, model_id:
         cur = conn.execute(
             "INSERT INTO runs(started_at, pid, host, watch_dir, model, model_id, preprocess_hash, backend, settings) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (now, os.getpid(), socket.gethostname(), watch_dir, model, model_id, preprocess_hash, backend,
+            (now, os.getpid(), socket.gethostname(), path_text(watch_dir), path_text(model), model_id, preprocess_hash, backend,
              json.dumps(settings, sort_keys=True, default=str)),
         )
         run_id = int(cur.lastrowid or 0)
@@ -322,12 +391,13 @@ def write_heartbeat(conn: sqlite3.Connection, run_id: int, **fields: Any) -> Non
 
 # -- reading -------------------------------------------------------------------------------------
 
-SAMPLE_COLUMNS = ("sample_id", "n_files", "n_cells", "n_blasts", "blast_fraction", "n_errors",
+SAMPLE_COLUMNS = ("sample_id", "n_files", "n_cells", "n_blasts", "blast_fraction", "n_errors", "n_rejected",
                   "mean_probability", "first_result_at", "last_result_at", "model_ids")
 
 
 def sample_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Per-sample totals over the current (not superseded) result of every file."""
+    """Per-sample totals over the current (not superseded) result of every file. ``n_cells`` and the blast
+    fraction count classified cells only: rejected frames (``n_rejected``) and errors are counted apart."""
     rows = conn.execute(
         """
         SELECT sample_id,
@@ -335,6 +405,7 @@ def sample_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                SUM(status = 'ok')                              AS n_cells,
                SUM(status = 'ok' AND is_blast = 1)             AS n_blasts,
                SUM(status = 'error')                           AS n_errors,
+               SUM(status = 'rejected')                        AS n_rejected,
                AVG(CASE WHEN status = 'ok' THEN probability END) AS mean_probability,
                MIN(done_at)                                    AS first_result_at,
                MAX(done_at)                                    AS last_result_at,
@@ -349,6 +420,7 @@ def sample_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         d["n_cells"] = int(d["n_cells"] or 0)
         d["n_blasts"] = int(d["n_blasts"] or 0)
         d["n_errors"] = int(d["n_errors"] or 0)
+        d["n_rejected"] = int(d["n_rejected"] or 0)
         d["blast_fraction"] = (d["n_blasts"] / d["n_cells"]) if d["n_cells"] else None
         out.append({k: d.get(k) for k in SAMPLE_COLUMNS})
     return out
@@ -356,11 +428,13 @@ def sample_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 CELL_COLUMNS = ("path", "sample_id", "sha256", "status", "error", "probability", "label", "is_blast", "model_id",
                 "preprocess_hash", "backend", "batch_id", "detected_at", "done_at", "queued_ms", "preprocess_ms",
-                "compute_ms", "latency_ms")
+                "compute_ms", "latency_ms", "reason", "stain_fallback", "ood_score")
+_V2_CELL_COLUMNS = ("reason", "stain_fallback", "ood_score")
 
 
 def cell_rows(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
-    cols = ", ".join(CELL_COLUMNS)
+    new = has_column(conn, "results", "reason")  # a schema-1 database opened read-only has none of them
+    cols = ", ".join(c if new or c not in _V2_CELL_COLUMNS else f"NULL AS {c}" for c in CELL_COLUMNS)
     for r in conn.execute(f"SELECT {cols} FROM results WHERE superseded = 0 ORDER BY sample_id, path"):
         yield dict(r)
 
@@ -393,9 +467,11 @@ def recent_throughput(conn: sqlite3.Connection, window_s: float = 60.0, now: flo
 
 def totals(conn: sqlite3.Connection) -> dict[str, int]:
     r = conn.execute(
-        "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), SUM(superseded) FROM results"
+        "SELECT COUNT(*), SUM(status = 'ok'), SUM(status = 'error'), SUM(superseded), "
+        "SUM(status = 'rejected') FROM results"
     ).fetchone()
-    return {"rows": int(r[0] or 0), "ok": int(r[1] or 0), "errors": int(r[2] or 0), "superseded": int(r[3] or 0)}
+    return {"rows": int(r[0] or 0), "ok": int(r[1] or 0), "errors": int(r[2] or 0), "superseded": int(r[3] or 0),
+            "rejected": int(r[4] or 0)}
 
 
 # -- results of one batch ------------------------------------------------------------------------------
@@ -408,7 +484,7 @@ class ResultRow:
     size: int
     mtime_ns: int
     sample_id: str | None
-    status: str  # "ok" | "error"
+    status: str  # "ok" | "error" | "rejected"
     error: str | None
     probability: float | None
     label: str | None
@@ -426,9 +502,21 @@ class ResultRow:
     preprocess_ms: float | None
     compute_ms: float | None
     latency_ms: float
+    reason: str | None = None
+    stain_fallback: int | None = None
+    ood_score: float | None = None
+    path_bytes: bytes | None = None  # filled by values(): the exact name when `path` must be escaped
+    ctime_ns: int | None = None
+    inode: int | None = None
 
     def values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f) for f in RESULT_COLUMNS)
+        """The row as stored: ``path`` as readable UTF-8 text (:func:`~leukedge._util.path_text`; a name that is
+        not UTF-8 used to crash the insert), its exact bytes in ``path_bytes`` when they differ."""
+        row = {f: getattr(self, f) for f in RESULT_COLUMNS}
+        row["path"], row["path_bytes"] = path_text(self.path), path_raw(self.path)
+        if self.sample_id is not None:
+            row["sample_id"] = path_text(self.sample_id)
+        return tuple(row[f] for f in RESULT_COLUMNS)
 
 
 RESULT_COLUMNS = tuple(f for f in ResultRow.__dataclass_fields__)
@@ -463,10 +551,10 @@ def insert_batch(conn: sqlite3.Connection, batch_id: int, rows: Iterable[ResultR
     n_err = sum(1 for r in rows if r.status == "error")
     with transaction(conn):
         for r in rows:
-            conn.execute("UPDATE results SET superseded = 1 WHERE path = ? AND sha256 != ?", (r.path, r.sha256))
+            conn.execute("UPDATE results SET superseded = 1 WHERE path = ? AND sha256 != ?", (path_text(r.path), r.sha256))
         conn.executemany(_INSERT_RESULT, [r.values() for r in rows])
         for path, sha in reactivated:
-            conn.execute("UPDATE results SET superseded = (sha256 != ?) WHERE path = ?", (sha, path))
+            conn.execute("UPDATE results SET superseded = (sha256 != ?) WHERE path = ?", (sha, path_text(path)))
         conn.execute(
             "UPDATE batches SET state = 'done', done_at = ?, preprocess_ms = ?, compute_ms = ?, total_ms = ?, "
             "n_ok = ?, n_error = ? WHERE id = ?",
@@ -477,4 +565,5 @@ def insert_batch(conn: sqlite3.Connection, batch_id: int, rows: Iterable[ResultR
 def supersede_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
     """Results of files that are gone stop counting."""
     with transaction(conn):
-        conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0", [(p,) for p in paths])
+        conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0",
+                         [(path_text(p),) for p in paths])

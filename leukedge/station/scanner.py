@@ -115,6 +115,9 @@ class ReadyFile:
     how: str                    # settled | renamed
     error: str | None = None    # set for files refused before inference (too large, empty)
     reactivate: bool = False    # content already classified earlier: only mark it current again
+    detected_mono: float | None = None  # monotonic, first seen: durations never jump with the wall clock
+    ctime_ns: int | None = None  # st_ctime_ns and st_ino when hashed: a later replacement of equal size and
+    inode: int | None = None     # mtime changes them, so it is hashed again
 
 
 @dataclass
@@ -132,6 +135,7 @@ class _Candidate:
     stable_since: float
     observations: int = 1
     renamed: bool = False
+    detected_mono: float | None = None
 
 
 @dataclass
@@ -171,10 +175,15 @@ class Scanner:
         self.known: dict[str, dict[str, KnownFile]] = known or {}
         # path -> (size, mtime_ns) of the current stored result: recognised without reading.
         self.done_stats: dict[str, tuple[int, int]] = {}
+        # path -> (ctime_ns, inode) of the current stored result, where known: a file replaced by another of the
+        # same size and mtime (cp --preserve, a restored backup) changes them and is hashed again
+        self.done_ids: dict[str, tuple[int, int]] = {}
         for path, by_hash in self.known.items():
             for k in by_hash.values():
                 if not k.superseded and k.size is not None and k.mtime_ns is not None:
                     self.done_stats[path] = (k.size, k.mtime_ns)
+                    if k.ctime_ns is not None and k.inode is not None:
+                        self.done_ids[path] = (k.ctime_ns, k.inode)
         self.candidates: dict[str, _Candidate] = {}
         self.in_flight: set[str] = set()
         self.recent_temps: dict[str, float] = {}   # final path or dir/stem -> monotonic time seen
@@ -190,8 +199,9 @@ class Scanner:
         self._vanished: "queue.SimpleQueue[str]" = queue.SimpleQueue()
 
     # -- feedback from the station (any thread) -------------------------------------------------
-    def report_done(self, path: str, sha256: str, size: int, mtime_ns: int) -> None:
-        self._feedback.put(("done", path, sha256, size, mtime_ns))
+    def report_done(self, path: str, sha256: str, size: int, mtime_ns: int, ctime_ns: int | None = None,
+                    inode: int | None = None) -> None:
+        self._feedback.put(("done", path, sha256, size, mtime_ns, ctime_ns, inode))
 
     def report_retry(self, path: str) -> None:
         """The file changed while it was being classified: look at it again from scratch."""
@@ -204,13 +214,17 @@ class Scanner:
             except queue.Empty:
                 return
             if msg[0] == "done":
-                _, path, sha, size, mtime_ns = msg
+                _, path, sha, size, mtime_ns, ctime_ns, inode = msg
                 self.in_flight.discard(path)
                 by_hash = self.known.setdefault(path, {})
                 for k in by_hash.values():
                     k.superseded = True
-                by_hash[sha] = KnownFile(sha, size, mtime_ns, False)
+                by_hash[sha] = KnownFile(sha, size, mtime_ns, False, ctime_ns, inode)
                 self.done_stats[path] = (size, mtime_ns)
+                if ctime_ns is not None and inode is not None:
+                    self.done_ids[path] = (ctime_ns, inode)
+                else:
+                    self.done_ids.pop(path, None)
             elif msg[0] == "retry":
                 path = msg[1]
                 self.in_flight.discard(path)
@@ -340,15 +354,20 @@ class Scanner:
         ready_paths: list[str] = []
         for path, st in files.items():
             key = (st.st_size, st.st_mtime_ns)
-            if self.done_stats.get(path) == key or path in self.in_flight:
+            if path in self.in_flight:
                 continue
+            if self.done_stats.get(path) == key:
+                ids = self.done_ids.get(path)
+                if ids is None or ids == (st.st_ctime_ns, st.st_ino):
+                    continue
+                del self.done_stats[path]  # same size and mtime, but another file or rewritten: hash it again
             cand = self.candidates.get(path)
             if cand is None or (cand.size, cand.mtime_ns) != key:
                 renamed = False
                 if cand is None and self.trust_rename and st.st_size > 0 and path not in temp_present:
                     renamed = path in self.recent_temps or os.path.splitext(path)[0] in self.recent_temps
                 if cand is None:
-                    cand = _Candidate(st.st_size, st.st_mtime_ns, wall, now, 1, renamed)
+                    cand = _Candidate(st.st_size, st.st_mtime_ns, wall, now, 1, renamed, now)
                     self.candidates[path] = cand
                 else:
                     cand.size, cand.mtime_ns = key
@@ -410,6 +429,8 @@ class Scanner:
             if not by_hash[digest].superseded:
                 # Same content as the stored result (touched, or restart with a new mtime).
                 self.done_stats[path] = key
+                if st is not None:
+                    self.done_ids[path] = (st.st_ctime_ns, st.st_ino)
                 return None
             reactivate = True
         if error is None and cand.size == 0:
@@ -421,6 +442,8 @@ class Scanner:
             path=path, sha256=digest, size=cand.size, mtime_ns=cand.mtime_ns, sample_id=self.sample_fn(path),
             detected_at=cand.detected_at, ready_at=time.time(), ready_mono=time.monotonic(),
             how="renamed" if cand.renamed else "settled", error=error, reactivate=reactivate,
+            detected_mono=cand.detected_mono, ctime_ns=st.st_ctime_ns if st is not None else None,
+            inode=st.st_ino if st is not None else None,
         )
 
 

@@ -8,14 +8,15 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::config::{Config, CropMode, Layout};
-use crate::decode::{channels_to_rgb, decode_bytes, decode_path, Rgb8};
+use crate::decode::{channels_to_rgb, decode_bytes, header_pixels, max_file_bytes, read_image_file, Rgb8};
 use crate::error::{Error, Result};
+use crate::gate;
 use crate::resize::{crop_window, expand_rect, square_resize_into, window_origin};
 use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
@@ -42,6 +43,16 @@ pub struct ItemStatus {
     pub error: Option<String>,
     pub stain_fallback: bool,
     pub stain_reason: Option<String>,
+    /// Why the cell quality gate rejected the frame (`ok` stays true: the pixels are written; the
+    /// caller must not classify it). `None` = passed (or the gate is off).
+    pub rejected: Option<String>,
+}
+
+/// What [`Pipeline::process_rgb`] learnt about one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    pub stain: StainOutcome,
+    pub rejected: Option<String>,
 }
 
 /// The output buffer of a whole batch (`n * item_len` elements).
@@ -83,45 +94,68 @@ impl Pipeline {
 
     /// Decode / convert a source into RGB8.
     pub fn load(&self, src: &Source<'_>, name: &str) -> Result<Rgb8> {
+        self.load_within(src, name, None).map(|(img, _)| img)
+    }
+
+    /// [`Pipeline::load`] within a batch's [`PixelBudget`]: the header's pixel count is reserved before
+    /// the pixels are decoded, and the returned guard keeps it reserved until the item is done.
+    pub fn load_within<'b>(
+        &self,
+        src: &Source<'_>,
+        name: &str,
+        budget: Option<&'b PixelBudget>,
+    ) -> Result<(Rgb8, Option<BudgetGuard<'b>>)> {
+        let decode = |bytes: &[u8], name: &str| {
+            let guard = budget.map(|b| b.acquire(header_pixels(bytes)));
+            decode_bytes(bytes, name, self.cfg.max_pixels).map(|img| (img, guard))
+        };
         match src {
-            Source::Path(p) => decode_path(p, self.cfg.max_pixels),
-            Source::Bytes(b) => decode_bytes(b, name, self.cfg.max_pixels),
+            Source::Path(p) => {
+                let bytes = read_image_file(p, max_file_bytes(self.cfg.max_pixels))?;
+                decode(&bytes, &p.display().to_string())
+            }
+            Source::Bytes(b) => decode(b, name),
             Source::Pixels {
                 data,
                 width,
                 height,
                 channels,
-            } => {
-                if (*width as u64) * (*height as u64) > self.cfg.max_pixels {
-                    return Err(Error::Input(format!(
-                        "{name}: {width}x{height} pixels exceeds max_pixels={}",
-                        self.cfg.max_pixels
-                    )));
-                }
-                channels_to_rgb(data, *width, *height, *channels).map_err(|e| Error::Input(format!("{name}: {e}")))
-            }
+            } => self.load_pixels(data, *width, *height, *channels, name).map(|img| (img, None)),
         }
+    }
+
+    fn load_pixels(&self, data: &[u8], width: usize, height: usize, channels: usize, name: &str) -> Result<Rgb8> {
+        if (width as u64) * (height as u64) > self.cfg.max_pixels {
+            return Err(Error::Input(format!(
+                "{name}: {width}x{height} pixels exceeds max_pixels={}",
+                self.cfg.max_pixels
+            )));
+        }
+        channels_to_rgb(data, width, height, channels).map_err(|e| Error::Input(format!("{name}: {e}")))
     }
 
     /// Everything after decoding: crop, stain, square + resize into `dst` (`size*size*3`
     /// packed RGB bytes).
-    pub fn process_rgb(&self, img: Rgb8, dst: &mut [u8]) -> Result<StainOutcome> {
+    pub fn process_rgb(&self, img: Rgb8, dst: &mut [u8]) -> Result<Processed> {
         let cfg = &self.cfg;
         let rule = MaskRule::from_config(&cfg.stain);
         let whole = (0, 0, img.width, img.height);
+        let need_bbox = cfg.crop != CropMode::None || cfg.gate.enabled;
+        let bbox = if need_bbox {
+            foreground_bbox(&img.data, img.width, img.height, rule)
+        } else {
+            None
+        };
+        let rejected = gate::check(&img.data, img.width, img.height, bbox, rule, &cfg.gate);
         let mut img = match cfg.crop {
             CropMode::None => img,
-            CropMode::Bbox => match foreground_bbox(&img.data, img.width, img.height, rule) {
-                Some(b) => match expand_rect(b, cfg.crop_margin as usize, img.width, img.height) {
-                    r if r == whole => img,
-                    r => crop(&img, r),
-                },
-                None => img,
+            CropMode::Bbox => match bbox.map(|b| expand_rect(b, cfg.crop_margin as usize, img.width, img.height)) {
+                Some(r) if r != whole => crop(&img, r),
+                _ => img,
             },
             CropMode::Window => {
                 let side = cfg.crop_window as usize;
-                let cell = foreground_bbox(&img.data, img.width, img.height, rule).unwrap_or(whole);
-                crop_window(&img, window_origin(cell, side, img.width, img.height), side)
+                crop_window(&img, window_origin(bbox.unwrap_or(whole), side, img.width, img.height), side)
             }
         };
         let full = (0, 0, img.width, img.height);
@@ -132,11 +166,17 @@ impl Pipeline {
             if let Some(t) = transform {
                 t.apply_non_black(dst);
             }
-            return Ok(outcome);
+            return Ok(Processed {
+                stain: outcome,
+                rejected,
+            });
         }
         let outcome = normalize_in_place(&mut img.data, &cfg.stain, &self.params);
         square_resize_into(&img, full, cfg.square, cfg.size as usize, cfg.filter, dst, cfg.max_pixels)?;
-        Ok(outcome)
+        Ok(Processed {
+            stain: outcome,
+            rejected,
+        })
     }
 
     /// Convert a packed RGB `size x size` image into one item of the output.
@@ -186,10 +226,22 @@ impl Pipeline {
 
     /// Process one source into `out` (zero-filled on error). Never panics.
     pub fn run_item(&self, src: &Source<'_>, name: &str, out: ItemOut<'_>, scratch: &mut Vec<u8>) -> ItemStatus {
+        self.run_item_within(src, name, out, scratch, None)
+    }
+
+    /// [`Pipeline::run_item`] within a batch's decode budget.
+    fn run_item_within(
+        &self,
+        src: &Source<'_>,
+        name: &str,
+        out: ItemOut<'_>,
+        scratch: &mut Vec<u8>,
+        budget: Option<&PixelBudget>,
+    ) -> ItemStatus {
         let s2 = (self.cfg.size as usize).pow(2);
         scratch.resize(3 * s2, 0);
-        let res = catch_unwind(AssertUnwindSafe(|| -> Result<StainOutcome> {
-            let img = self.load(src, name)?;
+        let res = catch_unwind(AssertUnwindSafe(|| -> Result<Processed> {
+            let (img, _held) = self.load_within(src, name, budget)?;
             self.process_rgb(img, scratch)
         }));
         let res = match res {
@@ -204,13 +256,14 @@ impl Pipeline {
             }
         };
         match res {
-            Ok(outcome) => {
+            Ok(p) => {
                 self.write_item(scratch, out);
                 ItemStatus {
                     ok: true,
                     error: None,
-                    stain_fallback: outcome.fallback,
-                    stain_reason: outcome.reason,
+                    stain_fallback: p.stain.fallback,
+                    stain_reason: p.stain.reason,
+                    rejected: p.rejected,
                 }
             }
             Err(e) => {
@@ -224,6 +277,7 @@ impl Pipeline {
                     error: Some(msg),
                     stain_fallback: false,
                     stain_reason: None,
+                    rejected: None,
                 }
             }
         }
@@ -254,8 +308,9 @@ impl Pipeline {
             return Ok(Vec::new());
         }
         let pool = pool(threads)?;
+        let budget = PixelBudget::new(decode_budget_pixels(self.cfg.max_pixels));
         let work = |(i, out): (usize, ItemOut<'_>)| -> ItemStatus {
-            SCRATCH.with(|s| self.run_item(&sources[i], &names[i], out, &mut s.borrow_mut()))
+            SCRATCH.with(|s| self.run_item_within(&sources[i], &names[i], out, &mut s.borrow_mut(), Some(&budget)))
         };
         let statuses = pool.install(|| match out {
             OutBuf::U8(b) => b
@@ -268,6 +323,62 @@ impl Pipeline {
             OutBuf::F16(b) => b.par_chunks_mut(len).map(ItemOut::F16).enumerate().map(work).collect(),
         });
         Ok(statuses)
+    }
+}
+
+/// Pixels a batch may hold decoded at once, across all its threads: twice `max_pixels`. Many small
+/// images (a C-NMC cell is 0.2 M pixels) still decode in parallel; images near the limit decode two at a
+/// time whatever the thread count (eight 64 M-pixel 16-bit PNGs on 8 threads took 6.5 GB before).
+pub fn decode_budget_pixels(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(2)
+}
+
+/// A counting budget of decoded pixels shared by the threads of one batch (a mutex and a condition
+/// variable; a thread waits only while others hold pixels, so one image bigger than the whole budget
+/// still runs, alone).
+pub struct PixelBudget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl PixelBudget {
+    pub fn new(limit: u64) -> PixelBudget {
+        PixelBudget {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Reserve `pixels`, waiting until they fit beside what other threads hold.
+    pub fn acquire(&self, pixels: u64) -> BudgetGuard<'_> {
+        let n = pixels.min(self.limit);
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+        BudgetGuard { budget: self, n }
+    }
+
+    /// Pixels reserved now.
+    pub fn in_use(&self) -> u64 {
+        *self.used.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Pixels reserved from a [`PixelBudget`], given back when dropped (also on error or panic).
+pub struct BudgetGuard<'a> {
+    budget: &'a PixelBudget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= self.n;
+        self.budget.freed.notify_all();
     }
 }
 
@@ -720,6 +831,65 @@ mod tests {
         p.run_batch(&src, &names, OutBuf::F32(&mut o1), 1).unwrap();
         p.run_batch(&src, &names, OutBuf::F32(&mut o2), 2).unwrap();
         assert_eq!(o1, o2);
+    }
+
+    #[test]
+    fn gate_rejects_junk_but_still_writes_its_pixels() {
+        let (w, h) = (120, 120);
+        let cell = synthetic_cell(w, h, 5);
+        let grey = vec![128u8; w * h * 3];
+        let black = vec![0u8; w * h * 3];
+        let src: Vec<Source<'_>> = [&cell, &grey, &black]
+            .iter()
+            .map(|d| Source::Pixels {
+                data: d,
+                width: w,
+                height: h,
+                channels: 3,
+            })
+            .collect();
+        let names: Vec<String> = (0..3).map(|i| i.to_string()).collect();
+        for json in [r#"{"size":16,"dtype":"uint8"}"#, r#"{"size":16,"dtype":"uint8","crop":"none"}"#] {
+            let p = cfg(json);
+            let mut out = vec![0u8; 3 * p.cfg.item_len()];
+            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            assert!(st.iter().all(|s| s.ok && s.error.is_none()), "{st:?}");
+            assert_eq!(st[0].rejected, None, "{json}");
+            assert!(st[1].rejected.as_deref().unwrap().contains("foreground area"), "{st:?}");
+            assert!(st[2].rejected.as_deref().unwrap().starts_with("no cell found"), "{st:?}");
+            let len = p.cfg.item_len();
+            assert!(out[len..2 * len].iter().any(|&v| v != 0), "grey pixels written");
+        }
+        let p = cfg(r#"{"size":16,"gate":{"enabled":false}}"#);
+        let mut out = vec![0f32; 3 * p.cfg.item_len()];
+        let st = p.run_batch(&src, &names, OutBuf::F32(&mut out), 1).unwrap();
+        assert!(st.iter().all(|s| s.rejected.is_none()));
+    }
+
+    #[test]
+    fn pixel_budget_bounds_what_threads_hold_at_once() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let budget = PixelBudget::new(100);
+        let peak = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for k in 0..8u64 {
+                let (budget, peak) = (&budget, &peak);
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        let _g = budget.acquire(30 + k * 5);
+                        peak.fetch_max(budget.in_use(), Ordering::SeqCst);
+                        std::thread::yield_now();
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::SeqCst) <= 100, "{}", peak.load(Ordering::SeqCst));
+        assert_eq!(budget.in_use(), 0);
+        // bigger than the whole budget: runs alone instead of waiting forever
+        let g = budget.acquire(1_000);
+        assert_eq!(budget.in_use(), 100);
+        drop(g);
+        assert_eq!(decode_budget_pixels(64_000_000), 128_000_000);
     }
 
     #[test]

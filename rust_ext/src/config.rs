@@ -125,10 +125,66 @@ impl Default for StainConfig {
     }
 }
 
+/// The cell quality gate (see `gate.rs`): which decoded frames are whole segmented cells. It never
+/// changes pixels (not in the pixel hash) but travels with the model's preprocessing. Foreground is
+/// the stain mask's (`stain.black_threshold` / `stain.white_threshold`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    pub enabled: bool,
+    /// Fewest foreground pixels of a cell.
+    pub min_pixels: u64,
+    /// Foreground share of the frame: at least `min_area`, at most `max_area`.
+    pub min_area: f64,
+    pub max_area: f64,
+    /// Largest share of the frame's border pixels that may be foreground.
+    pub max_border: f64,
+}
+
+/// Default bounds, chosen from the 3,527 real cells of C-NMC fold 0 and the 52 sample cells
+/// (450 x 450; `benchmarks/gate_bounds.py`): their foreground covers 4.8 % to 25.0 % of the frame
+/// (at least 9,711 pixels); 9 of them (0.26 %) touch the border, with at most 64 border pixels
+/// (3.6 % of the border). Each bound sits at least twice as far out: a real cell is not rejected, while
+/// black, white, grey and noise frames, 1x1 images, specks of debris and half cells cut by the edge
+/// are. `min_pixels` is small on purpose (images of any size): it only catches "nothing there".
+pub const GATE_DEFAULT: GateConfig = GateConfig {
+    enabled: true,
+    min_pixels: 100,
+    min_area: 0.015,
+    max_area: 0.5,
+    max_border: 0.08,
+};
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GATE_DEFAULT
+    }
+}
+
+impl GateConfig {
+    pub fn is_default(&self) -> bool {
+        *self == GATE_DEFAULT
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        if !(share(self.min_area) && share(self.max_area) && share(self.max_border)) || self.min_area > self.max_area {
+            return Err(Error::Config(format!(
+                "gate: min_area={}, max_area={}, max_border={} must be shares in [0, 1] with min_area <= max_area",
+                self.min_area, self.max_area, self.max_border
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub max_pixels: u64,
+    /// Left out of the serialised config while at its defaults (like `stain.fit_pixels`).
+    #[serde(skip_serializing_if = "GateConfig::is_default")]
+    pub gate: GateConfig,
     pub stain: StainConfig,
     pub crop: CropMode,
     pub crop_margin: u32,
@@ -147,6 +203,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_pixels: 64_000_000,
+            gate: GateConfig::default(),
             stain: StainConfig::default(),
             crop: CropMode::Bbox,
             crop_margin: 8,
@@ -187,6 +244,7 @@ impl Config {
                 self.mean, self.std
             ));
         }
+        self.gate.validate()?;
         self.stain.validate()
     }
 
@@ -214,10 +272,10 @@ fn name_the_field(text: &str, err: serde_json::Error) -> String {
     let fails = |obj: serde_json::Value| serde_json::from_value::<Config>(obj).err();
     for (k, v) in &top {
         match (k.as_str(), v) {
-            ("stain", serde_json::Value::Object(st)) => {
+            (sect @ ("stain" | "gate"), serde_json::Value::Object(st)) => {
                 for (sk, sv) in st {
-                    if let Some(e) = fails(serde_json::json!({ "stain": { sk.clone(): sv.clone() } })) {
-                        return format!("stain.{sk}: {e}");
+                    if let Some(e) = fails(serde_json::json!({ sect: { sk.clone(): sv.clone() } })) {
+                        return format!("{sect}.{sk}: {e}");
                     }
                 }
             }
@@ -318,6 +376,21 @@ mod tests {
             Err(Error::Config(_))
         ));
         assert!(Config::from_json(r#"{"stain":{"black_threshold":10,"white_threshold":230}}"#).is_ok());
+    }
+
+    #[test]
+    fn gate_settings_parse_validate_and_stay_out_of_default_json() {
+        let c = Config::from_json(r#"{"gate":{"enabled":false,"max_area":0.9}}"#).unwrap();
+        assert!(!c.gate.enabled);
+        assert_eq!(c.gate.max_area, 0.9);
+        assert_eq!(c.gate.min_pixels, GATE_DEFAULT.min_pixels);
+        assert!(serde_json::to_string(&c).unwrap().contains("\"gate\""));
+        assert!(!serde_json::to_string(&Config::default()).unwrap().contains("gate"));
+        let e = Config::from_json(r#"{"gate":{"min_area":0.5,"max_area":0.1}}"#).unwrap_err().to_string();
+        assert!(e.contains("min_area"), "{e}");
+        let e = Config::from_json(r#"{"gate":{"max_border":"x"}}"#).unwrap_err().to_string();
+        assert!(e.contains("gate.max_border"), "{e}");
+        assert!(Config::from_json(r#"{"gate":{"colour":1}}"#).is_err());
     }
 
     #[test]

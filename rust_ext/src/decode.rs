@@ -163,6 +163,10 @@ fn map_image_error(source: &str, fmt: &str, e: ImageError) -> Error {
             }
         }
         ImageError::Unsupported(u) => DecodeReason::Unsupported(format!("{fmt}: {u}")),
+        ImageError::Limits(l) if fmt == "PNG" => DecodeReason::LimitExceeded(format!(
+            "PNG: its metadata (text or other ancillary chunks) and row buffers need more than {} MiB ({l})",
+            PNG_METADATA_BUDGET >> 20
+        )),
         ImageError::Limits(l) => DecodeReason::LimitExceeded(format!("{fmt}: decoder memory limit exceeded ({l})")),
         other => DecodeReason::Truncated(format!("{fmt}: {other}")),
     };
@@ -176,6 +180,26 @@ fn limits_for(max_pixels: u64) -> Limits {
     l.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     l.max_image_width = Some(u32::try_from(max_pixels).unwrap_or(u32::MAX));
     l.max_image_height = Some(u32::try_from(max_pixels).unwrap_or(u32::MAX));
+    l
+}
+
+/// Memory the PNG decoder may use for everything but the pixels: all ancillary chunks together
+/// (an iCCP colour profile, text, EXIF; Pillow allows 1 MB a text chunk, real ICC profiles are
+/// under 1 MB) plus its own row buffers. A compressed colour profile that inflates beyond it (a
+/// 4 MB "iCCP bomb" inflates to 1.1 GB) is refused instead of allocated.
+pub const PNG_METADATA_BUDGET: u64 = 16 << 20;
+
+/// Limits handed to the PNG decoder when it is created: the `png` crate counts every ancillary
+/// chunk it buffers or inflates, and its row buffer, against `max_alloc` (the image buffer itself is
+/// ours, bounded by `max_pixels`). The row buffer depends on the width (IHDR, bytes 16..20).
+fn png_header_limits(bytes: &[u8]) -> Limits {
+    let width = bytes
+        .get(16..20)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+        .unwrap_or(0);
+    let mut l = Limits::default();
+    // 16-bit RGBA rows (8 bytes a pixel), two of them, and some slack
+    l.max_alloc = Some(PNG_METADATA_BUDGET + 16 * width.min(1 << 32) + (64 << 10));
     l
 }
 
@@ -338,7 +362,12 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
         ));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.no_limits();
+    if format == ImageFormat::Png {
+        // bounds what the PNG decoder inflates while reading the header (iCCP, zTXt, iTXt, ...)
+        reader.limits(png_header_limits(bytes));
+    } else {
+        reader.no_limits();
+    }
     // Parse the header only (no pixel allocation yet).
     let mut decoder = reader.into_decoder().map_err(|e| map_image_error(source, fname, e))?;
     let (w, h) = decoder.dimensions();
@@ -368,6 +397,22 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
         .map_err(|e| map_image_error(source, fname, e))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(source, fname, e))?;
     Ok(dynamic_to_rgb8(img))
+}
+
+/// The pixel count an encoded image's header claims (0 when it cannot be read): what decoding it will
+/// hold in memory, for the decode budget of a batch. Reads the header only (a PNG's within
+/// [`PNG_METADATA_BUDGET`]).
+pub fn header_pixels(bytes: &[u8]) -> u64 {
+    let Ok(format) = image::guess_format(bytes) else {
+        return 0;
+    };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    if format == ImageFormat::Png {
+        reader.limits(png_header_limits(bytes));
+    } else {
+        reader.no_limits();
+    }
+    reader.into_dimensions().map(|(w, h)| w as u64 * h as u64).unwrap_or(0)
 }
 
 /// Largest file accepted for `max_pixels`: an uncompressed image of that many pixels at 8 bytes
@@ -702,6 +747,93 @@ pub(crate) mod tests {
         assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF]));
         assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF]));
         assert!(!jpeg_is_complete(&[0xFF, 0xD8]));
+    }
+
+    /// A PNG chunk with its CRC.
+    fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut v = (data.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.extend_from_slice(data);
+        let crc = crc32(&v[4..]);
+        v.extend_from_slice(&crc.to_be_bytes());
+        v
+    }
+
+    fn crc32(b: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &x in b {
+            c ^= x as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    /// A zlib stream of `n` zero bytes, by hand (fixed Huffman: one literal 0, then copies of 258
+    /// bytes at distance 1, 13 bits each), so no compression crate is needed: 100 MB in 630 kB.
+    fn zlib_zeros(n: usize) -> Vec<u8> {
+        let mut out = vec![0x78, 0x01];
+        let (mut acc, mut nbits) = (0u64, 0u32);
+        let mut put = |out: &mut Vec<u8>, v: u64, bits: u32| {
+            acc |= v << nbits;
+            nbits += bits;
+            while nbits >= 8 {
+                out.push(acc as u8);
+                acc >>= 8;
+                nbits -= 8;
+            }
+        };
+        let rev = |v: u64, bits: u32| (0..bits).fold(0u64, |r, i| r | (((v >> i) & 1) << (bits - 1 - i)));
+        put(&mut out, 0b011, 3); // BFINAL=1, BTYPE=01 (fixed)
+        put(&mut out, rev(0x30, 8), 8); // literal 0 (codes 0..143: 0x30 + v, 8 bits)
+        let mut left = n - 1;
+        while left >= 258 {
+            put(&mut out, rev(0b1100_0101, 8), 8); // length 258 = code 285 (8 bits)
+            put(&mut out, 0, 5); // distance 1 = code 0
+            left -= 258;
+        }
+        for _ in 0..left {
+            put(&mut out, rev(0x30, 8), 8);
+        }
+        put(&mut out, 0, 7); // end of block (code 256, 7 zero bits)
+        put(&mut out, 0, 7); // flush
+        out.extend_from_slice(&[0, 0, 0, 0]); // adler32 (not checked by the time the limit trips)
+        out
+    }
+
+    /// A valid 4x4 PNG with an iCCP chunk whose profile inflates to `n` bytes.
+    pub fn png_iccp_bomb(n: usize) -> Vec<u8> {
+        let img = DynamicImage::ImageRgb8(sample_rgb(4, 4));
+        let png = encode(&img, ImageFormat::Png);
+        let mut iccp = b"bomb\0\0".to_vec();
+        iccp.extend(zlib_zeros(n));
+        let mut v = png[..33].to_vec(); // signature + IHDR
+        v.extend(png_chunk(b"iCCP", &iccp));
+        v.extend_from_slice(&png[33..]);
+        v
+    }
+
+    fn ok_pixels(png: &[u8]) -> Vec<u8> {
+        decode_bytes(png, "x", DEFAULT_MAX_PIXELS).unwrap().data
+    }
+
+    #[test]
+    fn png_iccp_bomb_is_bounded_by_the_metadata_budget() {
+        // a small profile is fine (and the image decodes)
+        let ok = png_iccp_bomb(1000);
+        assert_eq!(decode_bytes(&ok, "icc.png", DEFAULT_MAX_PIXELS).unwrap().width, 4);
+        // 100 MB of profile: the png crate stops inflating at the budget and drops the profile (which
+        // leukedge never uses); the pixels decode. Without the limit all of it was allocated (the RSS
+        // is checked from Python, tests/test_reliability.py).
+        let bomb = png_iccp_bomb(100 << 20);
+        assert!(bomb.len() < 1 << 20);
+        assert_eq!(decode_bytes(&bomb, "iccp.png", DEFAULT_MAX_PIXELS).unwrap().data, ok_pixels(&ok));
+        let l = png_header_limits(&bomb);
+        assert_eq!(l.max_alloc, Some(PNG_METADATA_BUDGET + 16 * 4 + (64 << 10)));
+        // a big legitimate PNG still decodes (row buffers are within the budget)
+        let wide = DynamicImage::ImageRgb16(ImageBuffer::from_pixel(300_000, 2, image::Rgb([1000u16, 2, 3])));
+        assert_eq!(decode_bytes(&encode(&wide, ImageFormat::Png), "wide16.png", DEFAULT_MAX_PIXELS).unwrap().width, 300_000);
     }
 
     #[test]

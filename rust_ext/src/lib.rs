@@ -16,6 +16,7 @@ pub mod batch;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod gate;
 pub mod resize;
 pub mod numeric;
 pub mod stain;
@@ -488,6 +489,7 @@ fn run_items<'py>(
         d.set_item("error", st.error.as_deref())?;
         d.set_item("stain_fallback", st.stain_fallback)?;
         d.set_item("stain_reason", st.stain_reason.as_deref())?;
+        d.set_item("rejected", st.rejected.as_deref())?;
         list.append(d)?;
     }
     Ok((out_obj, list))
