@@ -74,8 +74,9 @@ def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite3.Conne
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(REVIEW_SCHEMA_VERSION),))
+        # one transaction: a reader never sees the file with only some of its tables
+        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta(key, value) "
+                           f"VALUES ('schema_version', '{REVIEW_SCHEMA_VERSION}'); COMMIT;")
     conn.row_factory = sqlite3.Row
     return conn
 

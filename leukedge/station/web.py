@@ -244,17 +244,28 @@ class StationWeb:
             except FileNotFoundError as exc:
                 raise _NotReadable(f"{exc}; the page fills in once the station has started") from exc
             except sdb.DatabaseDamaged as exc:
-                raise _NotReadable(str(exc)) from exc
+                raise _NotReadable(self._creating(exc) or str(exc)) from exc
             try:
                 yield conn
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                     raise
-                raise _NotReadable(str(sdb.damaged(self.s.db_path, exc))) from exc
+                raise _NotReadable(self._creating(exc) or str(sdb.damaged(self.s.db_path, exc))) from exc
             finally:
                 conn.close()
 
         return cm()
+
+    def _creating(self, exc: BaseException) -> str | None:
+        """A database that lacks tables and changed in the last 30 s is being created by a starting
+        station, not damaged: the message says so."""
+        if "no such table" not in str(exc):
+            return None
+        p = self.s.db_path
+        newest = max((os.stat(f).st_mtime for f in (p, Path(f"{p}-wal")) if os.path.exists(f)), default=0.0)
+        if time.time() - newest > 30:
+            return None
+        return f"station database {p} is being created by a starting station; the page fills in in a moment"
 
     def _json(self, fn: Callable[[sqlite3.Connection], Any]) -> Response:
         try:

@@ -86,14 +86,14 @@ function renderSamples(samples, counts) {
   const tbody = $("samples").tBodies[0];
   const rows = [];
   for (const s of samples) {
-    const ci = s.blast_ci95 ? " (" + fmtPct(s.blast_ci95[0]) + " – " + fmtPct(s.blast_ci95[1]) + ")" : "";
+    const ci = s.blast_ci95 ? "95 % CI " + fmtPct(s.blast_ci95[0]) + " – " + fmtPct(s.blast_ci95[1]) : "";
     const tr = el("tr", { class: "clickable" + (s.sample_id === selectedSample ? " selected" : "") },
       el("td", { class: "sample", text: s.sample_id === null ? "(none)" : s.sample_id }),
       el("td", { class: "num", text: fmtNum(s.n_ok) }),
       el("td", { class: "num" + (s.n_rejected ? " rej" : ""), text: fmtNum(s.n_rejected) }),
       el("td", { class: "num" + (s.n_error ? " err" : ""), text: fmtNum(s.n_error) }),
       el("td", { class: "num", text: fmtNum(s.n_blasts) }),
-      el("td", { class: "num", text: fmtPct(s.blast_fraction) + ci }),
+      el("td", { class: "num" }, fmtPct(s.blast_fraction), el("span", { class: "ci", text: ci })),
       el("td", { class: "num", text: fmtTime(s.last_result_at) }));
     tr.dataset.sample = s.sample_id === null ? "" : s.sample_id;
     tr.addEventListener("click", () => selectSample(tr.dataset.sample));
