@@ -30,6 +30,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("leukedge._native", reason="Rust core leukedge._native is not built")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import sample_cell_paths  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from leukedge.cli.station import open_predictor, predict_fn, station_group  # noqa: E402
@@ -38,8 +39,6 @@ from leukedge.station import dashboard as dash  # noqa: E402
 from leukedge.station import reviews as rv  # noqa: E402
 from leukedge.station.web import WebSettings, create_app  # noqa: E402
 from leukedge.synth import make_cell, write_bmp, write_png  # noqa: E402
-
-from conftest import sample_cell_paths  # noqa: E402
 
 XSS_SAMPLE = "<img src=x onerror=alert(1)>&amp;"
 ODD_NAME = 'cell "quoted" <b>bold</b\x08 & \u00fc.png'.replace("/", "")  # HTML, a control character, non-ASCII

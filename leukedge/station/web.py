@@ -29,6 +29,7 @@ carries a strict Content-Security-Policy, and the page inserts data only as text
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
 import os
 import sqlite3
@@ -187,7 +188,7 @@ class StationCollector:
         yield _gauge("leukedge_station_queue_length", "Complete files waiting for a batch", st.get("queue_len") or 0)
         yield _gauge("leukedge_station_settling", "Files seen but not yet complete", st.get("settling") or 0)
         yield _gauge("leukedge_station_heartbeat_age_seconds", "Seconds since the last heartbeat",
-                     st.get("heartbeat_age_s") if st else float("nan"))
+                     float(st["heartbeat_age_s"]) if st else float("nan"))
         yield _gauge("leukedge_station_throughput_cells_per_second", "Results per second over the last minute",
                      live["throughput_1m"])
         cells = GaugeMetricFamily("leukedge_station_cells", "Current results (one per file) by status, label and model",
@@ -228,15 +229,13 @@ class StationWeb:
         self.s = settings
         self.thumbs = _Thumbnails()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StationCollector(self))  # type: ignore[arg-type]
+        self.registry.register(StationCollector(self))
         self._rw_lock = threading.Lock()
 
     # -- database ---------------------------------------------------------------------------------------
-    def reading(self):
+    def reading(self) -> "contextlib.AbstractContextManager[sqlite3.Connection]":
         """``with web.reading() as conn``: the station database, read-only, closed afterwards; a missing or
         damaged database raises :class:`_NotReadable` with the station's one-line explanation."""
-        import contextlib
-
         @contextlib.contextmanager
         def cm() -> Iterator[sqlite3.Connection]:
             try:
@@ -446,7 +445,7 @@ def _finite(v: Any) -> Any:
 
 
 def _static(name: str, media_type: str) -> Response:
-    data = resources.files("leukedge.station").joinpath("static", name).read_bytes()
+    data = resources.files("leukedge.station").joinpath("static").joinpath(name).read_bytes()
     return Response(data, media_type=media_type, headers=SECURITY_HEADERS)
 
 
