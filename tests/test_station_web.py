@@ -599,3 +599,39 @@ def test_page_in_a_real_browser_while_the_station_classifies(tmp_path, predictor
         st.request_stop("test done")
         t.join(timeout=30)
         browser.quit()
+
+
+def test_serve_command_on_a_damaged_database_with_remote_access(tmp_path):
+    """`leukedge station serve` as a user starts it: a damaged database is named at start and on the
+    page (503), other interfaces print a warning, and the server stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    junk = tmp_path / "station.sqlite"
+    junk.write_bytes(b"garbage, not SQLite" * 50)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "leukedge", "station", "serve", "--db", str(junk), "--host", "0.0.0.0",
+                             "--port", str(port), "--allow-remote", "--token", "t0k"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                raise AssertionError("healthz answered 200 on a damaged database")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and b"damaged" in exc.read()
+                break
+            except urllib.error.URLError:
+                assert proc.poll() is None and time.time() < t_end, proc.communicate()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "warning: listening on 0.0.0.0" in err and "damaged" in err and "station page: http://0.0.0.0:" in err

@@ -540,6 +540,12 @@ def serve_cmd(watch_dir: str | None, db_path: str | None, reviews_db: str | None
                       f"results{'' if token else ' and can write reviews (no --token set)'}.[/]")
     if not path.exists():
         console.print(f"[yellow]{escape(str(path))} does not exist yet: the page says so until the station starts.[/]")
+    else:
+        try:
+            sdb.connect(path, readonly=True).close()
+        except (sdb.DatabaseDamaged, sqlite3.Error) as exc:
+            console.print(f"[bold red]{escape(str(exc))}[/]\n[yellow]serving anyway: the page shows this until "
+                          "the database is readable again.[/]")
     settings = WebSettings(db_path=path.resolve(), reviews_path=_reviews_path(path, reviews_db).resolve(),
                            token=token or None, allowed_hosts=("*",) if remote else LOOPBACK_HOSTS)
     app = create_app(settings)
