@@ -201,6 +201,9 @@ def test_cells_ood_and_borderline_first_and_filter(fresh):
     assert only and {x["sample_id"] for x in only} == {XSS_SAMPLE}
     assert ODD_NAME in {x["name"] for x in only}
     assert client.get("/api/cells", params={"limit": "x"}).status_code == 400
+    newest = client.get("/api/cells", params={"order": "newest", "limit": 100}).json()["cells"]
+    assert [x["done_at"] for x in newest] == sorted((x["done_at"] for x in newest), reverse=True)
+    assert client.get("/api/cells", params={"order": "random"}).status_code == 400
 
 
 # -- thumbnails and paths from URLs ------------------------------------------------------------------------------

@@ -152,14 +152,19 @@ def _public_cell(c: dict[str, Any], review: dict[str, Any] | None) -> dict[str, 
 
 
 def recent_cells(conn: sqlite3.Connection, reviews: dict[tuple[str, str], dict[str, Any]], *,
-                 sample: str | None = None, limit: int = 60, unreviewed_only: bool = False) -> list[dict[str, Any]]:
-    """The newest cells (of one sample, if given), those flagged out of distribution first, then those
-    near the decision threshold, then the rest; newest first within each group. Thumbnails are
-    addressed by ``id`` (the result's row id)."""
+                 sample: str | None = None, limit: int = 60, unreviewed_only: bool = False,
+                 order: str = "priority") -> list[dict[str, Any]]:
+    """The newest cells (of one sample, if given); with ``order="priority"`` those flagged out of
+    distribution first, then those near the decision threshold, then the rest, newest first within
+    each group (``"newest"``: simply newest first). Thumbnails are addressed by ``id`` (the result's row id)."""
+    if order not in ("priority", "newest"):
+        raise ValueError("order must be 'priority' or 'newest'")
     cols = result_columns(conn)
     ood = _first_col(cols, OOD_COLUMNS)
     prio = (f"CASE WHEN COALESCE({ood}, 0) != 0 THEN 0 " if ood else "CASE ") + (
         f"WHEN probability IS NOT NULL AND ABS(probability - {DECISION_THRESHOLD}) <= {BORDERLINE_BAND} THEN 1 ELSE 2 END")
+    if order == "newest":
+        prio = "'newest'"  # a constant (a bare integer would name a column)
     where, args = "superseded = 0", []
     if sample is not None:
         where += " AND sample_id = ?"

@@ -12,7 +12,7 @@ Routes::
     GET  /api/overview                 live panel + per-sample table + status totals + agreement
     GET  /api/samples                  per-sample counts, blasts, blast fraction with 95 % Wilson interval
     GET  /api/live                     station state (queue, settling, throughput, latency, model, uptime)
-    GET  /api/cells?sample=&limit=&unreviewed=1   recent cells, OOD and borderline first
+    GET  /api/cells?sample=&limit=&unreviewed=1&order=priority|newest   recent cells, OOD and borderline first
     GET  /api/cells/{id}/thumbnail.png a cell's thumbnail, by result id (never by a path from the URL)
     GET  /api/reviews?limit=           newest reviews
     POST /api/reviews                  {"result_id", "label": all|hem|not_a_cell, "reviewer"} (token if set)
@@ -204,6 +204,15 @@ class StationCollector:
                          "SELECT '' AS m, size AS x FROM batches WHERE state = 'done'", BATCH_BUCKETS, None)
 
 
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Errors that mean the file is not (or no longer) a readable station database."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return True  # "file is not a database", "database disk image is malformed"
+    msg = str(exc).lower()
+    return any(m in msg for m in ("no such table", "no such column", "malformed", "not a database", "disk i/o",
+                                  "unable to open"))
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], float(value))
@@ -247,8 +256,8 @@ class StationWeb:
             try:
                 yield conn
             except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                    raise
+                if not _is_damage(exc):
+                    raise  # a plain error (a bug, a lock) is a 500, not "damaged"
                 raise _NotReadable(self._creating(exc) or str(sdb.damaged(self.s.db_path, exc))) from exc
             finally:
                 conn.close()
@@ -320,9 +329,12 @@ class StationWeb:
             return _json_response({"error": "limit must be a number"}, 400)
         sample = q.get("sample") or None
         unreviewed = q.get("unreviewed", "") in ("1", "true", "yes")
+        order = q.get("order", "priority")
+        if order not in ("priority", "newest"):
+            return _json_response({"error": "order must be priority or newest"}, 400)
         reviews = self._reviews()
         return self._json(lambda conn: {"cells": dash.recent_cells(conn, reviews, sample=sample, limit=limit,
-                                                                   unreviewed_only=unreviewed)})
+                                                                   unreviewed_only=unreviewed, order=order)})
 
     def api_thumbnail(self, request: Request) -> Response:
         rid = int(request.path_params["result_id"])
@@ -391,6 +403,9 @@ class StationWeb:
                     rconn.close()
         except ValueError as exc:
             return _json_response({"error": str(exc)}, 400)
+        except sqlite3.Error as exc:  # e.g. a read-only folder: say where, keep serving
+            return _json_response({"error": f"cannot store the review in {self.s.reviews_path}: {exc} "
+                                            "(start `station serve` with a writable --reviews-db)"}, 503)
         return _json_response({"review": {k: sdb.display_text(v) for k, v in row.items() if k != "path"}}, 201)
 
     def _refuse_write(self, request: Request) -> Response | None:

@@ -186,6 +186,7 @@ async function refreshCells() {
   const q = new URLSearchParams({ limit: "60" });
   if (selectedSample) q.set("sample", selectedSample);
   if ($("unreviewed").checked) q.set("unreviewed", "1");
+  q.set("order", $("order").value);
   try {
     const d = await getJSON("/api/cells?" + q.toString());
     $("cells").replaceChildren(...d.cells.map(cellCard));
@@ -222,6 +223,10 @@ async function start() {
   $("token").value = sessionStorage.getItem("leukedge.token") || "";
   $("sample").addEventListener("change", (e) => selectSample(e.target.value));
   $("unreviewed").addEventListener("change", refreshCells);
+  $("order").addEventListener("change", () => {
+    $("orderhelp").hidden = $("order").value !== "priority";
+    refreshCells();
+  });
   $("filters").addEventListener("submit", (e) => e.preventDefault());
   tick();
 }
