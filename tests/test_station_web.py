@@ -559,10 +559,13 @@ def test_page_in_a_real_browser_while_the_station_classifies(tmp_path, predictor
             wait = WebDriverWait(browser, 30)
 
             def ok_count(sample: str) -> int:
-                for tr in browser.find_elements(By.CSS_SELECTOR, "#samples tbody tr"):
-                    tds = tr.find_elements(By.TAG_NAME, "td")
-                    if tds and tds[0].text == sample:
-                        return int(tds[1].text.replace(",", "") or 0)
+                # read in one script: the page replaces its rows on every poll
+                rows = browser.execute_script(
+                    "return Array.from(document.querySelectorAll('#samples tbody tr'))"
+                    ".map(tr => Array.from(tr.cells).map(td => td.textContent))")
+                for cells in rows:
+                    if cells and cells[0] == sample:
+                        return int(cells[1].replace(",", "") or 0)
                 return -1
 
             wait.until(lambda b: ok_count("slide_A") == 8 and ok_count(XSS_SAMPLE) == 5)
@@ -578,9 +581,10 @@ def test_page_in_a_real_browser_while_the_station_classifies(tmp_path, predictor
             wait.until(lambda b: b.execute_script(
                 "return Array.from(document.querySelectorAll('.cell img')).filter(i => i.complete && i.naturalWidth > 0).length") >= 5)
             browser.find_element(By.ID, "reviewer").send_keys("Dr. Browser")
-            card = browser.find_elements(By.CSS_SELECTOR, ".cell")[0]
-            rid = int(card.get_attribute("data-id"))
-            card.find_element(By.CSS_SELECTOR, "button[data-label='hem']").click()
+            # one script finds the first card and clicks its "hem" button (the grid is redrawn every 4 s)
+            rid = int(browser.execute_script(
+                "const c = document.querySelector('.cell'); c.querySelector(\"button[data-label='hem']\").click();"
+                " return c.dataset.id;"))
             wait.until(lambda b: rv.default_reviews_path(db).exists()
                        and len(db_rows(rv.default_reviews_path(db), "reviews")) == 1)
             row = db_rows(rv.default_reviews_path(db), "reviews")[0]
