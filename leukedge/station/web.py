@@ -58,6 +58,8 @@ from . import reviews as rv
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 THUMB_PX = 128
 THUMB_CACHE = 512
+THUMB_MAX_BYTES = 64 * 1024 * 1024      # a cell image is well under 1 MB: never read more for a thumbnail
+THUMB_MAX_PIXELS = 16_000_000           # nor decode more (a decompression bomb gets no thumbnail)
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -130,14 +132,14 @@ class _Thumbnails:
         if not any(path.startswith(os.path.join(w, "")) for w in watch_dirs):
             return None
         try:
-            with open_regular(path, _native.max_file_bytes()) as f:
+            with open_regular(path, THUMB_MAX_BYTES) as f:
                 data = f.read()
         except OSError:
             return None
         if hashlib.sha256(data).hexdigest() != cell["sha256"]:
             return None  # replaced since it was classified: not the cell the result is about
         try:
-            img = _native.decode(data)
+            img = _native.decode(data, THUMB_MAX_PIXELS)
         except Exception:  # noqa: BLE001 - any undecodable file simply has no thumbnail
             return None
         h, w = img.shape[:2]
