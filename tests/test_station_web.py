@@ -174,6 +174,57 @@ def test_status_values_are_counted_generically(fresh):
     assert d["status_counts"]["rejected"] == 1
 
 
+def _schema_with_issue25_columns(db: Path) -> None:
+    """Make the database look like the station's later schema: status ``rejected`` allowed, and the
+    columns ``reason``, ``stain_fallback``, ``ood_score``, ``path_bytes`` (the page reads them where present)."""
+    c = sqlite3.connect(db)
+    sql = c.execute("SELECT sql FROM sqlite_master WHERE name = 'results'").fetchone()[0]
+    c.executescript("PRAGMA foreign_keys=OFF; ALTER TABLE results RENAME TO r_old;"
+                    + sql.replace("CHECK (status IN ('ok', 'error'))", "")
+                    + "; INSERT INTO results SELECT * FROM r_old; DROP TABLE r_old;")
+    for col in ("reason TEXT", "stain_fallback INTEGER", "ood_score REAL", "path_bytes BLOB"):
+        c.execute(f"ALTER TABLE results ADD COLUMN {col}")
+    c.commit()
+    c.close()
+
+
+def test_later_schema_rejected_ood_first_and_exact_name_bytes(fresh, native):
+    """With the quality gate's columns: a cell rejected as out of distribution comes first with its
+    reason; a file whose name is not UTF-8 (kept as ``path_bytes``, ``path`` escaped) still has its
+    thumbnail and is exported by its real name."""
+    db = fresh / ".leukedge-station.sqlite"
+    _schema_with_issue25_columns(db)
+    c = sqlite3.connect(db)
+    ok = [r for r in c.execute("SELECT id, path FROM results WHERE status = 'ok' AND sample_id = 'slide_A' ORDER BY id")]
+    ood_id, bytes_id, stain_id = ok[0][0], ok[1][0], ok[2][0]
+    c.execute("UPDATE results SET status = 'rejected', probability = NULL, label = NULL, is_blast = NULL, "
+              "reason = 'out of distribution: energy -1.2 is above the threshold', ood_score = -1.2 WHERE id = ?", (ood_id,))
+    c.execute("UPDATE results SET stain_fallback = 1 WHERE id = ?", (stain_id,))
+    raw = os.fsencode(ok[1][1]).replace(b".bmp", b"_\xff.bmp").replace(b".png", b"_\xff.png")
+    os.rename(ok[1][1], raw)
+    c.execute("UPDATE results SET path = ?, path_bytes = ? WHERE id = ?",
+              (raw.decode("utf-8", "backslashreplace"), raw, bytes_id))
+    c.commit()
+    c.close()
+    client = make_client(db)
+    cells = client.get("/api/cells", params={"limit": 100}).json()["cells"]
+    assert cells[0]["id"] == ood_id and cells[0]["ood"] and cells[0]["reason"].startswith("out of distribution")
+    by = {x["id"]: x for x in cells}
+    assert by[stain_id]["stain_fallback"] and not by[bytes_id]["ood"]
+    assert by[bytes_id]["name"].endswith("_\\xff" + Path(ok[1][1]).suffix)
+    r = client.get(f"/api/cells/{bytes_id}/thumbnail.png")
+    assert r.status_code == 200 and native.decode(r.content).shape[2] == 3
+    d = client.get("/api/overview").json()
+    assert d["status_counts"]["rejected"] == 1
+    assert next(s for s in d["samples"] if s["sample_id"] == "slide_A")["n_rejected"] == 1
+    assert post_review(client, bytes_id, "hem").status_code == 201
+    out = fresh.parent / "reviewed"
+    res = CliRunner().invoke(station_group, ["export-reviews", "--db", str(db), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    (copied,) = list((out / "training_data" / "fold_0" / "hem").iterdir())
+    assert copied.read_bytes() == Path(os.fsdecode(raw)).read_bytes()
+
+
 def test_live_panel_of_a_stopped_station(filled):
     d = make_client(filled / ".leukedge-station.sqlite").get("/api/live").json()
     st = d["station"]

@@ -120,11 +120,23 @@ CELL_FIELDS = ("id", "path", "sha256", "sample_id", "status", "error", "probabil
                "model_id", "done_at")
 
 
+def _ood_expr(cols: set[str]) -> str:
+    """SQL that is true for a cell flagged out of distribution: a flag column, or a cell the station
+    rejected as out of distribution (status ``rejected``, reason "out of distribution ...")."""
+    parts = []
+    flag = _first_col(cols, OOD_COLUMNS)
+    if flag:
+        parts.append(f"COALESCE({flag}, 0) != 0")
+    if "reason" in cols:
+        parts.append("(status = 'rejected' AND reason LIKE 'out of distribution%')")
+    return "(" + " OR ".join(parts) + ")" if parts else "0"
+
+
 def _cell_select(cols: set[str]) -> str:
-    ood = _first_col(cols, OOD_COLUMNS)
     stain = _first_col(cols, STAIN_FALLBACK_COLUMNS)
-    return (", ".join(CELL_FIELDS) + (f", {ood} AS ood" if ood else ", NULL AS ood")
-            + (f", {stain} AS stain_fallback" if stain else ", NULL AS stain_fallback"))
+    optional = [f"{_ood_expr(cols)} AS ood", f"{stain} AS stain_fallback" if stain else "NULL AS stain_fallback"]
+    optional += [f"{c} AS {c}" if c in cols else f"NULL AS {c}" for c in ("reason", "ood_score", "path_bytes")]
+    return ", ".join((*CELL_FIELDS, *optional))
 
 
 def result_by_id(conn: sqlite3.Connection, result_id: int) -> dict[str, Any] | None:
@@ -142,7 +154,8 @@ def _public_cell(c: dict[str, Any], review: dict[str, Any] | None) -> dict[str, 
     p = c.get("probability")
     return {
         "id": c["id"], "sample_id": display_text(c.get("sample_id")), "name": display_text(os.path.basename(fs_path(c["path"]))),
-        "status": c.get("status"), "error": display_text(c.get("error")), "probability": p,
+        "status": c.get("status"), "error": display_text(c.get("error")), "reason": display_text(c.get("reason")),
+        "probability": p, "ood_score": c.get("ood_score"),
         "label": display_text(c.get("label")), "is_blast": c.get("is_blast"), "done_at": c.get("done_at"),
         "ood": bool(c.get("ood")), "stain_fallback": bool(c.get("stain_fallback")),
         "borderline": p is not None and abs(p - DECISION_THRESHOLD) <= BORDERLINE_BAND,
@@ -160,8 +173,7 @@ def recent_cells(conn: sqlite3.Connection, reviews: dict[tuple[str, str], dict[s
     if order not in ("priority", "newest"):
         raise ValueError("order must be 'priority' or 'newest'")
     cols = result_columns(conn)
-    ood = _first_col(cols, OOD_COLUMNS)
-    prio = (f"CASE WHEN COALESCE({ood}, 0) != 0 THEN 0 " if ood else "CASE ") + (
+    prio = f"CASE WHEN {_ood_expr(cols)} THEN 0 " + (
         f"WHEN probability IS NOT NULL AND ABS(probability - {DECISION_THRESHOLD}) <= {BORDERLINE_BAND} THEN 1 ELSE 2 END")
     if order == "newest":
         prio = "'newest'"  # a constant (a bare integer would name a column)

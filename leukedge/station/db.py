@@ -489,3 +489,10 @@ def display_text(value: Any) -> Any:
 def fs_path(value: Any) -> str:
     """The file-system path of a stored ``path`` (text, or bytes where paths are stored losslessly)."""
     return os.fsdecode(bytes(value)) if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def cell_fs_path(row: Any) -> str:
+    """The file-system path of a result row: its exact name bytes (``path_bytes``, where the database
+    keeps them because ``path`` had to escape the name) or else its ``path``."""
+    raw = row["path_bytes"] if "path_bytes" in row.keys() else None
+    return os.fsdecode(bytes(raw)) if raw is not None else fs_path(row["path"])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .._util import file_sha256
-from .db import fs_path
+from .db import cell_fs_path
 
 REVIEW_LABELS = ("all", "hem", "not_a_cell")
 REVIEW_SCHEMA_VERSION = 1
@@ -221,7 +221,7 @@ def export_reviewed(cells: Iterable[dict[str, Any]], reviews: dict[tuple[str, st
         if rv["label"] == "not_a_cell":
             skipped += 1
             continue
-        src = Path(fs_path(c["path"]))
+        src = Path(cell_fs_path(c))
         try:
             same = src.is_file() and file_sha256(src) == c["sha256"]
         except OSError:

@@ -128,7 +128,7 @@ class _Thumbnails:
         from .._util import open_regular
         from ..synth import encode_png
 
-        path = os.path.abspath(sdb.fs_path(cell["path"]))
+        path = os.path.abspath(sdb.cell_fs_path(cell))
         if not any(path.startswith(os.path.join(w, "")) for w in watch_dirs):
             return None
         try:

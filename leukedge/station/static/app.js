@@ -142,11 +142,11 @@ function cellCard(c) {
     img = el("img", { src: "/api/cells/" + encodeURIComponent(c.id) + "/thumbnail.png", alt: c.name, loading: "lazy" });
     img.addEventListener("error", () => img.replaceWith(el("div", { class: "noimg", text: "image not available" })));
   } else {
-    img = el("div", { class: "noimg", text: c.error || c.status });
+    img = el("div", { class: "noimg", text: c.error || c.reason || c.status });
   }
   const pred = c.status === "ok"
     ? (c.label || (c.is_blast ? "all" : "hem")) + " · p=" + (c.probability === null ? "–" : c.probability.toFixed(3))
-    : c.status + (c.error ? ": " + c.error : "");
+    : c.status + ((c.reason || c.error) ? ": " + (c.reason || c.error) : "");
   const buttons = el("div", { class: "buttons" });
   for (const [value, text] of LABELS) {
     const b = el("button", { type: "button", text: text, "data-label": value,
