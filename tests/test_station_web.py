@@ -450,17 +450,22 @@ def test_the_page_reads_read_only_while_the_station_writes(tmp_path, predictor):
         write_png(watch / "s1" / f"c{i}.png", make_cell(i % 2, seed=i, size=96))
     pred, info = predictor
     st = Station(StationSettings(watch_dir=watch, db_path=db, batch_size=4, max_wait_ms=50, settle_ms=100,
-                                 poll_ms=20, heartbeat_s=0.1, exit_when_idle_s=1.5), predict_fn(pred), info,
+                                 poll_ms=20, heartbeat_s=0.1, max_files=24), predict_fn(pred), info,
                  install_signal_handlers=False)
     t = threading.Thread(target=st.run)
     t.start()
-    client = make_client(db)
-    seen, errors, i = [], [], 8
-    t_end = time.time() + 60
-    while t.is_alive() and time.time() < t_end:
-        if i < 24:
+
+    def writer() -> None:  # 16 more cells arrive while the page is being read
+        for i in range(8, 24):
             write_png(watch / "s1" / f"c{i}.png", make_cell(i % 2, seed=i, size=96))
-            i += 1
+            time.sleep(0.05)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    client = make_client(db)
+    seen, errors = [], []
+    t_end = time.time() + 120
+    while t.is_alive() and time.time() < t_end:
         for url in ("/api/overview", "/metrics", "/api/cells"):
             r = client.get(url)
             starting = r.status_code == 503 and (not db.exists() or "being created" in r.text)
@@ -468,6 +473,8 @@ def test_the_page_reads_read_only_while_the_station_writes(tmp_path, predictor):
                 errors.append((url, r.status_code, r.text[:200]))
             if url == "/api/overview" and r.status_code == 200:
                 seen.append(sum(r.json()["status_counts"].values()))
+    st.request_stop("test over")  # only matters if the 120 s guard ran out
+    w.join(timeout=30)
     t.join(timeout=30)
     assert not t.is_alive()
     assert not errors, errors
