@@ -213,8 +213,8 @@ def write_bmp(path: str | Path, rgb: np.ndarray) -> None:
         f.write(header + info + data.tobytes())
 
 
-def write_png(path: str | Path, rgb: np.ndarray) -> None:
-    """Write an 8-bit RGB PNG."""
+def encode_png(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB image encoded as PNG bytes."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w, _ = rgb.shape
     raw = np.zeros((h, w * 3 + 1), dtype=np.uint8)
@@ -224,9 +224,13 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
         return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b"")
+    return png + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b"")
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an 8-bit RGB PNG."""
     with open(path, "wb") as f:
-        f.write(png)
+        f.write(encode_png(rgb))
 
 
 _README = """# SYNTHETIC DATA - not real cells

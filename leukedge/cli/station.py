@@ -20,7 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, atomic_write_text
+from ..station import dashboard as dash
 from ..station import db as sdb
+from ..station import reviews as rv
 from ..station.core import ModelInfo, Station, StationError, StationSettings
 from ..station.scanner import IMAGE_EXTENSIONS, make_sample_fn
 from .station_reporter import Reporter
@@ -40,7 +42,8 @@ class _DefaultRunGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        formatter.write_usage(ctx.command_path, "WATCH_DIR [OPTIONS]  |  status [OPTIONS]  |  export [OPTIONS]")
+        formatter.write_usage(ctx.command_path,
+                              "WATCH_DIR [OPTIONS]  |  status|serve|export|export-reviews [OPTIONS]")
 
 
 @click.group(cls=_DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +53,9 @@ def station_group() -> None:
     \b
     leukedge station WATCH_DIR --model BUNDLE   watch a folder, classify each new cell (same as `station run`)
     leukedge station status [WATCH_DIR]         per-sample totals, throughput, queue length
-    leukedge station export [WATCH_DIR] -o F    per-sample totals as CSV or JSON
+    leukedge station export [WATCH_DIR] -o F    per-sample totals as CSV or JSON (--cells: per file, with reviews)
+    leukedge station serve [WATCH_DIR]          live web page, review queue, /metrics (leukedge[station-ui])
+    leukedge station export-reviews [WATCH_DIR] -o DIR   reviewed cells as a C-NMC folder for preprocess/train
 
     Results go to an SQLite database (default WATCH_DIR/.leukedge-station.sqlite). See docs/station.md.
     """
@@ -292,31 +297,7 @@ def _fmt_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def status_data(conn) -> dict[str, Any]:
-    now = time.time()
-    run = sdb.latest_run(conn)
-    live = None
-    if run is not None:
-        hb_age = now - (run.get("hb_updated_at") or run["started_at"])
-        settings = json.loads(run.get("settings") or "{}")
-        stale_after = max(5.0, 5 * float(settings.get("heartbeat_s", 1.0)))
-        running = run.get("hb_state") in ("starting", "running", "stopping") and hb_age <= stale_after
-        live = {
-            "running": running, "state": run.get("hb_state") if running or run.get("stopped_at") else "not responding",
-            "run_id": run["id"], "pid": run["pid"], "host": run["host"], "watch_dir": run["watch_dir"],
-            "model_id": run["model_id"], "backend": run["backend"], "started_at": run["started_at"],
-            "stopped_at": run["stopped_at"], "exit_reason": run["exit_reason"], "heartbeat_age_s": hb_age,
-            "queue_len": run.get("queue_len") if running else 0, "settling": run.get("settling") if running else 0,
-            "processed_this_run": run.get("processed"), "errors_this_run": run.get("errors"),
-            "throughput_1m_heartbeat": run.get("throughput_1m") if running else 0.0,
-            "latency_p50_ms": run.get("latency_p50_ms"), "latency_p95_ms": run.get("latency_p95_ms"),
-        }
-    return {
-        "station": live,
-        "throughput_1m": sdb.recent_throughput(conn, 60.0, now, since=live["started_at"] if live and live["running"] else None),
-        "totals": sdb.totals(conn),
-        "samples": sdb.sample_totals(conn),
-    }
+status_data = dash.status_data  # what `status` prints; shared with the web page (leukedge.station.dashboard)
 
 
 @station_group.command("status")
@@ -406,7 +387,8 @@ def _iso(t: float) -> str:
 
 
 #: wall-clock (epoch-second) fields of the station's status and export output
-TIME_FIELDS = ("first_result_at", "last_result_at", "detected_at", "done_at", "started_at", "stopped_at", "ready_at")
+TIME_FIELDS = ("first_result_at", "last_result_at", "detected_at", "done_at", "started_at", "stopped_at", "ready_at",
+               "reviewed_at")
 
 
 def iso_times(obj: Any) -> Any:
@@ -449,17 +431,23 @@ def csv_cell(value: Any) -> Any:
               help="Output file ('-' for stdout); written atomically (temporary file + rename).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None,
               help="Output format [default: from the file extension, else csv].")
-@click.option("--cells", is_flag=True, help="Export one row per file instead of per-sample totals.")
-def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str | None, cells: bool) -> None:
+@click.option("--cells", is_flag=True, help="Export one row per file instead of per-sample totals "
+                                             "(with the reviewed label, reviewer and review time, if reviewed).")
+@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
+              help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
+def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str | None, cells: bool,
+               reviews_db: str | None) -> None:
     """Write per-sample totals (or, with --cells, per-file results) as CSV or JSON."""
     path = _resolve_db(watch_dir, db_path)
     if fmt is None:
         fmt = "json" if output.lower().endswith(".json") else "csv"
     with _reading(path) as conn, sdb.snapshot(conn):  # one consistent snapshot while the station keeps writing
         if cells:
-            rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS
+            rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS + rv.REVIEW_EXPORT_COLUMNS
         else:
             rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
+    if cells:
+        rows = rv.with_reviews(rows, _load_reviews(path, reviews_db))
     rows = [iso_times(r) for r in rows]  # wall-clock times as ISO 8601 with the local UTC offset
     text = render_export(rows, cols, fmt)
     if output == "-":
@@ -467,3 +455,122 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
         return
     atomic_write_text(Path(output), text)
     Console(stderr=True).print(f"wrote {len(rows)} {'file' if cells else 'sample'} row(s) to {output} ({fmt})")
+
+
+def _reviews_path(db: Path, reviews_db: str | None) -> Path:
+    return Path(reviews_db) if reviews_db else rv.default_reviews_path(db)
+
+
+def _load_reviews(db: Path, reviews_db: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    rpath = _reviews_path(db, reviews_db)
+    try:
+        rconn = rv.connect(rpath, readonly=True)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"reviews database {rpath} cannot be read: {exc}") from exc
+    if rconn is None:
+        return {}
+    try:
+        return rv.latest_reviews(rconn)
+    except sqlite3.DatabaseError as exc:
+        raise click.ClickException(f"reviews database {rpath} is damaged or not a reviews database: {exc}") from exc
+    finally:
+        rconn.close()
+
+
+# -- export-reviews -----------------------------------------------------------------------------------
+@station_group.command("export-reviews")
+@click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
+              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
+              help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (C-NMC layout: training_data/fold_0/{all,hem}/UID_S<n>_<i>_1_<label>.<ext>).")
+def export_reviews_cmd(watch_dir: str | None, db_path: str | None, reviews_db: str | None, output: str) -> None:
+    """Copy the reviewed cells into a labelled folder in the C-NMC layout, ready for
+    `leukedge preprocess` and `train`: review data becomes training data.
+
+    The label is the reviewer's (newest review), never the model's; `not a cell` is left out. Each
+    sample becomes one subject (S1, S2, ...), so patient-level splits keep a slide together.
+    reviewed_cells.csv in the folder maps every file to its source, sample, reviewer and the model's answer.
+    """
+    path = _resolve_db(watch_dir, db_path)
+    reviews = _load_reviews(path, reviews_db)
+    if not reviews:
+        raise click.ClickException(f"no reviews in {_reviews_path(path, reviews_db)}: review cells on the "
+                                   "`leukedge station serve` page first")
+    with _reading(path) as conn, sdb.snapshot(conn):
+        cells = dash.current_cells(conn)
+    summary = rv.export_reviewed(cells, reviews, output)
+    console = Console(stderr=True)
+    console.print(f"wrote {summary.written['all']} all + {summary.written['hem']} hem reviewed cells of "
+                  f"{len(summary.subjects)} sample(s) to {escape(output)}"
+                  + (f" ({summary.skipped_not_a_cell} marked 'not a cell' left out)" if summary.skipped_not_a_cell else ""))
+    for p in summary.missing:
+        console.print(f"[yellow]skipped {escape(p)}: gone or changed since it was reviewed[/]")
+    console.print(f"next: leukedge preprocess {escape(output)} ...  (see {rv.MANIFEST_NAME} for the sources)")
+
+
+# -- serve --------------------------------------------------------------------------------------------
+TOKEN_ENVVAR = "LEUKEDGE_STATION_TOKEN"
+
+
+@station_group.command("serve")
+@click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
+              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
+              help="Where reviews are stored [default: beside the station database, <name>.reviews.sqlite].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on. Anything but loopback also needs --allow-remote.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--allow-remote", is_flag=True,
+              help="Allow --host to be a non-loopback interface (e.g. 0.0.0.0): the page and the results become "
+                   "visible to the network. Use with --token.")
+@click.option("--token", default=None, envvar=TOKEN_ENVVAR, metavar="TOKEN",
+              help=f"Require this token for reviews (Authorization: Bearer TOKEN) [env {TOKEN_ENVVAR}].")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read the token from this file (first line) instead of the command line.")
+def serve_cmd(watch_dir: str | None, db_path: str | None, reviews_db: str | None, host: str, port: int,
+              allow_remote: bool, token: str | None, token_file: str | None) -> None:
+    """Serve the station's screen: a live web page (per-sample counts and blast fractions, the station's
+    health, recent cells with a review queue), a JSON API under /api/, /metrics for Prometheus and /healthz.
+
+    It reads the station database read-only, in its own process: run it beside `leukedge station run`
+    (the classifying loop never waits for it) or on a copy of a database. Reviews go to their own file.
+    Needs the optional extra: pip install 'leukedge[station-ui]'.
+    """
+    try:
+        import uvicorn
+
+        from ..station.web import LOOPBACK_HOSTS, WebSettings, create_app, is_loopback
+    except ImportError as exc:
+        raise click.ClickException(f"`station serve` needs the web extra ({exc.name} is missing): "
+                                   "pip install 'leukedge[station-ui]'") from exc
+    console = Console(stderr=True)
+    path = _resolve_db(watch_dir, db_path)
+    if token_file:
+        token = Path(token_file).read_text().splitlines()[0].strip() if Path(token_file).read_text().strip() else None
+        if not token:
+            raise click.UsageError(f"--token-file {token_file} is empty")
+    remote = not is_loopback(host)
+    if remote and not allow_remote:
+        raise click.UsageError(f"--host {host} is not a loopback address: the page would be reachable from the "
+                               "network. Add --allow-remote (and preferably --token) if that is what you want.")
+    if remote:
+        console.print(f"[bold yellow]warning: listening on {escape(host)}: anyone who can reach port {port} sees the "
+                      f"results{'' if token else ' and can write reviews (no --token set)'}.[/]")
+    if not path.exists():
+        console.print(f"[yellow]{escape(str(path))} does not exist yet: the page says so until the station starts.[/]")
+    else:
+        try:
+            sdb.connect(path, readonly=True).close()
+        except (sdb.DatabaseDamaged, sqlite3.Error) as exc:
+            console.print(f"[bold red]{escape(str(exc))}[/]\n[yellow]serving anyway: the page shows this until "
+                          "the database is readable again.[/]")
+    settings = WebSettings(db_path=path.resolve(), reviews_path=_reviews_path(path, reviews_db).resolve(),
+                           token=token or None, allowed_hosts=("*",) if remote else LOOPBACK_HOSTS)
+    app = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"station page: http://{escape(shown)}:{port}/   (metrics /metrics, health /healthz; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)

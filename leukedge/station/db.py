@@ -567,3 +567,32 @@ def supersede_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
     with transaction(conn):
         conn.executemany("UPDATE results SET superseded = 1 WHERE path = ? AND superseded = 0",
                          [(path_text(p),) for p in paths])
+
+
+# -- stored paths and names, for display -----------------------------------------------------------------
+def display_text(value: Any) -> Any:
+    """A stored path or name as text that always encodes: bytes (lossless path storage) and lone
+    surrogates (undecodable bytes of a file name, ``os.fsdecode``) become ``\\xNN`` escapes."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode("ascii")
+    return value
+
+
+def fs_path(value: Any) -> str:
+    """The file-system path of a stored ``path`` (text, or bytes where paths are stored losslessly)."""
+    return os.fsdecode(bytes(value)) if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def cell_fs_path(row: Any) -> str:
+    """The file-system path of a result row: its exact name bytes (``path_bytes``, where the database
+    keeps them because ``path`` had to escape the name) or else its ``path``."""
+    raw = row["path_bytes"] if "path_bytes" in row.keys() else None
+    return os.fsdecode(bytes(raw)) if raw is not None else fs_path(row["path"])
