@@ -93,7 +93,7 @@ def write_manifest(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
         w.writeheader()
         for r in rows:
             row = {k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_FIELDS}
-            row["path"] = path_text(row["path"])  # a name that is not UTF-8 (or holds a CR): escaped, readable
+            row["path"] = path_text(str(row["path"]))  # a name that is not UTF-8 (or holds a CR): escaped, readable
             w.writerow(row)
 
 

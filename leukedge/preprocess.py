@@ -131,7 +131,7 @@ def _partial_key(cfg: PreprocessConfig, records: Sequence[Record]) -> str:
     """Identity of one run's work: pixel settings, size and every (path, sha256) in order."""
     h = hashlib.sha256(f"{CACHE_VERSION}\n{cfg.pixel_hash()}\n{cfg.size}\n".encode())
     for r in records:
-        h.update(f"{r.path.resolve()}\t{r.sha256}\n".encode())
+        h.update(os.fsencode(r.path.resolve()) + f"\t{r.sha256}\n".encode())
     return h.hexdigest()
 
 
