@@ -69,7 +69,16 @@ def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite3.Conne
             return None
         from .db import _uri
 
-        conn = sqlite3.connect(_uri(path, mode="ro"), uri=True, isolation_level=None, check_same_thread=False)
+        # mode=ro needs the -shm file of a WAL database; on a read-only medium it is opened as immutable
+        for params in ({"mode": "ro"}, {"mode": "ro", "immutable": "1"}):
+            conn = sqlite3.connect(_uri(path, **params), uri=True, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                break
+            except sqlite3.OperationalError:
+                conn.close()
+                if "immutable" in params:
+                    raise
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, check_same_thread=False)
