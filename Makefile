@@ -9,8 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The extension (maturin, release) and `cargo test` share one target directory. A release-profile `cargo test`
-# was measured to recompile all 71 crates anyway (the extension is a thin-LTO cdylib, the test harness is not),
-# so the tests keep the debug profile, which compiles faster; CARGO_TEST_PROFILE=--release to change that.
+# after the extension's build was measured to compile 53 of the 71 crates again (thin-LTO cdylib with pyo3's
+# extension-module feature vs. a test harness), so the tests keep the debug profile, which compiles without
+# optimisation; CARGO_TEST_PROFILE=--release to change that.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 CARGO_TEST_PROFILE ?=
 # install-%: pip installs the requirements of the named extras (scripts/extra_requirements.py expands

@@ -123,7 +123,7 @@ def test_report_rebuilds_from_a_subdirectory(demo_dir: Path, tmp_path: Path) -> 
     res = CliRunner().invoke(main, ["report", str(demo_dir / "evaluate"), "-o", str(out)])
     assert res.exit_code == 0, res.output
     html = out.read_text()
-    assert 'id="metrics"' in html and "weighted_f1" in html and "SYNTHETIC" in html
+    assert 'id="metrics"' in html and "weighted F1 (the C-NMC metric)" in html and "SYNTHETIC" in html
 
 
 def test_report_refuses_an_empty_directory(tmp_path: Path) -> None:
