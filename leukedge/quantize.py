@@ -137,7 +137,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, method:
                 str(tmp_pre), str(tmp_q), _Reader(name, np.ascontiguousarray(calib, np.float32)),
                 quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=cal_method, nodes_to_exclude=keep,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                # biases stay float: a DequantizeLinear of an int32 bias is refused by TensorRT's ONNX parser
+                # ("input has type Int32 but must have type FP8, FP4, Int4, Int8, or UInt8", TensorRT-RTX 1.x)
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             )
         m = onnx.load(str(tmp_q))
         if props:

@@ -69,11 +69,14 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
 @click.option("--hardware-compat", is_flag=True, help="Standard TensorRT: build an Ampere+ hardware-compatible engine.")
 @click.option("--target-cc", multiple=True, type=click.Choice(sorted(RTX_CC_NAMES)),
               help="TensorRT-RTX: compute capability to build for (repeatable) [default: portable Ampere+ set].")
+@click.option("--int8", is_flag=True,
+              help="Build from the export's INT8 Q/DQ graph (model_int8.onnx, only if it passed its export check): "
+                   "explicit quantization, accepted by TensorRT >= 8 (strongly typed from 10) and TensorRT-RTX.")
 @click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
 @click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")
 def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int, opt_batch: int, max_batch: int,
                      timing_cache: Path | None, workspace_mib: int, hardware_compat: bool, target_cc: tuple[str, ...],
-                     validate: bool, verbose: bool) -> None:
+                     int8: bool, validate: bool, verbose: bool) -> None:
     """Compile ONNX_OR_EXPORT_DIR (an export directory uses its FP16 graph) into a TensorRT engine."""
     from rich.console import Console
 
@@ -82,7 +85,7 @@ def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int,
         info = build_engine(onnx_src, engine, backend=backend, min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, timing_cache=timing_cache, workspace_mib=workspace_mib,
                             hardware_compat=hardware_compat, target_cc=target_cc, verbose=verbose,
-                            reporter=RichReporter())
+                            reporter=RichReporter(), int8=int8)
     except (BuildError, BackendUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     print_summary(info, engine, console)
