@@ -40,7 +40,8 @@ META_FILE = "bundle.json"
 # ONNX export folder
 EXPORT_FP32 = "model_fp32.onnx"
 EXPORT_FP16 = "model_fp16.onnx"
-EXPORT_INT8 = "model_int8.onnx"  # Q/DQ graph; used only when export.json's "int8"."passed" is true
+EXPORT_INT8 = "model_int8.onnx"  # Q/DQ graph for ONNX Runtime; used only when export.json's "int8"."passed" is true
+EXPORT_INT8_TRT = "model_int8_trt.onnx"  # symmetric Q/DQ graph for TensorRT; "int8"."tensorrt"."passed"
 # engines
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 SIDECAR_FORMAT = 1

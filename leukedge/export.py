@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
-from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8
+from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT
 from .config import PreprocessConfig
 from .data import file_sha256
 
@@ -264,12 +264,16 @@ def export_model(
         from .quantize import calibration_data, quantize_int8
 
         xc, heldout, calib_desc = calibration_data(calibrate, config, max_calibrate=calibration_cells)
-        int8_info = quantize_int8(files["fp32"], out / EXPORT_INT8, xc, method=calibration_method,
-                                  props={**_base_meta(config, meta), "precision": "int8"})
+        props = {**_base_meta(config, meta), "precision": "int8"}
+        int8_info = quantize_int8(files["fp32"], out / EXPORT_INT8, xc, method=calibration_method, props=props,
+                                  symmetric=False)
+        int8_info["tensorrt"] = quantize_int8(files["fp32"], out / EXPORT_INT8_TRT, xc, method=calibration_method,
+                                              props=props, symmetric=True)
         int8_info["calibration"] = calib_desc
-        files["int8"] = out / EXPORT_INT8
+        files["int8"], files["int8_trt"] = out / EXPORT_INT8, out / EXPORT_INT8_TRT
     else:
-        (out / EXPORT_INT8).unlink(missing_ok=True)  # a stale INT8 graph of an earlier export would not match
+        for stale in (EXPORT_INT8, EXPORT_INT8_TRT):  # INT8 graphs of an earlier export would not match
+            (out / stale).unlink(missing_ok=True)
     export_s = time.perf_counter() - t0
 
     config.save(out / "preprocess.json")
@@ -300,15 +304,16 @@ def export_model(
         if int8_info is not None:
             from .quantize import check_int8
 
-            rep8, ok8 = check_int8(files["fp32"], files["int8"], check_inputs(config, _sample_dir(sample_dir), n_synth=n_synth),
-                                   heldout)
-            report["int8"] = rep8
-            passed = passed and ok8
+            cells = check_inputs(config, _sample_dir(sample_dir), n_synth=n_synth)
+            for key in ("int8", "int8_trt"):
+                report[key], ok8 = check_int8(files["fp32"], files[key], cells, heldout)
+                passed = passed and ok8
         atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
         files["report"] = out / "export_report.json"
     if int8_info is not None:
         # an unchecked INT8 graph is not marked good: inference picks it only when "passed" is true
         int8_info["passed"] = bool(check and report.get("int8", {}).get("all", {}).get("pass"))
+        int8_info["tensorrt"]["passed"] = bool(check and report.get("int8_trt", {}).get("all", {}).get("pass"))
     atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
     files["manifest"] = out / "export.json"
     return ExportResult(out, files, report, passed)

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
-from leukedge.artifacts import EXPORT_INT8  # noqa: E402
+from leukedge.artifacts import EXPORT_INT8, EXPORT_INT8_TRT  # noqa: E402
 from leukedge.config import ConfigMismatchError, PreprocessConfig  # noqa: E402
 from leukedge.engines import BackendUnavailable, get_backend, resolve_model  # noqa: E402
 from leukedge.export import export_bundle  # noqa: E402
@@ -23,14 +23,31 @@ SAMPLE = Path(__file__).parents[1].parent / "shared/data/cnmc_sample"
 SIZE = 48
 
 
-def make_bundle(path: Path) -> Path:
-    """A tiny CNN trained for a few steps on synthetic cells, so its outputs depend on the cell (not a constant)."""
+def make_bundle(path: Path, cache: Path) -> Path:
+    """A tiny CNN whose decision depends strongly on the cell: its head is rescaled so that the logit difference
+    has a spread of about 3 over the cache's cells, centred on 0 (a constant output would hide any quantisation
+    error)."""
+    from leukedge.artifacts import load_cache
+    from leukedge.config import normalize_uint8
     from leukedge.models import build_model, save_bundle
 
     torch.manual_seed(0)
-    m = build_model("tiny", input_size=SIZE, width=8)
-    return save_bundle(path, m.eval(), arch="tiny", arch_kwargs={"width": 8}, config=PreprocessConfig(size=SIZE),
-                       synthetic=True)
+    cfg = PreprocessConfig(size=SIZE)
+    m = build_model("tiny", input_size=SIZE, width=8).eval()
+    c = load_cache(cache)
+    x = torch.from_numpy(normalize_uint8(np.asarray(c.images[c.ok_indices()]), cfg))
+    feats: list[torch.Tensor] = []
+    h = m.head.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
+    with torch.no_grad():
+        m(x)
+        h.remove()
+        f = feats[0]
+        w = torch.zeros_like(m.head.weight)
+        w[1] = torch.randn(f.shape[1])
+        w[1] *= 3.0 / float((f @ w[1]).std())
+        m.head.weight.copy_(w)
+        m.head.bias.copy_(torch.tensor([0.0, -float((f @ w[1]).median())]))
+    return save_bundle(path, m, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +57,9 @@ def setup(tmp_path_factory):
     from leukedge.synth import generate_dataset
 
     d = tmp_path_factory.mktemp("int8")
-    bundle = make_bundle(d / "bundle")
     generate_dataset(d / "data", subjects=8, cells_per_subject=10, seed=1, size=128)
     run_preprocess([d / "data"], d / "cache", PreprocessConfig(size=SIZE), progress=False)
+    bundle = make_bundle(d / "bundle", d / "cache")
     return d, bundle, d / "cache"
 
 
@@ -63,10 +80,16 @@ def test_int8_graph_has_qdq_nodes_and_runs(exported):
     inits = {t.name: t for t in m.graph.initializer}
     scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits]
     assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
-    # activations symmetric: every zero point is 0
-    zps = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in m.graph.node
-           if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
-    assert zps and all((z == 0).all() for z in zps)
+    # the TensorRT graph: symmetric INT8 activations (every zero point 0, int8), no int32 (bias) DequantizeLinear
+    mt = onnx.load(str(out / EXPORT_INT8_TRT))
+    it = {t.name: t for t in mt.graph.initializer}
+    zps = [it[n.input[2]] for n in mt.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in it]
+    assert zps and all((onnx.numpy_helper.to_array(z) == 0).all() and z.data_type == onnx.TensorProto.INT8 for z in zps)
+    assert not any(it[n.input[0]].data_type == onnx.TensorProto.INT32 for n in mt.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in it)
+    # the ONNX Runtime graph: UINT8 activations (U8S8)
+    assert any(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in m.graph.node
+               if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits)
     props = {p.key: p.value for p in m.metadata_props}
     assert props["leukedge.precision"] == "int8"
     assert props["leukedge.preprocess_hash"] == PreprocessConfig(size=SIZE).pixel_hash()
@@ -79,6 +102,7 @@ def test_int8_graph_has_qdq_nodes_and_runs(exported):
     assert {"real", "synthetic", "heldout"} & set(rep["by_source"])
     assert "weighted_f1_int8" in rep["by_source"]["heldout"]
     assert info["passed"] is rep["all"]["pass"] is exported.passed is True, rep["failures"]
+    assert info["tensorrt"]["passed"] is True and info["tensorrt"]["activations"].startswith("int8, symmetric")
     b = get_backend("onnxruntime", out, device="cpu", precision="int8")
     assert b.name == "onnxruntime-cpu-int8"
     x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
@@ -105,6 +129,10 @@ def test_constant_calibration_fails_the_bound_and_is_not_used(setup, tmp_path):
     assert resolve_model(tmp_path / "export").onnx_int8 is None
     with pytest.raises(BackendUnavailable, match="INT8"):
         get_backend("onnxruntime", tmp_path / "export", device="cpu", precision="int8")
+    from leukedge.engines.build import BuildError, resolve_onnx
+
+    with pytest.raises(BuildError, match="did not pass"):
+        resolve_onnx(tmp_path / "export", int8=True)
 
 
 def test_cache_with_other_pixels_is_refused(setup, tmp_path):
@@ -147,3 +175,16 @@ def test_prob_shift_counts_borderline_flips_apart():
     assert (m["flips"], m["borderline_flips"], m["nonborderline_flips"]) == (2, 1, 1)
     assert m["abs_prob"]["max"] == pytest.approx(0.6)
     assert INT8_TOL["nonborderline_flips"] == 0
+
+
+def test_build_engine_int8_with_tensorrt_rtx(exported, tmp_path):
+    """TensorRT-RTX builds ahead of time without a GPU: it accepts the Q/DQ graph (explicit quantization, strongly
+    typed; float biases, since its parser refuses an int32 DequantizeLinear)."""
+    pytest.importorskip("tensorrt_rtx")
+    from leukedge.engines.build import build_engine
+
+    info = build_engine(exported.out_dir, tmp_path / "int8.plan", backend="tensorrt-rtx", min_batch=1, opt_batch=4,
+                        max_batch=8, int8=True)
+    assert info["precision"] == "int8" and info["strongly_typed"]
+    assert info["onnx"]["graph_precision"] == "int8" and Path(info["onnx"]["path"]).name == EXPORT_INT8_TRT
+    assert (tmp_path / "int8.plan").stat().st_size > 0

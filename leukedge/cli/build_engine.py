@@ -70,7 +70,7 @@ def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None
 @click.option("--target-cc", multiple=True, type=click.Choice(sorted(RTX_CC_NAMES)),
               help="TensorRT-RTX: compute capability to build for (repeatable) [default: portable Ampere+ set].")
 @click.option("--int8", is_flag=True,
-              help="Build from the export's INT8 Q/DQ graph (model_int8.onnx, only if it passed its export check): "
+              help="Build from the export's symmetric INT8 Q/DQ graph (model_int8_trt.onnx, only if it passed its export check): "
                    "explicit quantization, accepted by TensorRT >= 8 (strongly typed from 10) and TensorRT-RTX.")
 @click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
 @click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")

@@ -37,12 +37,12 @@ def print_report(report: dict[str, Any], console=None) -> None:
         console.print("[yellow]real sample cells not found (../shared/data/cnmc_sample); synthetic cells only[/]")
 
 
-def print_int8_report(rep: dict[str, Any], console) -> None:
+def print_int8_report(rep: dict[str, Any], console, what: str) -> None:
     """The INT8-vs-FP32 table: |dP(all)| quantiles, flips, weighted F1 on the held-out cells."""
     from rich.table import Table
 
     tol = rep["tolerance"]
-    t = Table(title="ONNX Runtime INT8 vs FP32 (CPU)", caption=(
+    t = Table(title=f"INT8 ({what}) vs FP32, both on ONNX Runtime (CPU)", caption=(
         f"pass: p95 |ΔP(all)| ≤ {tol['p95_abs_prob']:g}, no flips of cells further than {rep['borderline']:g} from 0.5, "
         f"weighted F1 (held-out subjects) ≥ FP32 − {tol['f1_drop']:g}"))
     for col in ("cells", "n", "|ΔP| p50", "p95", "p99", "max", "flips (borderline)", "F1 fp32 / int8"):
@@ -54,9 +54,9 @@ def print_int8_report(rep: dict[str, Any], console) -> None:
                   f"{m['flips']} ({m['borderline_flips']})", f1)
     console.print(t)
     if rep["failures"]:
-        console.print("[red]INT8 graph NOT marked good:[/] " + "; ".join(rep["failures"]))
+        console.print(f"[red]INT8 graph ({what}) NOT marked good:[/] " + "; ".join(rep["failures"]))
     else:
-        console.print("[green]INT8 graph within the bound[/] (export.json int8.passed = true)")
+        console.print(f"[green]INT8 graph ({what}) within the bound[/] (marked passed in export.json)")
 
 
 @click.command("export")
@@ -103,8 +103,9 @@ def export_cmd(bundle: Path, out_dir: Path, fp16: bool, io_dtype: str, opset: in
         console.print(f"  {k:<10} {p}  ({p.stat().st_size / 1024:.0f} KiB)")
     if check:
         print_report(res.report, console)
-        if "int8" in res.report:
-            print_int8_report(res.report["int8"], console)
+        for key, what in (("int8", "model_int8.onnx, ONNX Runtime"), ("int8_trt", "model_int8_trt.onnx, TensorRT")):
+            if key in res.report:
+                print_int8_report(res.report[key], console, what)
         if not res.passed:
             raise click.ClickException(f"ONNX outputs disagree with the reference beyond tolerance; see {res.files['report']}")
     console.print(f"[green]exported[/] {bundle} → {out_dir} (preprocess hash {PreprocessConfig.load(out_dir / 'preprocess.json').pixel_hash()[:12]})")

@@ -34,7 +34,7 @@ from .._util import (
 from ..artifacts import (
     EXPORT_FP16,
     EXPORT_FP32,
-    EXPORT_INT8,
+    EXPORT_INT8_TRT,
     EngineMismatchError,
     onnx_config,
     read_export_manifest,
@@ -56,13 +56,13 @@ def resolve_onnx(src: str | os.PathLike, prefer_fp16: bool = True, int8: bool = 
     that passed its export check (``export.json``)."""
     p = Path(src)
     if p.is_dir() and int8:
-        info = read_export_manifest(p).get("int8")
-        if not (p / EXPORT_INT8).is_file() or not isinstance(info, dict):
-            raise BuildError(f"{p}: no {EXPORT_INT8}; run `leukedge export BUNDLE -o {p} --int8 --calibrate CACHE`")
+        info = (read_export_manifest(p).get("int8") or {}).get("tensorrt")
+        if not (p / EXPORT_INT8_TRT).is_file() or not isinstance(info, dict):
+            raise BuildError(f"{p}: no {EXPORT_INT8_TRT}; run `leukedge export BUNDLE -o {p} --int8 --calibrate CACHE`")
         if info.get("passed") is not True:
-            raise BuildError(f"{p}/{EXPORT_INT8} did not pass its export check against FP32 (see "
+            raise BuildError(f"{p}/{EXPORT_INT8_TRT} did not pass its export check against FP32 (see "
                              f"{p / 'export_report.json'}); no engine is built from it")
-        return p / EXPORT_INT8
+        return p / EXPORT_INT8_TRT
     if p.is_dir():
         order = (EXPORT_FP16, EXPORT_FP32) if prefer_fp16 else (EXPORT_FP32, EXPORT_FP16)
         for name in order:
@@ -80,10 +80,10 @@ def graph_precision(onnx_path: Path) -> str:
 
     m = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in m.metadata_props}
-    if props.get("leukedge.precision") in ("float16", "float32", "int8"):
-        return props["leukedge.precision"]
-    if any(n.op_type == "QuantizeLinear" for n in m.graph.node):
+    if any(n.op_type == "QuantizeLinear" for n in m.graph.node):  # Q/DQ: explicit INT8, whatever the metadata says
         return "int8"
+    if props.get("leukedge.precision") in ("float16", "float32"):
+        return props["leukedge.precision"]
     n16 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     n32 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     return "float16" if n16 > n32 else "float32"
