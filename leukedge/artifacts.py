@@ -40,6 +40,7 @@ META_FILE = "bundle.json"
 # ONNX export folder
 EXPORT_FP32 = "model_fp32.onnx"
 EXPORT_FP16 = "model_fp16.onnx"
+META_PREFIX = "leukedge."  # ONNX metadata_props written by the export: leukedge.preprocess, .precision, ...
 EXPORT_INT8 = "model_int8.onnx"  # Q/DQ graph for ONNX Runtime; used only when export.json's "int8"."passed" is true
 EXPORT_INT8_TRT = "model_int8_trt.onnx"  # symmetric Q/DQ graph for TensorRT; "int8"."tensorrt"."passed"
 # engines
@@ -289,6 +290,16 @@ def onnx_config(path: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
     if side.is_file():
         return PreprocessConfig.load(side), {}
     raise ValueError(f"{path}: ONNX file carries no leukedge preprocessing config (metadata or preprocess.json)")
+
+
+def set_onnx_meta(m: Any, props: dict[str, str]) -> None:
+    """Replace the ``leukedge.*`` metadata_props of the ONNX model ``m`` with ``props`` (keys without the prefix)."""
+    keep = [p for p in m.metadata_props if not p.key.startswith(META_PREFIX)]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    for k, v in props.items():
+        p = m.metadata_props.add()
+        p.key, p.value = META_PREFIX + k, v
 
 
 def read_export_manifest(exp: Path) -> dict[str, Any]:

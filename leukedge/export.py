@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
-from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT
+from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta
 from .config import PreprocessConfig
 from .data import file_sha256
 
@@ -42,7 +42,6 @@ FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
 # cells (seen: 2 of 68 sample cells at p ~ 0.5 on a 192 px model, max |dp| 0.03).
 FP16_TOL = {"max_abs_prob": 0.05}
 
-META_PREFIX = "leukedge."
 
 
 def default_sample_dir() -> Path:
@@ -148,15 +147,6 @@ def _torch_export(model, size: int, path: Path, opset: int) -> str:
         return "dynamo"
 
 
-def _set_meta(m, props: dict[str, str]) -> None:
-    keep = [p for p in m.metadata_props if not p.key.startswith(META_PREFIX)]
-    del m.metadata_props[:]
-    m.metadata_props.extend(keep)
-    for k, v in props.items():
-        p = m.metadata_props.add()
-        p.key, p.value = META_PREFIX + k, v
-
-
 def _io_desc(m) -> dict[str, Any]:
     import onnx
 
@@ -204,7 +194,7 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
     m32 = onnx.load(str(tmp32))
     tmp32.unlink()
     base_meta = _base_meta(config, meta)
-    _set_meta(m32, {**base_meta, "precision": "float32"})
+    set_onnx_meta(m32, {**base_meta, "precision": "float32"})
     m32.producer_name = "leukedge"
     onnx.checker.check_model(m32)
     _atomic_onnx(m32, fp32_path)
@@ -216,7 +206,7 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m16 = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=(io_dtype == "float32"))
-        _set_meta(m16, {**base_meta, "precision": "float16", "io_dtype": io_dtype})
+        set_onnx_meta(m16, {**base_meta, "precision": "float16", "io_dtype": io_dtype})
         onnx.checker.check_model(m16)
         _atomic_onnx(m16, out / EXPORT_FP16)
         files["fp16"] = out / EXPORT_FP16

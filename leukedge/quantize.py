@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._util import softmax
+from .artifacts import set_onnx_meta
 
 # The bound an INT8 graph must meet against FP32 on every cell checked (real sample, synthetic, held-out).
 INT8_TOL = {
@@ -150,9 +151,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, method:
             )
         m = onnx.load(str(tmp_q))
         if props:
-            from .export import _set_meta
-
-            _set_meta(m, props)
+            set_onnx_meta(m, props)
         m.producer_name = "leukedge"
         onnx.checker.check_model(m)
         from ._util import atomic_write_bytes

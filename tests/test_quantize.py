@@ -25,7 +25,7 @@ SIZE = 48
 
 def make_bundle(path: Path, cache: Path) -> Path:
     """A tiny CNN whose decision depends strongly on the cell: its head is rescaled so that the logit difference
-    has a spread of about 3 over the cache's cells, centred on 0 (a constant output would hide any quantisation
+    has a spread (SD) of about 1 over the cache's cells, centred on 0 (a constant output would hide any quantisation
     error)."""
     from leukedge.artifacts import load_cache
     from leukedge.config import normalize_uint8
@@ -44,7 +44,7 @@ def make_bundle(path: Path, cache: Path) -> Path:
         f = feats[0]
         w = torch.zeros_like(m.head.weight)
         w[1] = torch.randn(f.shape[1])
-        w[1] *= 3.0 / float((f @ w[1]).std())
+        w[1] *= 1.0 / float((f @ w[1]).std())
         m.head.weight.copy_(w)
         m.head.bias.copy_(torch.tensor([0.0, -float((f @ w[1]).median())]))
     return save_bundle(path, m, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
