@@ -24,7 +24,8 @@ SIZE = 48
 
 
 def make_bundle(path: Path, cache: Path) -> Path:
-    """A tiny CNN whose decision depends strongly on the cell: its head is rescaled so that the logit difference
+    """A tiny CNN whose decision depends strongly on the cell: its head reads the features' first principal
+    direction (where quantisation noise is smallest relative to the signal), scaled so that the logit difference
     has a spread (SD) of about 1 over the cache's cells, centred on 0 (a constant output would hide any quantisation
     error)."""
     from leukedge.artifacts import load_cache
@@ -43,10 +44,11 @@ def make_bundle(path: Path, cache: Path) -> Path:
         h.remove()
         f = feats[0]
         w = torch.zeros_like(m.head.weight)
-        w[1] = torch.randn(f.shape[1])
+        w[1] = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # the features' main direction
         w[1] *= 1.0 / float((f @ w[1]).std())
         m.head.weight.copy_(w)
-        m.head.bias.copy_(torch.tensor([0.0, -float((f @ w[1]).median())]))
+        d = f @ w[1]
+        m.head.bias.copy_(torch.tensor([0.0, -float(d.median()) - 1.0]))  # threshold 1 SD off the median
     return save_bundle(path, m, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
 
 
@@ -57,7 +59,7 @@ def setup(tmp_path_factory):
     from leukedge.synth import generate_dataset
 
     d = tmp_path_factory.mktemp("int8")
-    generate_dataset(d / "data", subjects=8, cells_per_subject=10, seed=1, size=128)
+    generate_dataset(d / "data", subjects=8, cells_per_subject=16, seed=1, size=128)
     run_preprocess([d / "data"], d / "cache", PreprocessConfig(size=SIZE), progress=False)
     bundle = make_bundle(d / "bundle", d / "cache")
     return d, bundle, d / "cache"
