@@ -25,7 +25,7 @@ define INSTALL
 endef
 space := $(subst ,, )
 
-.PHONY: venv setup setup-demo setup-train demo demo-train test test-rust test-python lint bench clean-venv
+.PHONY: venv setup setup-demo setup-train demo demo-train test test-rust test-python test-portable build-aarch64 lint bench clean-venv
 
 venv: $(PY)
 $(PY):
@@ -54,6 +54,20 @@ test-rust:
 
 test-python:
 	$(PY) -m pytest -q -rs
+
+# The portable paths (what a Jetson's Arm cores run) forced on x86 (LEUKEDGE_PORTABLE=1, read once by the Rust core):
+# every Rust test, and the bit-identical sample-cell tests of the Rust core, run on them.
+PORTABLE_PYTESTS = tests/test_portable.py tests/test_native_pipeline.py tests/test_native_batch.py \
+	tests/test_native_stain.py tests/test_native_resize.py tests/test_native_decode.py
+test-portable:
+	LEUKEDGE_PORTABLE=1 cargo test --manifest-path rust_ext/Cargo.toml --no-default-features
+	LEUKEDGE_PORTABLE=1 $(PY) -m pytest -q -rs $(PORTABLE_PYTESTS)
+
+# The crate for a Jetson's cores (aarch64-unknown-linux-gnu), with the Debian cross toolchain
+# (apt-get install gcc-aarch64-linux-gnu; rustup target add aarch64-unknown-linux-gnu). Builds, does not run.
+build-aarch64:
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+		cargo build --manifest-path rust_ext/Cargo.toml --no-default-features --target aarch64-unknown-linux-gnu
 
 lint:
 	$(PY) -m ruff check .

@@ -180,6 +180,67 @@ def bench_concurrent(backend, x_all: np.ndarray, paths: list[str], cfg, batch: i
     return {"backend_img_s": n / wall, "preprocess_img_s": pre["n"] / pre["wall"]}
 
 
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """INT8 against FP32 (backend alone and end to end, per batch) and against the FP32 peer, from one run."""
+    by = {(r["backend"], r["batch"]): r for r in rows}
+    out: dict[str, float] = {}
+    for (label, b), r in by.items():
+        f = by.get(("onnxruntime-fp32", b))
+        if label != "onnxruntime-int8" or f is None:
+            continue
+        out[f"int8/fp32 backend b={b}"] = r["backend_only"]["throughput_img_s"] / f["backend_only"]["throughput_img_s"]
+        out[f"int8/fp32 e2e b={b}"] = r["end_to_end"]["throughput_img_s"] / f["end_to_end"]["throughput_img_s"]
+        if "peer_pillow_numpy_ort" in f:
+            out[f"int8 e2e / fp32 peer b={b}"] = (r["end_to_end"]["throughput_img_s"]
+                                                  / f["peer_pillow_numpy_ort"]["throughput_img_s"])
+    return out
+
+
+def batch1_latency(exp: Path, images: Path, n: int, console, int8_state: str | None) -> int:
+    """Batch 1: per image, preprocessing alone, backend alone and end to end, inline (the default below
+    PIPELINE_MIN_BATCH) and forced through the pipeline's worker thread, in one process, interleaved."""
+    from leukedge.engines import get_backend
+    from leukedge.infer import BatchRunner, Predictor, run_inference
+
+    rows = []
+    variants = [("onnxruntime-fp32", exp, "fp32")] + ([("onnxruntime-int8", exp / "model_int8.onnx", "int8")]
+                                                       if int8_state else [])
+    for label, model, prec in variants:
+        backend = get_backend("onnxruntime", model, device="cpu", precision=prec)
+        pred = Predictor(spec=backend.spec, backend_obj=backend, batch=1, pipeline=True)
+        piped = Predictor(spec=backend.spec, backend_obj=backend, batch=1, pipeline=True)
+        piped.runner = BatchRunner(backend, backend.spec.config, batch=2, threads=piped.threads.preprocess)
+        piped.runner.batch = 1  # the worker-thread pipeline at batch 1 (what `infer` ran before)
+        runs: dict[str, list] = {"inline": [], "pipelined": []}
+        for _ in range(3):
+            for name, p in (("inline", pred), ("pipelined", piped)):
+                runs[name].append(run_inference(None, [images], None, predictor=p, warmup=3, limit=n).stats)
+        med = {k: sorted(v, key=lambda s: s["latency_ms"]["end_to_end"]["p50"])[1] for k, v in runs.items()}
+        lat = med["inline"]["latency_ms"]
+        stages = lat["preprocess"]["p50"] + lat["backend_total"]["p50"]
+        row = {"backend": label, "int8_check": int8_state if prec == "int8" else None,
+               "preprocess_p50_ms": lat["preprocess"]["p50"], "backend_p50_ms": lat["backend_total"]["p50"],
+               "e2e_p50_ms_inline": lat["end_to_end"]["p50"], "e2e_p99_ms_inline": lat["end_to_end"]["p99"],
+               "e2e_p50_ms_pipelined": med["pipelined"]["latency_ms"]["end_to_end"]["p50"],
+               "img_s_inline": med["inline"]["throughput_img_s"], "img_s_pipelined": med["pipelined"]["throughput_img_s"],
+               "e2e_p50_over_stages": lat["end_to_end"]["p50"] / stages, "target": "<= 1.2",
+               "threads_inline": med["inline"]["threads"]}
+        rows.append(row)
+        console.print(f"{label} batch 1: preprocess p50 {row['preprocess_p50_ms']:.2f} ms + backend p50 "
+                      f"{row['backend_p50_ms']:.2f} ms; e2e p50 inline {row['e2e_p50_ms_inline']:.2f} ms "
+                      f"(= {row['e2e_p50_over_stages']:.2f} x the stages), pipelined {row['e2e_p50_ms_pipelined']:.2f} ms; "
+                      f"{row['img_s_inline']:.0f} vs {row['img_s_pipelined']:.0f} img/s")
+        backend.close()
+    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "n_images": n,
+           "loadavg": os.getloadavg(), "cores": os.cpu_count(),
+           "note": "shared 2-core VM (other jobs running: see loadavg); median of 3 interleaved runs by e2e p50",
+           "results": rows}
+    path = ROOT / "benchmarks" / "results" / "infer_batch1.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    console.print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model bundle (default: a fresh untrained bundle of --arch)")
@@ -196,6 +257,12 @@ def main() -> int:
                     help="interleaved repetitions of stage-alone and end-to-end runs; the median-throughput run is kept")
     ap.add_argument("--peer-batch", type=int, default=32, help="batch size of the peer row (Pillow + NumPy + ORT)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "infer.json")
+    ap.add_argument("--calibrate", type=Path, default=None, metavar="CACHE",
+                    help="dataset cache with the model's pixel hash: also export and measure the INT8 Q/DQ graph "
+                         "(rows onnxruntime-int8, measured even when it fails its bound; the row says so)")
+    ap.add_argument("--batch1-latency", type=int, default=0, metavar="N",
+                    help="only measure batch-1 latency over N images (inline vs pipelined, FP32 and INT8) and write "
+                         "benchmarks/results/infer_batch1.json")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -222,12 +289,22 @@ def main() -> int:
     bundle = args.model or make_bundle(work / "bundle", args.size, args.arch)
     exp = work / "export"
     console.print(f"exporting {bundle} …")
-    export_bundle(bundle, exp, fp16=True, io_dtype="float16", check=False)
+    export_bundle(bundle, exp, fp16=True, io_dtype="float16", check=args.calibrate is not None, calibrate=args.calibrate,
+                  n_synth=8)
+    int8_state = None
+    if (exp / "model_int8.onnx").is_file():
+        int8_state = "passed its bound" if json.loads((exp / "export.json").read_text())["int8"]["passed"] else \
+            "FAILED its bound (measured for speed only)"
+        console.print(f"INT8 graph {int8_state}")
+    if args.batch1_latency:
+        return batch1_latency(exp, images, args.batch1_latency, console, int8_state)
 
     wanted = set(args.backends.split(",")) if args.backends != "all" else None
     specs = [("torch", dict(kind="torch", model=bundle)),
              ("onnxruntime-fp32", dict(kind="onnxruntime", model=exp, precision="fp32")),
              ("onnxruntime-fp16", dict(kind="onnxruntime", model=exp, precision="fp16"))]
+    if int8_state is not None:  # the file itself, so a graph that failed its bound is still timed
+        specs.append(("onnxruntime-int8", dict(kind="onnxruntime", model=exp / "model_int8.onnx", precision="int8")))
     engine = None
     if gpu:
         from leukedge.engines.build import build_engine, pick_flavour
@@ -302,6 +379,7 @@ def main() -> int:
                      if shares_cores else slower)
             row = {
                 "backend": label, "backend_name": backend.name, "description": backend.description, "batch": b,
+                **({"int8_check": int8_state} if label.endswith("int8") else {}),
                 "threads": e2e["threads"],
                 "preprocess": pre, "backend_only": eng, "both_stages_concurrently": conc,
                 "end_to_end": {"throughput_img_s": e2e["throughput_img_s"], "latency_ms": e2e["latency_ms"],
@@ -373,6 +451,9 @@ def main() -> int:
         "target": "end to end >= 0.90 x the slower stage alone (stages alone measured with the thread counts of the end-to-end run); where both stages share every CPU core, also reported against the work bound 1/(1/pre + 1/backend)",
         "results": rows,
     }
+    out["ratios"] = ratios(rows)
+    for k, v in out["ratios"].items():
+        console.print(f"{k}: {v:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     console.print(f"wrote {args.out}")

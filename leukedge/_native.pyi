@@ -241,3 +241,8 @@ def default_threads() -> int:
 def max_file_bytes(max_pixels: int = 64_000_000) -> int:
     """The largest file ``decode`` / ``preprocess_batch`` read for ``max_pixels`` (8 bytes per pixel
     plus 64 MiB); bigger files are refused before they are read."""
+
+def cpu_paths() -> dict[str, bool]:
+    """Which SIMD paths run in this process: ``portable`` (True when ``LEUKEDGE_PORTABLE`` forces the
+    portable fallbacks; read once, when the first image is processed), ``avx2``, ``avx2_f16c``, ``ssse3``,
+    ``resize_simd`` (fast_image_resize's own SIMD)."""

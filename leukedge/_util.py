@@ -31,6 +31,10 @@ IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 # --backend of `leukedge infer` / `leukedge station run` (what engines.get_backend accepts)
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# --precision of `leukedge infer` / `leukedge station run`: which ONNX graph of an export ONNX Runtime runs
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "int8")
+PRECISION_HELP = ("ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU; int8: the export's calibrated Q/DQ "
+                  "graph, only if it passed its check, see `leukedge export --int8`).")
 CUDA_BINDINGS = ("auto", "cuda-python", "pycuda")
 
 

@@ -6,7 +6,7 @@ One place knows each file format, so no stage parses another stage's files by ha
   ``images.npy``): :func:`load_cache`, :class:`Cache`, :func:`read_manifest`, :func:`write_manifest`;
 * a model bundle's ``bundle.json``: :func:`read_bundle_meta` (validated, :class:`BundleError`),
   :func:`read_bundle_json` (for model resolution), :func:`write_bundle_meta`, :func:`load_config_source`;
-* an ONNX export folder (``preprocess.json``, ``export.json``, ``model_fp32/fp16.onnx``): :func:`onnx_config`,
+* an ONNX export folder (``preprocess.json``, ``export.json``, ``model_fp32/fp16/int8.onnx``): :func:`onnx_config`,
   :func:`check_export_hashes`, :func:`read_export_manifest`;
 * an engine's sidecar ``ENGINE.json``: :func:`sidecar_path`, :func:`read_sidecar`, :func:`write_sidecar`;
 * the model shipped with the package: :func:`default_model_path`;
@@ -41,6 +41,9 @@ META_FILE = "bundle.json"
 # ONNX export folder
 EXPORT_FP32 = "model_fp32.onnx"
 EXPORT_FP16 = "model_fp16.onnx"
+META_PREFIX = "leukedge."  # ONNX metadata_props written by the export: leukedge.preprocess, .precision, ...
+EXPORT_INT8 = "model_int8.onnx"  # Q/DQ graph for ONNX Runtime; used only when export.json's "int8"."passed" is true
+EXPORT_INT8_TRT = "model_int8_trt.onnx"  # symmetric Q/DQ graph for TensorRT; "int8"."tensorrt"."passed"
 # engines
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 SIDECAR_FORMAT = 1
@@ -344,11 +347,23 @@ def onnx_config(path: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
         if stored and stored != cfg.pixel_hash():
             raise ValueError(f"{path}: metadata preprocess hash does not match its preprocessing config")
         meta = json.loads(props.get("leukedge.meta", "{}"))
+        if "leukedge.precision" in props:  # "float32" | "float16" | "int8"
+            meta["precision"] = props["leukedge.precision"]
         return cfg, meta
     side = path.parent / "preprocess.json"
     if side.is_file():
         return PreprocessConfig.load(side), {}
     raise ValueError(f"{path}: ONNX file carries no leukedge preprocessing config (metadata or preprocess.json)")
+
+
+def set_onnx_meta(m: Any, props: dict[str, str]) -> None:
+    """Replace the ``leukedge.*`` metadata_props of the ONNX model ``m`` with ``props`` (keys without the prefix)."""
+    keep = [p for p in m.metadata_props if not p.key.startswith(META_PREFIX)]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    for k, v in props.items():
+        p = m.metadata_props.add()
+        p.key, p.value = META_PREFIX + k, v
 
 
 def read_export_manifest(exp: Path) -> dict[str, Any]:

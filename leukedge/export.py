@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
-from .artifacts import EXPORT_FP16, EXPORT_FP32
+from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta
 from .config import PreprocessConfig
 from .data import file_sha256
 
@@ -42,7 +42,6 @@ FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
 # cells (seen: 2 of 68 sample cells at p ~ 0.5 on a 192 px model, max |dp| 0.03).
 FP16_TOL = {"max_abs_prob": 0.05}
 
-META_PREFIX = "leukedge."
 
 
 def default_sample_dir() -> Path | None:
@@ -148,15 +147,6 @@ def _torch_export(model, size: int, path: Path, opset: int) -> str:
         return "dynamo"
 
 
-def _set_meta(m, props: dict[str, str]) -> None:
-    keep = [p for p in m.metadata_props if not p.key.startswith(META_PREFIX)]
-    del m.metadata_props[:]
-    m.metadata_props.extend(keep)
-    for k, v in props.items():
-        p = m.metadata_props.add()
-        p.key, p.value = META_PREFIX + k, v
-
-
 def _io_desc(m) -> dict[str, Any]:
     import onnx
 
@@ -179,6 +169,17 @@ class ExportResult:
     passed: bool
 
 
+def _base_meta(config: PreprocessConfig, meta: dict[str, Any]) -> dict[str, str]:
+    """The ``leukedge.*`` metadata_props every exported graph carries (its preprocessing and model facts)."""
+    return {
+        "preprocess": config.to_json(indent=None),
+        "preprocess_hash": config.pixel_hash(),
+        "version": __version__,
+        "meta": json.dumps({k: meta[k] for k in ("arch", "class_names", "positive_class", "input_size", "synthetic", "test_time")
+                            if k in meta}),
+    }
+
+
 def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[str, Any], *, fp16: bool, io_dtype: str,
                   opset: int) -> tuple[dict[str, Path], str]:
     """Write ``model_fp32.onnx`` (and ``model_fp16.onnx``) with the preprocessing in their metadata;
@@ -192,14 +193,8 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
     exporter = _torch_export(model, size, tmp32, opset)
     m32 = onnx.load(str(tmp32))
     tmp32.unlink()
-    base_meta = {
-        "preprocess": config.to_json(indent=None),
-        "preprocess_hash": config.pixel_hash(),
-        "version": __version__,
-        "meta": json.dumps({k: meta[k] for k in ("arch", "class_names", "positive_class", "input_size", "synthetic", "test_time")
-                            if k in meta}),
-    }
-    _set_meta(m32, {**base_meta, "precision": "float32"})
+    base_meta = _base_meta(config, meta)
+    set_onnx_meta(m32, {**base_meta, "precision": "float32"})
     m32.producer_name = "leukedge"
     onnx.checker.check_model(m32)
     _atomic_onnx(m32, fp32_path)
@@ -211,7 +206,7 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m16 = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=(io_dtype == "float32"))
-        _set_meta(m16, {**base_meta, "precision": "float16", "io_dtype": io_dtype})
+        set_onnx_meta(m16, {**base_meta, "precision": "float16", "io_dtype": io_dtype})
         onnx.checker.check_model(m16)
         _atomic_onnx(m16, out / EXPORT_FP16)
         files["fp16"] = out / EXPORT_FP16
@@ -232,8 +227,15 @@ def export_model(
     sample_dir: str | os.PathLike | None = None,
     n_synth: int = 16,
     bundle_path: str | os.PathLike | None = None,
+    calibrate: str | os.PathLike | None = None,
+    calibration_method: str = "minmax",
+    calibration_cells: int = 256,
 ) -> ExportResult:
-    """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``."""
+    """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``.
+
+    ``calibrate``: a dataset cache with the model's pixel hash; also writes the INT8 Q/DQ graph
+    (:mod:`leukedge.quantize`), checked against FP32 (``check``) and marked failed past ``INT8_TOL``.
+    Long on purpose: one linear sequence of export steps, each a few lines, sharing the manifest."""
     import onnx
     import torch
 
@@ -247,6 +249,21 @@ def export_model(
     t0 = time.perf_counter()
 
     files, exporter = _write_graphs(model, config, out, meta, fp16=fp16, io_dtype=io_dtype, opset=opset)
+    int8_info: dict[str, Any] | None = None
+    if calibrate is not None:
+        from .quantize import calibration_data, quantize_int8
+
+        xc, heldout, calib_desc = calibration_data(calibrate, config, max_calibrate=calibration_cells)
+        props = {**_base_meta(config, meta), "precision": "int8"}
+        int8_info = quantize_int8(files["fp32"], out / EXPORT_INT8, xc, method=calibration_method, props=props,
+                                  symmetric=False)
+        int8_info["tensorrt"] = quantize_int8(files["fp32"], out / EXPORT_INT8_TRT, xc, method=calibration_method,
+                                              props=props, symmetric=True)
+        int8_info["calibration"] = calib_desc
+        files["int8"], files["int8_trt"] = out / EXPORT_INT8, out / EXPORT_INT8_TRT
+    else:
+        for stale in (EXPORT_INT8, EXPORT_INT8_TRT):  # INT8 graphs of an earlier export would not match
+            (out / stale).unlink(missing_ok=True)
     export_s = time.perf_counter() - t0
 
     config.save(out / "preprocess.json")
@@ -269,18 +286,34 @@ def export_model(
         "files": {k: {"path": p.name, "sha256": file_sha256(p), **(_io_desc(onnx.load(str(p))) if p.suffix == ".onnx" else {})}
                   for k, p in files.items()},
         "fp16": {"method": "onnxconverter_common.float16.convert_float_to_float16", "io_dtype": io_dtype} if fp16 else None,
+        "int8": int8_info,
         "export_seconds": round(export_s, 3),
     }
-    atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
-    files["manifest"] = out / "export.json"
 
     report: dict[str, Any] = {"created": manifest["created"], "tolerances": {"fp32": FP32_TOL, "fp16": FP16_TOL}, "results": {}}
     passed = True
     if check:
         report, passed = check_export(model, config, files, sample_dir=sample_dir, n_synth=n_synth)
+        if int8_info is not None:
+            from .quantize import check_int8
+
+            cells = check_inputs(config, _sample_dir(sample_dir), n_synth=n_synth)
+            for key in ("int8", "int8_trt"):
+                report[key], ok8 = check_int8(files["fp32"], files[key], cells, heldout)
+                passed = passed and ok8
         atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
         files["report"] = out / "export_report.json"
+    if int8_info is not None:
+        # an unchecked INT8 graph is not marked good: inference picks it only when "passed" is true
+        int8_info["passed"] = bool(check and report.get("int8", {}).get("all", {}).get("pass"))
+        int8_info["tensorrt"]["passed"] = bool(check and report.get("int8_trt", {}).get("all", {}).get("pass"))
+    atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
+    files["manifest"] = out / "export.json"
     return ExportResult(out, files, report, passed)
+
+
+def _sample_dir(sample_dir: str | os.PathLike | None) -> Path:
+    return Path(sample_dir) if sample_dir else default_sample_dir()
 
 
 def _bundle_ref(bundle_path: str | os.PathLike | None, out: Path) -> str | None:
@@ -303,7 +336,7 @@ def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sam
 
     from .engines.onnxrt import OnnxRuntimeBackend
 
-    sample_dir = Path(sample_dir) if sample_dir else default_sample_dir()
+    sample_dir = _sample_dir(sample_dir)
     inputs = check_inputs(config, sample_dir, n_synth=n_synth)
     sessions = {k: OnnxRuntimeBackend(files[k], device="cpu") for k in ("fp32", "fp16") if k in files}
     report: dict[str, Any] = {

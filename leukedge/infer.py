@@ -45,6 +45,11 @@ from .ood import OodThreshold, energy_score, ood_threshold_of
 RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback",
                  "reason", "ood_score", "path_bytes")
 MAX_BATCH = 1024  # a bigger batch only makes an allocation fail deep in the runtime (`infer --batch 4096`)
+# Smallest batch that is pipelined. Below it the batches run inline, preprocessing then inference on the calling
+# thread: at batch 1 the hand-off to the worker thread and the wait behind the previous batch cost more than the
+# overlap saves (measured on 2 cores, shipped model, ONNX Runtime FP32: pipelined e2e p50 9.6 ms and 188 img/s,
+# inline 207 img/s with e2e p50 ~ preprocessing + backend; benchmarks/results/infer_batch1.json).
+PIPELINE_MIN_BATCH = 2
 PreprocessFn = Callable[..., tuple[np.ndarray, list[dict[str, Any]]]]
 
 
@@ -145,8 +150,14 @@ class _Batch:
         return self.x
 
 
+def pipelined(requested: bool, batch: int) -> bool:
+    """Whether batches of ``batch`` items run pipelined when ``requested``: not below :data:`PIPELINE_MIN_BATCH`."""
+    return bool(requested) and int(batch) >= PIPELINE_MIN_BATCH
+
+
 class BatchRunner:
-    """Preprocess + infer a list of items in batches, optionally pipelined (double buffered)."""
+    """Preprocess + infer a list of items in batches, pipelined (double buffered) when ``pipeline`` is asked for
+    and the batch is at least :data:`PIPELINE_MIN_BATCH`, else inline on the calling thread."""
 
     def __init__(self, backend: Backend, config: PreprocessConfig, *, batch: int = 32, threads: int = 0,
                  pipeline: bool = True, preprocess_fn: PreprocessFn | None = None) -> None:
@@ -158,10 +169,11 @@ class BatchRunner:
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
         self.threads = threads
-        self.pipeline = pipeline
+        self.pipeline_requested = pipeline
+        self.pipeline = pipelined(pipeline, self.batch)
         self.preprocess_fn = preprocess_fn or _native_preprocess()
         s = self.config.size
-        self.bufs = [np.zeros((self.batch, 3, s, s), dtype=self.config.dtype) for _ in range(2 if pipeline else 1)]
+        self.bufs = [np.zeros((self.batch, 3, s, s), dtype=self.config.dtype) for _ in range(2 if self.pipeline else 1)]
 
     def _prep(self, b: _Batch) -> _Batch:
         n = len(b.items)
@@ -258,13 +270,17 @@ class Predictor:
         self.spec = spec
         # Create a CPU backend directly with its share of the cores (an ONNX Runtime session fixes its thread
         # count); if it turns out to run on a GPU, preprocessing gets every core instead.
-        guess = plan_threads(backend_on_cpu=True, pipeline=pipeline, preprocess=threads, backend=backend_threads)
+        # Small batches run inline (PIPELINE_MIN_BATCH): the stages then take turns, each on every core.
+        guess = plan_threads(backend_on_cpu=True, pipeline=pipelined(pipeline, batch), preprocess=threads,
+                             backend=backend_threads)
         self.backend = backend_obj or get_backend(backend, spec, device=device, expected_config=expected_config,
                                                   threads=guess.backend, precision=precision,
                                                   exclusive=guess.partitioned, cuda_binding=cuda_binding)
         if backend_obj is not None and expected_config is not None:
             expected_config.require_same_pixels(spec.config, what="caller", against=f"model {spec.path}")
-        self.threads: ThreadPlan = plan_threads(backend_on_cpu=self.backend.on_cpu, pipeline=pipeline,
+        mb = self.backend.max_batch
+        self.threads: ThreadPlan = plan_threads(backend_on_cpu=self.backend.on_cpu,
+                                                pipeline=pipelined(pipeline, min(batch, mb) if mb else batch),
                                                 preprocess=threads, backend=backend_threads)
         if self.backend.on_cpu:
             self.backend.set_threads(self.threads.backend, exclusive=self.threads.partitioned)
@@ -557,6 +573,7 @@ def inference_stats(pred: Predictor, results: Sequence[FileResult], times: dict[
         "input_size": pred.config.size,
         "batch": pred.batch,
         "pipeline": pred.runner.pipeline,
+        "pipeline_requested": pred.runner.pipeline_requested,
         "threads": {**pred.threads.to_dict(), "preprocess": pred.runner.threads,
                     "backend": getattr(pred.backend, "threads", pred.threads.backend)},
         "warmup": warmup,

@@ -306,3 +306,31 @@ def test_cli_backend_threads(model_dirs, cells, tmp_path):
     st = json.loads(stats_path_for(out).read_text())["threads"]
     assert st["preprocess"] == 1 and st["backend"] == 1 and "threads: preprocess 1, backend 1" in r.output
     assert "--backend-threads" in CliRunner().invoke(infer_cmd, ["--help"]).output
+
+
+def test_batch_one_runs_inline_without_a_worker_thread(model_dirs, cells, monkeypatch):
+    """Below PIPELINE_MIN_BATCH the batches run on the calling thread (no hand-off to the preprocessing worker,
+    no wait behind the previous batch), with the thread plan of a sequential run; results equal the pipeline's."""
+    import threading
+
+    from leukedge.infer import PIPELINE_MIN_BATCH, pipelined
+
+    assert PIPELINE_MIN_BATCH == 2 and not pipelined(True, 1) and pipelined(True, 2) and not pipelined(False, 8)
+    _, exp = model_dirs
+    piped = run_inference(exp, [cells], None, batch=2, backend="onnxruntime", device="cpu", pipeline=True, warmup=0)
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def spy(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    res = run_inference(exp, [cells], None, batch=1, backend="onnxruntime", device="cpu", pipeline=True, warmup=0)
+    assert "leukedge-preprocess" not in started
+    assert res.stats["pipeline"] is False and res.stats["pipeline_requested"] is True
+    assert res.stats["threads"]["pipeline"] is False
+    assert res.stats["n_batches"] == len(res.results) > 1
+    assert [r.path for r in res.results] == [r.path for r in piped.results]
+    np.testing.assert_allclose([r.probability or -1 for r in res.results], [r.probability or -1 for r in piped.results],
+                               rtol=0, atol=2e-6)

@@ -100,11 +100,14 @@ def runs_on(info: dict[str, Any]) -> str:
               help=f"TensorRT-RTX: compute capability to build for (repeatable; {', '.join(sorted(RTX_CC_NAMES))}) "
                    "[default: portable Ampere+ set]. Not 8.7 (Jetson Orin) or 9.0 (Hopper): build those with standard "
                    "TensorRT on the device.")
+@click.option("--int8", is_flag=True,
+              help="Build from the export's symmetric INT8 Q/DQ graph (model_int8_trt.onnx, only if it passed its export check): "
+                   "explicit quantization, accepted by TensorRT >= 8 (strongly typed from 10) and TensorRT-RTX.")
 @click.option("--validate", is_flag=True, help="Compare engine outputs with ONNX Runtime on sample cells (needs a GPU).")
 @click.option("--verbose", is_flag=True, help="Verbose TensorRT log.")
 def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int, opt_batch: int, max_batch: int,
                      timing_cache: Path | None, workspace_mib: int, hardware_compat: bool, target_cc: tuple[str, ...],
-                     validate: bool, verbose: bool) -> None:
+                     int8: bool, validate: bool, verbose: bool) -> None:
     """Compile ONNX_OR_EXPORT_DIR (an export directory uses its FP16 graph) into a TensorRT engine."""
     from rich.console import Console
 
@@ -113,7 +116,7 @@ def build_engine_cmd(onnx_src: Path, engine: Path, backend: str, min_batch: int,
         info = build_engine(onnx_src, engine, backend=backend, min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, timing_cache=timing_cache, workspace_mib=workspace_mib,
                             hardware_compat=hardware_compat, target_cc=target_cc, verbose=verbose,
-                            reporter=RichReporter())
+                            reporter=RichReporter(), int8=int8)
     except (BuildError, BackendUnavailable, ValueError) as exc:
         hint = ""
         if backend == "tensorrt" and isinstance(exc, BackendUnavailable | BuildError) and "tensorrt" in str(exc).lower():

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES
+from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, PRECISION_CHOICES, PRECISION_HELP
 from ..infer import MAX_BATCH, InferenceInterrupted, ResultsNotWritten, run_inference
 from ._console import RichReporter
 
@@ -57,8 +57,7 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES),
               default="auto", show_default=True, help="auto: a usable TensorRT engine, else PyTorch on CUDA, else ONNX Runtime, else PyTorch on the CPU.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
-              help="ONNX Runtime graph to use (auto: fp16 on CUDA, fp32 on CPU).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True, help=PRECISION_HELP)
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="Rust preprocessing threads (0: automatic; the split used is printed and saved in OUT.stats.json).")
 @click.option("--backend-threads", type=click.IntRange(0, 1024), default=0, show_default=True,

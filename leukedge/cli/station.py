@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, atomic_write_text
+from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, PRECISION_CHOICES, PRECISION_HELP, atomic_write_text
 from ..station import dashboard as dash
 from ..station import db as sdb
 from ..station import reviews as rv
@@ -101,7 +101,7 @@ def _model_id(spec: Any, backend: Any = None) -> str:
 
 def open_predictor(model: str | None, backend: str, *, fallback: bool, device: str, threads: int,
                    batch_size: int, console: Console, cuda_binding: str = "auto",
-                   engine: str | None = None) -> tuple[Any, ModelInfo]:
+                   engine: str | None = None, precision: str = "auto") -> tuple[Any, ModelInfo]:
     """Load the model + backend once; returns (Predictor, ModelInfo).  Raises click errors that say
     clearly what failed (and falls back to ONNX Runtime when asked to)."""
     from ..infer import Predictor
@@ -115,7 +115,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
         console.print(f"[dim]no --model given: using the packaged default model {model}[/]")
     try:
         pred = Predictor(model, backend=backend, device=device, threads=threads, batch=batch_size,
-                         cuda_binding=cuda_binding, engine=engine)
+                         cuda_binding=cuda_binding, engine=engine, precision=precision)
     except Exception as exc:  # noqa: BLE001 - classified below
         if backend in GPU_BACKENDS and fallback and not _is_config_mismatch(exc):
             console.print(
@@ -123,7 +123,8 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
                 "[yellow]--fallback: continuing with ONNX Runtime on the CPU.[/]"
             )
             try:
-                pred = Predictor(model, backend="onnxruntime", device="cpu", threads=threads, batch=batch_size)
+                pred = Predictor(model, backend="onnxruntime", device="cpu", threads=threads, batch=batch_size,
+                                 precision=precision)
             except Exception as exc2:  # noqa: BLE001
                 raise click.ClickException(f"the ONNX Runtime fallback failed too for model {model}: {exc2}") from exc2
         else:
@@ -205,6 +206,7 @@ def _asdict(r: Any) -> dict:
 @click.option("--fallback/--no-fallback", default=False, show_default=True,
               help="If the GPU backend fails to start, continue with ONNX Runtime on the CPU instead of stopping.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True, help=PRECISION_HELP)
 @click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
@@ -243,7 +245,7 @@ def _asdict(r: Any) -> dict:
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write this run's summary (counts, batch sizes, exit reason) to a JSON file.")
 def run_cmd(watch_dir: str, model: str | None, engine: str | None, backend: str, fallback: bool, device: str,
-            cuda_binding: str,
+            precision: str, cuda_binding: str,
             db_path: str | None,
             batch_size: int, max_wait_ms: float, settle_ms: float, poll_ms: float, sample_pattern: str | None,
             extensions: tuple[str, ...], ignore: tuple[str, ...], max_file_mb: float, threads: int, once: bool,
@@ -273,7 +275,8 @@ def run_cmd(watch_dir: str, model: str | None, engine: str | None, backend: str,
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     pred, info = open_predictor(model, backend, fallback=fallback, device=device, cuda_binding=cuda_binding,
-                                threads=threads, batch_size=batch_size, console=console, engine=engine)
+                                threads=threads, batch_size=batch_size, console=console, engine=engine,
+                                precision=precision)
     reporter = Reporter(console, quiet=quiet)
     station = Station(settings, predict_fn(pred), info, reporter=reporter)
     try:

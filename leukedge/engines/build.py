@@ -34,8 +34,10 @@ from .._util import (
 from ..artifacts import (
     EXPORT_FP16,
     EXPORT_FP32,
+    EXPORT_INT8_TRT,
     EngineMismatchError,
     onnx_config,
+    read_export_manifest,
     write_sidecar,
 )
 from .base import BackendUnavailable
@@ -49,9 +51,18 @@ class BuildError(RuntimeError):
     pass
 
 
-def resolve_onnx(src: str | os.PathLike, prefer_fp16: bool = True) -> Path:
-    """An ONNX file, or the FP16 (else FP32) graph of an export directory."""
+def resolve_onnx(src: str | os.PathLike, prefer_fp16: bool = True, int8: bool = False) -> Path:
+    """An ONNX file, or the FP16 (else FP32) graph of an export directory; ``int8``: its INT8 Q/DQ graph, only if
+    that passed its export check (``export.json``)."""
     p = Path(src)
+    if p.is_dir() and int8:
+        info = (read_export_manifest(p).get("int8") or {}).get("tensorrt")
+        if not (p / EXPORT_INT8_TRT).is_file() or not isinstance(info, dict):
+            raise BuildError(f"{p}: no {EXPORT_INT8_TRT}; run `leukedge export BUNDLE -o {p} --int8 --calibrate CACHE`")
+        if info.get("passed") is not True:
+            raise BuildError(f"{p}/{EXPORT_INT8_TRT} did not pass its export check against FP32 (see "
+                             f"{p / 'export_report.json'}); no engine is built from it")
+        return p / EXPORT_INT8_TRT
     if p.is_dir():
         order = (EXPORT_FP16, EXPORT_FP32) if prefer_fp16 else (EXPORT_FP32, EXPORT_FP16)
         for name in order:
@@ -64,11 +75,13 @@ def resolve_onnx(src: str | os.PathLike, prefer_fp16: bool = True) -> Path:
 
 
 def graph_precision(onnx_path: Path) -> str:
-    """"float16" if the graph's weights are FP16 (an FP16 export), else "float32"."""
+    """"int8" for a Q/DQ graph, "float16" if the graph's weights are FP16 (an FP16 export), else "float32"."""
     import onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in m.metadata_props}
+    if any(n.op_type == "QuantizeLinear" for n in m.graph.node):  # Q/DQ: explicit INT8, whatever the metadata says
+        return "int8"
     if props.get("leukedge.precision") in ("float16", "float32"):
         return props["leukedge.precision"]
     n16 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
@@ -153,6 +166,7 @@ def build_engine(
     verbose: bool = False,
     notes: list[str] | None = None,
     reporter: Reporter | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Build and write ``engine_path`` and its sidecar; returns the sidecar dict.
 
@@ -163,7 +177,7 @@ def build_engine(
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise BuildError(f"need 1 <= min-batch ({min_batch}) <= opt-batch ({opt_batch}) <= max-batch ({max_batch})")
     notes = notes if notes is not None else []
-    onnx_path = resolve_onnx(onnx_src).resolve()
+    onnx_path = resolve_onnx(onnx_src, int8=int8).resolve()
     config, meta = onnx_config(onnx_path)
     graph_prec = graph_precision(onnx_path)
     flavour, why = pick_flavour(backend)
@@ -223,7 +237,8 @@ def _parse_network(trt: Any, flavour: str, graph_prec: str, onnx_path: Path, log
     if flavour == "tensorrt" and trt_major(trt) < 10 and hasattr(NDCF, "EXPLICIT_BATCH"):
         flags |= 1 << int(NDCF.EXPLICIT_BATCH)  # required before TensorRT 10 for ONNX
     has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
-    strongly = hasattr(NDCF, "STRONGLY_TYPED") and (flavour == "tensorrt-rtx" or graph_prec == "float16" or not has_fp16_flag)
+    strongly = hasattr(NDCF, "STRONGLY_TYPED") and (flavour == "tensorrt-rtx" or graph_prec in ("float16", "int8")
+                                                     or not has_fp16_flag)
     if strongly:
         flags |= 1 << int(NDCF.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -238,6 +253,16 @@ def _set_precision(trt: Any, config_b: Any, flavour: str, graph_prec: str, stron
                    notes: list[str]) -> tuple[str, str]:
     """(precision, how it was obtained): FP16 from an FP16 graph or BuilderFlag.FP16, else FP32."""
     has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    if graph_prec == "int8":
+        # Explicit quantization: the Q/DQ nodes say which tensors are INT8. TensorRT >= 10 and TensorRT-RTX take it in
+        # a strongly typed network without precision flags; TensorRT 8.x (JetPack 5) needs BuilderFlag.INT8 (+FP16
+        # so the float parts may run in FP16).
+        if strongly:
+            return "int8", "int8 Q/DQ graph, strongly typed (explicit quantization)"
+        config_b.set_flag(trt.BuilderFlag.INT8)
+        if has_fp16_flag:
+            config_b.set_flag(trt.BuilderFlag.FP16)
+        return "int8", "int8 Q/DQ graph + BuilderFlag.INT8 (explicit quantization)"
     if graph_prec == "float16":
         precision, how = "fp16", ("fp16 ONNX graph, strongly typed" if strongly else "fp16 ONNX graph")
         if not strongly and has_fp16_flag:

@@ -30,7 +30,8 @@ def get_backend(
     ``exclusive``: those threads share the machine with concurrent preprocessing (no spin-waiting).
 
     ``expected_config``: if given, the model's preprocessing must match it (mismatch refused).
-    ``precision`` (ONNX Runtime, PyTorch on CUDA): "fp32", "fp16" or "auto" (fp16 on CUDA, fp32 on CPU).
+    ``precision`` (ONNX Runtime, PyTorch on CUDA): "fp32", "fp16", "int8" (the export's checked Q/DQ graph, ONNX
+    Runtime only) or "auto" (fp16 on CUDA, fp32 on CPU).
     ``cuda_binding`` (TensorRT): "auto", "cuda-python" or "pycuda".
 
     auto: a usable TensorRT engine, else PyTorch on CUDA (model bundle), else ONNX Runtime, else PyTorch on
@@ -49,7 +50,9 @@ def get_backend(
         reasons.append("device cpu: TensorRT and CUDA skipped")
     elif kind in ("auto", "tensorrt", "tensorrt-rtx"):
         b = _tensorrt_or_reason(spec, kind, cuda_binding, reasons)
-    if b is None and kind == "auto" and device != "cpu":
+    if b is None and kind == "auto" and device != "cpu" and precision == "int8":
+        reasons.append("precision int8: PyTorch on CUDA skipped (INT8 runs on ONNX Runtime or a TensorRT engine)")
+    elif b is None and kind == "auto" and device != "cpu":
         b = _torch_cuda_or_reason(spec, precision, reasons)
     if b is None and kind in ("auto", "onnxruntime"):
         b = _onnxruntime_or_reason(spec, kind, device, precision, threads, exclusive, reasons)
@@ -188,6 +191,14 @@ def _torch_cuda_or_reason(spec: ModelSpec, precision: str, reasons: list[str]) -
 
 
 def _pick_onnx(spec: ModelSpec, device: str, precision: str) -> Path | None:
+    """The ONNX graph for ``precision``: "int8" only the Q/DQ graph that passed its export check (refused
+    otherwise); "auto" never picks INT8 (FP16 on CUDA, else FP32)."""
+    if precision == "int8":
+        if spec.onnx_int8 is None:
+            raise BackendUnavailable(
+                f"{spec.path} has no INT8 graph that passed its export check; run `leukedge export BUNDLE -o OUT "
+                f"--int8 --calibrate CACHE` (see export_report.json for why an INT8 graph failed)")
+        return spec.onnx_int8
     cuda = False
     if device in ("auto", "cuda"):
         try:
@@ -197,5 +208,5 @@ def _pick_onnx(spec: ModelSpec, device: str, precision: str) -> Path | None:
         except ImportError:
             cuda = False
     if precision == "fp16" or (precision == "auto" and cuda):
-        return spec.onnx_fp16 or spec.onnx_fp32
-    return spec.onnx_fp32 or spec.onnx_fp16
+        return spec.onnx_fp16 or spec.onnx_fp32 or spec.onnx_int8
+    return spec.onnx_fp32 or spec.onnx_fp16 or spec.onnx_int8

@@ -55,7 +55,8 @@ class OnnxRuntimeBackend(Backend):
         self.max_batch = shape[0] if isinstance(shape[0], int) else None
         if isinstance(shape[2], int):
             self.input_size = shape[2]
-        prec = "fp16" if self.input_dtype == "float16" or "fp16" in self.path.name else "fp32"
+        prec = ("fp16" if self.input_dtype == "float16" or "fp16" in self.path.name
+                else "int8" if "int8" in self.path.name else "fp32")
         self.name = f"onnxruntime-{'cuda' if self.provider.startswith('CUDA') else 'cpu'}-{prec}"
         self.description = f"ONNX Runtime {ort.__version__} {self.provider} ({self.path.name})"
 

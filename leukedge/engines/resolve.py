@@ -15,6 +15,7 @@ from ..artifacts import (
     ENGINE_SUFFIXES,
     EXPORT_FP16,
     EXPORT_FP32,
+    EXPORT_INT8,
     check_export_hashes,
     check_weights_binding,
     onnx_config,
@@ -37,6 +38,7 @@ class ModelSpec:
     bundle: Path | None = None
     onnx_fp32: Path | None = None
     onnx_fp16: Path | None = None
+    onnx_int8: Path | None = None  # the Q/DQ graph, only when its export check passed (export.json)
     engine: Path | None = None
 
     @property
@@ -77,8 +79,11 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
     if p.suffix == ".onnx":
         cfg, meta = onnx_config(p)
         spec = ModelSpec("onnx", p, cfg, meta)
-        if "float16" in str(meta.get("precision", "")) or p.name == EXPORT_FP16:
+        precision = str(meta.get("precision", ""))
+        if precision == "float16" or p.name == EXPORT_FP16:
             spec.onnx_fp16 = p
+        elif precision == "int8" or p.name == EXPORT_INT8:  # named explicitly: the caller chose it
+            spec.onnx_int8 = p
         else:
             spec.onnx_fp32 = p
         return spec
@@ -137,6 +142,9 @@ def _fill_export(spec: ModelSpec, exp: Path) -> None:
         spec.onnx_fp32 = exp / EXPORT_FP32
     if (exp / EXPORT_FP16).is_file():
         spec.onnx_fp16 = exp / EXPORT_FP16
+    int8 = read_export_manifest(exp).get("int8")
+    if (exp / EXPORT_INT8).is_file() and isinstance(int8, dict) and int8.get("passed") is True:
+        spec.onnx_int8 = exp / EXPORT_INT8
     check_export_hashes(exp)
     if spec.bundle is not None:
         check_weights_binding(exp, Path(spec.bundle))

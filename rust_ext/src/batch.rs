@@ -194,8 +194,8 @@ impl Pipeline {
             }
             (ItemOut::F32(o), Layout::Nchw) => {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2.
+                if crate::cpu::avx2() {
+                    // SAFETY: the CPU supports AVX2 (crate::cpu::avx2).
                     unsafe { planar_normalized_avx2(rgb, s2, &self.cfg.mean, &self.cfg.std, PlanarOut::F32(o)) };
                     return;
                 }
@@ -425,7 +425,7 @@ fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -
 fn simd_f16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+        crate::cpu::avx2_f16c()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

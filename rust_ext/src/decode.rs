@@ -264,7 +264,7 @@ pub fn bgr_to_rgb(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
     assert_eq!(src.len() % 3, 0);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("ssse3") {
+        if crate::cpu::ssse3() {
             // SAFETY: the CPU supports SSSE3.
             unsafe { bgr_to_rgb_ssse3(src, dst) };
             return;

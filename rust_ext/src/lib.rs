@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod cpu;
 pub mod decode;
 pub mod error;
 pub mod gate;
@@ -525,6 +526,13 @@ fn py_max_file_bytes(max_pixels: u64) -> u64 {
     decode::max_file_bytes(max_pixels)
 }
 
+/// cpu_paths() -> dict[str, bool]: which SIMD paths run in this process (``portable`` is True when
+/// ``LEUKEDGE_PORTABLE`` forces the portable fallbacks; read once, at the first image).
+#[pyfunction]
+fn cpu_paths() -> std::collections::BTreeMap<&'static str, bool> {
+    cpu::paths().into_iter().collect()
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -545,5 +553,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_pipeline::PyPipeline>()?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py_max_file_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_paths, m)?)?;
     Ok(())
 }

@@ -106,6 +106,20 @@ thread_local! {
     static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
 }
 
+/// Run `f` with this thread's resizer, its CPU extensions set by [`crate::cpu::resize_extensions`]
+/// (none when the portable paths are forced).
+fn with_resizer<R>(f: impl FnOnce(&mut fr::Resizer) -> R) -> R {
+    RESIZER.with(|r| {
+        let mut r = r.borrow_mut();
+        let ext = crate::cpu::resize_extensions();
+        if r.cpu_extensions() != ext {
+            // SAFETY: `ext` is None or fast_image_resize's own pick of what this CPU supports.
+            unsafe { r.set_cpu_extensions(ext) };
+        }
+        f(&mut r)
+    })
+}
+
 fn pixel_type(channels: usize) -> Result<fr::PixelType> {
     match channels {
         1 => Ok(fr::PixelType::U8),
@@ -157,8 +171,7 @@ pub fn resize_region_into(
             (crop.2 - crop.0) as f64,
             (crop.3 - crop.1) as f64,
         );
-    RESIZER
-        .with(|r| r.borrow_mut().resize(&src_img, &mut dst_img, &opts))
+    with_resizer(|r| r.resize(&src_img, &mut dst_img, &opts))
         .map_err(|e| Error::Input(format!("resize failed: {e}")))
 }
 
@@ -255,8 +268,7 @@ pub fn resize_skipping_black(
                 .resize_alg(alg)
                 .use_alpha(false)
                 .crop(x0 as f64, 0.0, cols as f64, height as f64);
-            RESIZER
-                .with(|r| r.borrow_mut().resize(&src_img, &mut view, &opts))
+            with_resizer(|r| r.resize(&src_img, &mut view, &opts))
                 .map_err(|e| Error::Input(format!("resize failed: {e}")))?;
         }
         let stride = 3 * width;
@@ -276,8 +288,7 @@ pub fn resize_skipping_black(
             .resize_alg(alg)
             .use_alpha(false)
             .crop(0.0, y0 as f64, width as f64, (y1 - y0) as f64);
-        RESIZER
-            .with(|r| r.borrow_mut().resize(&mid_img, &mut out, &opts))
+        with_resizer(|r| r.resize(&mid_img, &mut out, &opts))
             .map_err(|e| Error::Input(format!("resize failed: {e}")))
     })
 }

@@ -183,7 +183,7 @@ pub(crate) fn fused_count<const KEYS: bool>(
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::cpu::avx2() {
             // SAFETY: the CPU supports AVX2; the planes have the same length (asserted).
             done = unsafe { fused_count_avx2::<KEYS>(ka, kb, od, beta, br, &mut out) };
         }
@@ -502,7 +502,7 @@ fn od_select_and_sums<const PLANES: bool>(
         ) -> usize {
             body::<PLANES>(px, ok, lut, shift, pl, spare, sum, sxx)
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::cpu::avx2() {
             // SAFETY: the CPU supports AVX2.
             return unsafe { avx2::<PLANES>(px, ok, lut, shift, pl, spare, sum, sxx) };
         }
@@ -736,7 +736,7 @@ pub fn macenko_apply_foreground(rgb: &mut [u8], idx: &[u32], px: &[[u8; 3]], tab
     assert_eq!(idx.len(), px.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::cpu::avx2() {
             // SAFETY: the CPU supports AVX2.
             unsafe { macenko_apply_foreground_avx2(rgb, idx, px, tables) };
             return;

@@ -159,7 +159,7 @@ pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px:
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::cpu::avx2() {
             // SAFETY: the CPU supports AVX2; the spare capacities hold n slots each.
             (i, cnt) = unsafe { gather_blocks_avx2(rgb, rule, idx_out, px_out) };
         }

@@ -1,0 +1,200 @@
+"""INT8 export: Q/DQ graph calibrated on a dataset cache, checked against FP32, refused past its bound."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+from leukedge.artifacts import EXPORT_INT8, EXPORT_INT8_TRT  # noqa: E402
+from leukedge.config import ConfigMismatchError, PreprocessConfig  # noqa: E402
+from leukedge.engines import BackendUnavailable, get_backend, resolve_model  # noqa: E402
+from leukedge.export import export_bundle  # noqa: E402
+from leukedge.quantize import INT8_TOL, prob_shift, split_by_subject  # noqa: E402
+
+SAMPLE = Path(__file__).parents[1].parent / "shared/data/cnmc_sample"
+SIZE = 48
+
+
+def make_bundle(path: Path, cache: Path) -> Path:
+    """A tiny CNN whose decision depends strongly on the cell: its head reads the features' first principal
+    direction (where quantisation noise is smallest relative to the signal), scaled so that the logit difference
+    has a spread (SD) of about 1 over the cache's cells, centred on 0 (a constant output would hide any quantisation
+    error)."""
+    from leukedge.artifacts import load_cache
+    from leukedge.config import normalize_uint8
+    from leukedge.models import build_model, save_bundle
+
+    torch.manual_seed(0)
+    cfg = PreprocessConfig(size=SIZE)
+    m = build_model("tiny", input_size=SIZE, width=8).eval()
+    c = load_cache(cache)
+    x = torch.from_numpy(normalize_uint8(np.asarray(c.images[c.ok_indices()]), cfg))
+    feats: list[torch.Tensor] = []
+    h = m.head.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
+    with torch.no_grad():
+        m(x)
+        h.remove()
+        f = feats[0]
+        w = torch.zeros_like(m.head.weight)
+        w[1] = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # the features' main direction
+        w[1] *= 1.0 / float((f @ w[1]).std())
+        m.head.weight.copy_(w)
+        d = f @ w[1]
+        m.head.bias.copy_(torch.tensor([0.0, -float(d.median()) - 1.0]))  # threshold 1 SD off the median
+    return save_bundle(path, m, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pytest.importorskip("leukedge._native")
+    from leukedge.preprocess import run_preprocess
+    from leukedge.synth import generate_dataset
+
+    d = tmp_path_factory.mktemp("int8")
+    generate_dataset(d / "data", subjects=8, cells_per_subject=16, seed=1, size=128)
+    run_preprocess([d / "data"], d / "cache", PreprocessConfig(size=SIZE), progress=False)
+    bundle = make_bundle(d / "bundle", d / "cache")
+    return d, bundle, d / "cache"
+
+
+@pytest.fixture(scope="module")
+def exported(setup):
+    d, bundle, cache = setup
+    res = export_bundle(bundle, d / "export", fp16=False, sample_dir=SAMPLE, n_synth=8, calibrate=cache,
+                        calibration_cells=64)
+    return res
+
+
+def test_int8_graph_has_qdq_nodes_and_runs(exported):
+    out = exported.out_dir
+    m = onnx.load(str(out / EXPORT_INT8))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 3
+    # per-channel weights: some DequantizeLinear has a 1-D scale of several values
+    inits = {t.name: t for t in m.graph.initializer}
+    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits]
+    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    # the TensorRT graph: symmetric INT8 activations (every zero point 0, int8), no int32 (bias) DequantizeLinear
+    mt = onnx.load(str(out / EXPORT_INT8_TRT))
+    it = {t.name: t for t in mt.graph.initializer}
+    zps = [it[n.input[2]] for n in mt.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in it]
+    assert zps and all((onnx.numpy_helper.to_array(z) == 0).all() and z.data_type == onnx.TensorProto.INT8 for z in zps)
+    assert not any(it[n.input[0]].data_type == onnx.TensorProto.INT32 for n in mt.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in it)
+    # the ONNX Runtime graph: UINT8 activations (U8S8)
+    assert any(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in m.graph.node
+               if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits)
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["leukedge.precision"] == "int8"
+    assert props["leukedge.preprocess_hash"] == PreprocessConfig(size=SIZE).pixel_hash()
+    manifest = json.loads((out / "export.json").read_text())
+    info = manifest["int8"]
+    assert info["format"] == "QDQ" and info["per_channel"] and info["calibration"]["calibration_cells"] > 0
+    assert set(info["calibration"]["calibration_subjects"]).isdisjoint(info["calibration"]["heldout_subjects"])
+    assert manifest["files"]["int8"]["sha256"]
+    rep = json.loads((out / "export_report.json").read_text())["int8"]
+    assert {"real", "synthetic", "heldout"} & set(rep["by_source"])
+    assert "weighted_f1_int8" in rep["by_source"]["heldout"]
+    assert info["passed"] is rep["all"]["pass"] is True, rep["failures"]
+    # the symmetric TensorRT graph is checked on its own (less exact on this random tiny model: it may be refused)
+    rep_trt = json.loads((out / "export_report.json").read_text())["int8_trt"]
+    assert info["tensorrt"]["passed"] is rep_trt["all"]["pass"]
+    assert info["tensorrt"]["activations"].startswith("int8, symmetric")
+    assert exported.passed is (rep["all"]["pass"] and rep_trt["all"]["pass"])
+    b = get_backend("onnxruntime", out, device="cpu", precision="int8")
+    assert b.name == "onnxruntime-cpu-int8"
+    x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    logits = b.infer(x)
+    assert logits.shape == (3, 2) and np.isfinite(logits).all()
+    # auto never picks INT8
+    assert get_backend("onnxruntime", out, device="cpu").name == "onnxruntime-cpu-fp32"
+
+
+def test_constant_calibration_fails_the_bound_and_is_not_used(setup, tmp_path):
+    d, bundle, cache = setup
+    broken = tmp_path / "constant_cache"
+    shutil.copytree(cache, broken)
+    imgs = np.load(broken / "images.npy", mmap_mode="r+")
+    imgs[:] = 128  # every calibration cell the same grey image: activation ranges collapse
+    imgs.flush()
+    del imgs
+    res = export_bundle(bundle, tmp_path / "export", fp16=False, sample_dir=SAMPLE, n_synth=8, calibrate=broken,
+                        calibration_cells=64)
+    assert not res.passed
+    rep = res.report["int8"]
+    assert rep["failures"] and not rep["all"]["pass"]
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["int8"]["passed"] is False
+    assert resolve_model(tmp_path / "export").onnx_int8 is None
+    with pytest.raises(BackendUnavailable, match="INT8"):
+        get_backend("onnxruntime", tmp_path / "export", device="cpu", precision="int8")
+    from leukedge.engines.build import BuildError, resolve_onnx
+
+    with pytest.raises(BuildError, match="did not pass"):
+        resolve_onnx(tmp_path / "export", int8=True)
+
+
+def test_cache_with_other_pixels_is_refused(setup, tmp_path):
+    d, bundle, _ = setup
+    from leukedge.preprocess import run_preprocess
+
+    run_preprocess([d / "data"], tmp_path / "cache40", PreprocessConfig(size=40), progress=False)
+    with pytest.raises(ConfigMismatchError):
+        export_bundle(bundle, tmp_path / "export", fp16=False, check=False, calibrate=tmp_path / "cache40")
+
+
+def test_cli_needs_both_flags(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from leukedge.cli.export import export_cmd
+
+    _, bundle, _ = setup
+    r = CliRunner().invoke(export_cmd, [str(bundle), "-o", str(tmp_path / "e"), "--int8"])
+    assert r.exit_code == 2 and "--calibrate" in r.output
+
+
+def test_split_by_subject_is_subject_disjoint():
+    subjects = [f"{s}" for s in ("1", "2", "3", "H1", "H2") for _ in range(6)]
+    labels = np.array([0 if s.startswith("H") else 1 for s in subjects])
+    ok = np.ones(len(subjects), bool)
+    ok[0] = False
+    sp = split_by_subject(subjects, labels, ok, heldout_fraction=0.3, seed=0)
+    assert set(sp.calibrate_subjects).isdisjoint(sp.heldout_subjects)
+    assert 0 not in sp.calibrate and 0 not in sp.heldout
+    held_labels = {int(labels[i]) for i in sp.heldout}
+    assert held_labels == {0, 1}  # one subject of each class held out
+    with pytest.raises(ValueError):
+        split_by_subject(["a"] * 4, np.array([1, 1, 0, 0]), np.ones(4, bool))
+
+
+def test_prob_shift_counts_borderline_flips_apart():
+    ref = np.log(np.array([[0.45, 0.55], [0.9, 0.1], [0.2, 0.8]]))
+    got = np.log(np.array([[0.55, 0.45], [0.3, 0.7], [0.2, 0.8]]))
+    m = prob_shift(ref, got)
+    assert (m["flips"], m["borderline_flips"], m["nonborderline_flips"]) == (2, 1, 1)
+    assert m["abs_prob"]["max"] == pytest.approx(0.6)
+    assert INT8_TOL["nonborderline_flips"] == 0
+
+
+def test_build_engine_int8_with_tensorrt_rtx(exported, tmp_path):
+    """TensorRT-RTX builds ahead of time without a GPU: it accepts the Q/DQ graph (explicit quantization, strongly
+    typed; float biases, since its parser refuses an int32 DequantizeLinear)."""
+    pytest.importorskip("tensorrt_rtx")
+    from leukedge.engines.build import build_engine
+
+    out = exported.out_dir
+    # the export folder (needs the TensorRT graph to have passed its check), else the file named explicitly
+    passed = json.loads((out / "export.json").read_text())["int8"]["tensorrt"]["passed"]
+    src = out if passed else out / EXPORT_INT8_TRT
+    info = build_engine(src, tmp_path / "int8.plan", backend="tensorrt-rtx", min_batch=1, opt_batch=4,
+                        max_batch=8, int8=passed)
+    assert info["precision"] == "int8" and info["strongly_typed"]
+    assert info["onnx"]["graph_precision"] == "int8" and Path(info["onnx"]["path"]).name == EXPORT_INT8_TRT
+    assert (tmp_path / "int8.plan").stat().st_size > 0
