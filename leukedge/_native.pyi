@@ -63,6 +63,7 @@ __all__ = [
     "Pipeline",
     "default_threads",
     "max_file_bytes",
+    "cpu_paths",
 ]
 
 __version__: str

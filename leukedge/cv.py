@@ -174,6 +174,25 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
     return probs, hist
 
 
+def _plan(manifest: Sequence[dict[str, Any]], folds: int, seed: int, digests: Sequence[str],
+          official: list[tuple[int, list[int], list[int], int]] | None) -> list[tuple[str, list[int], list[int], int, int | None]]:
+    """The runs of one seed: ``(name, train rows, test rows, dropped duplicates, official test fold or None)``."""
+    if official is not None:
+        return [(f"test fold {f}", tr, te, dropped, f) for f, tr, te, dropped in official]
+    return [(f"fold {k + 1}/{folds}", tr, va, 0, None) for k, (tr, va) in enumerate(make_folds(manifest, folds, seed, digests))]
+
+
+def _fold_scores(run: Path, m: dict[str, Any], hist: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scores of one fold's row in cv.json (with what each test-time augmentation would have given)."""
+    try:
+        by_tta = (json.loads((run / "metrics.json").read_text()).get("val") or {}).get("by_tta")
+    except (OSError, ValueError):
+        by_tta = None
+    return {"val_counts": m["class_counts"], "weighted_f1": m["weighted_f1"], "roc_auc": m["roc_auc"],
+            "accuracy": m["accuracy"], "history": hist, "by_tta": by_tta,
+            "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))}
+
+
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
                    seeds: Sequence[int] = (0,), split: str = "subject", log: Callable[[str], None] = print,
                    reporter: Reporter | None = None, **overrides: Any) -> CVResult:
@@ -211,16 +230,12 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     fold_rows: list[dict[str, Any]] = []
     oof: list[dict[str, Any]] = []
     digests = row_digests(loaded.images)
-    if split == "official":
-        official = official_folds(manifest, digests)
-        plan = [(f"test fold {f}", tr, te, dropped, f) for f, tr, te, dropped in official]
-        folds = len(plan)
+    official = official_folds(manifest, digests) if split == "official" else None
+    folds = len(official) if official is not None else folds
     baseline_rows: list[dict[str, Any] | None] = []
     areas = cell_areas(loaded, _pool_rows(manifest), log)
     for seed in seeds:
-        if split == "subject":
-            plan = [(f"fold {k + 1}/{folds}", tr, va, 0, None) for k, (tr, va) in enumerate(make_folds(manifest, folds, int(seed), digests))]
-        for k, (name, tr, va, dropped, test_fold) in enumerate(plan):
+        for k, (name, tr, va, dropped, test_fold) in enumerate(_plan(manifest, folds, int(seed), digests, official)):
             run = out / f"seed{seed}" / (f"fold{k}" if test_fold is None else f"official{test_fold}")
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
             log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(_subjects_of(manifest, tr))} subjects, "
@@ -229,17 +244,9 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
             if seed == seeds[0]:
                 baseline_rows.append(area_baseline_fold(areas, tr, va, labels, k, test_fold))
             probs, hist = _fold_predictions(cache, run, cfg, int(seed), tr, va, log, reporter, dctx)  # [ddp]
-            y = labels[va]
-            m = compute_metrics(y, probs)
-            try:
-                by_tta = (json.loads((run / "metrics.json").read_text()).get("val") or {}).get("by_tta")
-            except (OSError, ValueError):
-                by_tta = None
+            m = compute_metrics(labels[va], probs)
             fold_rows.append({"seed": int(seed), "fold": k, "test_fold": test_fold, "dropped_duplicates": dropped,
-                              "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va,
-                              "val_counts": m["class_counts"], "weighted_f1": m["weighted_f1"], "roc_auc": m["roc_auc"],
-                              "accuracy": m["accuracy"], "history": hist, "by_tta": by_tta,
-                              "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))})
+                              "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va, **_fold_scores(run, m, hist)})
             log(f"  seed {seed} fold {k}: weighted F1 {m['weighted_f1']:.4f}, ROC-AUC "
                 f"{'n/a' if m['roc_auc'] is None else format(m['roc_auc'], '.4f')}")
             for i, p in zip(va, probs):

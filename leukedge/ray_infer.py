@@ -186,7 +186,8 @@ def write_parquet(results: Sequence[FileResult], path: str | os.PathLike) -> Pat
     import pyarrow.parquet as pq
 
     path = Path(path)
-    cols = {k: [getattr(r, k) for r in results] for k in RESULT_FIELDS}
+    rows = [r.to_dict() for r in results]  # as the CSV/JSONL writers write them (path text + lossless path_bytes)
+    cols = {k: [row.get(k) for row in rows] for k in RESULT_FIELDS}
     types = {"probability": pa.float64(), "stain_fallback": pa.bool_(), "ood_score": pa.float64()}
     table = pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

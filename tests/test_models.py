@@ -180,6 +180,9 @@ def test_shipped_default_model():
     assert size <= 25e6, f"default model folder is {size / 1e6:.1f} MB"
     b = load_bundle()
     assert b.arch == "efficientnet_lite0" and b.synthetic is False
-    assert b.meta["metrics"]["cv_weighted_f1_mean"] > 0.5
+    m = b.meta["metrics"]
+    assert m["cv_official_weighted_f1_mean"] > 0.5 and len(m["cv_official_per_direction"]) == 2
+    assert m["cv_official_weighted_f1_mean"] > m["cv_official_baseline_weighted_f1_mean"]  # beats the cell-area baseline
+    assert b.config.crop == "window"  # the cell keeps its size
     x = np.zeros((2, b.input_size, b.input_size, 3), np.uint8)
     assert b.predict_logits(x).shape == (2, 2)

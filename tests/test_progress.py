@@ -181,8 +181,8 @@ def test_help_lists_commands_in_pipeline_order_and_o_means_out():
     r = CliRunner().invoke(main, ["--help"])
     names = [ln.split()[0] for ln in r.output.split("Commands:")[1].splitlines() if ln.startswith("  ") and ln.split()
              and not ln.startswith("   ")]
-    assert names == ["demo", "data", "preprocess", "train", "cv", "evaluate", "export", "build-engine", "infer", "station",
-                     "report"], names
+    assert names == ["demo", "data", "preprocess", "train", "cv", "evaluate", "export", "calibrate-ood", "build-engine",
+                     "infer", "station", "report"], names
     for cmd in (["report"], ["station", "export"], ["infer"], ["train"], ["export"], ["preprocess"]):
         text = CliRunner().invoke(main, [*cmd, "--help"]).output
         assert "-o, --out" in text, cmd
