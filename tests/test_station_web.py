@@ -9,7 +9,9 @@ ONNX Runtime, no PyTorch) over synthetic cells and, where present, real C-NMC sa
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -518,14 +520,13 @@ def test_reviewed_cells_export_as_a_cnmc_folder_that_preprocess_reads(fresh, tmp
     assert "Dr. Test" in manifest
     # byte-identical copies of the reviewed files
     for r in recs:
-        src = next(line.split(",")[1] for line in manifest.splitlines() if line.startswith(str(r.path.relative_to(out))))
+        src = next(row[1] for row in csv.reader(io.StringIO(manifest)) if row and row[0] == str(r.path.relative_to(out)))
         assert r.path.read_bytes() == Path(src).read_bytes()
     cache = tmp_path / "cache"
     res = CliRunner().invoke(cli_main, ["preprocess", str(out), "-o", str(cache), "--size", "64", "--stain", "none"])
     assert res.exit_code == 0, res.output
     images = np.load(cache / "images.npy")
     assert images.shape[0] == n_all + n_hem
-    import csv
 
     rows = list(csv.DictReader((cache / "manifest.csv").open()))
     assert sorted(int(r["label"]) for r in rows) == sorted([1] * n_all + [0] * n_hem)
