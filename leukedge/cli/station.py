@@ -487,7 +487,7 @@ def _load_reviews(db: Path, reviews_db: str | None) -> dict[tuple[str, str], dic
               help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
 @click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
               help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Folder to write (C-NMC layout: training_data/fold_0/{all,hem}/UID_S<n>_<i>_1_<label>.<ext>).")
 def export_reviews_cmd(watch_dir: str | None, db_path: str | None, reviews_db: str | None, output: str) -> None:
     """Copy the reviewed cells into a labelled folder in the C-NMC layout, ready for
