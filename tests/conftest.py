@@ -29,6 +29,25 @@ def sample_cell_paths() -> list[Path]:
     return sorted(SAMPLE_DIR.glob("C-NMC_Leukemia/training_data/fold_*/*/*.bmp"))
 
 
+def tiny_exported_bundle(root: Path) -> Path:
+    """A real (small, randomly initialised, seed 0) ``tiny`` model bundle at 64 px with its FP32 ONNX export."""
+    import json
+
+    import torch
+
+    from leukedge.config import PreprocessConfig
+    from leukedge.export import export_model
+    from leukedge.models import build_model, save_bundle
+
+    torch.manual_seed(0)
+    cfg = PreprocessConfig(size=64)
+    model = build_model("tiny", width=8).eval()
+    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    export_model(model, cfg, bundle / "export", meta=meta, fp16=False, check=False, bundle_path=bundle)
+    return bundle
+
+
 def make_tissue(h: int, w: int, seed: int = 0, io: float = 240.0) -> np.ndarray:
     """Stained tissue-like ``(h, w, 3)`` uint8 image with no background pixels: a smooth random
     mixture of two stains plus a little noise (every pixel has max channel > 10)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sample_cell_paths
+from conftest import sample_cell_paths, tiny_exported_bundle
 
 from leukedge.config import GateConfig, PreprocessConfig
 from leukedge.synth import make_cell, write_png
@@ -86,19 +86,7 @@ def test_gate_rejects_junk_and_passes_every_real_sample_cell(native):
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
-    import torch
-
-    from leukedge.export import export_model
-    from leukedge.models import build_model, save_bundle
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("gate_model")
-    cfg = PreprocessConfig(size=64)
-    model = build_model("tiny", width=8).eval()
-    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    export_model(model, cfg, bundle / "export", meta=meta, fp16=False, check=False, bundle_path=bundle)
-    return bundle
+    return tiny_exported_bundle(tmp_path_factory.mktemp("gate_model"))
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ pytest.importorskip("torch")
 native = pytest.importorskip("leukedge._native", reason="Rust core leukedge._native is not built")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import tiny_exported_bundle  # noqa: E402
 
 from leukedge.cli.station import open_predictor, predict_fn, station_group  # noqa: E402
-from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.station import (  # noqa: E402
     DeadlineBatcher,
     Scanner,
@@ -58,19 +58,7 @@ def sha(p: Path) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A real (small, randomly initialised) model bundle with an ONNX export next to it."""
-    import torch
-
-    from leukedge.export import export_model
-    from leukedge.models import build_model, save_bundle
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("station_model")
-    cfg = PreprocessConfig(size=64)
-    model = build_model("tiny", width=8).eval()
-    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    export_model(model, cfg, bundle / "export", meta=meta, fp16=False, check=False, bundle_path=bundle)
-    return bundle
+    return tiny_exported_bundle(tmp_path_factory.mktemp("station_model"))
 
 
 @pytest.fixture(scope="module")
