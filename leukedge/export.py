@@ -312,7 +312,7 @@ def export_model(
     return ExportResult(out, files, report, passed)
 
 
-def _sample_dir(sample_dir: str | os.PathLike | None) -> Path:
+def _sample_dir(sample_dir: str | os.PathLike | None) -> Path | None:
     return Path(sample_dir) if sample_dir else default_sample_dir()
 
 
@@ -341,7 +341,7 @@ def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sam
     sessions = {k: OnnxRuntimeBackend(files[k], device="cpu") for k in ("fp32", "fp16") if k in files}
     report: dict[str, Any] = {
         "tolerances": {"fp32": FP32_TOL, "fp16": FP16_TOL},
-        "sample_dir": str(sample_dir) if sample_dir.is_dir() else None,
+        "sample_dir": str(sample_dir) if sample_dir is not None and sample_dir.is_dir() else None,
         "inputs": {name: int(len(x)) for name, x in inputs},
         "results": {},
     }
