@@ -885,9 +885,17 @@ mod tests {
                     assert_eq!(got.all_pos, w.iter().all(|&v| v > 0.0), "n={n} beta={beta:?}");
                 }
             }
-            // a bracket holding everything overflows the reserved room (big inputs, SIMD path)
+            // a bracket holding everything overflows the reserved room of the SIMD path (big
+            // inputs); the scalar path (portable builds, Arm) stores every value and never overflows
             let all = fused_count::<false>(ka, kb, &od, None, [(f64::NEG_INFINITY, f64::INFINITY); 2]);
-            assert_eq!(all.overflow, n >= 1000, "n={n}");
+            assert_eq!(all.overflow, n >= 1000 && crate::cpu::avx2(), "n={n}");
+            if !all.overflow {
+                assert_eq!(all.inside[0].len() + all.inside[1].len(), 2 * n, "n={n}");
+            }
+            let scalar = crate::cpu::with_portable(|| {
+                fused_count::<false>(ka, kb, &od, None, [(f64::NEG_INFINITY, f64::INFINITY); 2])
+            });
+            assert!(!scalar.overflow && scalar.inside[0].len() == n, "n={n}");
         }
     }
 
