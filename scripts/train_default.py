@@ -26,6 +26,7 @@ features of the 7,108 cells x 8 views once per cache and per training set; each 
 Usage::
 
     python scripts/train_default.py [--data DIR ...] [--work DIR] [--out leukedge/default_model] [--skip-cv]
+    python scripts/train_default.py --work DIR --attach-cv   # a CV that finished after the model shipped
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def _cv_metrics(cv: dict, prefix: str) -> dict:
     return out
 
 
+def _add_cv_metrics(meta: dict, cv_dirs: dict[str, Path]) -> None:
+    for name, d in cv_dirs.items():
+        meta["metrics"].update(_cv_metrics(json.loads((d / "cv.json").read_text()), f"cv_{name}"))
+
+
+def _copy_cv_files(out: Path, cv_dirs: dict[str, Path]) -> None:
+    for name, d in cv_dirs.items():
+        for f in CV_FILES:
+            if (d / f).is_file():
+                shutil.copy2(d / f, out / f"{name}_{f}")
+
+
+def attach_cv(out: Path, cv_dirs: dict[str, Path]) -> None:
+    """The finished CV runs' summaries into ``out/bundle.json`` and their files next to it (``--attach-cv``): what
+    the full run does after training, for a CV that finished after the model shipped. Only runs with a cv.json."""
+    done = {k: d for k, d in cv_dirs.items() if (d / "cv.json").is_file()}
+    if not done:
+        sys.exit(f"no finished CV run (cv.json) in {', '.join(map(str, cv_dirs.values()))}")
+    meta = json.loads((out / "bundle.json").read_text())
+    _add_cv_metrics(meta, done)
+    (out / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _copy_cv_files(out, done)
+    print(f"attached {', '.join(done)} CV to {out}", flush=True)
+
+
 def export_int8(bundle: Path, cache: Path) -> None:
     """FP32 + FP16 + INT8 export; an INT8 graph past its bound is removed (the rest of the export is kept)."""
     try:
@@ -88,6 +114,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/leukedge_default"), help="Cache and runs (outside the repo).")
     ap.add_argument("--out", type=Path, default=REPO / "leukedge" / "default_model")
     ap.add_argument("--skip-cv", action="store_true", help="Only train and export the final model.")
+    ap.add_argument("--attach-cv", action="store_true",
+                    help="Only attach the finished CV runs in WORK (cv.json summaries into bundle.json's metrics, their "
+                         "files next to it) to the model already in --out: no training, the weights and export stay.")
     args = ap.parse_args()
     data = [d.resolve() for d in args.data]
     args.work, args.out = args.work.resolve(), args.out.resolve()
@@ -97,6 +126,9 @@ def main() -> None:
     t0 = time.time()
     cache, final = args.work / f"folds01_window384_{SIZE}", args.work / "final"
     cv_dirs = {"official": args.work / "cv_official", "subject": args.work / "cv_subject"}
+    if args.attach_cv:
+        attach_cv(args.out, cv_dirs)
+        return
     leukedge("preprocess", *map(str, data), "-o", str(cache), *PREPROCESS)
     if not args.skip_cv:
         leukedge("cv", str(cache), "-o", str(cv_dirs["official"]), *OFFICIAL_CV, "--recipe", str(RECIPE), "--resume")
@@ -105,8 +137,7 @@ def main() -> None:
     bundle = final / "bundle"
     meta = json.loads((bundle / "bundle.json").read_text())
     if not args.skip_cv:  # the bundle carries its cross-validated scores
-        for name, d in cv_dirs.items():
-            meta["metrics"].update(_cv_metrics(json.loads((d / "cv.json").read_text()), f"cv_{name}"))
+        _add_cv_metrics(meta, cv_dirs)
     meta["data"] = ("C-NMC 2019 training folds 0 and 1 (real cells): 7,108 images, 42 subjects "
                     "(fold 0: 3,527 cells of 28 subjects; fold 1: 3,581 cells of 14 subjects)")
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -118,9 +149,7 @@ def main() -> None:
     if readme is not None:  # the model card is written by hand from the cv.json files
         (args.out / "README.md").write_text(readme)
     if not args.skip_cv:
-        for name, d in cv_dirs.items():
-            for f in CV_FILES:
-                shutil.copy2(d / f, args.out / f"{name}_{f}")
+        _copy_cv_files(args.out, cv_dirs)
     shutil.copy2(final / "training_curves.png", args.out / "training_curves.png")
     # trained_on.txt: pixel digests of every training cell, so that no score counts a cell the model saw
     subprocess.run([sys.executable, str(REPO / "scripts" / "write_trained_on.py"), str(args.out), *map(str, data)],
