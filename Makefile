@@ -65,9 +65,12 @@ test-portable:
 
 # The crate for a Jetson's cores (aarch64-unknown-linux-gnu), with the Debian cross toolchain
 # (apt-get install gcc-aarch64-linux-gnu; rustup target add aarch64-unknown-linux-gnu). Builds, does not run.
+# The extension-module feature, as maturin builds it: the module links no libpython (there is no aarch64
+# libpython here); warnings are errors, since code behind `cfg(target_arch)` is only compiled on that target.
 build-aarch64:
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
-		cargo build --manifest-path rust_ext/Cargo.toml --no-default-features --target aarch64-unknown-linux-gnu
+	RUSTFLAGS="-D warnings" cargo build --manifest-path rust_ext/Cargo.toml --no-default-features \
+		--features pyo3/extension-module --target aarch64-unknown-linux-gnu
 
 lint:
 	$(PY) -m ruff check .
