@@ -46,11 +46,17 @@ pub mod mask;
 pub mod params;
 pub mod reinhard;
 
-pub use lab::*;
-pub use macenko::*;
-pub use mask::*;
-pub use params::*;
-pub use reinhard::*;
+// The stain API the rest of the crate (and the examples) use; anything else by its module path.
+pub use lab::Lab;
+pub use macenko::{macenko_apply_foreground, macenko_fit_pixels, macenko_tables, MacenkoSettings};
+pub use mask::{
+    all_zero, blacken_background, first_nonzero, foreground_bbox, foreground_mask, foreground_pixels, gather_foreground,
+    last_nonzero, MaskRule,
+};
+pub use params::{MacenkoParams, ReinhardParams, StainParams, MACENKO_HE_REF};
+pub use reinhard::{reinhard_apply_foreground, reinhard_fit_pixels};
+
+
 
 use crate::config::{StainConfig, StainMethod};
 use crate::error::{Error, Result};
@@ -231,6 +237,7 @@ pub fn fit_images(images: &[&[u8]], cfg: &StainConfig) -> Result<(StainParams, u
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::macenko::{dot_tables, macenko_apply, macenko_apply_foreground_scalar, od_lut, tdot, tdot_all};
     use super::*;
 
     /// Deterministic xorshift for test data.
