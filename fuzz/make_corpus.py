@@ -108,6 +108,15 @@ def generated() -> dict[str, bytes]:
     buf = io.BytesIO()
     first.save(buf, "TIFF", save_all=True, append_images=[rgb, rgb])
     out["multipage.tif"] = buf.getvalue()
+    for name in ("rgb.png", "rgb.jpg"):
+        data = out[name]
+        out["paused-" + name] = data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+    webp = encode(rgb, "WEBP", lossless=True)
+    out["paused-rgb.webp"] = webp[: len(webp) // 2] + bytes(len(webp) - len(webp) // 2)
+    out["bigtiff.tif"] = b"II\x2b\x00\x08\x00\x00\x00" + bytes(64)
+    bf = bytearray(out["rgb.bmp"])
+    bf[30:34] = struct.pack("<I", 3)
+    out["bitfields24.bmp"] = bytes(bf)
     out["empty"] = b""
     out["text"] = b"hello, I am not an image"
     out["gif"] = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"

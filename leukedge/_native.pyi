@@ -37,7 +37,10 @@ with ``v >> 8`` (Pillow clips it to 255 instead). Alpha is dropped, not composit
 orientation is not applied. Images with more than ``max_pixels`` pixels are refused from the
 header, before any pixel buffer is allocated (decompression-bomb guard). Only regular files are
 read (a FIFO, device or folder is a ``DecodeError``), and only up to :func:`max_file_bytes`. A JPEG
-without its end-of-image marker (cut off, half written) is refused as truncated, as Pillow does.
+without its end-of-image marker (cut off, half written) is refused as truncated, as Pillow does; so is
+a PNG that does not reach its IEND chunk, and a PNG, JPEG or WebP that ends in 64 or more zero bytes
+(pre-allocated, not yet fully written: the message says it looks incompletely written). BigTIFF is
+not supported.
 """
 
 import os

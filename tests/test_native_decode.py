@@ -243,3 +243,40 @@ def test_truncated_or_corrupt_webp_is_a_per_file_error(native, sample_cells, tmp
     assert not out[0].any() and out[1].any()
     with pytest.raises(native.DecodeError, match="cut.webp"):
         native.decode(str(cut))
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"lossless": True})])
+def test_pre_sized_half_written_file_is_incomplete_not_ok(native, tmp_path, fmt, kw):
+    """Issue 25: a pre-allocated file whose writer paused half way (second half still zeros) used to
+    decode as a valid, wrong image for some formats; now it is an error naming the file."""
+    data = _encode(Image.fromarray(make_cell(80, seed=3)), fmt, **kw)
+    half = len(data) // 2
+    p = tmp_path / f"paused.{fmt.lower()}"
+    p.write_bytes(data[:half] + bytes(len(data) - half))
+    msg = _err(native, p)
+    assert str(p) in msg and "incompletely written" in msg and "zero bytes" in msg, msg
+    _, st = native.preprocess_batch([str(p)], '{"size": 16}')
+    assert not st[0]["ok"] and "incompletely written" in st[0]["error"]
+
+
+def test_png_must_end_with_iend(native, tmp_path):
+    data = _encode(Image.fromarray(make_cell(40, seed=4)), "PNG")
+    p = tmp_path / "no-iend.png"
+    p.write_bytes(data[:-12] + bytes(12))  # IEND not yet written
+    msg = _err(native, p)
+    assert "no-iend.png" in msg and "IEND" in msg, msg
+    p.write_bytes(data + b"trailer")  # bytes after IEND are tolerated, as Pillow does
+    np.testing.assert_array_equal(native.decode(p), _pil_rgb(io.BytesIO(data)))
+
+
+def test_bigtiff_and_bitfields_24bit_bmp_have_clear_one_line_messages(native, tmp_path):
+    big = tmp_path / "big.tif"
+    big.write_bytes(b"II\x2b\x00\x08\x00\x00\x00" + bytes(64))
+    msg = _err(native, big)
+    assert "big.tif" in msg and "BigTIFF" in msg and "\n" not in msg, msg
+    bmp = bytearray(_encode(Image.fromarray(make_cell(16, seed=5)), "BMP"))
+    bmp[30:34] = struct.pack("<I", 3)  # BI_BITFIELDS with 24 bits per pixel
+    bf = tmp_path / "bf.bmp"
+    bf.write_bytes(bytes(bmp))
+    msg = _err(native, bf)
+    assert "bf.bmp" in msg and "BITFIELDS" in msg and "24 bits per pixel" in msg and "\n" not in msg, msg

@@ -2,7 +2,7 @@
 //! `cargo run --release --example profile_stages -- FILE.bmp...`
 use std::time::Instant;
 
-use _native::batch::{OutBuf, Pipeline, Source};
+use _native::batch::{Pipeline, Source};
 use _native::decode::decode_path;
 use _native::stain::{
     foreground_pixels, gather_foreground, macenko_apply_foreground, macenko_fit_pixels, macenko_tables, MacenkoParams,
@@ -77,12 +77,12 @@ fn main() {
     let mut out = vec![half::f16::ZERO; files.len() * p.cfg.item_len()];
     let t = Instant::now();
     for _ in 0..reps {
-        p.run_batch(&srcs, &names, OutBuf::F16(&mut out), 1).unwrap();
+        p.run_batch(&srcs, &names, &mut out, 1).unwrap();
     }
     println!("batch 1 thread {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / n);
     let t = Instant::now();
     for _ in 0..reps {
-        p.run_batch(&srcs, &names, OutBuf::F16(&mut out), 2).unwrap();
+        p.run_batch(&srcs, &names, &mut out, 2).unwrap();
     }
     println!("batch 2 threads {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / n);
 }

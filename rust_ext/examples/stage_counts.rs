@@ -16,7 +16,7 @@
 //! or the JSON in the environment variable `STAGE_CONFIG`.
 use std::time::Instant;
 
-use _native::batch::{ItemOut, OutBuf, Pipeline, Source};
+use _native::batch::{Pipeline, Source};
 use _native::decode::{decode_path, Rgb8};
 use _native::resize::square_resize_into;
 use _native::stain::normalize_in_place;
@@ -84,12 +84,12 @@ fn main() {
             }
             "write" => {
                 for (r, o) in resized.iter().zip(out.chunks_exact_mut(cfg.item_len())) {
-                    p.write_item(r, ItemOut::F16(o));
+                    p.write_item(r, o);
                     check += o[o.len() / 2].to_bits() as u64;
                 }
             }
             "full" => {
-                let st = p.run_batch(&srcs, &names, OutBuf::F16(&mut out), 1).unwrap();
+                let st = p.run_batch(&srcs, &names, &mut out, 1).unwrap();
                 check += st.iter().filter(|s| s.ok).count() as u64 + out[out.len() / 2].to_bits() as u64;
             }
             m => panic!("unknown mode {m:?} (none, decode, stain, resize, write, full)"),

@@ -10,13 +10,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use half::f16;
 use rayon::prelude::*;
 
-use crate::config::{Config, CropMode, Layout};
+use crate::config::{Config, CropMode};
 use crate::decode::{channels_to_rgb, decode_bytes, header_pixels, max_file_bytes, read_image_file, Rgb8};
 use crate::error::{Error, Result};
 use crate::gate;
+use crate::output::{OutElem, OutputTables};
 use crate::resize::{crop_window, expand_rect, square_resize_into, window_origin};
 use crate::stain::{fit_in_place, foreground_bbox, normalize_in_place, MaskRule, StainOutcome, StainParams};
 
@@ -55,37 +55,21 @@ pub struct Processed {
     pub rejected: Option<String>,
 }
 
-/// The output buffer of a whole batch (`n * item_len` elements).
-pub enum OutBuf<'a> {
-    U8(&'a mut [u8]),
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-}
-
 /// A validated config with its stain parameters resolved.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     pub cfg: Config,
     pub params: StainParams,
-    /// `lut[c][v] = (v/255 - mean[c]) / std[c]` computed in float32 exactly like
-    /// `leukedge.config.normalize_uint8`.
-    lut: [[f32; 256]; 3],
-    /// `lut` rounded to float16 (built once, not per item).
-    lut16: [[f16; 256]; 3],
+    /// Layout and float tables of the output (built once, not per item).
+    pub tables: OutputTables,
 }
 
 impl Pipeline {
     pub fn new(cfg: Config) -> Result<Pipeline> {
         cfg.validate()?;
         let params = StainParams::from_config(&cfg.stain)?;
-        let lut = std::array::from_fn(|c| std::array::from_fn(|v| ((v as f32) / 255.0f32 - cfg.mean[c]) / cfg.std[c]));
-        let lut16 = std::array::from_fn(|c| std::array::from_fn(|v| f16::from_f32(lut[c][v])));
-        Ok(Pipeline {
-            cfg,
-            params,
-            lut,
-            lut16,
-        })
+        let tables = OutputTables::new(&cfg);
+        Ok(Pipeline { cfg, params, tables })
     }
 
     pub fn from_json(json: &str) -> Result<Pipeline> {
@@ -180,61 +164,21 @@ impl Pipeline {
     }
 
     /// Convert a packed RGB `size x size` image into one item of the output.
-    pub fn write_item(&self, rgb: &[u8], out: ItemOut<'_>) {
-        let s2 = (self.cfg.size as usize).pow(2);
-        match (out, self.cfg.layout) {
-            (ItemOut::U8(o), Layout::Nhwc) => o.copy_from_slice(rgb),
-            (ItemOut::U8(o), Layout::Nchw) => planar(rgb, o, s2, |_, v| v),
-            (ItemOut::F32(o), Layout::Nhwc) => {
-                for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
-                    for c in 0..3 {
-                        d[c] = self.lut[c][s[c] as usize];
-                    }
-                }
-            }
-            (ItemOut::F32(o), Layout::Nchw) => {
-                #[cfg(target_arch = "x86_64")]
-                if crate::cpu::avx2() {
-                    // SAFETY: the CPU supports AVX2 (crate::cpu::avx2).
-                    unsafe { planar_normalized_avx2(rgb, s2, &self.cfg.mean, &self.cfg.std, PlanarOut::F32(o)) };
-                    return;
-                }
-                planar(rgb, o, s2, |c, v| self.lut[c][v as usize])
-            }
-            (ItemOut::F16(o), Layout::Nchw) if simd_f16() => {
-                // SAFETY: the CPU supports AVX2 and F16C (simd_f16).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    planar_normalized_avx2(rgb, s2, &self.cfg.mean, &self.cfg.std, PlanarOut::F16(o))
-                };
-            }
-            (ItemOut::F16(o), layout) => {
-                let lut16 = &self.lut16;
-                match layout {
-                    Layout::Nhwc => {
-                        for (d, s) in o.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
-                            for c in 0..3 {
-                                d[c] = lut16[c][s[c] as usize];
-                            }
-                        }
-                    }
-                    Layout::Nchw => planar(rgb, o, s2, |c, v| lut16[c][v as usize]),
-                }
-            }
-        }
+    pub fn write_item<T: OutElem>(&self, rgb: &[u8], out: &mut [T]) {
+        T::write(&self.tables, rgb, out)
     }
 
     /// Process one source into `out` (zero-filled on error). Never panics.
-    pub fn run_item(&self, src: &Source<'_>, name: &str, out: ItemOut<'_>, scratch: &mut Vec<u8>) -> ItemStatus {
+    pub fn run_item<T: OutElem>(&self, src: &Source<'_>, name: &str, out: &mut [T], scratch: &mut Vec<u8>) -> ItemStatus {
         self.run_item_within(src, name, out, scratch, None)
     }
 
     /// [`Pipeline::run_item`] within a batch's decode budget.
-    fn run_item_within(
+    fn run_item_within<T: OutElem>(
         &self,
         src: &Source<'_>,
         name: &str,
-        out: ItemOut<'_>,
+        out: &mut [T],
         scratch: &mut Vec<u8>,
         budget: Option<&PixelBudget>,
     ) -> ItemStatus {
@@ -267,7 +211,7 @@ impl Pipeline {
                 }
             }
             Err(e) => {
-                out.zero();
+                out.fill(T::ZERO);
                 let mut msg = e.to_string();
                 if !msg.contains(name) {
                     msg = format!("{name}: {msg}");
@@ -284,21 +228,24 @@ impl Pipeline {
     }
 
     /// Process a whole batch on a pool of `threads` threads (0 = all cores).
-    pub fn run_batch(
+    pub fn run_batch<T: OutElem>(
         &self,
         sources: &[Source<'_>],
         names: &[String],
-        out: OutBuf<'_>,
+        out: &mut [T],
         threads: usize,
     ) -> Result<Vec<ItemStatus>> {
         let n = sources.len();
         assert_eq!(names.len(), n);
+        if T::DTYPE != self.cfg.dtype {
+            return Err(Error::Input(format!(
+                "output buffer of {} values, but the config asks for {}",
+                T::DTYPE.name(),
+                self.cfg.dtype.name()
+            )));
+        }
         let len = self.cfg.item_len();
-        let got = match &out {
-            OutBuf::U8(b) => b.len(),
-            OutBuf::F32(b) => b.len(),
-            OutBuf::F16(b) => b.len(),
-        };
+        let got = out.len();
         if got != n * len {
             return Err(Error::Input(format!(
                 "output buffer holds {got} values, need {n} x {len}"
@@ -309,19 +256,10 @@ impl Pipeline {
         }
         let pool = pool(threads)?;
         let budget = PixelBudget::new(decode_budget_pixels(self.cfg.max_pixels));
-        let work = |(i, out): (usize, ItemOut<'_>)| -> ItemStatus {
+        let work = |(i, out): (usize, &mut [T])| -> ItemStatus {
             SCRATCH.with(|s| self.run_item_within(&sources[i], &names[i], out, &mut s.borrow_mut(), Some(&budget)))
         };
-        let statuses = pool.install(|| match out {
-            OutBuf::U8(b) => b
-                .par_chunks_mut(len)
-                .map(ItemOut::U8)
-                .enumerate()
-                .map(work)
-                .collect::<Vec<_>>(),
-            OutBuf::F32(b) => b.par_chunks_mut(len).map(ItemOut::F32).enumerate().map(work).collect(),
-            OutBuf::F16(b) => b.par_chunks_mut(len).map(ItemOut::F16).enumerate().map(work).collect(),
-        });
+        let statuses = pool.install(|| out.par_chunks_mut(len).enumerate().map(work).collect());
         Ok(statuses)
     }
 }
@@ -386,151 +324,6 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One item's slice of the output buffer.
-pub enum ItemOut<'a> {
-    U8(&'a mut [u8]),
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-}
-
-impl ItemOut<'_> {
-    fn zero(self) {
-        match self {
-            ItemOut::U8(o) => o.fill(0),
-            ItemOut::F32(o) => o.fill(0.0),
-            ItemOut::F16(o) => o.fill(f16::ZERO),
-        }
-    }
-}
-
-/// Interleaved RGB -> planar CHW with a per-channel mapping.
-#[inline]
-fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -> T) {
-    let (r, rest) = out.split_at_mut(s2);
-    let (g, b) = rest.split_at_mut(s2);
-    let b = &mut b[..s2];
-    for (((p, r), g), b) in rgb
-        .chunks_exact(3)
-        .zip(r.iter_mut())
-        .zip(g.iter_mut())
-        .zip(b.iter_mut())
-    {
-        *r = f(0, p[0]);
-        *g = f(1, p[1]);
-        *b = f(2, p[2]);
-    }
-}
-
-/// True when [`planar_normalized_avx2`] can write float16 (AVX2 and F16C).
-fn simd_f16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::cpu::avx2_f16c()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Destination planes of [`planar_normalized_avx2`].
-#[cfg(target_arch = "x86_64")]
-enum PlanarOut<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-}
-
-/// Interleaved RGB -> planar CHW `(v/255 - mean[c]) / std[c]`, 8 pixels per step: the same
-/// float32 operations as the lookup table of [`Pipeline`] (IEEE division and subtraction are
-/// exact-rounded in SIMD too), and for float16 the hardware conversion (round to nearest even,
-/// as `f16::from_f32`), so the output is bit-identical to the table path (tested for all values).
-///
-/// # Safety
-/// AVX2 must be available, and F16C for [`PlanarOut::F16`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn planar_normalized_avx2(rgb: &[u8], s2: usize, mean: &[f32; 3], std: &[f32; 3], out: PlanarOut<'_>) {
-    use std::arch::x86_64::*;
-    assert!(rgb.len() >= 3 * s2);
-    let n8 = s2 / 8 * 8;
-    // byte c + 3k of 8 pixels: k < 6 (c = 0) or k < 5 from the first 16 bytes, the rest from bytes 16..24
-    let lo = |c: i8| -> [i8; 16] {
-        std::array::from_fn(|k| {
-            let b = c as i32 + 3 * k as i32;
-            if k < 8 && b < 16 {
-                b as i8
-            } else {
-                -1
-            }
-        })
-    };
-    let hi = |c: i8| -> [i8; 16] {
-        std::array::from_fn(|k| {
-            let b = c as i32 + 3 * k as i32 - 16;
-            if k < 8 && (0..8).contains(&b) {
-                b as i8
-            } else {
-                -1
-            }
-        })
-    };
-    let load = |m: [i8; 16]| unsafe { _mm_loadu_si128(m.as_ptr() as *const __m128i) };
-    let (ml, mh) = ([load(lo(0)), load(lo(1)), load(lo(2))], [load(hi(0)), load(hi(1)), load(hi(2))]);
-    let d255 = _mm256_set1_ps(255.0);
-    let mv = mean.map(|m| _mm256_set1_ps(m));
-    let sv = std.map(|s| _mm256_set1_ps(s));
-    let p = rgb.as_ptr();
-    let mut f32_out: Option<[*mut f32; 3]> = None;
-    let mut f16_out: Option<[*mut u16; 3]> = None;
-    match out {
-        PlanarOut::F32(o) => {
-            assert!(o.len() >= 3 * s2);
-            let b = o.as_mut_ptr();
-            // SAFETY: planes start inside `o` (length checked).
-            f32_out = Some(unsafe { [b, b.add(s2), b.add(2 * s2)] });
-        }
-        PlanarOut::F16(o) => {
-            assert!(o.len() >= 3 * s2);
-            let b = o.as_mut_ptr() as *mut u16;
-            // SAFETY: as above; f16 is a transparent u16.
-            f16_out = Some(unsafe { [b, b.add(s2), b.add(2 * s2)] });
-        }
-    }
-    let mut j = 0;
-    while j < n8 {
-        // SAFETY: pixels j..j+8 are inside `rgb` (24 bytes at 3j, j + 8 <= s2), stores of 8
-        // values at plane offset j < s2 - 7.
-        unsafe {
-            let a = _mm_loadu_si128(p.add(3 * j) as *const __m128i);
-            let b = _mm_loadl_epi64(p.add(3 * j + 16) as *const __m128i);
-            for c in 0..3 {
-                let bytes = _mm_or_si128(_mm_shuffle_epi8(a, ml[c]), _mm_shuffle_epi8(b, mh[c]));
-                let x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                let y = _mm256_div_ps(_mm256_sub_ps(_mm256_div_ps(x, d255), mv[c]), sv[c]);
-                if let Some(o) = f32_out {
-                    _mm256_storeu_ps(o[c].add(j), y);
-                } else if let Some(o) = f16_out {
-                    _mm_storeu_si128(o[c].add(j) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
-                }
-            }
-        }
-        j += 8;
-    }
-    for j in n8..s2 {
-        for c in 0..3 {
-            let y = ((rgb[3 * j + c] as f32) / 255.0f32 - mean[c]) / std[c];
-            // SAFETY: j < s2, inside plane c.
-            unsafe {
-                if let Some(o) = f32_out {
-                    o[c].add(j).write(y);
-                } else if let Some(o) = f16_out {
-                    o[c].add(j).write(f16::from_f32(y).to_bits());
-                }
-            }
-        }
-    }
-}
-
 /// Copy a rectangle out of an image.
 pub fn crop(img: &Rgb8, r: (usize, usize, usize, usize)) -> Rgb8 {
     let (w, h) = (r.2 - r.0, r.3 - r.1);
@@ -574,10 +367,21 @@ pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
     use crate::stain::tests::synthetic_cell;
 
     fn cfg(json: &str) -> Pipeline {
         Pipeline::from_json(json).unwrap()
+    }
+
+    /// A packed RGB source of `w x h` pixels.
+    fn rgb(data: &[u8], w: usize, h: usize) -> Source<'_> {
+        Source::Pixels {
+            data,
+            width: w,
+            height: h,
+            channels: 3,
+        }
     }
 
     /// `crop = "window"` keeps the cell's size: a disc twice as wide covers four times the output
@@ -617,59 +421,6 @@ mod tests {
     }
 
     #[test]
-    fn float_lut_matches_formula() {
-        let p = cfg("{}");
-        // (200/255 - 0.485) / 0.229 in float32
-        let v = ((200.0f32 / 255.0f32) - 0.485f32) / 0.229f32;
-        assert_eq!(p.lut[0][200], v);
-        for c in 0..3 {
-            for v in 0..256 {
-                assert_eq!(p.lut16[c][v], f16::from_f32(p.lut[c][v]));
-            }
-        }
-    }
-
-    #[test]
-    fn simd_planar_output_equals_tables_for_every_value() {
-        // every byte value in every channel, odd size (scalar tail), several means/stds
-        for json in [
-            r#"{"size": 37, "dtype": "float16", "layout": "nchw"}"#,
-            r#"{"size": 37, "dtype": "float32", "layout": "nchw"}"#,
-            r#"{"size": 37, "dtype": "float16", "layout": "nchw", "mean": [0.1, 0.9, 0.5], "std": [0.01, 3.0, 0.3]}"#,
-            r#"{"size": 37, "dtype": "float32", "layout": "nchw", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}"#,
-        ] {
-            let p = cfg(json);
-            let s2 = 37 * 37;
-            let rgb: Vec<u8> = (0..3 * s2).map(|i| (i / 3 * 5 + 91 * (i % 3)) as u8).collect();
-            let want = |c: usize, v: u8| (p.lut[c][v as usize], p.lut16[c][v as usize]);
-            if json.contains("float16") {
-                let mut o = vec![f16::ZERO; 3 * s2];
-                p.write_item(&rgb, ItemOut::F16(&mut o));
-                for j in 0..s2 {
-                    for c in 0..3 {
-                        assert_eq!(o[c * s2 + j].to_bits(), want(c, rgb[3 * j + c]).1.to_bits(), "{json} {j} {c}");
-                    }
-                }
-            } else {
-                let mut o = vec![0f32; 3 * s2];
-                p.write_item(&rgb, ItemOut::F32(&mut o));
-                for j in 0..s2 {
-                    for c in 0..3 {
-                        assert_eq!(o[c * s2 + j].to_bits(), want(c, rgb[3 * j + c]).0.to_bits(), "{json} {j} {c}");
-                    }
-                }
-            }
-            let mut seen = [[false; 256]; 3];
-            for j in 0..s2 {
-                for c in 0..3 {
-                    seen[c][rgb[3 * j + c] as usize] = true;
-                }
-            }
-            assert!(seen.iter().all(|s| s.iter().all(|&b| b)), "test data covers every value");
-        }
-    }
-
-    #[test]
     fn batch_equals_single_and_errors_are_isolated() {
         let (w, h) = (90, 70);
         let a = synthetic_cell(w, h, 1);
@@ -677,24 +428,14 @@ mod tests {
         let p = cfg(r#"{"size": 32, "dtype": "float16", "layout": "nchw"}"#);
         let len = p.cfg.item_len();
         let sources = vec![
-            Source::Pixels {
-                data: &a,
-                width: w,
-                height: h,
-                channels: 3,
-            },
+            rgb(&a, w, h),
             Source::Path(PathBuf::from("/nonexistent/cell.bmp")),
             Source::Bytes(b"garbage"),
-            Source::Pixels {
-                data: &b,
-                width: w,
-                height: h,
-                channels: 3,
-            },
+            rgb(&b, w, h),
         ];
         let names: Vec<String> = (0..4).map(|i| format!("item{i}")).collect();
         let mut out = vec![f16::ONE; 4 * len];
-        let st = p.run_batch(&sources, &names, OutBuf::F16(&mut out), 2).unwrap();
+        let st = p.run_batch(&sources, &names, &mut out, 2).unwrap();
         assert_eq!(
             st.iter().map(|s| s.ok).collect::<Vec<_>>(),
             vec![true, false, false, true]
@@ -705,7 +446,7 @@ mod tests {
         for (k, img) in [(0usize, &a), (3, &b)] {
             let mut one = vec![f16::ZERO; len];
             let s1 = p
-                .run_batch(&sources[k..k + 1], &names[k..k + 1], OutBuf::F16(&mut one), 1)
+                .run_batch(&sources[k..k + 1], &names[k..k + 1], &mut one, 1)
                 .unwrap();
             assert!(s1[0].ok);
             assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
@@ -717,17 +458,12 @@ mod tests {
     fn apply_at_output_transforms_the_resized_pixels() {
         let (w, h) = (120, 100);
         let img = synthetic_cell(w, h, 7);
-        let src = [Source::Pixels {
-            data: &img,
-            width: w,
-            height: h,
-            channels: 3,
-        }];
+        let src = [rgb(&img, w, h)];
         let names = ["c".to_string()];
         let run = |json: &str| {
             let p = cfg(json);
             let mut out = vec![0u8; 3 * 48 * 48];
-            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            let st = p.run_batch(&src, &names, &mut out, 1).unwrap();
             assert!(st[0].ok && !st[0].stain_fallback, "{st:?}");
             (p, out)
         };
@@ -758,28 +494,23 @@ mod tests {
     fn layouts_agree() {
         let (w, h) = (64, 48);
         let a = synthetic_cell(w, h, 4);
-        let src = [Source::Pixels {
-            data: &a,
-            width: w,
-            height: h,
-            channels: 3,
-        }];
+        let src = [rgb(&a, w, h)];
         let names = ["a".to_string()];
         let mut u8_nhwc = vec![0u8; 3 * 16 * 16];
         cfg(r#"{"size":16,"dtype":"uint8","layout":"nhwc"}"#)
-            .run_batch(&src, &names, OutBuf::U8(&mut u8_nhwc), 1)
+            .run_batch(&src, &names, &mut u8_nhwc, 1)
             .unwrap();
         let mut u8_nchw = vec![0u8; 3 * 16 * 16];
         cfg(r#"{"size":16,"dtype":"uint8","layout":"nchw"}"#)
-            .run_batch(&src, &names, OutBuf::U8(&mut u8_nchw), 1)
+            .run_batch(&src, &names, &mut u8_nchw, 1)
             .unwrap();
         let mut f = vec![0f32; 3 * 16 * 16];
         let pf = cfg(r#"{"size":16,"dtype":"float32","layout":"nchw"}"#);
-        pf.run_batch(&src, &names, OutBuf::F32(&mut f), 1).unwrap();
+        pf.run_batch(&src, &names, &mut f, 1).unwrap();
         for i in 0..256 {
             for c in 0..3 {
                 assert_eq!(u8_nchw[c * 256 + i], u8_nhwc[i * 3 + c]);
-                assert_eq!(f[c * 256 + i], pf.lut[c][u8_nhwc[i * 3 + c] as usize]);
+                assert_eq!(f[c * 256 + i], pf.tables.lut[c][u8_nhwc[i * 3 + c] as usize]);
             }
         }
         assert!(u8_nhwc.iter().any(|&v| v > 0));
@@ -796,18 +527,13 @@ mod tests {
                 img[i..i + 3].copy_from_slice(&[180, 90, 200]);
             }
         }
-        let src = [Source::Pixels {
-            data: &img,
-            width: w,
-            height: h,
-            channels: 3,
-        }];
+        let src = [rgb(&img, w, h)];
         let names = ["c".to_string()];
         let mut out = vec![0u8; 3 * 40 * 40];
         let p = cfg(
             r#"{"size":40,"dtype":"uint8","layout":"nhwc","crop_margin":0,"square":"crop","stain":{"method":"none"}}"#,
         );
-        let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+        let st = p.run_batch(&src, &names, &mut out, 1).unwrap();
         assert!(st[0].ok);
         assert!(out.chunks_exact(3).all(|px| px == [180, 90, 200]));
     }
@@ -817,19 +543,14 @@ mod tests {
         let imgs: Vec<Vec<u8>> = (0..6).map(|s| synthetic_cell(50, 50, s)).collect();
         let src: Vec<Source<'_>> = imgs
             .iter()
-            .map(|d| Source::Pixels {
-                data: d,
-                width: 50,
-                height: 50,
-                channels: 3,
-            })
+            .map(|d| rgb(d, 50, 50))
             .collect();
         let names: Vec<String> = (0..6).map(|i| i.to_string()).collect();
         let p = cfg(r#"{"size":24,"stain":{"min_foreground":50}}"#);
         let mut o1 = vec![0f32; 6 * p.cfg.item_len()];
         let mut o2 = o1.clone();
-        p.run_batch(&src, &names, OutBuf::F32(&mut o1), 1).unwrap();
-        p.run_batch(&src, &names, OutBuf::F32(&mut o2), 2).unwrap();
+        p.run_batch(&src, &names, &mut o1, 1).unwrap();
+        p.run_batch(&src, &names, &mut o2, 2).unwrap();
         assert_eq!(o1, o2);
     }
 
@@ -841,18 +562,13 @@ mod tests {
         let black = vec![0u8; w * h * 3];
         let src: Vec<Source<'_>> = [&cell, &grey, &black]
             .iter()
-            .map(|d| Source::Pixels {
-                data: d,
-                width: w,
-                height: h,
-                channels: 3,
-            })
+            .map(|d| rgb(d, w, h))
             .collect();
         let names: Vec<String> = (0..3).map(|i| i.to_string()).collect();
         for json in [r#"{"size":16,"dtype":"uint8"}"#, r#"{"size":16,"dtype":"uint8","crop":"none"}"#] {
             let p = cfg(json);
             let mut out = vec![0u8; 3 * p.cfg.item_len()];
-            let st = p.run_batch(&src, &names, OutBuf::U8(&mut out), 1).unwrap();
+            let st = p.run_batch(&src, &names, &mut out, 1).unwrap();
             assert!(st.iter().all(|s| s.ok && s.error.is_none()), "{st:?}");
             assert_eq!(st[0].rejected, None, "{json}");
             assert!(st[1].rejected.as_deref().unwrap().contains("foreground area"), "{st:?}");
@@ -862,7 +578,7 @@ mod tests {
         }
         let p = cfg(r#"{"size":16,"gate":{"enabled":false}}"#);
         let mut out = vec![0f32; 3 * p.cfg.item_len()];
-        let st = p.run_batch(&src, &names, OutBuf::F32(&mut out), 1).unwrap();
+        let st = p.run_batch(&src, &names, &mut out, 1).unwrap();
         assert!(st.iter().all(|s| s.rejected.is_none()));
     }
 
@@ -897,7 +613,7 @@ mod tests {
         let p = cfg(r#"{"size":8}"#);
         let mut o = vec![0f32; 5];
         assert!(p
-            .run_batch(&[Source::Bytes(b"x")], &["x".into()], OutBuf::F32(&mut o), 1)
+            .run_batch(&[Source::Bytes(b"x")], &["x".into()], &mut o, 1)
             .is_err());
     }
 }

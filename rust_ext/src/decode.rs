@@ -332,13 +332,81 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
     bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
-/// Decode encoded image bytes. `source` is only used in error messages.
-pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8> {
-    if bytes.is_empty() {
-        return Err(Error::decode(source, DecodeReason::ZeroByte));
+/// Trailing zero bytes that mark a file as incompletely written (pre-allocated, not yet filled):
+/// no complete PNG, JPEG or WebP ends in a run this long (the 7,108 PNG and WebP C-NMC cells end in
+/// at most 2).
+pub const ZERO_TAIL_MIN: usize = 64;
+
+/// The number of zero bytes at the end of `bytes`.
+pub fn zero_tail(bytes: &[u8]) -> usize {
+    bytes.iter().rev().take_while(|&&b| b == 0).count()
+}
+
+/// True when a PNG's chunks, followed by their lengths from the signature on, reach an IEND chunk
+/// that lies wholly inside `bytes` (bytes after IEND are allowed, as Pillow allows them).
+pub fn png_has_iend(bytes: &[u8]) -> bool {
+    let mut i = 8usize;
+    while let Some(head) = bytes.get(i..i + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if &head[4..8] == b"IEND" {
+            return i + 12 <= bytes.len();
+        }
+        match i.checked_add(12 + len) {
+            Some(next) => i = next,
+            None => return false,
+        }
     }
-    if let Some(r) = decode_bmp24_fast(bytes, source, max_pixels) {
-        return r;
+    false
+}
+
+/// Whether the file ends where its format says it must (PNG: an IEND chunk; JPEG: the
+/// end-of-image marker after the scan; PNG, JPEG, WebP: no run of [`ZERO_TAIL_MIN`] zero bytes at
+/// the end, the mark of a pre-allocated, half-written file). `Err` is the reason. BMP and TIFF
+/// have no end marker and may end in black pixels, so they are not judged.
+pub fn check_ending(bytes: &[u8], format: ImageFormat) -> std::result::Result<(), String> {
+    let fname = format_name(format);
+    let zeros = zero_tail(bytes);
+    let cut = match format {
+        ImageFormat::Png if !png_has_iend(bytes) => Some("the data ends before the IEND chunk"),
+        ImageFormat::Jpeg if !jpeg_is_complete(bytes) => Some("the data ends before the end-of-image marker"),
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP if zeros >= ZERO_TAIL_MIN => Some("the data is cut short"),
+        _ => None,
+    };
+    match cut {
+        None => Ok(()),
+        Some(why) if zeros >= ZERO_TAIL_MIN => Err(format!(
+            "{fname}: {why} and the file ends in {zeros} zero bytes: it looks incompletely written \
+             (pre-allocated, not yet filled); classify it once the writer has finished"
+        )),
+        Some(why) => Err(format!("{fname}: {why}; the file is cut off or still being written")),
+    }
+}
+
+/// A clear reason for headers the decoders would refuse with an unclear message (BigTIFF, a 24-bit
+/// BMP that claims BITFIELDS compression), or `None`.
+pub fn refused_header(bytes: &[u8]) -> Option<DecodeReason> {
+    if bytes.starts_with(b"II\x2B\x00") || bytes.starts_with(b"MM\x00\x2B") {
+        return Some(DecodeReason::Unsupported(
+            "BigTIFF (64-bit TIFF) files are not supported; save the image as a classic TIFF, PNG or BMP".into(),
+        ));
+    }
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if bytes.starts_with(b"BM") && u16_at(28) == Some(24) && matches!(u32_at(30), Some(3 | 6)) {
+        return Some(DecodeReason::Unsupported(
+            "BMP: 24 bits per pixel with BITFIELDS compression is not a valid BMP (bit fields go with 16 or 32 bits per \
+             pixel); save the image again as a plain 24-bit BMP or PNG"
+                .into(),
+        ));
+    }
+    None
+}
+
+/// The format of encoded bytes, refused when unsupported or when the file does not end as its
+/// format requires ([`check_ending`]).
+fn supported_format(bytes: &[u8], source: &str) -> Result<ImageFormat> {
+    if let Some(reason) = refused_header(bytes) {
+        return Err(Error::decode(source, reason));
     }
     let format = image::guess_format(bytes).map_err(|_| Error::decode(source, DecodeReason::NotAnImage))?;
     if !matches!(
@@ -352,15 +420,20 @@ pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8>
             )),
         ));
     }
-    let fname = format_name(format);
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(Error::decode(
-            source,
-            DecodeReason::Truncated(
-                "JPEG: the data ends before the end-of-image marker; the file is cut off or still being written".into(),
-            ),
-        ));
+    check_ending(bytes, format).map_err(|why| Error::decode(source, DecodeReason::Truncated(why)))?;
+    Ok(format)
+}
+
+/// Decode encoded image bytes. `source` is only used in error messages.
+pub fn decode_bytes(bytes: &[u8], source: &str, max_pixels: u64) -> Result<Rgb8> {
+    if bytes.is_empty() {
+        return Err(Error::decode(source, DecodeReason::ZeroByte));
     }
+    if let Some(r) = decode_bmp24_fast(bytes, source, max_pixels) {
+        return r;
+    }
+    let format = supported_format(bytes, source)?;
+    let fname = format_name(format);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     if format == ImageFormat::Png {
         // bounds what the PNG decoder inflates while reading the header (iCCP, zTXt, iTXt, ...)
@@ -747,6 +820,61 @@ pub(crate) mod tests {
         assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF]));
         assert!(!jpeg_is_complete(&[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF]));
         assert!(!jpeg_is_complete(&[0xFF, 0xD8]));
+    }
+
+    /// A pre-sized file whose second half is still zeros (a writer that paused) is refused as
+    /// incompletely written for PNG, JPEG and WebP; a PNG must reach its IEND chunk.
+    #[test]
+    fn half_written_files_are_refused_as_incomplete() {
+        let img = DynamicImage::ImageRgb8(sample_rgb(64, 64));
+        for fmt in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+            let whole = encode(&img, fmt);
+            assert!(check_ending(&whole, fmt).is_ok(), "{fmt:?}");
+            let mut half = whole.clone();
+            let n = half.len();
+            half[n / 2..].fill(0);
+            let e = decode_bytes(&half, "paused.img", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+            assert!(e.starts_with("paused.img: ") && e.contains("incompletely written"), "{fmt:?}: {e}");
+            assert!(e.contains(&format!("ends in {} zero bytes", zero_tail(&half))), "{e}");
+        }
+        // a PNG whose IEND chunk is zeros, or missing: not the end of a PNG
+        let png = encode(&img, ImageFormat::Png);
+        assert!(png_has_iend(&png));
+        let mut no_iend = png[..png.len() - 12].to_vec();
+        assert!(!png_has_iend(&no_iend));
+        let e = decode_bytes(&no_iend, "cut.png", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.contains("before the IEND chunk") && e.contains("cut off"), "{e}");
+        no_iend.extend_from_slice(&[0; 12]);
+        assert!(decode_bytes(&no_iend, "z.png", DEFAULT_MAX_PIXELS).unwrap_err().to_string().contains("IEND"));
+        // bytes after IEND are tolerated (as Pillow does), so are a few zeros after a JPEG's EOI
+        let mut tail = png.clone();
+        tail.extend_from_slice(b"junk");
+        assert!(decode_bytes(&tail, "t.png", DEFAULT_MAX_PIXELS).is_ok());
+        // chunk lengths that overflow never panic
+        let mut huge = png[..16].to_vec();
+        huge[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(!png_has_iend(&huge));
+        // BMP and TIFF end in black pixels legitimately: not judged
+        for fmt in [ImageFormat::Bmp, ImageFormat::Tiff] {
+            let black = encode(&DynamicImage::ImageRgb8(ImageBuffer::new(40, 40)), fmt);
+            assert!(check_ending(&black, fmt).is_ok(), "{fmt:?}");
+            assert!(fmt == ImageFormat::Tiff || zero_tail(&black) >= ZERO_TAIL_MIN);
+        }
+    }
+
+    #[test]
+    fn bigtiff_and_bitfields_24bit_bmp_get_clear_messages() {
+        let mut big = b"II\x2B\x00\x08\x00\x00\x00".to_vec();
+        big.extend_from_slice(&[0; 64]);
+        let e = decode_bytes(&big, "big.tif", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.starts_with("big.tif: unsupported image: BigTIFF"), "{e}");
+        big[..4].copy_from_slice(b"MM\x00\x2B");
+        assert!(decode_bytes(&big, "big.tif", DEFAULT_MAX_PIXELS).unwrap_err().to_string().contains("BigTIFF"));
+        let mut bmp = encode(&DynamicImage::ImageRgb8(sample_rgb(8, 8)), ImageFormat::Bmp);
+        bmp[30..34].copy_from_slice(&3u32.to_le_bytes());
+        let e = decode_bytes(&bmp, "bf.bmp", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.starts_with("bf.bmp: unsupported image: BMP: 24 bits per pixel with BITFIELDS"), "{e}");
+        assert_eq!(e.lines().count(), 1);
     }
 
     /// A PNG chunk with its CRC.

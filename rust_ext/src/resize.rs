@@ -216,6 +216,9 @@ thread_local! {
 /// `(x0, 0, x1 - x0, height)`, full height) and the horizontal pass of a row range of the
 /// intermediate (crop `(0, y0, width, rows)`, full width). Falls back to the single call when
 /// one direction needs no resampling or the filter is not a convolution.
+///
+/// Long on purpose: the two passes share the thread-local intermediate buffer and its column and
+/// row bounds; read in one place, the bit-identity argument above can be checked line by line.
 pub fn resize_skipping_black(
     src: &[u8],
     width: usize,

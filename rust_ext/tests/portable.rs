@@ -10,8 +10,10 @@
 
 use std::path::PathBuf;
 
-use _native::batch::{ItemOut, ItemStatus, Pipeline, Source};
+use _native::batch::{ItemStatus, Pipeline, Source};
+use _native::config::DType;
 use _native::cpu;
+use _native::output::OutElem;
 use half::f16;
 
 fn sample_dir() -> Option<PathBuf> {
@@ -68,37 +70,25 @@ fn generated_cell(w: usize, h: usize, seed: u64) -> Vec<u8> {
     px
 }
 
-enum Buf {
-    U8(Vec<u8>),
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+/// The bit patterns of an output buffer (u8, f32 or f16 values), to compare exactly.
+fn bits<T: OutElem>(v: &[T]) -> Vec<u8> {
+    // SAFETY: u8, f32 and f16 (the OutElem types) are plain data without padding; the view covers
+    // exactly the slice's bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }.to_vec()
 }
 
-impl Buf {
-    fn bits(&self) -> Vec<u32> {
-        match self {
-            Buf::U8(v) => v.iter().map(|&x| x as u32).collect(),
-            Buf::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-            Buf::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
-        }
+fn run_typed<T: OutElem>(p: &Pipeline, src: &Source<'_>) -> (Vec<u8>, ItemStatus) {
+    let mut buf = vec![T::ZERO; p.cfg.item_len()];
+    let st = p.run_item(src, "item", &mut buf, &mut Vec::new());
+    (bits(&buf), st)
+}
+
+fn run(p: &Pipeline, src: &Source<'_>) -> (Vec<u8>, ItemStatus) {
+    match p.cfg.dtype {
+        DType::Uint8 => run_typed::<u8>(p, src),
+        DType::Float32 => run_typed::<f32>(p, src),
+        DType::Float16 => run_typed::<f16>(p, src),
     }
-}
-
-fn run(p: &Pipeline, src: &Source<'_>) -> (Buf, ItemStatus) {
-    let n = p.cfg.item_len();
-    let mut scratch = Vec::new();
-    let mut buf = match p.cfg.dtype {
-        _native::config::DType::Uint8 => Buf::U8(vec![0; n]),
-        _native::config::DType::Float32 => Buf::F32(vec![0.0; n]),
-        _native::config::DType::Float16 => Buf::F16(vec![f16::ZERO; n]),
-    };
-    let out = match &mut buf {
-        Buf::U8(v) => ItemOut::U8(v),
-        Buf::F32(v) => ItemOut::F32(v),
-        Buf::F16(v) => ItemOut::F16(v),
-    };
-    let st = p.run_item(src, "item", out, &mut scratch);
-    (buf, st)
 }
 
 fn configs() -> Vec<String> {
@@ -135,9 +125,8 @@ fn portable_paths_equal_simd_paths_bit_for_bit() {
             let (port, st_port) = cpu::with_portable(|| run(&p, src));
             assert_eq!(st_simd, st_port, "{json} item {k}: statuses differ");
             assert!(st_simd.ok, "{json} item {k}: {:?}", st_simd.error);
-            let (a, b) = (simd.bits(), port.bits());
-            if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
-                panic!("{json} item {k}: portable output differs from SIMD at value {i}: {:#x} vs {:#x}", b[i], a[i]);
+            if let Some(i) = (0..simd.len()).find(|&i| simd[i] != port[i]) {
+                panic!("{json} item {k}: portable output differs from SIMD at byte {i}: {:#x} vs {:#x}", port[i], simd[i]);
             }
             compared += 1;
         }

@@ -232,6 +232,9 @@ fn proj4(
 
 /// AVX2 body of [`fused_count`]; returns the number of pixels handled (the rest is scalar).
 ///
+/// Long on purpose: one unsafe SIMD loop whose raw output pointers, reserved capacities and
+/// lengths are tied together; split up, those invariants would span functions.
+///
 /// # Safety
 /// The CPU supports AVX2 and the three planes of `od` have the same length.
 #[cfg(target_arch = "x86_64")]
@@ -435,6 +438,9 @@ fn concentration_percentiles_fused(
 /// by pixel. Returns the number of OD pixels. Without `PLANES` the planes are not written (`pl`
 /// may be empty). Compiled for AVX2 when available (three-operand forms; no FMA, so every
 /// product and sum is rounded as in the plain loop: same bits).
+///
+/// Long on purpose: the plain loop, its AVX2-compiled twin and the dispatch, each with the same
+/// parameter list; the twin must stay next to the body it recompiles.
 #[allow(clippy::too_many_arguments)]
 fn od_select_and_sums<const PLANES: bool>(
     px: &[[u8; 3]],
@@ -565,6 +571,19 @@ fn macenko_stain_vectors(
             s.beta
         ));
     }
+    let [e1, e2] = principal_plane(shifted_covariance(n, &sum, &sxx)?)?;
+    // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
+    // percentiles can be selected on that key and only the two neighbours need an atan2.
+    let (min_phi, max_phi) = match angle_percentiles_fused([e1, e2], lut, od, whole, &od_px, s.beta, s.alpha) {
+        Some(phis) => phis,
+        None => angle_percentiles_stored(&dot_tables(e1, lut), &dot_tables(e2, lut), &od_px, s.alpha),
+    };
+    Ok((stain_matrix([e1, e2], min_phi, max_phi)?, n))
+}
+
+/// The covariance (`np.cov`: centred, `ddof = 1`) of `n` samples from their shifted sums
+/// (`sum[i]`, `sxx[i][j]` for `j >= i`, as [`od_select_and_sums`] gives them).
+fn shifted_covariance(n: usize, sum: &[f64; 3], sxx: &[[f64; 3]; 3]) -> std::result::Result<[[f64; 3]; 3], String> {
     let nf = n as f64;
     let mut cov = [[0.0f64; 3]; 3];
     for i in 0..3 {
@@ -576,13 +595,18 @@ fn macenko_stain_vectors(
     if cov.iter().flatten().any(|x| !x.is_finite()) {
         return Err("non-finite optical density covariance".into());
     }
+    Ok(cov)
+}
+
+/// `[e1, e2]`: the middle and the largest eigenvector of `cov` (columns 1 and 2 as in
+/// torchstain). The result does not depend on their signs (see module docs); `e2` is oriented so
+/// that projections are positive, which keeps all angles inside (0, pi) and lets the angle
+/// percentiles work on the cheaper key -x/y.
+fn principal_plane(cov: [[f64; 3]; 3]) -> std::result::Result<[[f64; 3]; 2], String> {
     let (vals, vecs) = sym_eigen3(cov);
     if !(vals[2] > 0.0) {
         return Err("optical density has zero variance (uniform colour)".into());
     }
-    // e1 = middle, e2 = largest eigenvector (columns 1 and 2 as in torchstain). The result does
-    // not depend on their signs (see module docs); orient e2 so that projections are positive,
-    // which keeps all angles inside (0, pi) and lets us work on the cheaper key -x/y.
     let e1 = [vecs[0][1], vecs[1][1], vecs[2][1]];
     let mut e2 = [vecs[0][2], vecs[1][2], vecs[2][2]];
     if e2.iter().sum::<f64>() < 0.0 {
@@ -591,12 +615,12 @@ fn macenko_stain_vectors(
     if !e1.iter().chain(e2.iter()).all(|x| x.is_finite()) {
         return Err("non-finite eigenvectors".into());
     }
-    // phi = atan2(y, x). When every y > 0, phi = atan2(1, x/y) is increasing in -x/y, so the
-    // percentiles can be selected on that key and only the two neighbours need an atan2.
-    let (min_phi, max_phi) = match angle_percentiles_fused([e1, e2], lut, od, whole, &od_px, s.beta, s.alpha) {
-        Some(phis) => phis,
-        None => angle_percentiles_stored(&dot_tables(e1, lut), &dot_tables(e2, lut), &od_px, s.alpha),
-    };
+    Ok([e1, e2])
+}
+
+/// The stain matrix (rows R, G, B; columns H, E) from the angle percentiles in the plane
+/// `[e1, e2]`: the direction with the larger red component is haematoxylin (torchstain's order).
+fn stain_matrix([e1, e2]: [[f64; 3]; 2], min_phi: f64, max_phi: f64) -> std::result::Result<[[f64; 2]; 3], String> {
     let dir = |phi: f64| -> [f64; 3] {
         let (c, sn) = (phi.cos(), phi.sin());
         [e1[0] * c + e2[0] * sn, e1[1] * c + e2[1] * sn, e1[2] * c + e2[2] * sn]
@@ -612,7 +636,7 @@ fn macenko_stain_vectors(
     if he.as_flattened().iter().any(|x| !x.is_finite()) {
         return Err("non-finite stain vectors".into());
     }
-    Ok((he, n))
+    Ok(he)
 }
 
 /// The angle percentiles from stored keys (or, when some projection on `e2` is not positive,
@@ -817,6 +841,51 @@ unsafe fn macenko_apply_foreground_avx2(rgb: &mut [u8], idx: &[u32], px: &[[u8; 
 mod tests {
     use super::*;
     use crate::stain::tests::{synthetic_tissue, Rng};
+
+    #[test]
+    fn shifted_covariance_equals_np_cov() {
+        // samples (1,2,0), (3,1,1), (2,5,4), (0,0,2) shifted by (1,1,1)
+        let xs = [[1.0, 2.0, 0.0], [3.0, 1.0, 1.0], [2.0, 5.0, 4.0], [0.0, 0.0, 2.0f64]];
+        let (mut sum, mut sxx) = ([0.0; 3], [[0.0; 3]; 3]);
+        for x in xs {
+            let d = x.map(|v| v - 1.0);
+            for i in 0..3 {
+                sum[i] += d[i];
+                for j in i..3 {
+                    sxx[i][j] += d[i] * d[j];
+                }
+            }
+        }
+        let cov = shifted_covariance(4, &sum, &sxx).unwrap();
+        let mean: [f64; 3] = std::array::from_fn(|i| xs.iter().map(|x| x[i]).sum::<f64>() / 4.0);
+        for i in 0..3 {
+            for j in 0..3 {
+                let want = xs.iter().map(|x| (x[i] - mean[i]) * (x[j] - mean[j])).sum::<f64>() / 3.0;
+                assert!((cov[i][j] - want).abs() < 1e-12, "{i} {j}: {} vs {want}", cov[i][j]);
+            }
+        }
+        assert!(shifted_covariance(1, &sum, &sxx).is_err(), "one sample: ddof=1 divides by zero");
+    }
+
+    #[test]
+    fn principal_plane_and_stain_matrix() {
+        // variance mostly along (1,1,1)/sqrt3, some along (1,-1,0)/sqrt2
+        let (a, b) = ([1.0, 1.0, 1.0f64].map(|v| v / 3f64.sqrt()), [1.0, -1.0, 0.0f64].map(|v| v / 2f64.sqrt()));
+        let cov: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| 4.0 * a[i] * a[j] + b[i] * b[j]));
+        let [e1, e2] = principal_plane(cov).unwrap();
+        for k in 0..3 {
+            assert!((e2[k] - a[k]).abs() < 1e-9, "e2 = {e2:?}, oriented positive");
+            assert!((e1[k].abs() - b[k].abs()).abs() < 1e-9, "e1 = {e1:?}");
+        }
+        assert!(principal_plane([[0.0; 3]; 3]).unwrap_err().contains("zero variance"));
+        // phi = pi/2 is e2, phi = 0 is e1; H is the one with the larger red component
+        let he = stain_matrix([e1, e2], 0.0, std::f64::consts::FRAC_PI_2).unwrap();
+        let (h, e) = if e1[0] > e2[0] { (e1, e2) } else { (e2, e1) };
+        for k in 0..3 {
+            assert!((he[k][0] - h[k]).abs() < 1e-12 && (he[k][1] - e[k]).abs() < 1e-12, "{he:?}");
+        }
+        assert!(stain_matrix([e1, e2], f64::NAN, 0.0).is_err());
+    }
 
     fn pixels(n: usize, seed: u64) -> Vec<[u8; 3]> {
         synthetic_tissue(n, 1, seed)

@@ -121,6 +121,29 @@ pub fn foreground_pixels(rgb: &[u8], rule: MaskRule, out: &mut Vec<[u8; 3]>) {
     }
 }
 
+/// One pixel of [`gather_foreground`], branch-free: the slot `cnt` is always written and kept only
+/// for foreground (`cnt <= j < n`, so it is in bounds); background pixels are stored back as black.
+#[inline(always)]
+fn gather_one(
+    rgb: &mut [u8],
+    j: usize,
+    rule: MaskRule,
+    idx_out: &mut [std::mem::MaybeUninit<u32>],
+    px_out: &mut [std::mem::MaybeUninit<[u8; 3]>],
+    cnt: &mut usize,
+) {
+    let q = &mut rgb[3 * j..3 * j + 3];
+    let p = [q[0], q[1], q[2]];
+    let fg = !rule.is_background(&p);
+    let m = if fg { 0xFF } else { 0 };
+    q[0] = p[0] & m;
+    q[1] = p[1] & m;
+    q[2] = p[2] & m;
+    idx_out[*cnt].write(j as u32);
+    px_out[*cnt].write(p);
+    *cnt += fg as usize;
+}
+
 /// One pass over a packed RGB8 image: background pixels are set to black, the index and value
 /// of every foreground pixel are appended to `idx` / `px` (in image order). Runs of 8 pure
 /// black pixels (the C-NMC background) are skipped with three 64-bit loads.
@@ -134,28 +157,6 @@ pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px:
     let idx_out = &mut idx.spare_capacity_mut()[..n];
     let px_out = &mut px.spare_capacity_mut()[..n];
     let mut cnt = 0usize;
-    // Branch-free per pixel: the slot `cnt` is always written and kept only for foreground
-    // (`cnt <= j < n`, so it is in bounds); background pixels are stored back as black.
-    #[inline(always)]
-    fn one(
-        rgb: &mut [u8],
-        j: usize,
-        rule: MaskRule,
-        idx_out: &mut [std::mem::MaybeUninit<u32>],
-        px_out: &mut [std::mem::MaybeUninit<[u8; 3]>],
-        cnt: &mut usize,
-    ) {
-        let q = &mut rgb[3 * j..3 * j + 3];
-        let p = [q[0], q[1], q[2]];
-        let fg = !rule.is_background(&p);
-        let m = if fg { 0xFF } else { 0 };
-        q[0] = p[0] & m;
-        q[1] = p[1] & m;
-        q[2] = p[2] & m;
-        idx_out[*cnt].write(j as u32);
-        px_out[*cnt].write(p);
-        *cnt += fg as usize;
-    }
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     {
@@ -185,14 +186,14 @@ pub fn gather_foreground(rgb: &mut [u8], rule: MaskRule, idx: &mut Vec<u32>, px:
                 cnt += 8;
             } else {
                 for j in i..i + 8 {
-                    one(rgb, j, rule, idx_out, px_out, &mut cnt);
+                    gather_one(rgb, j, rule, idx_out, px_out, &mut cnt);
                 }
             }
         }
         i += 8;
     }
     for j in i..n {
-        one(rgb, j, rule, idx_out, px_out, &mut cnt);
+        gather_one(rgb, j, rule, idx_out, px_out, &mut cnt);
     }
     // SAFETY: slots `0..cnt` of both spare capacities were written above.
     unsafe {

@@ -46,11 +46,17 @@ pub mod mask;
 pub mod params;
 pub mod reinhard;
 
-pub use lab::*;
-pub use macenko::*;
-pub use mask::*;
-pub use params::*;
-pub use reinhard::*;
+// The stain API the rest of the crate (and the examples) use; anything else by its module path.
+pub use lab::Lab;
+pub use macenko::{macenko_apply_foreground, macenko_fit_pixels, macenko_tables, MacenkoSettings};
+pub use mask::{
+    all_zero, blacken_background, first_nonzero, foreground_bbox, foreground_mask, foreground_pixels, gather_foreground,
+    last_nonzero, MaskRule,
+};
+pub use params::{MacenkoParams, ReinhardParams, StainParams, MACENKO_HE_REF};
+pub use reinhard::{reinhard_apply_foreground, reinhard_fit_pixels};
+
+
 
 use crate::config::{StainConfig, StainMethod};
 use crate::error::{Error, Result};
@@ -231,6 +237,7 @@ pub fn fit_images(images: &[&[u8]], cfg: &StainConfig) -> Result<(StainParams, u
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::macenko::{dot_tables, macenko_apply, macenko_apply_foreground_scalar, od_lut, tdot, tdot_all};
     use super::*;
 
     /// Deterministic xorshift for test data.
@@ -313,35 +320,46 @@ pub(crate) mod tests {
         assert_eq!(foreground_mask(&[0, 0, 0, 50, 0, 0], r), vec![false, true]);
     }
 
+    /// Mean absolute difference of two byte images.
+    fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+    }
+
+    /// Every size with the black-only rule and with a white threshold of 200.
+    fn size_rule_cases(sizes: &[(usize, usize)]) -> Vec<(usize, usize, Option<u8>, MaskRule)> {
+        let rule = |white| MaskRule {
+            black_threshold: 10,
+            white_threshold: white,
+        };
+        sizes
+            .iter()
+            .flat_map(|&(w, h)| [None, Some(200u8)].map(|white| (w, h, white, rule(white))))
+            .collect()
+    }
+
     #[test]
     fn bbox_equals_pixel_scan() {
         let mut rng = Rng::new(9);
-        for (w, h) in [(1usize, 1usize), (11, 3), (50, 40), (97, 13)] {
-            for white in [None, Some(200u8)] {
-                let rule = MaskRule {
-                    black_threshold: 10,
-                    white_threshold: white,
-                };
-                // black, dark background noise, white glass, and a few coloured pixels
-                let img: Vec<u8> = (0..w * h)
-                    .flat_map(|_| match rng.next() % 40 {
-                        0 => rng.pixel(),
-                        1 => [3, 10, 7],
-                        2 => [250, 240, 230],
-                        _ => [0, 0, 0],
-                    })
-                    .collect();
-                let mut want: Option<(usize, usize, usize, usize)> = None;
-                for y in 0..h {
-                    for x in 0..w {
-                        if !rule.is_background(&img[3 * (y * w + x)..3 * (y * w + x) + 3]) {
-                            let b = want.get_or_insert((x, y, x + 1, y + 1));
-                            *b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
-                        }
+        for (w, h, white, rule) in size_rule_cases(&[(1usize, 1usize), (11, 3), (50, 40), (97, 13)]) {
+            // black, dark background noise, white glass, and a few coloured pixels
+            let img: Vec<u8> = (0..w * h)
+                .flat_map(|_| match rng.next() % 40 {
+                    0 => rng.pixel(),
+                    1 => [3, 10, 7],
+                    2 => [250, 240, 230],
+                    _ => [0, 0, 0],
+                })
+                .collect();
+            let mut want: Option<(usize, usize, usize, usize)> = None;
+            for y in 0..h {
+                for x in 0..w {
+                    if !rule.is_background(&img[3 * (y * w + x)..3 * (y * w + x) + 3]) {
+                        let b = want.get_or_insert((x, y, x + 1, y + 1));
+                        *b = (b.0.min(x), b.1.min(y), b.2.max(x + 1), b.3.max(y + 1));
                     }
                 }
-                assert_eq!(foreground_bbox(&img, w, h, rule), want, "{w}x{h} {white:?}");
             }
+            assert_eq!(foreground_bbox(&img, w, h, rule), want, "{w}x{h} {white:?}");
         }
     }
 
@@ -362,46 +380,40 @@ pub(crate) mod tests {
     #[test]
     fn gather_equals_mask_collect_and_blacken() {
         let mut rng = Rng::new(21);
-        for (w, h) in [(1usize, 1usize), (7, 3), (40, 30), (91, 17)] {
-            for white in [None, Some(200u8)] {
-                let rule = MaskRule {
-                    black_threshold: 10,
-                    white_threshold: white,
-                };
-                // mix of pure black runs, dark-but-not-zero background, bright and coloured pixels
-                // (runs of 40 "any colour" pixels give whole blocks of 8 foreground pixels)
-                // and runs of 100 pure black pixels (the 32-pixel skips of the SIMD path)
-                let img: Vec<u8> = (0..w * h)
-                    .flat_map(|q| {
-                        match if q / 100 % 3 == 1 {
-                            0
-                        } else if q % 64 < 40 {
-                            4
-                        } else {
-                            rng.next() % 5
-                        } {
-                            0 | 1 => [0, 0, 0],
-                            2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
-                            3 => [250, 240, 230],
-                            _ => rng.pixel(),
-                        }
-                    })
-                    .collect();
-                let mut want_px = Vec::new();
-                foreground_pixels(&img, rule, &mut want_px);
-                let want_idx: Vec<u32> = (0..w * h)
-                    .filter(|&i| !rule.is_background(&img[3 * i..3 * i + 3]))
-                    .map(|i| i as u32)
-                    .collect();
-                let mut want_img = img.clone();
-                blacken_background(&mut want_img, rule);
-                let mut got_img = img.clone();
-                let (mut idx, mut px) = (vec![7u32], vec![[1u8, 2, 3]]); // appends
-                gather_foreground(&mut got_img, rule, &mut idx, &mut px);
-                assert_eq!(&idx[1..], &want_idx[..], "{w}x{h} {white:?}");
-                assert_eq!(&px[1..], &want_px[..]);
-                assert_eq!(got_img, want_img);
-            }
+        for (w, h, white, rule) in size_rule_cases(&[(1usize, 1usize), (7, 3), (40, 30), (91, 17)]) {
+            // mix of pure black runs, dark-but-not-zero background, bright and coloured pixels
+            // (runs of 40 "any colour" pixels give whole blocks of 8 foreground pixels)
+            // and runs of 100 pure black pixels (the 32-pixel skips of the SIMD path)
+            let img: Vec<u8> = (0..w * h)
+                .flat_map(|q| {
+                    match if q / 100 % 3 == 1 {
+                        0
+                    } else if q % 64 < 40 {
+                        4
+                    } else {
+                        rng.next() % 5
+                    } {
+                        0 | 1 => [0, 0, 0],
+                        2 => [(rng.next() % 11) as u8, 3, (rng.next() % 11) as u8],
+                        3 => [250, 240, 230],
+                        _ => rng.pixel(),
+                    }
+                })
+                .collect();
+            let mut want_px = Vec::new();
+            foreground_pixels(&img, rule, &mut want_px);
+            let want_idx: Vec<u32> = (0..w * h)
+                .filter(|&i| !rule.is_background(&img[3 * i..3 * i + 3]))
+                .map(|i| i as u32)
+                .collect();
+            let mut want_img = img.clone();
+            blacken_background(&mut want_img, rule);
+            let mut got_img = img.clone();
+            let (mut idx, mut px) = (vec![7u32], vec![[1u8, 2, 3]]); // appends
+            gather_foreground(&mut got_img, rule, &mut idx, &mut px);
+            assert_eq!(&idx[1..], &want_idx[..], "{w}x{h} {white:?}");
+            assert_eq!(&px[1..], &want_px[..]);
+            assert_eq!(got_img, want_img);
         }
     }
 
@@ -543,12 +555,7 @@ pub(crate) mod tests {
         let fit = macenko_fit_pixels(&fg, &MacenkoSettings::default()).unwrap();
         let mut out = img.clone();
         normalize_in_place(&mut out, &cfg, &StainParams::Macenko(fit.params));
-        let mad: f64 = img
-            .iter()
-            .zip(&out)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .sum::<f64>()
-            / img.len() as f64;
+        let mad = mean_abs_diff(&img, &out);
         assert!(mad < 1.5, "mean abs diff {mad}");
 
         let lab = Lab::new();
@@ -556,12 +563,7 @@ pub(crate) mod tests {
         cfg.method = StainMethod::Reinhard;
         let mut out = img.clone();
         normalize_in_place(&mut out, &cfg, &StainParams::Reinhard(rp));
-        let mad: f64 = img
-            .iter()
-            .zip(&out)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .sum::<f64>()
-            / img.len() as f64;
+        let mad = mean_abs_diff(&img, &out);
         assert!(mad < 1.0, "reinhard mean abs diff {mad}");
     }
 

@@ -2,16 +2,68 @@
 //! stain parameters resolved and its output tables built once, reused for every batch.
 //!
 //! A thin wrapper around [`crate::batch::Pipeline`]; the pixel work is in the pure-Rust modules.
+//! [`run_items`] is the batch run shared with `preprocess_batch`.
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyTypeError;
+use half::f16;
+use numpy::ndarray::IxDyn;
+use numpy::{Element, PyArrayDyn, PyArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
-use crate::batch::Pipeline;
-use crate::config::{Layout, StainMethod};
-use crate::{run_items, to_py, type_name};
+use super::convert::{batch_items, check_out, status_list, type_name, HeldItem};
+use super::to_py;
+use crate::batch::{ItemStatus, Pipeline, Source};
+use crate::config::{DType, Layout, StainMethod};
+use crate::output::OutElem;
+
+/// Run a validated pipeline over `items` (paths, encoded bytes or uint8 arrays): the shared body of
+/// `Pipeline.run` and `preprocess_batch`.
+pub fn run_items<'py>(
+    py: Python<'py>,
+    pipeline: &Pipeline,
+    items: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyList>)> {
+    let (held, names) = batch_items(items)?;
+    // the one place a dtype picks the output element type
+    let (arr, statuses) = match pipeline.cfg.dtype {
+        DType::Uint8 => run_typed::<u8>(py, pipeline, &held, &names, out, threads),
+        DType::Float32 => run_typed::<f32>(py, pipeline, &held, &names, out, threads),
+        DType::Float16 => run_typed::<f16>(py, pipeline, &held, &names, out, threads),
+    }?;
+    Ok((arr, status_list(py, &statuses, &names)?))
+}
+
+/// [`run_items`] for the output element `T`: validates `out` (or makes a zeroed array), then runs
+/// the batch with the GIL released.
+fn run_typed<'py, T: OutElem + Element>(
+    py: Python<'py>,
+    pipeline: &Pipeline,
+    held: &[HeldItem<'py>],
+    names: &[String],
+    out: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyAny>, Vec<ItemStatus>)> {
+    let shape = pipeline.cfg.output_shape(held.len());
+    let arr = match out {
+        Some(o) => check_out::<T>(o, &pipeline.cfg, &shape)?,
+        None => PyArrayDyn::<T>::zeros(py, IxDyn(&shape), false),
+    };
+    let sources: Vec<Source<'_>> = held.iter().map(HeldItem::source).collect();
+    let statuses = {
+        let mut rw = arr
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(format!("out is not writeable: {e}")))?;
+        let buf = rw.as_slice_mut().map_err(|e| PyValueError::new_err(e.to_string()))?;
+        py.detach(|| pipeline.run_batch(&sources, names, buf, threads))
+    }
+    .map_err(to_py)?;
+    Ok((arr.into_any(), statuses))
+}
 
 /// Pipeline(config) -- `config` is the JSON of `PreprocessConfig.to_native_json()` or any object
 /// with a `to_native_json()` method (a `PreprocessConfig`).
