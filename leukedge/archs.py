@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights were asked for but cannot be obtained (offline, no local copy)."""
+
+
 #: an allowed ``arch_kwargs`` key's value: (type, minimum, maximum)
 KwargSpec = tuple[type, float, float]
 

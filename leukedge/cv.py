@@ -27,9 +27,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
-from ._util import Reporter
+from ._util import CLASS_NAMES, Reporter, as_int, atomic_write_json
 from .baseline import area_baseline_fold, cell_areas, summarize_baseline
-from .train import TrainConfig, _as_int, _subjects_of, _write_json, recipe_of, usable_rows
+from .data import group_kfold, pool_rows, subjects_of
+from .train import TrainConfig, recipe_of
 
 CV_FILE = "cv.json"
 OOF_FILE = "oof_predictions.csv"
@@ -68,17 +69,11 @@ def row_digests(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest() for i in range(len(images))]
 
 
-def _pool_rows(manifest: Sequence[dict[str, Any]]) -> list[int]:
-    return [i for i in usable_rows(manifest) if str(manifest[i].get("split") or "") != "test"]
-
-
 def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int,
                digests: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """(train rows, validation rows) of the cache for each of ``k`` subject-grouped folds. With
     ``digests`` (:func:`row_digests`), pixel-identical cells are kept on one side as well."""
-    from .data import group_kfold
-
-    rows = _pool_rows(manifest)
+    rows = pool_rows(manifest)
     items = [manifest[i] if digests is None else {**manifest[i], "sha256": digests[i]} for i in rows]
     folds = []
     for tr, va in group_kfold(items, k=k, seed=seed):
@@ -97,11 +92,11 @@ def official_folds(manifest: Sequence[dict[str, Any]], digests: Sequence[str] | 
     training cell (``digests``) are dropped (``dropped`` counts them), and a subject found on both
     sides is refused. Needs rows of at least two official folds (``fold`` in the manifest, from the
     ``fold_N`` folders)."""
-    rows = _pool_rows(manifest)
+    rows = pool_rows(manifest)
     by_fold: dict[int, list[int]] = {}
     missing = 0
     for i in rows:
-        f = _as_int(manifest[i].get("fold"))
+        f = as_int(manifest[i].get("fold"))
         if f < 0:
             missing += 1
         else:
@@ -225,7 +220,7 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     loaded = load_cache(cache)
     manifest = list(loaded.manifest)
     synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
-    labels = np.array([_as_int(r.get("label")) for r in manifest])
+    labels = np.array([as_int(r.get("label")) for r in manifest])
     t0 = time.time()
     fold_rows: list[dict[str, Any]] = []
     oof: list[dict[str, Any]] = []
@@ -233,12 +228,12 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     official = official_folds(manifest, digests) if split == "official" else None
     folds = len(official) if official is not None else folds
     baseline_rows: list[dict[str, Any] | None] = []
-    areas = cell_areas(loaded, _pool_rows(manifest), log)
+    areas = cell_areas(loaded, pool_rows(manifest), log)
     for seed in seeds:
         for k, (name, tr, va, dropped, test_fold) in enumerate(_plan(manifest, folds, int(seed), digests, official)):
             run = out / f"seed{seed}" / (f"fold{k}" if test_fold is None else f"official{test_fold}")
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
-            log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(_subjects_of(manifest, tr))} subjects, "
+            log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(subjects_of(manifest, tr))} subjects, "
                 f"validate {len(va)} cells of {len(subj_va)} unseen subjects"
                 + (f" ({dropped} test cells pixel-identical to training cells left out)" if dropped else ""))
             if seed == seeds[0]:
@@ -290,7 +285,7 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         p = np.array([r["probability"] for r in rows])
         acc_by_seed = [float(((p[m] >= thr).astype(int) == y[m]).mean())
                        for s in seeds if (m := np.array([r["seed"] == int(s) for r in rows])).any()]
-        table.append({"subject": subj, "true_class": "all" if y.mean() > 0.5 else "hem",
+        table.append({"subject": subj, "true_class": CLASS_NAMES[int(y.mean() > 0.5)],
                       "n": int(len(rows) // max(1, len(acc_by_seed))),
                       "accuracy": float(np.mean(acc_by_seed)), "accuracy_sd": float(np.std(acc_by_seed)),
                       "mean_prob_all": float(p.mean()), "predicted_blast_fraction": float((p >= thr).mean())})
@@ -328,7 +323,7 @@ def write_outputs(out: Path, summary: dict[str, Any], oof: list[dict[str, Any]])
     from .report import build_report
 
     histories = summary.pop("_histories", [])
-    _write_json(out / CV_FILE, summary)
+    atomic_write_json(out / CV_FILE, summary)
     with (out / OOF_FILE).open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["seed", "fold", "row", "path", "subject", "label", "probability"])
         w.writeheader()

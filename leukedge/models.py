@@ -21,6 +21,7 @@ from torch import nn
 from . import __version__
 from ._util import CLASS_NAMES, POSITIVE_CLASS
 from .archs import REGISTRY, get_arch
+from .archs import PretrainedWeightsUnavailable as PretrainedWeightsUnavailable  # re-exported: it used to live here
 from .archs import default_arch_kwargs as default_arch_kwargs  # re-exported: it used to live here
 from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
 from .artifacts import read_bundle_meta as _read_bundle_meta
@@ -31,10 +32,6 @@ from .config import PreprocessConfig, normalize_uint8
 #: Architectures understood by :func:`build_model` (name -> description), from :data:`leukedge.archs.REGISTRY`.
 ARCHS: dict[str, str] = {a.name: a.description for a in REGISTRY.values()}
 TIMM_ARCHS = tuple(a.name for a in REGISTRY.values() if a.builder == "timm")
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights were asked for but cannot be obtained (offline, no local copy)."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from ._util import NULL_REPORTER, PlainReporter, Reporter, atomic_write_text, ca
 from ._util import as_int as _as_int
 from ._util import atomic_write_json as _write_json
 from .config import PreprocessConfig
+from .data.splits import make_split as make_split
+from .data.splits import usable_rows as usable_rows
 from .training.recipe import (  # re-exported until the module is split up
     AUGMENT_MODES as AUGMENT_MODES,
 )
@@ -51,7 +53,6 @@ TTA_VIEW_INDEX = {"none": (0,), "flip": (0, 4), "d4": tuple(range(8))}
 CKPT_DIR = "checkpoints"
 
 
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -63,122 +64,6 @@ class TrainResult:
     split: dict[str, Any]
     val_indices: list[int] = field(default_factory=list)
     val_prob: np.ndarray | None = None  # P(all) of the kept model (its test-time computation) per validation row
-
-
-# ----------------------------------------------------------------------------------------
-# split
-# ----------------------------------------------------------------------------------------
-def usable_rows(manifest: Sequence[dict[str, Any]]) -> list[int]:
-    """Rows that decoded and carry a label (0 hem / 1 all)."""
-    return [i for i, r in enumerate(manifest) if str(r.get("status", "ok")) == "ok" and _as_int(r.get("label")) in (0, 1)]
-
-
-def _subjects_of(manifest: Sequence[dict[str, Any]], rows: Sequence[int]) -> set[str]:
-    return {str(manifest[i].get("subject")) for i in rows if manifest[i].get("subject") not in (None, "")}
-
-
-def _source_split(row: dict[str, Any]) -> str | None:
-    """The partition a file came from in the C-NMC layout (ignoring splits assigned by preprocess):
-    "val" for the labelled preliminary test set, "test" for the unlabelled final test set, else None."""
-    p = str(row.get("path") or "").replace("\\", "/").lower()
-    if "test_prelim_phase" in p:
-        return "val"
-    if "test_final_phase" in p or "/testing_data/" in p:
-        return "test"
-    return None
-
-
-def _explicit_split(rows: Sequence[int], cfg: TrainConfig) -> tuple[str, list[int], list[int]]:
-    if cfg.train_indices is None or cfg.val_indices is None:
-        raise ValueError("train_indices and val_indices must be given together")
-    ok = set(rows)
-    train = sorted(int(i) for i in cfg.train_indices)
-    val = sorted(int(i) for i in cfg.val_indices)
-    bad = [i for i in train + val if i not in ok]
-    if bad:
-        raise ValueError(f"explicit split uses {len(bad)} row(s) that failed or have no label, e.g. {bad[:5]}")
-    return "explicit", train, val
-
-
-def _new_or_cache_split(manifest: Sequence[dict[str, Any]], rows: list[int], cfg: TrainConfig,
-                        log: Callable[[str], None]) -> tuple[str, list[int], list[int]]:
-    """No validation, the cache's own split, or a new one (see :func:`make_split`)."""
-    from .data import LeakageWarning, assign_splits
-
-    rows = [i for i in rows if str(manifest[i].get("split") or "") != "test"]
-    if cfg.limit is not None and cfg.limit < len(rows):
-        rng = np.random.default_rng(cfg.seed)
-        rows = sorted(int(i) for i in rng.choice(rows, size=cfg.limit, replace=False))
-    cache_splits = {str(manifest[i].get("split") or "") for i in rows}
-    if cfg.no_validation:
-        return "none", list(rows), []
-    if not cfg.resplit and cfg.val_fold is None and not cfg.image_level_split and {"train", "val"} <= cache_splits:
-        return ("cache", [i for i in rows if manifest[i].get("split") == "train"],
-                [i for i in rows if manifest[i].get("split") == "val"])
-    items = [{**manifest[i], "split": _source_split(manifest[i])} for i in rows]
-    strategy = "image" if cfg.image_level_split else "auto"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LeakageWarning)
-        splits = assign_splits(items, strategy=strategy, val_fold=cfg.val_fold, val_fraction=cfg.val_fraction,
-                               seed=cfg.seed)
-    for w in caught:
-        if issubclass(w.category, LeakageWarning):
-            log(f"[bold red]WARNING: {w.message}[/]")
-    folds = sorted({_as_int(it.get("fold")) for it in items if _as_int(it.get("fold")) >= 0})
-    if strategy == "auto":
-        strategy = "fold" if (len(folds) >= 2 or cfg.val_fold is not None) else "subject"
-    return (strategy, [r for r, s in zip(rows, splits) if s == "train"],
-            [r for r, s in zip(rows, splits) if s == "val"])
-
-
-def make_split(manifest: Sequence[dict[str, Any]], cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Choose training and validation rows of a cache; returns a JSON-serialisable description.
-
-    Order of precedence: explicit ``train_indices``/``val_indices``; ``no_validation`` (every usable
-    row trains); the cache's own train/val split (written by ``leukedge preprocess``) unless
-    ``resplit``, ``val_fold`` or ``image_level_split`` ask for a new one; otherwise a new split by
-    :func:`leukedge.data.assign_splits` (official folds when there are several, else by subject).
-    """
-    rows = usable_rows(manifest)
-    if cfg.train_indices is not None or cfg.val_indices is not None:
-        strategy, train, val = _explicit_split(rows, cfg)
-    else:
-        strategy, train, val = _new_or_cache_split(manifest, rows, cfg, log)
-    if not train or (not val and not cfg.no_validation):
-        raise ValueError(f"split {strategy!r} left {len(train)} training and {len(val)} validation images; need both "
-                         "(use more subjects, a different --val-fold, or --no-validation)")
-    leaked = sorted(_subjects_of(manifest, train) & _subjects_of(manifest, val))
-    if leaked and strategy != "image":
-        msg = f"subjects on both sides of the {strategy} split: {', '.join(leaked[:10])}"
-        if strategy in ("subject", "explicit"):
-            raise RuntimeError(f"internal error: {msg}")
-        log(f"[bold red]WARNING: {msg} (validation scores will be inflated)[/]")
-    if strategy == "image":
-        log("[bold red]WARNING: image-level split: cells of one patient are in both train and validation; "
-            "validation scores are inflated and NOT comparable with patient-disjoint results.[/]")
-
-    def counts(rows: Sequence[int]) -> dict[str, int]:
-        labs = [_as_int(manifest[i].get("label")) for i in rows]
-        return {"hem": labs.count(0), "all": labs.count(1)}
-
-    from .evaluate import few_subjects_warning
-
-    thin = few_subjects_warning([_as_int(manifest[i].get("label")) for i in val],
-                                [manifest[i].get("subject") for i in val]) if val else None
-
-    return {
-        "strategy": strategy,
-        "val_fold": cfg.val_fold,
-        "patient_disjoint": not leaked,
-        "leaked_subjects": leaked,
-        "train_indices": train,
-        "val_indices": val,
-        "train_counts": counts(train),
-        "val_counts": counts(val),
-        "train_subjects": sorted(_subjects_of(manifest, train)),
-        "val_subjects": sorted(_subjects_of(manifest, val)),
-        "subject_warning": thin,  # fewer than 2 validation subjects of a class (None: enough)
-    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -1040,14 +925,11 @@ def _check_assembled(model: Any, feats: np.ndarray, images: np.ndarray, cfg: Pre
         raise RuntimeError(f"the assembled model disagrees with the cached-feature path it was trained on (max |dP| {diff:.3f})")
 
 
-
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 # Options shared by `leukedge train` and `leukedge cv` (the recipe options), in --help order.
 # How a run is executed (not part of a recipe).
-
-
 
 
 callable_module(__name__, train)
