@@ -27,10 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
+from . import training
 from ._util import CLASS_NAMES, Reporter, as_int, atomic_write_json
+from .artifacts import load_cache
 from .baseline import area_baseline_fold, cell_areas, summarize_baseline
 from .data import group_kfold, pool_rows, subjects_of
-from .train import TrainConfig, recipe_of
+from .evaluate import compute_metrics, subject_bootstrap_ci
+from .report import build_report
+from .training import TEST_TIME_FIELDS, TTA_CHOICES, TrainConfig, recipe_of
 
 CV_FILE = "cv.json"
 OOF_FILE = "oof_predictions.csv"
@@ -130,9 +134,7 @@ def _read_fold_predictions(path: Path) -> dict[int, float] | None:
 
 def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
     """Whether the finished fold in ``run`` predicted with ``cfg``'s test-time settings (else resuming it
-    re-scores the kept model, see :data:`leukedge.train.TEST_TIME_FIELDS`)."""
-    from .train import TEST_TIME_FIELDS
-
+    re-scores the kept model, see :data:`leukedge.training.TEST_TIME_FIELDS`)."""
     try:
         old = json.loads((run / "metrics.json").read_text()).get("train_config") or {}
     except (OSError, ValueError):
@@ -145,8 +147,6 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
                       dctx: _ddp.DistContext | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """P(all) of one fold's validation rows and its training history: from a finished earlier run
     (``resume``, same test-time settings), else by training the fold into ``run``."""
-    from .train import train
-
     dctx = dctx or _ddp.DistContext()
     pred_file = run / "val_predictions.csv"
     prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
@@ -156,8 +156,8 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
         hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
         log("  finished before: reusing its predictions")
     else:
-        res = train(cache, run, dataclasses.replace(cfg, seed=seed, train_indices=tr, val_indices=va,
-                                                    no_validation=False), reporter=reporter)
+        res = training.train(cache, run, dataclasses.replace(cfg, seed=seed, train_indices=tr, val_indices=va,
+                                                             no_validation=False), reporter=reporter)
         order = {r: j for j, r in enumerate(res.val_indices)}
         probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
         hist = res.history
@@ -188,10 +188,19 @@ def _fold_scores(run: Path, m: dict[str, Any], hist: list[dict[str, Any]]) -> di
             "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))}
 
 
+def _check_args(split: str, folds: int, seeds: Sequence[int]) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if folds < 2:
+        raise ValueError("--folds must be at least 2")
+    if not seeds:
+        raise ValueError("give at least one seed")
+
+
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
                    seeds: Sequence[int] = (0,), split: str = "subject", log: Callable[[str], None] = print,
                    reporter: Reporter | None = None, **overrides: Any) -> CVResult:
-    """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
+    """Cross-validate ``config`` (a :class:`leukedge.training.TrainConfig`) on the dataset cache ``cache``.
 
     ``split="subject"``: ``folds`` subject-grouped, class-stratified folds per seed.
     ``split="official"``: official-fold transfer, the honest analogue of new patients: for each
@@ -203,20 +212,11 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
     ``config.resume`` is set; an interrupted fold continues from its checkpoints.
     """
-    from .artifacts import load_cache
-    from .evaluate import compute_metrics
-    from .train import resolve_device
-
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    if folds < 2:
-        raise ValueError("--folds must be at least 2")
-    if not seeds:
-        raise ValueError("give at least one seed")
+    _check_args(split, folds, seeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dctx = _ddp.context(resolve_device(cfg.device))  # [ddp]
+    dctx = _ddp.context(training.resolve_device(cfg.device))  # [ddp]
     loaded = load_cache(cache)
     manifest = list(loaded.manifest)
     synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
@@ -244,10 +244,9 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                               "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va, **_fold_scores(run, m, hist)})
             log(f"  seed {seed} fold {k}: weighted F1 {m['weighted_f1']:.4f}, ROC-AUC "
                 f"{'n/a' if m['roc_auc'] is None else format(m['roc_auc'], '.4f')}")
-            for i, p in zip(va, probs):
-                r = manifest[i]
-                oof.append({"seed": int(seed), "fold": k, "row": int(i), "path": r.get("path"), "subject": r.get("subject"),
-                            "label": int(labels[i]), "probability": float(p)})
+            oof += [{"seed": int(seed), "fold": k, "row": int(i), "path": manifest[i].get("path"),
+                     "subject": manifest[i].get("subject"), "label": int(labels[i]), "probability": float(p)}
+                    for i, p in zip(va, probs)]
     summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic, split=split)
     summary["baseline"] = summarize_baseline(baseline_rows)
     summary["cache"] = str(cache)
@@ -260,8 +259,6 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
 def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: TrainConfig, *, folds: int,
               seeds: Sequence[int], synthetic: bool = False, split: str = "subject") -> dict[str, Any]:
     """cv.json: per fold, mean ± sd over every (seed, fold), pooled per seed, per subject, OOF threshold."""
-    from .evaluate import compute_metrics, subject_bootstrap_ci
-
     per_seed = []
     for s in seeds:
         rows = [r for r in oof if r["seed"] == int(s)]
@@ -304,7 +301,7 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         "roc_auc": _mean_sd([f["roc_auc"] for f in fold_rows]),
         "accuracy": _mean_sd([f["accuracy"] for f in fold_rows]),
         "weighted_f1_by_tta": {mode: _mean_sd([(f.get("by_tta") or {}).get(mode, {}).get("val_f1") for f in fold_rows])
-                               for mode in ("none", "flip", "d4")} if all(f.get("by_tta") for f in fold_rows) else None,
+                               for mode in TTA_CHOICES} if all(f.get("by_tta") for f in fold_rows) else None,
         "pooled_weighted_f1": _mean_sd([s["pooled_weighted_f1"] for s in per_seed]),
         # the interval of the first seed's pooled out-of-fold predictions (every subject once, by a model that never saw it)
         "pooled_weighted_f1_ci": per_seed[0]["pooled_weighted_f1_ci"] if per_seed else None,
@@ -320,7 +317,6 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
 
 def write_outputs(out: Path, summary: dict[str, Any], oof: list[dict[str, Any]]) -> None:
     from . import plots
-    from .report import build_report
 
     histories = summary.pop("_histories", [])
     atomic_write_json(out / CV_FILE, summary)

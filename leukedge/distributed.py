@@ -66,7 +66,7 @@ def is_main() -> bool:
 
 def batches(rows: np.ndarray, batch_size: int, g: Any | None, drop_last: bool) -> list[np.ndarray]:
     """One process's batches of ``rows`` (shuffled by ``g`` unless None); with ``drop_last`` a last batch
-    smaller than a quarter of ``batch_size`` is left out. ``leukedge.train`` batches with this rule too."""
+    smaller than a quarter of ``batch_size`` is left out. ``leukedge.training`` batches with this rule too."""
     import torch
 
     if g is not None:

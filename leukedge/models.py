@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -390,6 +391,23 @@ class Bundle:
         return torch.softmax(logits, dim=1)[:, 1].numpy()
 
 
+def _members_and_state(model: nn.Module, half: bool) -> tuple[list[nn.Module], dict[str, torch.Tensor]]:
+    """The member networks of ``model`` and the CPU tensors to store (float16 with ``half``): a test-time model's
+    single member is stored as a plain model (its views and threshold are bundle.json's ``test_time``)."""
+    if isinstance(model, TestTimeModel):
+        members = list(model.members)
+        named = members[0].state_dict() if len(members) == 1 else model.members.state_dict()
+    else:
+        members, named = [model], model.state_dict()
+    state = {}
+    for k, v in named.items():
+        t = v.detach().to("cpu").contiguous()
+        if half and t.is_floating_point():
+            t = t.half()
+        state[k] = t.clone()
+    return members, state
+
+
 def save_bundle(
     path: str | Path,
     model: nn.Module,
@@ -404,26 +422,13 @@ def save_bundle(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` + ``bundle.json`` into directory ``path`` (created)."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     input_size = int(input_size or config.size)
     if input_size != config.size:
         raise BundleError(f"input_size={input_size} differs from the preprocessing size {config.size}")
-    test_time: dict[str, Any] | None = None
-    if isinstance(model, TestTimeModel):
-        test_time = model.describe()
-        members = list(model.members)
-        named = members[0].state_dict() if len(members) == 1 else model.members.state_dict()
-    else:
-        members, named = [model], model.state_dict()
-    state = {}
-    for k, v in named.items():
-        t = v.detach().to("cpu").contiguous()
-        if half and t.is_floating_point():
-            t = t.half()
-        state[k] = t.clone()
+    test_time = model.describe() if isinstance(model, TestTimeModel) else None
+    members, state = _members_and_state(model, half)
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
     (out / WEIGHTS_FILE).chmod(0o644)
     # The model consumes normalised NCHW float32; the pixel hash ignores layout/dtype.
@@ -455,8 +460,6 @@ def save_bundle(
 
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory (default: the shipped default model); the model is float32 in eval mode."""
-    from safetensors.torch import load_file
-
     p = Path(path) if path is not None else default_bundle_path()
     if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
         p = p.parent

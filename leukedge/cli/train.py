@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
+from .. import training
 from .._util import DEVICE_CHOICES
-from ..archs import ARCH_NAMES
-from ..train import train
+from ..archs import ARCH_NAMES, PretrainedWeightsUnavailable
+from ..config import ConfigMismatchError
 from ..training import AUGMENT_MODES, SELECT_CHOICES, TTA_CHOICES, TrainConfig, load_recipe
 from ..training import default_of as _d
 from ._console import RichReporter
@@ -79,8 +81,6 @@ def config_from_cli(ctx: click.Context, params: dict[str, Any], defaults: dict[s
 
     ``defaults`` replace the options' own defaults (a command's different default, e.g. ``cv``'s
     ``select="last"``) where neither the command line nor the recipe sets them."""
-    from click.core import ParameterSource
-
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     recipe_file = params.pop("recipe_file", None)
@@ -113,8 +113,6 @@ def config_from_cli(ctx: click.Context, params: dict[str, Any], defaults: dict[s
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
-    from ..config import ConfigMismatchError
-
     return (ConfigMismatchError, ValueError, FileNotFoundError, FloatingPointError)
 
 
@@ -146,11 +144,9 @@ def train_cmd(ctx: click.Context, cache: str, out_dir: str, **params: Any) -> No
     the first batches have run, and every epoch is a row of OUT/results.csv (and TensorBoard event
     files in OUT/tensorboard when tensorboard is installed).
     """
-    from ..models import PretrainedWeightsUnavailable
-
     cfg = config_from_cli(ctx, params)
     try:
-        train(cache, out_dir, cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
+        training.train(cache, out_dir, cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     except _run_errors() as exc:
