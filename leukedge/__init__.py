@@ -41,8 +41,8 @@ _LAZY: dict[str, str] = {
     "run_preprocess": "leukedge.preprocess",
     "load_cache": "leukedge.artifacts",
     "Cache": "leukedge.artifacts",
-    "TrainConfig": "leukedge.train",
-    "train": "leukedge.train",
+    "TrainConfig": "leukedge.training",
+    "train": "leukedge.training",
     "cross_validate": "leukedge.cv",
     "evaluate": "leukedge.evaluate",
     "load_bundle": "leukedge.models",
@@ -84,7 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .infer import Predictor, run_inference
     from .models import load_bundle
     from .preprocess import run_preprocess
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._util import load_native
+from .evaluate import compute_metrics
 
 NAME = "cell-area logistic regression"
 
@@ -63,8 +64,6 @@ def fit_predict(area_train: np.ndarray, y_train: np.ndarray, area_test: np.ndarr
 def area_baseline_fold(areas: np.ndarray | None, train_rows: Sequence[int], test_rows: Sequence[int],
                        labels: np.ndarray, fold: int, test_fold: int | None) -> dict[str, Any] | None:
     """The baseline's weighted F1 and ROC-AUC on one fold's test cells (``None`` without areas)."""
-    from .evaluate import compute_metrics
-
     if areas is None:
         return None
     tr, te = np.asarray(train_rows, dtype=np.int64), np.asarray(test_rows, dtype=np.int64)

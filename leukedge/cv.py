@@ -27,9 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import distributed as _ddp  # [ddp] under torchrun rank 0 writes and decides
-from ._util import Reporter
+from . import training
+from ._util import CLASS_NAMES, Reporter, as_int, atomic_write_json
+from .artifacts import load_cache
 from .baseline import area_baseline_fold, cell_areas, summarize_baseline
-from .train import TrainConfig, _as_int, _subjects_of, _write_json, recipe_of, usable_rows
+from .data import group_kfold, pool_rows, subjects_of
+from .evaluate import compute_metrics, subject_bootstrap_ci
+from .report import build_report
+from .training import TEST_TIME_FIELDS, TTA_CHOICES, TrainConfig, recipe_of
 
 CV_FILE = "cv.json"
 OOF_FILE = "oof_predictions.csv"
@@ -68,17 +73,11 @@ def row_digests(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest() for i in range(len(images))]
 
 
-def _pool_rows(manifest: Sequence[dict[str, Any]]) -> list[int]:
-    return [i for i in usable_rows(manifest) if str(manifest[i].get("split") or "") != "test"]
-
-
 def make_folds(manifest: Sequence[dict[str, Any]], k: int, seed: int,
                digests: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """(train rows, validation rows) of the cache for each of ``k`` subject-grouped folds. With
     ``digests`` (:func:`row_digests`), pixel-identical cells are kept on one side as well."""
-    from .data import group_kfold
-
-    rows = _pool_rows(manifest)
+    rows = pool_rows(manifest)
     items = [manifest[i] if digests is None else {**manifest[i], "sha256": digests[i]} for i in rows]
     folds = []
     for tr, va in group_kfold(items, k=k, seed=seed):
@@ -97,11 +96,11 @@ def official_folds(manifest: Sequence[dict[str, Any]], digests: Sequence[str] | 
     training cell (``digests``) are dropped (``dropped`` counts them), and a subject found on both
     sides is refused. Needs rows of at least two official folds (``fold`` in the manifest, from the
     ``fold_N`` folders)."""
-    rows = _pool_rows(manifest)
+    rows = pool_rows(manifest)
     by_fold: dict[int, list[int]] = {}
     missing = 0
     for i in rows:
-        f = _as_int(manifest[i].get("fold"))
+        f = as_int(manifest[i].get("fold"))
         if f < 0:
             missing += 1
         else:
@@ -135,9 +134,7 @@ def _read_fold_predictions(path: Path) -> dict[int, float] | None:
 
 def _same_test_time(run: Path, cfg: TrainConfig) -> bool:
     """Whether the finished fold in ``run`` predicted with ``cfg``'s test-time settings (else resuming it
-    re-scores the kept model, see :data:`leukedge.train.TEST_TIME_FIELDS`)."""
-    from .train import TEST_TIME_FIELDS
-
+    re-scores the kept model, see :data:`leukedge.training.TEST_TIME_FIELDS`)."""
     try:
         old = json.loads((run / "metrics.json").read_text()).get("train_config") or {}
     except (OSError, ValueError):
@@ -150,8 +147,6 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
                       dctx: _ddp.DistContext | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """P(all) of one fold's validation rows and its training history: from a finished earlier run
     (``resume``, same test-time settings), else by training the fold into ``run``."""
-    from .train import train
-
     dctx = dctx or _ddp.DistContext()
     pred_file = run / "val_predictions.csv"
     prev = _read_fold_predictions(pred_file) if cfg.resume and _same_test_time(run, cfg) else None
@@ -161,8 +156,8 @@ def _fold_predictions(cache: str | Path, run: Path, cfg: TrainConfig, seed: int,
         hist = json.loads((run / "history.json").read_text()).get("history", []) if (run / "history.json").is_file() else []
         log("  finished before: reusing its predictions")
     else:
-        res = train(cache, run, dataclasses.replace(cfg, seed=seed, train_indices=tr, val_indices=va,
-                                                    no_validation=False), reporter=reporter)
+        res = training.train(cache, run, dataclasses.replace(cfg, seed=seed, train_indices=tr, val_indices=va,
+                                                             no_validation=False), reporter=reporter)
         order = {r: j for j, r in enumerate(res.val_indices)}
         probs = np.array([float(res.val_prob[order[i]]) for i in va])  # type: ignore[index]
         hist = res.history
@@ -193,10 +188,19 @@ def _fold_scores(run: Path, m: dict[str, Any], hist: list[dict[str, Any]]) -> di
             "best_val_f1": max((h.get("val_f1") or 0.0 for h in hist), default=float("nan"))}
 
 
+def _check_args(split: str, folds: int, seeds: Sequence[int]) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if folds < 2:
+        raise ValueError("--folds must be at least 2")
+    if not seeds:
+        raise ValueError("give at least one seed")
+
+
 def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *, folds: int = 3,
                    seeds: Sequence[int] = (0,), split: str = "subject", log: Callable[[str], None] = print,
                    reporter: Reporter | None = None, **overrides: Any) -> CVResult:
-    """Cross-validate ``config`` (a :class:`leukedge.train.TrainConfig`) on the dataset cache ``cache``.
+    """Cross-validate ``config`` (a :class:`leukedge.training.TrainConfig`) on the dataset cache ``cache``.
 
     ``split="subject"``: ``folds`` subject-grouped, class-stratified folds per seed.
     ``split="official"``: official-fold transfer, the honest analogue of new patients: for each
@@ -208,24 +212,15 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     Folds already finished in ``out_dir`` (their ``val_predictions.csv``) are reused when
     ``config.resume`` is set; an interrupted fold continues from its checkpoints.
     """
-    from .artifacts import load_cache
-    from .evaluate import compute_metrics
-    from .train import resolve_device
-
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    if folds < 2:
-        raise ValueError("--folds must be at least 2")
-    if not seeds:
-        raise ValueError("give at least one seed")
+    _check_args(split, folds, seeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dctx = _ddp.context(resolve_device(cfg.device))  # [ddp]
+    dctx = _ddp.context(training.resolve_device(cfg.device))  # [ddp]
     loaded = load_cache(cache)
     manifest = list(loaded.manifest)
     synthetic = bool((getattr(loaded, "meta", {}) or {}).get("synthetic", False))
-    labels = np.array([_as_int(r.get("label")) for r in manifest])
+    labels = np.array([as_int(r.get("label")) for r in manifest])
     t0 = time.time()
     fold_rows: list[dict[str, Any]] = []
     oof: list[dict[str, Any]] = []
@@ -233,12 +228,12 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
     official = official_folds(manifest, digests) if split == "official" else None
     folds = len(official) if official is not None else folds
     baseline_rows: list[dict[str, Any] | None] = []
-    areas = cell_areas(loaded, _pool_rows(manifest), log)
+    areas = cell_areas(loaded, pool_rows(manifest), log)
     for seed in seeds:
         for k, (name, tr, va, dropped, test_fold) in enumerate(_plan(manifest, folds, int(seed), digests, official)):
             run = out / f"seed{seed}" / (f"fold{k}" if test_fold is None else f"official{test_fold}")
             subj_va = sorted({str(manifest[i].get("subject")) for i in va})
-            log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(_subjects_of(manifest, tr))} subjects, "
+            log(f"[bold]seed {seed} {name}[/]: train {len(tr)} cells of {len(subjects_of(manifest, tr))} subjects, "
                 f"validate {len(va)} cells of {len(subj_va)} unseen subjects"
                 + (f" ({dropped} test cells pixel-identical to training cells left out)" if dropped else ""))
             if seed == seeds[0]:
@@ -249,10 +244,9 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
                               "n_train": len(tr), "n_val": len(va), "val_subjects": subj_va, **_fold_scores(run, m, hist)})
             log(f"  seed {seed} fold {k}: weighted F1 {m['weighted_f1']:.4f}, ROC-AUC "
                 f"{'n/a' if m['roc_auc'] is None else format(m['roc_auc'], '.4f')}")
-            for i, p in zip(va, probs):
-                r = manifest[i]
-                oof.append({"seed": int(seed), "fold": k, "row": int(i), "path": r.get("path"), "subject": r.get("subject"),
-                            "label": int(labels[i]), "probability": float(p)})
+            oof += [{"seed": int(seed), "fold": k, "row": int(i), "path": manifest[i].get("path"),
+                     "subject": manifest[i].get("subject"), "label": int(labels[i]), "probability": float(p)}
+                    for i, p in zip(va, probs)]
     summary = summarize(fold_rows, oof, cfg, folds=folds, seeds=seeds, synthetic=synthetic, split=split)
     summary["baseline"] = summarize_baseline(baseline_rows)
     summary["cache"] = str(cache)
@@ -265,8 +259,6 @@ def cross_validate(cache: str | Path, out_dir: str | Path, config: TrainConfig |
 def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: TrainConfig, *, folds: int,
               seeds: Sequence[int], synthetic: bool = False, split: str = "subject") -> dict[str, Any]:
     """cv.json: per fold, mean ± sd over every (seed, fold), pooled per seed, per subject, OOF threshold."""
-    from .evaluate import compute_metrics, subject_bootstrap_ci
-
     per_seed = []
     for s in seeds:
         rows = [r for r in oof if r["seed"] == int(s)]
@@ -290,7 +282,7 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         p = np.array([r["probability"] for r in rows])
         acc_by_seed = [float(((p[m] >= thr).astype(int) == y[m]).mean())
                        for s in seeds if (m := np.array([r["seed"] == int(s) for r in rows])).any()]
-        table.append({"subject": subj, "true_class": "all" if y.mean() > 0.5 else "hem",
+        table.append({"subject": subj, "true_class": CLASS_NAMES[int(y.mean() > 0.5)],
                       "n": int(len(rows) // max(1, len(acc_by_seed))),
                       "accuracy": float(np.mean(acc_by_seed)), "accuracy_sd": float(np.std(acc_by_seed)),
                       "mean_prob_all": float(p.mean()), "predicted_blast_fraction": float((p >= thr).mean())})
@@ -309,7 +301,7 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
         "roc_auc": _mean_sd([f["roc_auc"] for f in fold_rows]),
         "accuracy": _mean_sd([f["accuracy"] for f in fold_rows]),
         "weighted_f1_by_tta": {mode: _mean_sd([(f.get("by_tta") or {}).get(mode, {}).get("val_f1") for f in fold_rows])
-                               for mode in ("none", "flip", "d4")} if all(f.get("by_tta") for f in fold_rows) else None,
+                               for mode in TTA_CHOICES} if all(f.get("by_tta") for f in fold_rows) else None,
         "pooled_weighted_f1": _mean_sd([s["pooled_weighted_f1"] for s in per_seed]),
         # the interval of the first seed's pooled out-of-fold predictions (every subject once, by a model that never saw it)
         "pooled_weighted_f1_ci": per_seed[0]["pooled_weighted_f1_ci"] if per_seed else None,
@@ -325,10 +317,9 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
 
 def write_outputs(out: Path, summary: dict[str, Any], oof: list[dict[str, Any]]) -> None:
     from . import plots
-    from .report import build_report
 
     histories = summary.pop("_histories", [])
-    _write_json(out / CV_FILE, summary)
+    atomic_write_json(out / CV_FILE, summary)
     with (out / OOF_FILE).open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["seed", "fold", "row", "path", "subject", "label", "probability"])
         w.writeheader()

@@ -28,7 +28,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def is_main() -> bool:
 
 def batches(rows: np.ndarray, batch_size: int, g: Any | None, drop_last: bool) -> list[np.ndarray]:
     """One process's batches of ``rows`` (shuffled by ``g`` unless None); with ``drop_last`` a last batch
-    smaller than a quarter of ``batch_size`` is left out. ``leukedge.train`` batches with this rule too."""
+    smaller than a quarter of ``batch_size`` is left out. ``leukedge.training`` batches with this rule too."""
     import torch
 
     if g is not None:
@@ -410,23 +410,3 @@ def _destroy() -> None:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at interpreter exit
         pass
-
-
-def shard_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch shard records rank 0 wrote into ``run_dir`` (see :meth:`DistContext.epoch_batches`)."""
-    p = Path(run_dir) / SHARD_LOG
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def shards_disjoint(records: Sequence[dict[str, Any]]) -> bool:
-    """Whether, in every logged epoch, no training row went to two ranks."""
-    for rec in records:
-        seen: set[int] = set()
-        for r in rec["ranks"]:
-            rows = set(r["rows"])
-            if rows & seen:
-                return False
-            seen |= rows
-    return True

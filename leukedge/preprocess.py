@@ -232,11 +232,26 @@ def run_preprocess(
     old, old_rows = _old_rows(out, cfg) if reuse else (None, {})
     work = _Work.open(out / TMP_DIR, cfg, records, read_errors, reuse)
     rep = reporter if progress and reporter is not None else NULL_REPORTER
+    _fill(work, native, cfg, batch_size, old, old_rows, threads, rep)
+    del old  # release the old memmap before replacing its file
+
+    n_syn = _synthetic_flags(records)
+    manifest, summary = _manifest_and_summary(out, cfg, records, work, splits, n_syn > 0)
+    split = {"by": split_by, "val_fold": val_fold, "val_fraction": val_fraction, "seed": seed}
+    _commit_cache(out, work.tmp, manifest, cfg, _cache_meta(cfg, sources, len(records), summary.n_ok, n_syn, split))
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def _fill(work: _Work, native: Any, cfg: PreprocessConfig, batch_size: int, old: Cache | None, old_rows: dict[str, int],
+          threads: int, rep: Reporter) -> None:
+    """Every row of ``work`` through the Rust pipeline, in chunks of ``batch_size``."""
+    n = len(work.records)
     try:
         pipe = native.Pipeline(cfg.to_native_json())  # parsed, validated, tables built: once
-        with rep.progress("preprocess", total=len(records)) as task:
-            for start in range(0, len(records), batch_size):
-                end = min(len(records), start + batch_size)
+        with rep.progress("preprocess", total=n) as task:
+            for start in range(0, n, batch_size):
+                end = min(n, start + batch_size)
                 work.run_chunk(native, pipe, start, end, old, old_rows, threads)
                 task.advance(end - start)
     except BaseException:
@@ -246,22 +261,17 @@ def run_preprocess(
         work.abandon()
         raise
     work.finish()
-    if old is not None:
-        del old  # release the old memmap before replacing its file
 
-    n_syn = _synthetic_flags(records)
-    manifest, summary = _manifest_and_summary(out, cfg, records, work, splits, n_syn > 0)
-    meta = {
+
+def _cache_meta(cfg: PreprocessConfig, sources: Sequence[str | os.PathLike], n_images: int, n_ok: int, n_syn: int,
+                split: dict[str, Any]) -> dict[str, Any]:
+    """``cache.json``: format version, pixel hash, synthetic flags, sources, counts, split settings, version."""
+    return {
         "version": CACHE_VERSION, "pixel_hash": cfg.pixel_hash(), "synthetic": n_syn > 0, "synthetic_files": n_syn,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sources": [str(Path(s).resolve()) if not any(c in str(s) for c in "*?[") else str(s) for s in sources],
-        "n_images": len(records), "n_ok": summary.n_ok,
-        "split": {"by": split_by, "val_fold": val_fold, "val_fraction": val_fraction, "seed": seed},
-        "leukedge_version": __version__,
+        "n_images": n_images, "n_ok": n_ok, "split": split, "leukedge_version": __version__,
     }
-    _commit_cache(out, work.tmp, manifest, cfg, meta)
-    summary.elapsed_s = time.perf_counter() - t0
-    return summary
 
 
 def _hash_files(records: Sequence[Record], max_bytes: int | None) -> dict[int, str]:

@@ -20,7 +20,7 @@ from leukedge.cv import best_threshold, cross_validate, make_folds  # noqa: E402
 from leukedge.evaluate import evaluate  # noqa: E402
 from leukedge.preprocess import load_cache, run_preprocess  # noqa: E402
 from leukedge.synth import generate_dataset  # noqa: E402
-from leukedge.train import TrainConfig, load_recipe  # noqa: E402
+from leukedge.training import TrainConfig, load_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")

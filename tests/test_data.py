@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -26,10 +27,14 @@ from leukedge.data import (
     is_synthetic,
     normalize_subject,
     parse_name,
-    split_records,
     subject_groups,
 )
 from leukedge.synth import make_cell, write_bmp, write_png
+
+
+def split_records(records, **kwargs):
+    """:func:`assign_splits` returning copies of ``records`` with ``split`` set."""
+    return [dataclasses.replace(r, split=s) for r, s in zip(records, assign_splits(records, **kwargs))]
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/cnmc_sample"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "C-NMC_Leukemia").is_dir(), reason=f"real C-NMC sample not found at {SAMPLE}")

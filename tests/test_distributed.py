@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
 
@@ -29,9 +30,29 @@ if not _dist.is_available() or not _dist.is_gloo_available():
 
 from test_train import build_synth_cache  # noqa: E402
 
-from leukedge.distributed import DistContext, convert_trainable_bn, revert_sync_bn, shard_log, shards_disjoint  # noqa: E402
+from leukedge.distributed import SHARD_LOG, DistContext, convert_trainable_bn, revert_sync_bn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shard_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch shard records rank 0 wrote into ``run_dir`` (see ``DistContext.epoch_batches``)."""
+    p = Path(run_dir) / SHARD_LOG
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def shards_disjoint(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether, in every logged epoch, no training row went to two ranks."""
+    for rec in records:
+        seen: set[int] = set()
+        for r in rec["ranks"]:
+            rows = set(r["rows"])
+            if rows & seen:
+                return False
+            seen |= rows
+    return True
 EPOCHS = 6
 # Per-rank batch 16 x 2 ranks = the single-process test's batch of 32 (same steps per epoch).
 ARGS = ["--arch", "tiny", "--epochs", str(EPOCHS), "--batch-size", "16", "--lr", "3e-3", "--patience", "0",

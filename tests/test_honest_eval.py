@@ -90,7 +90,7 @@ def _cache(tmp_path: Path, subjects: int = 8, cells: int = 8, folds: int = 1) ->
 def test_train_warns_about_thin_validation_and_writes_results_csv(tmp_path):
     pytest.importorskip("torch")
     from leukedge._util import PlainReporter
-    from leukedge.train import RESULTS_COLUMNS, TrainConfig, train
+    from leukedge.training import RESULTS_COLUMNS, TrainConfig, train
 
     cache = _cache(tmp_path)
     log = tmp_path / "log.txt"
@@ -134,7 +134,7 @@ def test_train_warns_about_thin_validation_and_writes_results_csv(tmp_path):
 
 def test_thin_validation_warning_from_a_one_subject_class_split(tmp_path):
     pytest.importorskip("torch")
-    from leukedge.train import TrainConfig, make_split
+    from leukedge.training import TrainConfig, make_split
 
     manifest = [{"subject": s, "label": lab, "status": "ok", "split": "train" if s not in ("H2", "5") else "val"}
                 for s, lab in [("1", 1), ("2", 1), ("3", 1), ("5", 1), ("H1", 0), ("H2", 0)] for _ in range(4)]
@@ -148,7 +148,7 @@ def test_thin_validation_warning_from_a_one_subject_class_split(tmp_path):
 
 # -- recipes shipped inside the package --------------------------------------------------------------
 def test_shipped_recipe_by_name_from_any_directory(tmp_path):
-    from leukedge.train import RECIPES_DIR, load_recipe, resolve_recipe, shipped_recipes
+    from leukedge.training import RECIPES_DIR, load_recipe, resolve_recipe, shipped_recipes
 
     assert "default" in shipped_recipes()
     assert RECIPES_DIR.parent.name == "leukedge"  # inside the package: a wheel carries it
@@ -162,7 +162,7 @@ def test_shipped_recipe_by_name_from_any_directory(tmp_path):
 
     import leukedge
 
-    code = ("import leukedge.train as t, json; print(json.dumps(t.load_recipe('default')))")
+    code = ("import leukedge.training as t, json; print(json.dumps(t.load_recipe('default')))")
     env = {**os.environ, "PYTHONPATH": str(Path(leukedge.__file__).resolve().parents[1])}  # this package, not cwd's
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True, env=env)
     assert json.loads(out.stdout)["arch"] == "efficientnet_lite0"

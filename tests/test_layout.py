@@ -145,8 +145,8 @@ def test_top_level_api_is_explicit_lazy_and_light():
 def test_stage_modules_that_share_a_name_with_their_function_stay_callable():
     import leukedge
     import leukedge.evaluate
-    import leukedge.train
+    import leukedge.training
 
-    assert leukedge.train.TrainConfig is leukedge.TrainConfig
+    assert leukedge.training.TrainConfig is leukedge.TrainConfig
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         leukedge.train("no-cache", "no-run", leukedge.TrainConfig(epochs=0))

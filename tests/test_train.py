@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("leukedge._native", reason="the Rust extension is not built (pip install -e .)")
 
 from leukedge.config import PreprocessConfig, StainConfig  # noqa: E402
-from leukedge.train import TrainConfig, augment_batch, make_split, normalize01, to_float01, train  # noqa: E402
+from leukedge.training import TrainConfig, augment_batch, make_split, normalize01, to_float01, train  # noqa: E402
 
 SIZE = 48
 FAST = dict(arch="tiny", batch_size=32, lr=3e-3, patience=0, threads=1, quiet=True, progress=False)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
 
+from ..archs import PretrainedWeightsUnavailable
 from ..cv import OOF_FILE, SPLITS, cross_validate
 from ..distributed import is_main  # [ddp]
 from ..evaluate import format_ci
 from ._console import RichReporter
-from .train import config_from_cli, train_options
+from .train import _run_errors, config_from_cli, train_options
 
 
 @click.command("cv")
@@ -33,12 +36,6 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
     subjects first; the out-of-fold predictions (CSV) and the threshold that would have maximised
     their weighted F1; plots in OUT/report.html. --resume continues an interrupted run.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..models import PretrainedWeightsUnavailable
-    from .train import _run_errors
-
     seed_list = parse_seeds(seeds)
     cfg = config_from_cli(ctx, params, defaults={"select": "last"})
     main_rank = is_main()  # [ddp] under torchrun rank 0 prints
@@ -54,19 +51,8 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
         return
     s = res.summary
     out = Console()
-    t = Table(title=f"cross-validation: {s['scheme']}")
-    for c in ("seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"):
-        t.add_column(c, justify="right" if c not in ("val subjects",) else "left")
-    for f in s["fold_runs"]:
-        fold = str(f["fold"]) if f.get("test_fold") is None else f"test on official fold {f['test_fold']}"
-        t.add_row(str(f["seed"]), fold, str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
-                  "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
+    out.print(_fold_table(s))
     base = s.get("baseline")
-    for b in (base or {}).get("folds", []):
-        fold = str(b["fold"]) if b.get("test_fold") is None else f"test on official fold {b['test_fold']}"
-        t.add_row("baseline", fold, str(b["n_test"]), base["name"], f"{b['weighted_f1']:.4f}",
-                  "n/a" if b["roc_auc"] is None else f"{b['roc_auc']:.4f}", style="dim")
-    out.print(t)
     st = Table(title="per subject, worst first (accuracy over seeds)")
     for c in ("subject", "class", "cells", "accuracy", "mean P(all)"):
         st.add_column(c, justify="left" if c in ("subject", "class") else "right")
@@ -86,6 +72,23 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
     out.print(f"pooled out-of-fold weighted F1 (seed {pooled['seed']}) {pooled['pooled_weighted_f1']:.4f} "
               f"{format_ci(s.get('pooled_weighted_f1_ci'))}")
     out.print(f"results in {res.out_dir} (cv.json, {OOF_FILE}, per_subject.csv, report.html)")
+
+
+def _fold_table(s: dict[str, Any]) -> Any:
+    """The per-fold table of a cv summary, with the baseline's folds dimmed below."""
+    t = Table(title=f"cross-validation: {s['scheme']}")
+    for c in ("seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"):
+        t.add_column(c, justify="right" if c not in ("val subjects",) else "left")
+    for f in s["fold_runs"]:
+        fold = str(f["fold"]) if f.get("test_fold") is None else f"test on official fold {f['test_fold']}"
+        t.add_row(str(f["seed"]), fold, str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
+                  "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
+    base = s.get("baseline")
+    for b in (base or {}).get("folds", []):
+        fold = str(b["fold"]) if b.get("test_fold") is None else f"test on official fold {b['test_fold']}"
+        t.add_row("baseline", fold, str(b["n_test"]), base["name"], f"{b['weighted_f1']:.4f}",
+                  "n/a" if b["roc_auc"] is None else f"{b['roc_auc']:.4f}", style="dim")
+    return t
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -13,6 +13,7 @@ a line saying why not) → infer → the same real-cell, station and report stag
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -23,14 +24,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from rich.console import Console
+from rich.table import Table
 
-from .. import synth
-from .._util import IMAGE_EXTENSIONS
-from ..artifacts import load_cache
+from .. import synth, training
+from .._util import CLASS_NAMES, IMAGE_EXTENSIONS, load_native, sample_dir
+from ..artifacts import default_model_path, load_cache, load_config_source, read_trained_on
 from ..config import PreprocessConfig, StainConfig
-from ..data import parse_name
+from ..data import parse_name, pixel_digests
+from ..evaluate import compute_metrics, evaluate, few_subjects_warning, format_ci, subject_bootstrap_ci, write_report
 from ..infer import run_inference
 from ..preprocess import run_preprocess
+from ..report import build_report
 from ._console import RichReporter
 from .infer import print_stats
 from .preprocess import print_summary
@@ -38,8 +43,6 @@ from .preprocess import print_summary
 
 def default_real_dir() -> Path | None:
     """The real C-NMC cells for the shipped model's stage (see :func:`leukedge._util.sample_dir`)."""
-    from .._util import sample_dir
-
     return sample_dir()
 
 
@@ -94,8 +97,6 @@ def cells_grid(paths: list[Path], out_png: Path, config: PreprocessConfig, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._util import load_native
-
     _native = load_native()
 
     stain_cfg = config if config.stain.method != "none" else config.replace(stain=StainConfig(method="macenko"))
@@ -132,10 +133,6 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, real: str | Path | Non
              backend: str = "auto", console: Any = None, with_training: bool = False) -> dict[str, Any]:
     """Run every stage into ``out_dir`` and return the summary (also written to demo_summary.json).
     ``with_training``: also train, evaluate, export and build an engine for a tiny model (needs PyTorch)."""
-    from rich.console import Console
-
-    from ..report import build_report
-
     size = (QUICK if quick else FULL) if with_training else (QUICK if quick else LEAN)
     demo = _Demo(Path(out_dir).resolve(), size, seed=seed, backend=backend, real=real,
                  console=console or Console(), with_training=with_training)
@@ -195,8 +192,6 @@ class _Demo:
 
     def stage_preprocess_shipped(self) -> str:
         """The Rust core with the shipped model's own settings, on the synthetic and the real cells."""
-        from ..artifacts import default_model_path, load_config_source
-
         cfg = load_config_source(default_model_path())
         sources = [self.out / "data"] + ([self.real_dir] if self.real_dir is not None and self.real_dir.is_dir() else [])
         s = run_preprocess(sources, self.out / "cache", cfg, progress=True, reporter=RichReporter(self.console))
@@ -222,18 +217,14 @@ class _Demo:
         return f"{s.n_ok} cells → {self.size.size}px, Macenko, {s.n_stain_fallback} stain fallbacks, splits {s.splits}"
 
     def stage_train(self) -> str:
-        from ..train import TrainConfig, train
-
-        cfg = TrainConfig(arch="tiny", epochs=self.size.epochs, batch_size=self.size.batch, lr=3e-3, seed=self.seed, patience=0,
-                          progress=True)
-        res = train(self.out / "cache", self.out / "train", cfg,
-                    reporter=RichReporter(self.console, quiet=cfg.quiet, bars=cfg.progress))
+        cfg = training.TrainConfig(arch="tiny", epochs=self.size.epochs, batch_size=self.size.batch, lr=3e-3, seed=self.seed,
+                                   patience=0, progress=True)
+        res = training.train(self.out / "cache", self.out / "train", cfg,  # loads torch (the --train demo only)
+                             reporter=RichReporter(self.console, quiet=cfg.quiet, bars=cfg.progress))
         self.state["bundle"] = res.bundle_path
         return f"tiny CNN, best epoch {res.best_epoch}, val weighted F1 {res.best_val_f1:.3f}"
 
     def stage_evaluate(self) -> str:
-        from ..evaluate import evaluate, format_ci, write_report
-
         result = evaluate(self.out / "cache", self.state["bundle"], split="val", progress=True,
                           reporter=RichReporter(self.console))
         result["title"] = "Tiny CNN trained on synthetic cells: its subject-disjoint validation fold"
@@ -337,12 +328,8 @@ def score_unseen(results: list[Any], out: Path) -> dict[str, Any]:
     """Score the shipped model on the labelled real cells it was *not* trained on (its ``trained_on.txt``
     lists the pixel digests of its training cells); write ``metrics.json`` (with the subject-bootstrap
     interval) and the plots into ``out``; return the summary the demo prints and the report shows."""
-    from ..artifacts import default_model_path, read_trained_on
-    from ..data import pixel_digests
-    from ..evaluate import compute_metrics, few_subjects_warning, format_ci, subject_bootstrap_ci, write_report
-
     seen_digests = read_trained_on(default_model_path())
-    ok = [r for r in results if r.status == "ok" and r.true_label in ("all", "hem")]
+    ok = [r for r in results if r.status == "ok" and r.true_label in CLASS_NAMES]
     digests = pixel_digests([r.path for r in ok]) if seen_digests is not None else {}
     seen = [r for r in ok if digests.get(r.path) in (seen_digests or ())]
     unseen = [r for r in ok if r not in seen]
@@ -377,14 +364,10 @@ def score_unseen(results: list[Any], out: Path) -> dict[str, Any]:
 
 
 def _have_matplotlib() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("matplotlib") is not None
 
 
 def _print_final(console: Any, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
     what = ("SYNTHETIC training data" if summary.get("training") else "shipped model; synthetic cells for throughput only")
     t = Table(title=f"leukedge demo: summary ({what} — not for clinical use)")
     t.add_column("stage")
@@ -424,8 +407,6 @@ def demo_cmd(out_dir: Path, with_training: bool, quick: bool, real: Path | None,
     build-engine); it needs PyTorch and is not for clinical use.
     """
     if with_training:
-        import importlib.util
-
         if importlib.util.find_spec("torch") is None:
             raise click.ClickException("--train needs PyTorch: pip install 'leukedge[train]' (or `make demo-train`)")
     try:

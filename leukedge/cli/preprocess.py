@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from ..artifacts import load_config_source
 from ..config import (
@@ -25,8 +27,6 @@ from ._console import RichReporter
 
 
 def print_summary(summary: PreprocessSummary, console: Any) -> None:
-    from rich.table import Table
-
     if summary.synthetic:
         console.print("[bold magenta]SYNTHETIC DATA[/] in this cache (generated cells, not real ones)")
     t = Table(title=f"Dataset cache {summary.out_dir}")
@@ -126,8 +126,6 @@ def preprocess_cmd(ctx: click.Context, sources: tuple[str, ...], out: str, confi
     files. OUT gets images.npy (uint8 NHWC), manifest.csv, config.json and cache.json. Re-running
     into the same OUT reuses rows whose file and settings are unchanged.
     """
-    from rich.console import Console
-
     opts["filter"] = opts.pop("filter_")
     console = Console()
     given = [k for k in _PIXEL_OPTIONS if ctx.get_parameter_source(k if k != "filter" else "filter_") == click.core.ParameterSource.COMMANDLINE]
