@@ -179,7 +179,7 @@ def flavours(export: Path | None, out: Path, dry: bool) -> dict[str, Any]:
 
 
 def sample_batch(bundle: Path, images: Path | None, n: int = 64) -> tuple[np.ndarray, list[str]]:
-    from leukedge.infer import _native_preprocess
+    from leukedge.infer import native_preprocess
     from leukedge.models import load_bundle
 
     cfg = load_bundle(bundle).config.replace(layout="nchw", dtype="float32")
@@ -191,7 +191,7 @@ def sample_batch(bundle: Path, images: Path | None, n: int = 64) -> tuple[np.nda
         paths = [f"<synthetic {i}>" for i in range(n)]
     else:
         items = paths
-    x, st = _native_preprocess()(items, cfg.to_native_json(), threads=0)
+    x, st = native_preprocess()(items, cfg.to_native_json(), threads=0)
     return np.ascontiguousarray(x), paths
 
 

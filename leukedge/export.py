@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
-from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta
+from ._util import CLASS_NAMES, atomic_write_bytes, atomic_write_text, load_native, softmax
+from ._version import __version__
 from .config import PreprocessConfig
 from .data import file_sha256
+from .formats.export import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta, write_export_manifest
 
 # Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
 FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
@@ -277,7 +277,7 @@ def export_model(
         "weights_sha256": (file_sha256(Path(bundle_path) / "model.safetensors")
                            if bundle_path is not None and (Path(bundle_path) / "model.safetensors").is_file() else None),
         "arch": meta.get("arch"),
-        "class_names": meta.get("class_names", ["hem", "all"]),
+        "class_names": meta.get("class_names", list(CLASS_NAMES)),
         "positive_class": meta.get("positive_class", "all"),
         "input_size": size,
         "preprocess_hash": config.pixel_hash(),
@@ -307,8 +307,7 @@ def export_model(
         # an unchecked INT8 graph is not marked good: inference picks it only when "passed" is true
         int8_info["passed"] = bool(check and report.get("int8", {}).get("all", {}).get("pass"))
         int8_info["tensorrt"]["passed"] = bool(check and report.get("int8_trt", {}).get("all", {}).get("pass"))
-    atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
-    files["manifest"] = out / "export.json"
+    files["manifest"] = write_export_manifest(out, manifest)
     return ExportResult(out, files, report, passed)
 
 

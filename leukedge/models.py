@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from ._util import CLASS_NAMES, POSITIVE_CLASS
+from ._version import __version__
 from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
 from .artifacts import read_bundle_meta as _read_bundle_meta
 from .bundle_meta import BundleMetaError as BundleMetaError

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import __version__
+from ._version import __version__
 
 _SKIP_DIRS = {"__pycache__", ".tmp"}
 

@@ -275,7 +275,7 @@ def generate_dataset(
         raise ValueError("need at least 2 subjects (one leukemic, one normal)")
     if fmt not in ("bmp", "png"):
         raise ValueError(f"format {fmt!r} is not bmp or png")
-    from . import __version__
+    from ._version import __version__
 
     out = Path(out)
     n_all = int(min(max(round(subjects * all_fraction), 1), subjects - 1))

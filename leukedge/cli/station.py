@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, PRECISION_CHOICES, PRECISION_HELP, atomic_write_text
+from .._util import (
+    BACKEND_CHOICES,
+    CLASS_NAMES,
+    CUDA_BINDINGS,
+    DEVICE_CHOICES,
+    PRECISION_CHOICES,
+    PRECISION_HELP,
+    atomic_write_text,
+)
 from ..station import dashboard as dash
 from ..station import db as sdb
 from ..station import reviews as rv
@@ -140,7 +148,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
     if backend in ("auto",) and reason and "not usable" in reason:
         console.print(f"[yellow]backend choice: {reason}[/]")
     config = getattr(pred, "config", None) or (spec.config if spec is not None else None)
-    class_names = list(getattr(spec, "class_names", None) or ["hem", "all"])
+    class_names = list(getattr(spec, "class_names", None) or CLASS_NAMES)
     info = ModelInfo(
         model=str(model),
         model_id=getattr(pred, "model_id", None) or (_model_id(spec, backend_obj) if spec is not None else Path(model).name),
