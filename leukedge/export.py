@@ -122,7 +122,7 @@ def passes(m: dict[str, Any], tol: dict[str, float]) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # export
-def _torch_export(model, size: int, path: Path, opset: int) -> str:
+def _torch_export(model: Any, size: int, path: Path, opset: int) -> str:
     """Export with the TorchScript-based exporter (stable, dynamic_axes); dynamo as fallback."""
     import torch
 
@@ -143,14 +143,16 @@ def _torch_export(model, size: int, path: Path, opset: int) -> str:
             model, (dummy,), None, dynamo=True, input_names=["input"], output_names=["logits"],
             dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
         )
+        if prog is None:
+            raise RuntimeError("torch.onnx.export (dynamo) returned no program")
         prog.save(str(path))
         return "dynamo"
 
 
-def _io_desc(m) -> dict[str, Any]:
+def _io_desc(m: Any) -> dict[str, Any]:
     import onnx
 
-    def one(v):
+    def one(v: Any) -> dict[str, Any]:
         t = v.type.tensor_type
         return {
             "name": v.name,
@@ -215,7 +217,7 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
 
 
 def export_model(
-    model,
+    model: Any,
     config: PreprocessConfig,
     out_dir: str | os.PathLike,
     *,
@@ -328,7 +330,7 @@ def _atomic_onnx(m: Any, path: Path) -> None:
     atomic_write_bytes(path, m.SerializeToString())
 
 
-def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sample_dir=None, n_synth: int = 16
+def check_export(model: Any, config: PreprocessConfig, files: dict[str, Path], *, sample_dir: str | os.PathLike | None = None, n_synth: int = 16
                  ) -> tuple[dict[str, Any], bool]:
     """Compare PyTorch (FP32 reference) with ONNX Runtime FP32 and FP16 on real + synthetic cells."""
     import torch
@@ -366,7 +368,7 @@ def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sam
 def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike, **kw: Any) -> ExportResult:
     from .models import load_bundle
 
-    b = load_bundle(bundle)
+    b = load_bundle(Path(bundle))
     return export_model(b.model, b.config, out_dir, meta=b.meta, bundle_path=bundle, **kw)
 
 

@@ -16,7 +16,7 @@ from ..formats.sidecar import sidecar_path
 from ._console import RichReporter
 
 
-def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None:
+def print_summary(info: dict[str, Any], engine_path: Path, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -13,7 +13,7 @@ from ..infer import MAX_BATCH, InferenceInterrupted, ResultsNotWritten, run_infe
 from ._console import RichReporter
 
 
-def print_stats(stats: dict[str, Any], console=None) -> None:
+def print_stats(stats: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -113,7 +113,7 @@ def detect_gpu(device: int = 0) -> GpuProbe:
         from cuda.bindings import runtime as cudart
     except ImportError:
         try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+            from cuda import cudart  # type: ignore[no-redef,unused-ignore]  # cuda-python < 12.6
         except ImportError:
             return _detect_pycuda(device)
     return _detect_cudart(cudart, device)

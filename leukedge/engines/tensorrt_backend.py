@@ -143,7 +143,7 @@ class RuntimeCacheFile:
 
 
 def np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
-    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8}
+    table: dict[Any, Any] = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8}
     if hasattr(trt, "int64"):
         table[trt.int64] = np.int64
     if hasattr(trt, "bool"):
@@ -296,6 +296,7 @@ class TensorRTBackend(Backend):
             raise RuntimeError(f"{getattr(self, 'name', 'tensorrt')}: backend is closed")
         cuda = self.cuda
         n_real = batch.shape[0]
+        assert self.max_batch is not None  # set from the engine's profile in _setup
         n = padded_batch(n_real, self.min_batch, self.max_batch, self.fixed_batches)
         shape = (n, *self._in_shape_max[1:])
         host_in = self._host_in.view(self._in_dt, shape)

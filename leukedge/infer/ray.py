@@ -228,7 +228,7 @@ def _run_job(entries: Sequence[dict[str, Any]], plan: _Plan, stage_cfg: Any, act
     rows_by_idx: dict[int, tuple[Any, ...]] = {}
     backends: set[str] = set()
     failed = 0
-    ds = rd.from_items([{"idx": i, "path": e["path"]} for i, e in enumerate(entries)])
+    ds: Any = rd.from_items([{"idx": i, "path": e["path"]} for i, e in enumerate(entries)])
     # Stateless CPU tasks, one core each; their memory reservation (decode buffers and the float32
     # batch) also keeps Ray from fusing them into the model actors, so both stages run side by side.
     ds = ds.map_batches(preprocess_stage, batch_size=batch, batch_format="numpy", num_cpus=1,

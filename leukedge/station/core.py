@@ -144,7 +144,7 @@ class Station:
         self._done_times: collections.deque[float] = collections.deque()
         self._latencies: collections.deque[float] = collections.deque(maxlen=2000)
         self._consecutive_failures = 0
-        self.conn = None
+        self.conn: sqlite3.Connection | None = None
         self.scanner: Scanner | None = None
         self.summary: StationSummary | None = None
         self.in_batch = False
@@ -177,24 +177,24 @@ class Station:
         """Connect to the database, refuse a second live station on it, note results of other models; the run id."""
         s = self.s
         try:
-            self.conn = connect(s.db_path)
+            self.conn = conn = connect(s.db_path)
         except (DatabaseDamaged, DiskFull) as exc:
             raise StationError(str(exc)) from exc
-        other = live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
+        other = live_station(conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
-            self.conn.close()
+            conn.close()
             raise StationError(
                 f"another station (pid {other['pid']} on {other['host']}, watching {other['watch_dir']}) is writing to "
                 f"{s.db_path}; stop it first or use another --db"
             )
-        others = [m for m in previous_models(self.conn) if m != (self.model.model_id, self.model.preprocess_hash)]
+        others = [m for m in previous_models(conn) if m != (self.model.model_id, self.model.preprocess_hash)]
         if others and self.reporter:
             self.reporter.message(
                 f"[yellow]note: {s.db_path} already holds results of another model ({others[0][0]}); files already "
                 "classified there are not classified again. Use a new --db to re-run a folder with a new model.[/]"
             )
         return start_run(
-            self.conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
+            conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend,
             settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         )
@@ -390,11 +390,11 @@ class Station:
             if it.reactivate:
                 reactivated.append(it)
                 continue
-            r = results.get(it.path)
-            if r is not None and not _unchanged(it):
+            found = results.get(it.path)
+            if found is not None and not _unchanged(it):
                 retry.append(it)  # replaced while being classified: the result is for stale content
                 continue
-            row = self._result_row(it, r, pred_ms, batch_id, started, done)
+            row = self._result_row(it, found, pred_ms, batch_id, started, done)
             # per-file timings are those of the engine batch the file was in
             pre_ms_total = max(pre_ms_total, row.preprocess_ms or 0.0)
             comp_ms_total = max(comp_ms_total, row.compute_ms or 0.0)
