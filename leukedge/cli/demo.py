@@ -26,9 +26,9 @@ import click
 
 from .. import synth
 from .._util import IMAGE_EXTENSIONS
-from ..artifacts import load_cache
 from ..config import PreprocessConfig, StainConfig
 from ..data import parse_name
+from ..formats.cache import load_cache
 from ..infer import run_inference
 from ..preprocess import run_preprocess
 from ._console import RichReporter
@@ -195,7 +195,8 @@ class _Demo:
 
     def stage_preprocess_shipped(self) -> str:
         """The Rust core with the shipped model's own settings, on the synthetic and the real cells."""
-        from ..artifacts import default_model_path, load_config_source
+        from ..formats.bundle import default_model_path
+        from ..formats.cache import load_config_source
 
         cfg = load_config_source(default_model_path())
         sources = [self.out / "data"] + ([self.real_dir] if self.real_dir is not None and self.real_dir.is_dir() else [])
@@ -337,9 +338,9 @@ def score_unseen(results: list[Any], out: Path) -> dict[str, Any]:
     """Score the shipped model on the labelled real cells it was *not* trained on (its ``trained_on.txt``
     lists the pixel digests of its training cells); write ``metrics.json`` (with the subject-bootstrap
     interval) and the plots into ``out``; return the summary the demo prints and the report shows."""
-    from ..artifacts import default_model_path, read_trained_on
     from ..data import pixel_digests
     from ..evaluate import compute_metrics, few_subjects_warning, format_ci, subject_bootstrap_ci, write_report
+    from ..formats.bundle import default_model_path, read_trained_on
 
     seen_digests = read_trained_on(default_model_path())
     ok = [r for r in results if r.status == "ok" and r.true_label in ("all", "hem")]

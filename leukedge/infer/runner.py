@@ -72,7 +72,9 @@ class BatchRunner:
     def __init__(self, backend: Backend, config: PreprocessConfig, *, batch: int = 32, threads: int = 0,
                  pipeline: bool = True, preprocess_fn: PreprocessFn | None = None) -> None:
         self.backend = backend
-        self.config = config.replace(layout="nchw", dtype=backend.input_dtype)
+        want = {"layout": "nchw", "dtype": backend.input_dtype}
+        # the model's config as it is when it already has the backend's layout and dtype (not built again)
+        self.config = config if (config.layout, config.dtype) == tuple(want.values()) else config.replace(**want)
         self.cfg_json = self.config.to_native_json()
         mb = backend.max_batch
         self.batch = int(min(batch, mb) if mb else batch)
