@@ -12,7 +12,7 @@ and reports throughput, per-batch latency percentiles (p50/p95/p99) and
 ``end-to-end / slower stage alone`` (target >= 0.90: pipelining hides the faster stage).
 Stage-alone and end-to-end runs are repeated (``--repeats``, interleaved) and the median run is kept.
 
-Threads: ``leukedge infer`` chooses them with ``leukedge.engines.base.plan_threads``. With a CPU backend on
+Threads: ``leukedge infer`` chooses them with ``leukedge.engines.threads.plan_threads``. With a CPU backend on
 many cores it splits the cores between the two stages (rayon pool for preprocessing, intra-op threads
 for the backend); when preprocessing's share is under one core (2 cores) both stages get every core and
 overlap in the pipeline; on a GPU backend preprocessing keeps every core. "Preprocessing alone" and

@@ -5,7 +5,7 @@ The same N synthetic 450x450 BMP cells (like C-NMC's) and the same model (the sh
 on the CPU) go through:
   * plain     ``leukedge.infer.run_inference`` (pipelined Rust preprocessing ∥ backend), timed around the
               whole call (model load, discovery, inference, results file);
-  * ray warm  ``leukedge.ray_infer.run_ray_inference`` on an already running local Ray instance, timed around
+  * ray warm  ``leukedge.infer.ray.run_ray_inference`` on an already running local Ray instance, timed around
               the whole call (job planning, actor start with model load, both map_batches stages, results);
   * ray cold  the same with ``address="local"``: Ray's start and shutdown included (what one CLI call costs).
 Each is repeated (``--repeats``, interleaved) and the median is kept. Prints the ratios and the overhead
@@ -47,7 +47,7 @@ def main() -> None:
     import ray
 
     from leukedge.infer import default_model_path, run_inference
-    from leukedge.ray_infer import run_ray_inference
+    from leukedge.infer.ray import run_ray_inference
 
     model = args.model or str(default_model_path())
     load0 = os.getloadavg()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -153,14 +154,21 @@ def flavours(export: Path | None, out: Path, dry: bool) -> dict[str, Any]:
 
     res: dict[str, Any] = {"installed": available_flavours()}
     if dry:
-        from leukedge.engines.gpu import GpuInfo, fake_gpu
+        from leukedge.engines.gpu import FAKE_GPU_ENV
 
-        with fake_gpu(GpuInfo("NVIDIA H200", "9.0", driver="13.0", runtime="13.0")):
-            try:
-                pick_flavour("auto")
-                fake = "no refusal"
-            except BuildError as exc:
-                fake = str(exc)
+        before = os.environ.get(FAKE_GPU_ENV)  # the dry-run seam of GPU detection: a faked H200
+        os.environ[FAKE_GPU_ENV] = json.dumps({"name": "NVIDIA H200", "compute_capability": "9.0", "driver": "13.0",
+                                               "runtime": "13.0"})
+        try:
+            pick_flavour("auto")
+            fake = "no refusal"
+        except BuildError as exc:
+            fake = str(exc)
+        finally:
+            if before is None:
+                os.environ.pop(FAKE_GPU_ENV, None)
+            else:
+                os.environ[FAKE_GPU_ENV] = before
         raise Skip(f"dry run: the flavour decision needs the real GPU (installed here: {res['installed'] or 'none'}); "
                    f"on a faked H200 the refusal would be: {fake}")
     if detect_gpu().gpu is None:
@@ -179,7 +187,7 @@ def flavours(export: Path | None, out: Path, dry: bool) -> dict[str, Any]:
 
 
 def sample_batch(bundle: Path, images: Path | None, n: int = 64) -> tuple[np.ndarray, list[str]]:
-    from leukedge.infer import _native_preprocess
+    from leukedge.infer import native_preprocess
     from leukedge.models import load_bundle
 
     cfg = load_bundle(bundle).config.replace(layout="nchw", dtype="float32")
@@ -191,7 +199,7 @@ def sample_batch(bundle: Path, images: Path | None, n: int = 64) -> tuple[np.nda
         paths = [f"<synthetic {i}>" for i in range(n)]
     else:
         items = paths
-    x, st = _native_preprocess()(items, cfg.to_native_json(), threads=0)
+    x, st = native_preprocess()(items, cfg.to_native_json(), threads=0)
     return np.ascontiguousarray(x), paths
 
 

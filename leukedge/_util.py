@@ -405,13 +405,6 @@ class PlainReporter:
 NULL_REPORTER = PlainReporter(quiet=True)
 
 
-def reporter_or_default(reporter: Reporter | None, quiet: bool = False) -> Reporter:
-    return reporter if reporter is not None else PlainReporter(quiet=quiet)
-
-
-ProgressCallback = Callable[[int], None]
-
-
 # --------------------------------------------------------------------------------------------
 # the package's stage functions
 class _CallableModule(types.ModuleType):

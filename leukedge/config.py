@@ -22,8 +22,10 @@ STAIN_METHODS = ("macenko", "reinhard", "none")
 CROP_MODES = ("bbox", "window", "none")
 SQUARE_MODES = ("pad", "crop")
 FILTERS = ("bilinear", "lanczos3", "box", "nearest", "catmullrom")
-LAYOUTS = ("nchw", "nhwc")
-DTYPES = ("float32", "float16", "uint8")
+
+#: ``size`` and ``crop_window`` bounds, in pixels (the Rust core's, rust_ext/src/config.rs, which validates them;
+#: Python uses them for option ranges and for ``bundle.json``'s ``input_size``)
+SIZE_RANGE = (8, 4096)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +45,7 @@ def _require_finite(name: str, value: float, option: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _native_pipeline(native_json: str) -> Any:
+def native_pipeline(native_json: str) -> Any:
     """``leukedge._native.Pipeline(native_json)``, built once per distinct configuration.
     Raises ``leukedge._native.ConfigError`` (a ``ValueError``) for an invalid configuration, and a
     RuntimeError saying how to build the core when it is not built."""
@@ -72,33 +74,24 @@ class StainConfig:
     """Fit each image's stain model on at most this many foreground pixels (a fixed, evenly strided
     subsample; the transform is still applied to every foreground pixel). ``None`` (default) = every
     foreground pixel, torchstain's arithmetic. Changes pixels, so it enters the pixel hash (left out of
-    the serialised config while ``None``, so existing hashes stay valid). Measured on the 52 real
-    sample cells (``benchmarks/fit_pixels_diff.py`` -> ``benchmarks/results/fit_pixels.json``; Macenko,
-    450x450, ~35,000 foreground pixels per cell) against the exact default: 16384 -> mean |diff| 0.10 grey
-    levels over the image, 1.3 % of all pixels (about 7 % of the foreground) off by more than 1 level, max 38;
-    8192 -> mean 0.18, 2.9 %, max 38; 4096 -> mean 0.35, 4.5 %, max 220 (one cell's fit flips). Not
-    recommended below 16384. Macenko instructions per cell (callgrind): 5.95 M at 16384, 4.88 M at 8192,
-    8.42 M exact."""
+    the serialised config while ``None``, so existing hashes stay valid). Not recommended below 16384;
+    how far the pixels move is measured by ``benchmarks/fit_pixels_diff.py``
+    (``benchmarks/results/fit_pixels.json``)."""
 
     apply_at_output: bool = False
-    """Apply the fitted stain transform after resizing, to the non-black pixels of the output (at 224 px
-    from 450 px about 4x fewer), instead of to every foreground pixel before resizing (torchstain's
-    order). The fit itself is unchanged. ``False`` (default) = exact order. Changes pixels (the transform
-    is not linear, and at the cell border it sees pixels blended with the black background), so it
-    enters the pixel hash (left out of the serialised config while ``False``). Measured on the 52 real
-    sample cells (``benchmarks/fit_pixels_diff.py`` -> ``benchmarks/results/fit_pixels.json``; Macenko,
-    crop "none", bilinear 224, uint8) against the exact default: mean |diff| 0.28 grey levels over the
-    output (1.57 over its non-black pixels, 17.5 % of it), 4.5 % of all values (26 % of the foreground
-    values) off by more than 1 level, 2.8 % of the foreground values by more than 8, max 82 (at the cell
-    border); together with ``fit_pixels=16384``: mean 0.33 (1.87 foreground), 5.5 % off by more than 1,
-    max 83. Not bit-comparable to torchstain; meant for throughput (instruction counts in README,
-    Benchmarks)."""
+    """Apply the fitted stain transform after resizing, to the non-black pixels of the output, instead of
+    to every foreground pixel before resizing (torchstain's order). The fit itself is unchanged. ``False``
+    (default) = exact order. Changes pixels (the transform is not linear, and at the cell border it sees
+    pixels blended with the black background), so it enters the pixel hash (left out of the serialised
+    config while ``False``). Not bit-comparable to torchstain; meant for throughput. How far the pixels
+    move: ``benchmarks/fit_pixels_diff.py`` (``benchmarks/results/fit_pixels.json``); the speed: README,
+    Benchmarks."""
 
     def __post_init__(self) -> None:
         for name in ("io", "alpha", "beta"):
             _require_finite(f"stain.{name}", getattr(self, name), f"--stain-{name}")
         # Every bound lives in rust_ext/src/config.rs (one place): the Rust core validates.
-        _native_pipeline(json.dumps({"stain": dataclasses.asdict(self)}, sort_keys=True, separators=(",", ":")))
+        native_pipeline(json.dumps({"stain": dataclasses.asdict(self)}, sort_keys=True, separators=(",", ":")))
 
 
 @dataclass(frozen=True)
@@ -155,7 +148,7 @@ class PreprocessConfig:
     def pipeline(self) -> Any:
         """The ``leukedge._native.Pipeline`` of this config: parsed, validated and its tables built
         once (cached per configuration); ``.run(items, out=None, threads=0)`` preprocesses a batch."""
-        return _native_pipeline(self.to_native_json())
+        return native_pipeline(self.to_native_json())
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

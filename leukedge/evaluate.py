@@ -12,7 +12,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -25,6 +25,13 @@ SYNTHETIC_WARNING = "SYNTHETIC data: these numbers describe generated cells, not
 # ----------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------
+
+#: labels / probabilities / subjects as the metric functions take them: a sequence or a NumPy array
+Ints = Union[Sequence[int], np.ndarray]
+Floats = Union[Sequence[float], np.ndarray]
+Labels = Union[Sequence[Any], np.ndarray]
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -35,7 +42,7 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def compute_metrics(y_true: Sequence[int], prob: Sequence[float], subjects: Sequence[Any] | None = None,
+def compute_metrics(y_true: Ints, prob: Floats, subjects: Labels | None = None,
                     threshold: float = 0.5) -> dict[str, Any]:
     """Classification metrics for labels ``y_true`` (0 hem / 1 all) and ``prob`` = P(all)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
@@ -69,7 +76,7 @@ def compute_metrics(y_true: Sequence[int], prob: Sequence[float], subjects: Sequ
     return out
 
 
-def per_subject_breakdown(subjects: Sequence[Any], y: Sequence[int], p: Sequence[float],
+def per_subject_breakdown(subjects: Labels, y: Ints, p: Floats,
                           threshold: float = 0.5) -> list[dict[str, Any]]:
     """Per subject: n, accuracy, mean P(all), predicted blast fraction, true class."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -99,7 +106,7 @@ BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_LEVEL = 0.95
 
 
-def subject_classes(y: Sequence[int], subjects: Sequence[Any]) -> dict[str, int]:
+def subject_classes(y: Ints, subjects: Labels) -> dict[str, int]:
     """Each subject's class (the majority label of its labelled cells; C-NMC subjects hold one class)."""
     votes: dict[str, list[int]] = defaultdict(list)
     for label, s in zip(y, subjects):
@@ -108,7 +115,7 @@ def subject_classes(y: Sequence[int], subjects: Sequence[Any]) -> dict[str, int]
     return {s: int(np.mean(v) >= 0.5) for s, v in votes.items()}
 
 
-def subject_bootstrap_ci(y_true: Sequence[int], prob: Sequence[float], subjects: Sequence[Any], *,
+def subject_bootstrap_ci(y_true: Ints, prob: Floats, subjects: Labels, *,
                          threshold: float = 0.5, n_boot: int = BOOTSTRAP_REPLICATES, level: float = BOOTSTRAP_LEVEL,
                          seed: int = 0) -> dict[str, Any] | None:
     """Weighted F1 with a confidence interval from a subject-level bootstrap.
@@ -158,7 +165,7 @@ def format_ci(ci: dict[str, Any] | None) -> str:
             f"{n['hem']} hem + {n['all']} all subjects)")
 
 
-def few_subjects_warning(y: Sequence[int], subjects: Sequence[Any], split_name: str = "validation") -> str | None:
+def few_subjects_warning(y: Ints, subjects: Labels, split_name: str = "validation") -> str | None:
     """A warning when ``split_name`` holds fewer than 2 subjects of a class: its score then describes one
     person (or none) of that class, not the class. None when every class has 2 or more subjects."""
     classes = subject_classes(y, subjects)
@@ -211,7 +218,7 @@ def select_rows(manifest: Sequence[dict[str, Any]], split: str | None = None,
     return out
 
 
-def predict_cache(bundle: Any, images: np.ndarray, rows: Sequence[int], *, batch_size: int = 64,
+def predict_cache(bundle: Any, images: np.ndarray, rows: Ints, *, batch_size: int = 64,
                   progress: bool = False, device: str = "cpu", reporter: Reporter | None = None) -> np.ndarray:
     """P(all) for the cache rows ``rows`` (uint8 NHWC images, normalised like the Rust core)."""
     import torch
@@ -324,7 +331,7 @@ def mistake_thumbnails(preds: Sequence[dict[str, Any]], n: int = 12, size: int =
         return []
     wrong = [p for p in preds if p.get("label", -1) >= 0 and int(p["prob_all"] >= 0.5) != int(p["label"])]
     wrong.sort(key=lambda p: -abs(float(p["prob_all"]) - 0.5))
-    thumbs = []
+    thumbs: list[tuple[np.ndarray, str]] = []
     for p in wrong:
         if len(thumbs) >= n:
             break

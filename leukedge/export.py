@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._util import atomic_write_bytes, atomic_write_text, load_native, softmax
-from .artifacts import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta
+from ._util import CLASS_NAMES, atomic_write_bytes, atomic_write_text, load_native, softmax
+from ._version import __version__
 from .config import PreprocessConfig
 from .data import file_sha256
+from .formats.export import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8, EXPORT_INT8_TRT, set_onnx_meta, write_export_manifest
 
 # Agreement tolerances (PyTorch FP32 reference vs ONNX Runtime on CPU).
 FP32_TOL = {"max_abs_logit": 1e-3, "min_top1": 1.0}
@@ -122,7 +122,7 @@ def passes(m: dict[str, Any], tol: dict[str, float]) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # export
-def _torch_export(model, size: int, path: Path, opset: int) -> str:
+def _torch_export(model: Any, size: int, path: Path, opset: int) -> str:
     """Export with the TorchScript-based exporter (stable, dynamic_axes); dynamo as fallback."""
     import torch
 
@@ -143,14 +143,16 @@ def _torch_export(model, size: int, path: Path, opset: int) -> str:
             model, (dummy,), None, dynamo=True, input_names=["input"], output_names=["logits"],
             dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
         )
+        if prog is None:
+            raise RuntimeError("torch.onnx.export (dynamo) returned no program")
         prog.save(str(path))
         return "dynamo"
 
 
-def _io_desc(m) -> dict[str, Any]:
+def _io_desc(m: Any) -> dict[str, Any]:
     import onnx
 
-    def one(v):
+    def one(v: Any) -> dict[str, Any]:
         t = v.type.tensor_type
         return {
             "name": v.name,
@@ -215,7 +217,7 @@ def _write_graphs(model: Any, config: PreprocessConfig, out: Path, meta: dict[st
 
 
 def export_model(
-    model,
+    model: Any,
     config: PreprocessConfig,
     out_dir: str | os.PathLike,
     *,
@@ -277,7 +279,7 @@ def export_model(
         "weights_sha256": (file_sha256(Path(bundle_path) / "model.safetensors")
                            if bundle_path is not None and (Path(bundle_path) / "model.safetensors").is_file() else None),
         "arch": meta.get("arch"),
-        "class_names": meta.get("class_names", ["hem", "all"]),
+        "class_names": meta.get("class_names", list(CLASS_NAMES)),
         "positive_class": meta.get("positive_class", "all"),
         "input_size": size,
         "preprocess_hash": config.pixel_hash(),
@@ -307,8 +309,7 @@ def export_model(
         # an unchecked INT8 graph is not marked good: inference picks it only when "passed" is true
         int8_info["passed"] = bool(check and report.get("int8", {}).get("all", {}).get("pass"))
         int8_info["tensorrt"]["passed"] = bool(check and report.get("int8_trt", {}).get("all", {}).get("pass"))
-    atomic_write_text(out / "export.json", json.dumps(manifest, indent=2) + "\n")
-    files["manifest"] = out / "export.json"
+    files["manifest"] = write_export_manifest(out, manifest)
     return ExportResult(out, files, report, passed)
 
 
@@ -329,7 +330,7 @@ def _atomic_onnx(m: Any, path: Path) -> None:
     atomic_write_bytes(path, m.SerializeToString())
 
 
-def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sample_dir=None, n_synth: int = 16
+def check_export(model: Any, config: PreprocessConfig, files: dict[str, Path], *, sample_dir: str | os.PathLike | None = None, n_synth: int = 16
                  ) -> tuple[dict[str, Any], bool]:
     """Compare PyTorch (FP32 reference) with ONNX Runtime FP32 and FP16 on real + synthetic cells."""
     import torch
@@ -367,7 +368,7 @@ def check_export(model, config: PreprocessConfig, files: dict[str, Path], *, sam
 def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike, **kw: Any) -> ExportResult:
     from .models import load_bundle
 
-    b = load_bundle(bundle)
+    b = load_bundle(Path(bundle))
     return export_model(b.model, b.config, out_dir, meta=b.meta, bundle_path=bundle, **kw)
 
 

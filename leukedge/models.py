@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from ._util import CLASS_NAMES, POSITIVE_CLASS
+from ._version import __version__
 from .archs import REGISTRY, get_arch
 from .archs import PretrainedWeightsUnavailable as PretrainedWeightsUnavailable  # re-exported: it used to live here
 from .archs import default_arch_kwargs as default_arch_kwargs  # re-exported: it used to live here

@@ -17,7 +17,6 @@ A bundle without ``"ood"`` runs as before (no OOD rejection; the score is still 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -80,12 +79,12 @@ def ood_threshold_of(spec: Any) -> OodThreshold | None:
     meta = getattr(spec, "meta", None) or {}
     where = f"{getattr(spec, 'path', '')}/bundle.json: ood"
     if "ood" not in meta and getattr(spec, "bundle", None) is not None and getattr(spec, "kind", "") != "bundle":
-        f = Path(spec.bundle) / "bundle.json"
-        try:
-            meta = json.loads(f.read_text())
-        except (OSError, ValueError):
+        from .formats.bundle import META_FILE, read_bundle_object
+
+        meta = read_bundle_object(spec.bundle)
+        if meta is None:
             return None
-        where = f"{f}: ood"
+        where = f"{Path(spec.bundle) / META_FILE}: ood"
     d = meta.get("ood") if isinstance(meta, dict) else None
     return None if d is None else OodThreshold.from_dict(d, where)
 
@@ -120,9 +119,10 @@ def calibrate_bundle(bundle: str | os.PathLike, cache: str | os.PathLike, *, qua
     """Calibrate the OOD threshold of an existing model ``bundle`` on a dataset ``cache`` of its training
     cells (rows with ``split`` when the cache has splits, else every ok row; the cache's preprocessing must
     be the model's) and store it in ``bundle.json["ood"]``. Returns the threshold."""
-    from .artifacts import load_cache, read_bundle_meta, write_bundle_meta
     from .config import normalize_uint8
     from .engines import get_backend, resolve_model
+    from .formats.bundle import read_bundle_meta, write_bundle_meta
+    from .formats.cache import load_cache
 
     bundle = Path(bundle)
     meta = read_bundle_meta(bundle)

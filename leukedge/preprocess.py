@@ -37,9 +37,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
 from ._util import NULL_REPORTER, Reporter
 from ._util import load_native as _native
+from ._version import __version__
 from .artifacts import CACHE_VERSION, Cache, load_cache, write_manifest
 
 # re-exported: the cache readers used to live here

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._util import softmax
-from .artifacts import set_onnx_meta
+from .formats.export import set_onnx_meta
 
 # The bound an INT8 graph must meet against FP32 on every cell checked (real sample, synthetic, held-out).
 INT8_TOL = {
@@ -242,8 +242,8 @@ def calibration_data(cache_path: str | os.PathLike, config: Any, *, max_calibrat
                      seed: int = 0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], dict[str, Any]]:
     """Calibration inputs, held-out ``(inputs, labels)`` and a description, from the cache at ``cache_path``
     (refused unless its pixel hash equals ``config``'s)."""
-    from .artifacts import load_cache
     from .config import normalize_uint8
+    from .formats.cache import load_cache
 
     cache = load_cache(cache_path)
     config.require_same_pixels(cache.config, what="model", against=f"calibration cache {cache.path}")

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import __version__
+from ._version import __version__
 
 _SKIP_DIRS = {"__pycache__", ".tmp"}
 
@@ -192,7 +192,7 @@ def _cv_section(cv: dict | None, pngs: list[Path], run_dir: Path) -> str:
              r.get("weighted_f1"), r.get("roc_auc")) for r in cv["fold_runs"]]
     base = cv.get("baseline") if isinstance(cv.get("baseline"), dict) else None
     rows += [("baseline", fold_name(b), b.get("n_test"), base.get("name"), b.get("weighted_f1"), b.get("roc_auc"))
-             for b in (base or {}).get("folds", [])]
+             for b in base.get("folds", [])] if base else []
     parts.append(_table(["seed", "fold", "val cells", "val subjects", "weighted F1", "ROC-AUC"], rows))
     if base:
         parts.append(f"<p>Baseline rows: {html.escape(str(base.get('name')))} on the same training and test cells "

@@ -35,8 +35,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
 from ._util import CLASS_NAMES
+from ._version import __version__
 from .data.discover import SYNTHETIC_MARKER
 
 # torchstain's reference H&E optical-density vectors (columns of the Macenko reference matrix).

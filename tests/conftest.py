@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -120,3 +121,19 @@ def infer_cells(tmp_path_factory):
     (d / "all" / "UID_2_91_1_all.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (d / "all" / "UID_3_92_1_all.bmp").write_bytes(b"BM" + b"\0" * 10)
     return d
+
+
+# --------------------------------------------------------------------------------------------
+# a faked GPU (test-only: the library's seam is leukedge.engines.gpu.OVERRIDES)
+@contextlib.contextmanager
+def fake_gpu(info, reason: str = "no CUDA GPU (faked)"):
+    """Make ``leukedge.engines.gpu.detect_gpu`` report ``info`` (a GpuInfo; ``None``: no GPU) inside the block."""
+    from leukedge.engines import gpu
+
+    probe = gpu.GpuProbe(None, "no-gpu", reason) if info is None else gpu.classify(
+        info if info.fake else gpu.GpuInfo(**{**info.to_dict(), "fake": True}))
+    gpu.OVERRIDES.append(probe)
+    try:
+        yield probe
+    finally:
+        gpu.OVERRIDES.remove(probe)

@@ -58,9 +58,9 @@ def test_gate_settings_travel_with_the_config_and_keep_the_pixel_hash():
     with pytest.raises(ValueError, match="unknown gate"):
         PreprocessConfig.from_dict({"gate": {"colour": 1}})
     # the shipped default model still loads, with the default gate
-    from leukedge.artifacts import default_model_path, read_bundle_json
+    from leukedge.formats.bundle import default_model_path, read_bundle
 
-    _, cfg = read_bundle_json(default_model_path())
+    cfg = read_bundle(default_model_path()).config
     assert cfg.gate == GateConfig()
 
 
@@ -474,7 +474,7 @@ def test_interrupted_infer_keeps_finished_rows_and_resumes(native, tiny_bundle, 
     from leukedge import infer as inf
 
     out = tmp_path / "r.csv"
-    real = inf.Predictor._results_for
+    real = inf.Predictor.results_for
     calls = {"n": 0}
 
     def interrupt_on_third_batch(self, *a, **k):
@@ -483,7 +483,7 @@ def test_interrupted_infer_keeps_finished_rows_and_resumes(native, tiny_bundle, 
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(inf.Predictor, "_results_for", interrupt_on_third_batch)
+    monkeypatch.setattr(inf.Predictor, "results_for", interrupt_on_third_batch)
     with pytest.raises(inf.InferenceInterrupted, match=r"4 of 9 file\(s\) have their results in .*r\.csv\.partial.*--resume"):
         inf.run_inference(tiny_bundle, [mixed_folder], out, backend="onnxruntime", warmup=0, batch=2, pipeline=False)
     assert not out.exists()
@@ -491,7 +491,7 @@ def test_interrupted_infer_keeps_finished_rows_and_resumes(native, tiny_bundle, 
     assert len(list(csv.DictReader(part.open()))) == 4
     with part.open("a") as f:
         f.write(str(mixed_folder / "cut-off-last-li"))  # a kill -9 in the middle of a row
-    monkeypatch.setattr(inf.Predictor, "_results_for", real)
+    monkeypatch.setattr(inf.Predictor, "results_for", real)
     res = inf.run_inference(tiny_bundle, [mixed_folder], out, backend="onnxruntime", warmup=0, batch=2, resume=True)
     assert len(res.results) == 5 and res.stats["n_resumed"] == 4
     rows = list(csv.DictReader(out.open()))
@@ -518,7 +518,7 @@ def test_station_waits_for_disk_space_and_loses_nothing(tmp_path, monkeypatch):
             raise sqlite3.OperationalError("database or disk is full")
         return real_insert(*a, **k)
 
-    monkeypatch.setattr(sdb, "insert_batch", full_then_ok)
+    monkeypatch.setattr(core, "insert_batch", full_then_ok)  # core imports it by name
     monkeypatch.setattr(core, "DISK_FULL_RETRY_S", 0.05)
     messages: list[str] = []
 

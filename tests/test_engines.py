@@ -12,9 +12,11 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from conftest import fake_gpu  # noqa: E402
+
 from leukedge.config import ConfigMismatchError, PreprocessConfig  # noqa: E402
 from leukedge.engines import BackendUnavailable, EngineMismatchError, get_backend, resolve_model  # noqa: E402
-from leukedge.engines.gpu import GpuInfo, fake_gpu  # noqa: E402
+from leukedge.engines.gpu import GpuInfo  # noqa: E402
 from leukedge.engines.sidecar import (  # noqa: E402
     check_compatible,
     check_preprocess,

@@ -1,5 +1,5 @@
 """The GPU path on a CPU machine: engine selection, fallback and mismatch logic under a faked GPU
-(leukedge.engines.gpu.fake_gpu), the TensorRT backend's plumbing over a fake TensorRT + fake CUDA
+(conftest.fake_gpu over leukedge.engines.gpu.OVERRIDES), the TensorRT backend's plumbing over a fake TensorRT + fake CUDA
 binding, the CUDA binding selection, and the PyTorch CUDA backend's CPU-testable parts."""
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from conftest import fake_gpu  # noqa: E402
+
 from leukedge.config import PreprocessConfig  # noqa: E402
 from leukedge.engines import BackendUnavailable, EngineMismatchError, get_backend  # noqa: E402
 from leukedge.engines import gpu as gpumod  # noqa: E402
-from leukedge.engines.gpu import GpuInfo, detect_gpu, fake_gpu  # noqa: E402
+from leukedge.engines.gpu import GpuInfo, detect_gpu  # noqa: E402
 from leukedge.engines.sidecar import check_compatible, write_sidecar  # noqa: E402
 
 SIZE = 48
@@ -613,7 +615,7 @@ def test_infer_cli_cuda_binding_reaches_the_backend(exported, tmp_path, monkeypa
         seen.update(k)
         return real(*a, **{**k, "cuda_binding": "auto"})
 
-    monkeypatch.setattr("leukedge.infer.get_backend", spy)
+    monkeypatch.setattr("leukedge.infer.predictor.get_backend", spy)
     from leukedge.synth import make_cell, write_bmp
 
     (tmp_path / "c").mkdir()

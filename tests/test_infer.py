@@ -234,11 +234,11 @@ def test_partition_applied_and_outputs_unchanged(model_dirs, cells, tmp_path, mo
     """4 usable cores, ONNX Runtime on the CPU, pipelined: the Rust core is called with exactly its share,
     the session with the rest and no spinning; the stats say so; results equal the sequential run."""
     import leukedge.engines.threads as base
-    from leukedge.infer import _native_preprocess
+    from leukedge.infer import native_preprocess
 
     _, exp = model_dirs
     monkeypatch.setattr(base, "usable_cores", lambda: 4)
-    inner = prep or _native_preprocess()
+    inner = prep or native_preprocess()
     seen: list[int] = []
 
     def recording(items, config_json, out=None, threads=0):

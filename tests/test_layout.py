@@ -1,5 +1,7 @@
-"""The package layout guards itself: no import cycle inside leukedge/, library modules free of Click and
-Rich (the CLI layer, leukedge/cli/, prints), short functions, and a light, explicit top-level API."""
+"""The package layout guards itself: no import cycle inside leukedge/ (a package's eager imports of its own
+children included), no import up the layers (:data:`LAYERS`) and none of another module's private names, one
+reader per on-disk file (leukedge/formats/), library modules free of Click and Rich (the CLI layer,
+leukedge/cli/, prints), short functions, and a light, explicit top-level API."""
 
 from __future__ import annotations
 
@@ -30,20 +32,26 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """leukedge modules imported anywhere in ``path`` (top level and inside functions)."""
-    is_pkg = path.name == "__init__.py"
+    return _imports_of_tree(name, path.name == "__init__.py", ast.parse(path.read_text()), known)
+
+
+def _resolve(name: str, is_pkg: bool, node: ast.ImportFrom) -> str:
     package = name if is_pkg else name.rpartition(".")[0]
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports_of_tree(name: str, is_pkg: bool, tree: ast.AST, known: set[str]) -> set[str]:
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _resolve(name, is_pkg, node)
             targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
         for t in targets:
             while t and t not in known:
@@ -59,11 +67,26 @@ def _graph(include_cli: bool = True) -> dict[str, set[str]]:
     return {m: _imports(m, p, known) for m, p in mods.items() if include_cli or not m.startswith("leukedge.cli")}
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle (as a path) if there is any; a package's own __init__ importing its children
-    does not count (Python runs the child after the parent)."""
+def _eager_children(name: str, path: Path, known: set[str]) -> set[str]:
+    """The children a package's ``__init__`` imports when it runs (top-level statements, outside ``if
+    TYPE_CHECKING``): ``leukedge.station`` importing ``station.core``, which imports ``leukedge.station`` back
+    through ``from . import db``, is a cycle; the lazy face of ``leukedge`` imports none."""
+    if path.name != "__init__.py":
+        return set()
+    tree = ast.parse(path.read_text())
+    eager = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    mod = ast.Module(body=eager, type_ignores=[])
+    tmp = {d for d in _imports_of_tree(name, True, mod, known)}
+    return {d for d in tmp if d.startswith(name + ".")}
+
+
+def _cycle(graph: dict[str, set[str]], eager: dict[str, set[str]] | None = None) -> list[str] | None:
+    """One import cycle (as a path) if there is any. A package importing its own children counts only where its
+    ``__init__`` does so when it runs (``eager``): otherwise Python runs the child after the parent."""
+    eager = eager or {}
+
     def deps(m: str) -> set[str]:
-        return {d for d in graph.get(m, ()) if not d.startswith(m + ".")}
+        return {d for d in graph.get(m, ()) if not d.startswith(m + ".") or d in eager.get(m, ())}
 
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -92,14 +115,18 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_inside_the_package():
     graph = _graph()
-    assert "leukedge.engines.factory" in graph and "leukedge.artifacts" in graph["leukedge.engines.resolve"]
-    cycle = _cycle(graph)
+    assert "leukedge.engines.factory" in graph and "leukedge.formats.sidecar" in graph["leukedge.model"]
+    known = set(_modules())
+    eager = {m: _eager_children(m, p, known) for m, p in _modules().items()}
+    assert "leukedge.station.core" in eager["leukedge.station"] and eager["leukedge"] == {"leukedge._version"}
+    cycle = _cycle(graph, eager)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"p": {"p.x"}, "p.x": {"p"}}) is None  # a package importing its own child
+    assert _cycle({"p": {"p.x"}, "p.x": {"p"}}) is None  # a package importing its own child lazily
+    assert _cycle({"p": {"p.x"}, "p.x": {"p"}}, {"p": {"p.x"}}) == ["p", "p.x", "p"]  # ... and eagerly
 
 
 def test_library_modules_import_neither_click_nor_rich():
@@ -150,3 +177,178 @@ def test_stage_modules_that_share_a_name_with_their_function_stay_callable():
     assert leukedge.training.TrainConfig is leukedge.TrainConfig
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         leukedge.train("no-cache", "no-run", leukedge.TrainConfig(epochs=0))
+
+
+# --------------------------------------------------------------------------------------------
+# layers: an import may point down or sideways, never up
+#: rank of each module (by the longest matching prefix; library modules not named here: LIBRARY_RANK). The
+#: package face ``leukedge`` (lazy, imports nothing when it runs) is above everything: no module imports it.
+LAYERS = {
+    "leukedge._version": 0, "leukedge._native": 0, "leukedge._util": 0,
+    "leukedge.config": 1,
+    "leukedge.formats": 2, "leukedge.artifacts": 2, "leukedge.bundle_meta": 2,
+    "leukedge.model": 3,
+    # LIBRARY_RANK (4): the stages (data, preprocess, models, train, cv, evaluate, export, quantize, ood, ...)
+    "leukedge.engines": 5,
+    # the stages that run a model through a backend
+    "leukedge.export": 6, "leukedge.quantize": 6, "leukedge.ood": 6, "leukedge.infer": 6, "leukedge.engines.build": 6,
+    "leukedge.station": 7,
+    # whole runs and their report
+    "leukedge.report": 8, "leukedge.cv": 8,
+    "leukedge.cli": 9, "leukedge.__main__": 9,
+    "leukedge": 10,
+}
+LIBRARY_RANK = 4
+
+
+def _rank(module: str) -> int:
+    if module == "leukedge":
+        return LAYERS["leukedge"]
+    keys = [k for k in LAYERS if k != "leukedge" and (module == k or module.startswith(k + "."))]
+    return LAYERS[max(keys, key=len)] if keys else LIBRARY_RANK
+
+
+def _precise_imports(name: str, path: Path, known: set[str]) -> set[tuple[str, str]]:
+    """``(module, statement)`` for every leukedge module ``path`` imports; ``from PKG import sub`` counts as
+    ``PKG.sub`` only when ``sub`` is a module (the package itself is already initialised), as ``PKG`` otherwise."""
+    is_pkg = path.name == "__init__.py"
+    out: set[tuple[str, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            pairs = [(a.name, f"import {a.name}") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = _resolve(name, is_pkg, node)
+            pairs = [(f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod, f"from {mod} import {a.name}")
+                     for a in node.names]
+        else:
+            continue
+        for target, stmt in pairs:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name and not target.startswith(name + "."):
+                out.add((target, stmt))
+    return out
+
+
+def _known() -> set[str]:
+    return set(_modules()) | {"leukedge._native"}
+
+
+def test_no_import_points_up_the_layers():
+    known = _known()
+    up = [f"{name} ({_rank(name)}): {stmt} ({_rank(target)})"
+          for name, path in _modules().items() if name not in CLI_ENTRY_POINTS | {"leukedge.cli.__main__"}
+          for target, stmt in _precise_imports(name, path, known) if _rank(target) > _rank(name)]
+    assert not up, up
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("from . import __version__\nfrom .infer import Predictor\n")
+    found = _precise_imports("leukedge.model", f, _known())
+    assert ("leukedge", "from leukedge import __version__") in found
+    assert any(t == "leukedge.infer" and _rank(t) > _rank("leukedge.model") for t, _ in found)
+
+
+# --------------------------------------------------------------------------------------------
+# private names stay in their module
+def _private_uses(name: str, path: Path, known: set[str]) -> list[str]:
+    """``from leukedge.x import _name`` and ``x._name`` (``x`` an imported leukedge module) in module ``name``,
+    where the private name belongs to another module (modules named with an underscore are not private names)."""
+    is_pkg = path.name == "__init__.py"
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = _resolve(name, is_pkg, node)
+            if not (mod == "leukedge" or mod.startswith("leukedge.")):
+                continue
+            for a in node.names:
+                full = f"{mod}.{a.name}"
+                if full in known:
+                    aliases[a.asname or a.name] = full
+                elif a.name.startswith("_") and not a.name.startswith("__") and mod != name:
+                    out.append(f"{name}: from {mod} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in known and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")
+                and f"{aliases[node.value.id]}.{node.attr}" not in known and aliases[node.value.id] != name):
+            out.append(f"{name}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
+    return out
+
+
+#: crossings in the training side's modules, to be made public there (issue 24, training half); nothing may be added
+TRAINING_SIDE_PRIVATE = {"leukedge.cli.cv: from leukedge.cli.train import _run_errors",
+                         "leukedge.cv: from leukedge.train import _as_int",
+                         "leukedge.cv: from leukedge.train import _subjects_of",
+                         "leukedge.cv: from leukedge.train import _write_json"}
+
+
+def test_no_private_name_is_used_across_modules():
+    known = _known()
+    found = {u for name, path in _modules().items() for u in _private_uses(name, path, known)}
+    assert found <= TRAINING_SIDE_PRIVATE, sorted(found - TRAINING_SIDE_PRIVATE)
+
+
+def test_the_private_check_sees_both_forms(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("from leukedge.config import _flatten\nfrom leukedge import config as c\nc._flatten({})\n"
+                 "from leukedge import _util\n_util.as_int(1)\n")
+    found = _private_uses("leukedge.model", f, _known())
+    assert found == ["leukedge.model: from leukedge.config import _flatten", "leukedge.model: c._flatten (leukedge.config)"]
+
+
+# --------------------------------------------------------------------------------------------
+# each on-disk JSON file has one reader, in leukedge/formats/
+#: the JSON files of leukedge/formats/ (and the constants that name them)
+FORMAT_FILES = {"bundle.json", "export.json", "cache.json", "preprocess.json", "META_FILE", "MANIFEST_FILE",
+                "CACHE_META_FILE", "PREPROCESS_FILE", "sidecar_path"}
+
+
+def _json_parsers_of_format_files(name: str, path: Path) -> list[str]:
+    """Functions of ``path`` that call ``json.load(s)`` and name one of :data:`FORMAT_FILES`."""
+    out = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        parses = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("load", "loads")
+                     and isinstance(n.func.value, ast.Name) and n.func.value.id == "json" for n in ast.walk(fn))
+        names = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        names |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        if parses and names & FORMAT_FILES:
+            out.append(f"{name}.{fn.name}: {sorted(names & FORMAT_FILES)}")
+    return out
+
+
+#: parsers in the training side's modules, to switch to leukedge.formats there (issue 24, training half)
+TRAINING_SIDE_PARSERS = {"leukedge.data.is_synthetic: ['bundle.json', 'cache.json']"}
+
+
+def test_only_formats_parses_the_on_disk_json_files():
+    found = {f for name, path in _modules().items() if not name.startswith("leukedge.formats")
+             for f in _json_parsers_of_format_files(name, path)}
+    assert found <= TRAINING_SIDE_PARSERS, sorted(found - TRAINING_SIDE_PARSERS)
+    inside = [f for name, path in _modules().items() if name.startswith("leukedge.formats")
+              for f in _json_parsers_of_format_files(name, path)]
+    assert any(".bundle.read_bundle:" in f for f in inside), inside  # the check sees a real reader
+
+
+def test_each_artifact_opens_through_formats(tmp_path):
+    from leukedge.formats.bundle import default_model_path, read_bundle
+    from leukedge.formats.export import read_export_manifest
+    from leukedge.formats.sidecar import EngineMismatchError, read_sidecar
+    from leukedge.model import open_model
+
+    b = read_bundle(default_model_path())
+    assert b.config.pixel_hash() == b.meta["preprocess_hash"] and b.class_names == ["hem", "all"]
+    manifest = read_export_manifest(default_model_path() / "export")
+    assert manifest["preprocess_hash"] == b.config.pixel_hash()
+    spec = open_model()
+    assert spec.kind == "bundle" and spec.config == b.config and spec.onnx_fp32 is not None
+    with pytest.raises(EngineMismatchError, match="no sidecar"):
+        read_sidecar(tmp_path / "model.plan")

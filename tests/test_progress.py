@@ -249,7 +249,7 @@ def test_engine_mismatch_hint_rebuilds_from_the_requested_models_export(tmp_path
     from leukedge.artifacts import EngineMismatchError
     from leukedge.config import PreprocessConfig
     from leukedge.engines.factory import _rebuild_from_requested
-    from leukedge.engines.resolve import ModelSpec
+    from leukedge.model import ModelSpec
 
     spec = ModelSpec(kind="export", config=PreprocessConfig(), path=tmp_path / "mymodel", onnx_fp16=tmp_path / "mymodel" / "export" / "model_fp16.onnx",
                      engine=tmp_path / "mymodel" / "export" / "model.plan")

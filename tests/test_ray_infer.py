@@ -16,7 +16,7 @@ pytest.importorskip("ray.data", reason='Ray Data is not installed (pip install "
 
 from leukedge.cli.infer import infer_cmd  # noqa: E402
 from leukedge.infer import default_model_path  # noqa: E402
-from leukedge.ray_infer import RayProgress, _Classify, run_ray_inference, write_parquet  # noqa: E402
+from leukedge.infer.ray import RayProgress, _Classify, run_ray_inference, write_parquet  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -399,7 +399,7 @@ def test_export_with_another_models_onnx_is_refused_and_model_id_is_what_ran(tin
 # 8. infer: the output is checked before the work; a write failure says where
 # ==================================================================================================
 def test_infer_refuses_a_bad_output_before_inference(tmp_path, monkeypatch):
-    import leukedge.infer as inf
+    import leukedge.infer.predictor as inf  # where run_inference looks Predictor up
 
     class Boom:
         def __init__(self, *a, **k):

@@ -11,7 +11,7 @@ import importlib
 
 import click
 
-from .. import __version__
+from .._version import __version__
 
 # command name -> (module, attribute, one-line help shown by `leukedge --help`), in pipeline order (the order --help lists)
 _COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -91,6 +91,3 @@ class RichReporter:
         finally:
             self._live = None
 
-
-def stderr_console(quiet: bool = False) -> Console:
-    return Console(stderr=True, quiet=quiet)

@@ -8,15 +8,15 @@ from typing import Any
 
 import click
 
-from ..artifacts import sidecar_path
 from ..engines.base import BackendUnavailable
 from ..engines.build import RTX_CC_NAMES, BuildError, build_engine, validate_engine
 from ..engines.sidecar import RTX_DEFAULT_TARGETS_DOC
 from ..engines.tensorrt_backend import FLAVOURS
+from ..formats.sidecar import sidecar_path
 from ._console import RichReporter
 
 
-def print_summary(info: dict[str, Any], engine_path: Path, console=None) -> None:
+def print_summary(info: dict[str, Any], engine_path: Path, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -29,10 +29,11 @@ from rich.table import Table
 
 from .. import synth, training
 from .._util import CLASS_NAMES, IMAGE_EXTENSIONS, load_native, sample_dir
-from ..artifacts import default_model_path, load_cache, load_config_source, read_trained_on
 from ..config import PreprocessConfig, StainConfig
 from ..data import parse_name, pixel_digests
 from ..evaluate import compute_metrics, evaluate, few_subjects_warning, format_ci, subject_bootstrap_ci, write_report
+from ..formats.bundle import default_model_path, read_trained_on
+from ..formats.cache import load_cache, load_config_source
 from ..infer import run_inference
 from ..preprocess import run_preprocess
 from ..report import build_report

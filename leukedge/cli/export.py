@@ -12,7 +12,7 @@ from ..export import export_bundle
 from ..quantize import CALIBRATION_METHODS
 
 
-def print_report(report: dict[str, Any], console=None) -> None:
+def print_report(report: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -37,7 +37,7 @@ def print_report(report: dict[str, Any], console=None) -> None:
         console.print("[yellow]real sample cells not found (../shared/data/cnmc_sample); synthetic cells only[/]")
 
 
-def print_int8_report(rep: dict[str, Any], console, what: str) -> None:
+def print_int8_report(rep: dict[str, Any], console: Any, what: str) -> None:
     """The INT8-vs-FP32 table: |dP(all)| quantiles, flips, weighted F1 on the held-out cells."""
     from rich.table import Table
 

@@ -13,7 +13,7 @@ from ..infer import MAX_BATCH, InferenceInterrupted, ResultsNotWritten, run_infe
 from ._console import RichReporter
 
 
-def print_stats(stats: dict[str, Any], console=None) -> None:
+def print_stats(stats: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -72,7 +72,7 @@ def print_stats(stats: dict[str, Any], console=None) -> None:
 @click.option("--resume", is_flag=True,
               help="Skip the files that already have a row in OUT.partial (left by an interrupted run) or OUT, and "
                    "append the rest. Rows are written as batches finish, so Ctrl-C never loses finished work.")
-# [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.ray_infer)
+# [ray] `--ray [ADDRESS]`: the same job on Ray Data (leukedge.infer.ray)
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run as a Ray Data job: `--ray local` starts a local Ray instance, bare `--ray` joins this "
                    "machine's cluster, or give an address (ray://head:10001). OUT may also be .parquet.")
@@ -100,9 +100,9 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
     from rich.console import Console
     from rich.markup import escape
 
-    from ..artifacts import EngineMismatchError
     from ..config import ConfigMismatchError
     from ..engines import BackendUnavailable
+    from ..formats.sidecar import EngineMismatchError
 
     if ray_address is not None:  # [ray]
         return _infer_ray(sources, model=model, engine=engine, out_path=out_path, address=ray_address, batch=batch,
@@ -158,10 +158,10 @@ def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | 
     from rich.console import Console
     from rich.markup import escape
 
-    from ..artifacts import EngineMismatchError
     from ..config import ConfigMismatchError
     from ..engines import BackendUnavailable
-    from ..ray_infer import RayProgress, run_ray_inference
+    from ..formats.sidecar import EngineMismatchError
+    from ..infer.ray import RayProgress, run_ray_inference
     console = Console()
     with RichReporter().progress("infer (Ray)", total=None, transient=True) as task:
         task.update(stats="starting Ray ...")

@@ -12,14 +12,22 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, Sequence
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .._util import BACKEND_CHOICES, CUDA_BINDINGS, DEVICE_CHOICES, PRECISION_CHOICES, PRECISION_HELP, atomic_write_text
+from .._util import (
+    BACKEND_CHOICES,
+    CLASS_NAMES,
+    CUDA_BINDINGS,
+    DEVICE_CHOICES,
+    PRECISION_CHOICES,
+    PRECISION_HELP,
+    atomic_write_text,
+)
 from ..station import dashboard as dash
 from ..station import db as sdb
 from ..station import reviews as rv
@@ -140,7 +148,7 @@ def open_predictor(model: str | None, backend: str, *, fallback: bool, device: s
     if backend in ("auto",) and reason and "not usable" in reason:
         console.print(f"[yellow]backend choice: {reason}[/]")
     config = getattr(pred, "config", None) or (spec.config if spec is not None else None)
-    class_names = list(getattr(spec, "class_names", None) or ["hem", "all"])
+    class_names = list(getattr(spec, "class_names", None) or CLASS_NAMES)
     info = ModelInfo(
         model=str(model),
         model_id=getattr(pred, "model_id", None) or (_model_id(spec, backend_obj) if spec is not None else Path(model).name),
@@ -160,7 +168,7 @@ def _is_config_mismatch(exc: BaseException) -> bool:
     return isinstance(exc, (ConfigMismatchError, FileNotFoundError))
 
 
-def predict_fn(pred: Any):
+def predict_fn(pred: Any) -> Callable[[Sequence[str]], list[dict[str, Any]]]:
     """Adapt a :class:`leukedge.infer.Predictor` to the station's ``predict(paths) -> list[dict]``.
 
     Each dict gets ``timings = {"preprocess_ms", "compute_ms"}``: the times of the engine batch the
@@ -168,7 +176,7 @@ def predict_fn(pred: Any):
     """
     timed = getattr(pred, "predict_timed", None)
 
-    def predict(paths: list[str]) -> list[dict]:
+    def predict(paths: Sequence[str]) -> list[dict[str, Any]]:
         if timed is None:
             return [r if isinstance(r, dict) else _asdict(r) for r in pred.predict(paths)]
         results, times, _wall = timed(list(paths))
@@ -187,7 +195,7 @@ def predict_fn(pred: Any):
 def _asdict(r: Any) -> dict:
     import dataclasses
 
-    if dataclasses.is_dataclass(r):
+    if dataclasses.is_dataclass(r) and not isinstance(r, type):
         return dataclasses.asdict(r)
     return dict(vars(r))
 
@@ -344,6 +352,7 @@ def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> Non
                   f"{tot['rejected']:,} rejected (not cells the model may judge; never in a blast fraction)"
                   + (f", {tot['superseded']:,} superseded (file replaced)" if tot["superseded"] else ""))
     table = Table(title="Per-sample totals", show_lines=False)
+    just: Literal["left", "right"]
     for col, just in (("sample", "left"), ("cells", "right"), ("blasts", "right"), ("blast fraction", "right"),
                       ("errors", "right"), ("rejected", "right"), ("last result", "right")):
         table.add_column(col, justify=just)
@@ -371,8 +380,9 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
         raise click.ClickException(str(sdb.damaged(path, exc))) from exc
     finally:
         conn.close()
-    if getattr(conn, "note", ""):
-        Console(stderr=True).print(f"warning: {conn.note}", markup=False, highlight=False)
+    note = getattr(conn, "note", "")
+    if note:
+        Console(stderr=True).print(f"warning: {note}", markup=False, highlight=False)
 
 
 def _escaped(d: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -446,9 +456,9 @@ def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str
         fmt = "json" if output.lower().endswith(".json") else "csv"
     with _reading(path) as conn, sdb.snapshot(conn):  # one consistent snapshot while the station keeps writing
         if cells:
-            rows, cols = list(sdb.cell_rows(conn)), sdb.CELL_COLUMNS + rv.REVIEW_EXPORT_COLUMNS
+            rows, cols = list(sdb.cell_rows(conn)), tuple(sdb.CELL_COLUMNS + rv.REVIEW_EXPORT_COLUMNS)
         else:
-            rows, cols = sdb.sample_totals(conn), sdb.SAMPLE_COLUMNS
+            rows, cols = sdb.sample_totals(conn), tuple(sdb.SAMPLE_COLUMNS)
     if cells:
         rows = rv.with_reviews(rows, _load_reviews(path, reviews_db))
     rows = [iso_times(r) for r in rows]  # wall-clock times as ISO 8601 with the local UTC offset

@@ -4,7 +4,7 @@ A backend subclasses :class:`Backend`, declares what it is (``name``, ``device_k
 and implements :meth:`Backend.infer_impl`; the public :meth:`Backend.infer` / :meth:`Backend.infer_timed`
 check the batch and time the call (the layout of Polygraphy's runners). Picking a backend is
 :func:`leukedge.engines.get_backend` (``engines.factory``), what a model path holds is
-``engines.resolve``, and the core split between preprocessing and backend threads is ``engines.threads``.
+:func:`leukedge.model.open_model`, and the core split between preprocessing and backend threads is ``engines.threads``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .resolve import ModelSpec
+    from ..model import ModelSpec
 
 
 class BackendUnavailable(RuntimeError):

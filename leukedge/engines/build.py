@@ -23,23 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from .._util import (
+    CLASS_NAMES,
     NULL_REPORTER,
     Reporter,
     atomic_write_bytes,
     bytes_sha256,
     file_sha256,
 )
-from ..artifacts import (
-    EXPORT_FP16,
-    EXPORT_FP32,
-    EXPORT_INT8_TRT,
-    EngineMismatchError,
-    onnx_config,
-    read_export_manifest,
-    write_sidecar,
-)
+from .._version import __version__
+from ..formats.export import EXPORT_FP16, EXPORT_FP32, EXPORT_INT8_TRT, onnx_config, read_export_manifest
+from ..formats.sidecar import EngineMismatchError, write_sidecar
 from .base import BackendUnavailable
 from .sidecar import RTX_SUPPORTED_CC
 from .tensorrt_backend import FLAVOURS, gpu_info, import_trt, no_gpu_reason, trt_major
@@ -361,7 +355,7 @@ def _sidecar_info(trt: Any, b: _Network, flavour: str, gpu: Any, opts: dict[str,
                  "graph_precision": graph_prec},
         "preprocess": config.to_dict(),
         "preprocess_hash": config.pixel_hash(),
-        "class_names": meta.get("class_names", ["hem", "all"]),
+        "class_names": meta.get("class_names", list(CLASS_NAMES)),
         "engine_size": len(data),
         "engine_sha256": bytes_sha256(data),
     }

@@ -109,7 +109,7 @@ class CudaPythonBinding(CudaBinding):
             from cuda.bindings import runtime as cudart
         except ImportError:
             try:
-                from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+                from cuda import cudart  # type: ignore[no-redef,unused-ignore]  # cuda-python < 12.6
             except ImportError as exc:
                 raise BackendUnavailable(f"cuda-python is not installed (pip install '{CUDA12_PIN}')") from exc
         self.rt = cudart
@@ -142,7 +142,7 @@ class CudaPythonBinding(CudaBinding):
 
     def host_alloc(self, nbytes: int) -> PinnedBuffer:
         ptr = int(self.check(self.rt.cudaHostAlloc(nbytes, self.rt.cudaHostAllocDefault), "cudaHostAlloc"))
-        arr = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8)
+        arr = np.frombuffer(memoryview((ctypes.c_uint8 * nbytes).from_address(ptr)), dtype=np.uint8)
         return PinnedBuffer(ptr, nbytes, arr)
 
     def free_host(self, buf: PinnedBuffer) -> None:

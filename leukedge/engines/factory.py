@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 from .._util import BACKEND_CHOICES
-from ..artifacts import default_model_path
 from ..config import ConfigMismatchError, PreprocessConfig
+from ..model import ModelSpec, open_model
 from .base import Backend, BackendUnavailable
-from .resolve import ModelSpec, resolve_model
 
 BACKENDS = BACKEND_CHOICES
 
@@ -40,7 +39,7 @@ def get_backend(
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
-    spec = model if isinstance(model, ModelSpec) else resolve_model(model if model is not None else default_model_path())
+    spec = model if isinstance(model, ModelSpec) else open_model(model)
     if expected_config is not None:
         expected_config.require_same_pixels(spec.config, what="station/bundle", against=f"model {spec.path}")
 
@@ -77,7 +76,7 @@ def _tensorrt_or_reason(spec: ModelSpec, kind: str, cuda_binding: str, reasons: 
         from .tensorrt_backend import TensorRTBackend
 
         flavour = None if kind == "auto" else kind
-        b = TensorRTBackend(spec.engine, flavour=flavour, cuda_binding=cuda_binding)
+        b = TensorRTBackend(spec.engine, flavour=flavour, cuda_binding=cuda_binding, sidecar=spec.sidecar)
         b.reason = f"engine {spec.engine.name} usable on {b.gpu_name}"
         return b
     except Exception as exc:  # noqa: BLE001 - reported below

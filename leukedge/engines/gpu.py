@@ -5,20 +5,19 @@ driver and runtime CUDA versions) or ``None`` with the reason (no binding, no dr
 for the binding's CUDA runtime, no device). Everything that decides on a GPU (engine flavour, engine
 compatibility, ``--backend auto``) goes through it.
 
-Faking a GPU (tests, dry runs): ``with fake_gpu(GpuInfo("NVIDIA H200", "9.0", driver="13.0",
-runtime="12.9")): ...`` or the environment variable ``LEUKEDGE_FAKE_GPU`` holding the same fields as
-JSON (``{"name": ..., "compute_capability": ..., "driver": ..., "runtime": ...}``) or ``none``. A fake
+Faking a GPU (tests, dry runs): the environment variable ``LEUKEDGE_FAKE_GPU`` holding
+JSON (``{"name": "NVIDIA H200", "compute_capability": "9.0", "driver": "13.0", "runtime": "12.9"}``) or
+``none``; in-process, a :class:`GpuProbe` pushed onto :data:`OVERRIDES` (the tests' ``fake_gpu``). A fake
 whose driver major version is below its runtime's reads as "driver too old", exactly like the real
 detection. Only detection is faked: CUDA calls made later (memory, streams) still go to the real binding.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 FAKE_GPU_ENV = "LEUKEDGE_FAKE_GPU"
 CUDA12_PIN = "cuda-python>=12,<13"
@@ -59,11 +58,6 @@ class GpuInfo:
         d, r = _major(self.driver), _major(self.runtime)
         return d is not None and r is not None and d < r
 
-    @property
-    def cc_tuple(self) -> tuple[int, int]:
-        major, _, minor = self.compute_capability.partition(".")
-        return int(major), int(minor or 0)
-
 
 @dataclass(frozen=True)
 class GpuProbe:
@@ -89,7 +83,8 @@ def classify(info: GpuInfo) -> GpuProbe:
     return GpuProbe(info, "ok", "", seen=info)
 
 
-_override: list[GpuProbe] = []
+#: probes pushed here win over the real detection (the in-process seam of the tests' ``fake_gpu``)
+OVERRIDES: list[GpuProbe] = []
 
 
 def _env_override() -> GpuProbe | None:
@@ -107,22 +102,10 @@ def _env_override() -> GpuProbe | None:
     return classify(info)
 
 
-@contextlib.contextmanager
-def fake_gpu(info: GpuInfo | None, reason: str = "no CUDA GPU (faked)") -> Iterator[GpuProbe]:
-    """Make :func:`detect_gpu` report ``info`` (``None``: no GPU) inside the ``with`` block."""
-    probe = GpuProbe(None, "no-gpu", reason) if info is None else classify(
-        info if info.fake else GpuInfo(**{**info.to_dict(), "fake": True}))
-    _override.append(probe)
-    try:
-        yield probe
-    finally:
-        _override.remove(probe)
-
-
 def detect_gpu(device: int = 0) -> GpuProbe:
     """The GPU ``device`` as the CUDA binding (cuda-python, else pycuda) sees it, unless faked."""
-    if _override:
-        return _override[-1]
+    if OVERRIDES:
+        return OVERRIDES[-1]
     env = _env_override()
     if env is not None:
         return env
@@ -130,7 +113,7 @@ def detect_gpu(device: int = 0) -> GpuProbe:
         from cuda.bindings import runtime as cudart
     except ImportError:
         try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+            from cuda import cudart  # type: ignore[no-redef,unused-ignore]  # cuda-python < 12.6
         except ImportError:
             return _detect_pycuda(device)
     return _detect_cudart(cudart, device)

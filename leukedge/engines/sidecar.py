@@ -1,4 +1,4 @@
-"""Engine sidecar (``ENGINE.json``): what an engine was built from, with what, and for which GPU.
+"""Engine compatibility: may this engine (its sidecar ``ENGINE.json``) run with this TensorRT on this GPU?
 
 A serialized TensorRT engine only runs with the exact TensorRT build that produced it and (unless
 built hardware-compatible) on the compute capability it was built for.  TensorRT-RTX engines are
@@ -10,15 +10,17 @@ can refuse a mismatch with an error that says exactly how to rebuild.
 from __future__ import annotations
 
 import os
-import shlex
 from typing import Any
 
-# re-exported: the sidecar file readers/writers live in leukedge.artifacts
-from ..artifacts import SIDECAR_FORMAT as SIDECAR_FORMAT
-from ..artifacts import EngineMismatchError, sidecar_path
-from ..artifacts import read_sidecar as read_sidecar
-from ..artifacts import write_sidecar as write_sidecar
-from ..config import ConfigMismatchError, PreprocessConfig
+# re-exported: the sidecar file, its reader, writer and preprocessing checks live in leukedge.formats.sidecar
+from ..formats.sidecar import SIDECAR_FORMAT as SIDECAR_FORMAT
+from ..formats.sidecar import EngineMismatchError as EngineMismatchError
+from ..formats.sidecar import check_preprocess as check_preprocess
+from ..formats.sidecar import read_sidecar as read_sidecar
+from ..formats.sidecar import rebuild_command as rebuild_command
+from ..formats.sidecar import sidecar_config as sidecar_config
+from ..formats.sidecar import sidecar_path as sidecar_path
+from ..formats.sidecar import write_sidecar as write_sidecar
 
 # Compute capabilities TensorRT-RTX can build for (its ComputeCapability enum, 1.7: SM75 ... SM121). Built
 # with no explicit target, an engine's portable set is TensorRT-RTX's business: the runtime's
@@ -26,19 +28,6 @@ from ..config import ConfigMismatchError, PreprocessConfig
 RTX_SUPPORTED_CC = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 # What TensorRT-RTX's support matrix lists as the default portable set (for messages only).
 RTX_DEFAULT_TARGETS_DOC = "8.6, 8.9 and 12.0 (TensorRT-RTX default portable set)"
-
-
-def rebuild_command(info: dict[str, Any], engine_path: str | os.PathLike, backend: str | None = None) -> str:
-    """The exact ``leukedge build-engine`` command that rebuilds this engine here."""
-    onnx_src = (info.get("onnx") or {}).get("source") or (info.get("onnx") or {}).get("path") or "EXPORT_DIR"
-    prof = info.get("profile") or {}
-    args = ["leukedge", "build-engine", str(onnx_src), "-o", str(engine_path), "--backend", backend or info.get("flavour", "auto")]
-    for k in ("min", "opt", "max"):
-        if k in prof:
-            args += [f"--{k}-batch", str(prof[k])]
-    if info.get("hardware_compat"):
-        args.append("--hardware-compat")
-    return " ".join(shlex.quote(a) for a in args)
 
 
 def _cc_tuple(cc: str) -> tuple[int, int]:
@@ -102,28 +91,4 @@ def check_compatible(
             f"({(info.get('built_on') or {}).get('gpu', '?')}) but this GPU is {compute_capability}"
             f"{' (hardware compatibility ' + level + ')' if level else ''}. "
             f"Rebuild it here: {rebuild_command(info, engine_path, flavour)}"
-        )
-
-
-def sidecar_config(info: dict[str, Any], engine_path: str | os.PathLike) -> PreprocessConfig:
-    """The preprocessing config stored in the sidecar, after checking its hash."""
-    cfg = PreprocessConfig.from_dict(info["preprocess"])
-    if cfg.pixel_hash() != info["preprocess_hash"]:
-        raise EngineMismatchError(
-            f"{sidecar_path(engine_path)}: stored preprocess_hash {info['preprocess_hash'][:12]} does not match its "
-            f"preprocessing config ({cfg.pixel_hash()[:12]}); the sidecar was edited. Rebuild the engine: "
-            f"{rebuild_command(info, engine_path)}"
-        )
-    return cfg
-
-
-def check_preprocess(info: dict[str, Any], engine_path: str | os.PathLike, expected: PreprocessConfig, what: str) -> None:
-    """Refuse an engine whose preprocessing differs from ``expected`` (the bundle's or export's)."""
-    eng = sidecar_config(info, engine_path)
-    if eng.pixel_hash() != expected.pixel_hash():
-        diffs = "; ".join(expected.diff(eng)) or "(hash differs)"
-        raise ConfigMismatchError(
-            f"preprocessing of {what} ({expected.pixel_hash()[:12]}) does not match engine {engine_path} "
-            f"({eng.pixel_hash()[:12]}): {diffs}. The engine was built from a different export; rebuild it: "
-            f"{rebuild_command(info, engine_path)}"
         )

@@ -11,6 +11,7 @@ and a short last batch meets no new shape.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -57,7 +58,7 @@ def trt_major(trt: ModuleType) -> int:
 
 def gpu_info(device: int = 0) -> GpuInfo | None:
     """The usable CUDA GPU ``device`` (name, compute capability, driver, runtime), or None (see :func:`no_gpu_reason`).
-    Faked in tests through :func:`leukedge.engines.gpu.fake_gpu`."""
+    Faked in tests through :data:`leukedge.engines.gpu.OVERRIDES` (``LEUKEDGE_FAKE_GPU`` from outside)."""
     return detect_gpu(device).gpu
 
 
@@ -142,7 +143,7 @@ class RuntimeCacheFile:
 
 
 def np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
-    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8}
+    table: dict[Any, Any] = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8}
     if hasattr(trt, "int64"):
         table[trt.int64] = np.int64
     if hasattr(trt, "bool"):
@@ -157,13 +158,15 @@ def np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
 class TensorRTBackend(Backend):
     """``cuda_binding``: "auto" | "cuda-python" | "pycuda"; ``runtime_cache``: keep TensorRT-RTX's
     JIT kernels in ``ENGINE.rtcache``; ``fixed_batches``: pad batches to a few sizes (default: on for
-    TensorRT-RTX, whose kernels are specialised per shape)."""
+    TensorRT-RTX, whose kernels are specialised per shape); ``sidecar``: the engine's sidecar as
+    :func:`leukedge.model.open_model` read it (read here only when not given)."""
 
     device_kind = "gpu"
     gpu_name: str = ""
 
     def __init__(self, engine_path: str | os.PathLike, *, flavour: str | None = None, device: int = 0,
-                 cuda_binding: str = "auto", runtime_cache: bool = True, fixed_batches: bool | None = None) -> None:
+                 cuda_binding: str = "auto", runtime_cache: bool = True, fixed_batches: bool | None = None,
+                 sidecar: dict[str, Any] | None = None) -> None:
         from .sidecar import (
             EngineMismatchError,
             check_compatible,
@@ -176,7 +179,7 @@ class TensorRTBackend(Backend):
         self._cleanup: list[Any] = []
         self._rt_cache: RuntimeCacheFile | None = None
         self.path = Path(engine_path)
-        info = read_sidecar(self.path)
+        info = sidecar if sidecar is not None else read_sidecar(self.path)  # already read by open_model: not again
         flavour = flavour or info["flavour"]
         if flavour != info["flavour"]:
             raise EngineMismatchError(
@@ -293,6 +296,7 @@ class TensorRTBackend(Backend):
             raise RuntimeError(f"{getattr(self, 'name', 'tensorrt')}: backend is closed")
         cuda = self.cuda
         n_real = batch.shape[0]
+        assert self.max_batch is not None  # set from the engine's profile in _setup
         n = padded_batch(n_real, self.min_batch, self.max_batch, self.fixed_batches)
         shape = (n, *self._in_shape_max[1:])
         host_in = self._host_in.view(self._in_dt, shape)
@@ -343,7 +347,9 @@ class TensorRTBackend(Backend):
                 except Exception as exc:  # noqa: BLE001 - free the rest regardless
                     errors.append(exc)
         cuda.close()
-        self.release_errors = errors
+        if errors:  # never silent: a failed free or cache save is worth a line, but must not stop shutdown
+            warnings.warn(f"{self.path.name}: {len(errors)} error(s) while releasing the TensorRT backend: "
+                          + "; ".join(f"{type(e).__name__}: {e}" for e in errors), RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
         if getattr(self, "_closed", True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ class TorchBackend(Backend):
 
     bundle: Any = None  # the loaded model bundle, when created with from_bundle
 
-    def __init__(self, module, *, device: str = "auto", input_size: int | None = None, half: bool = False,
+    def __init__(self, module: Any, *, device: str = "auto", input_size: int | None = None, half: bool = False,
                  threads: int = 0) -> None:
         import torch
 
@@ -66,7 +67,7 @@ class TorchBackend(Backend):
     def from_bundle(cls, path: str | os.PathLike, *, device: str = "auto", threads: int = 0) -> "TorchBackend":
         from ..models import load_bundle
 
-        bundle = load_bundle(path)
+        bundle = load_bundle(Path(path))
         size = getattr(bundle.config, "size", None)
         b = cls(bundle.model, device=device, input_size=size, threads=threads)
         b.bundle = bundle

@@ -13,6 +13,7 @@ On the CPU (``device="cpu"``, FP32, no graphs) the same code runs without pinnin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -52,7 +53,7 @@ class TorchCudaBackend(Backend):
 
     bundle: Any = None  # the loaded model bundle, when created with from_bundle
 
-    def __init__(self, module, *, input_size: int, device: str = "cuda", precision: str = "auto",
+    def __init__(self, module: Any, *, input_size: int, device: str = "cuda", precision: str = "auto",
                  channels_last: bool = True, graphs: bool | None = None, max_batch: int = 256,
                  fixed_batches: bool = True) -> None:
         import torch
@@ -82,9 +83,9 @@ class TorchCudaBackend(Backend):
         self.device_kind = "gpu" if cuda else "cpu"
         s = self.input_size
         shape_in, shape_out = (self.max_batch, 3, s, s), (self.max_batch, self._num_classes())
-        self._host_in = torch.empty(shape_in, dtype=self.dtype, pin_memory=cuda)
-        self._host_out = torch.empty(shape_out, dtype=torch.float32, pin_memory=cuda)
-        self.stream = torch.cuda.Stream(device=self.device) if cuda else None
+        self._host_in: Any = torch.empty(shape_in, dtype=self.dtype, pin_memory=cuda)
+        self._host_out: Any = torch.empty(shape_out, dtype=torch.float32, pin_memory=cuda)
+        self.stream: Any = torch.cuda.Stream(device=self.device) if cuda else None
         self.graph_cache = GraphCache(self._capture)
         self._closed = False
         gname = "+graphs" if graphs else ""
@@ -97,7 +98,7 @@ class TorchCudaBackend(Backend):
     def from_bundle(cls, path: str | os.PathLike, **kw: Any) -> "TorchCudaBackend":
         from ..models import load_bundle
 
-        bundle = load_bundle(path)
+        bundle = load_bundle(Path(path))
         b = cls(bundle.model, input_size=bundle.config.size, **kw)
         b.bundle = bundle
         return b
@@ -108,7 +109,7 @@ class TorchCudaBackend(Backend):
             x = torch.zeros((1, 3, self.input_size, self.input_size), dtype=self.dtype, device=self.device)
             return int(self.module(x.contiguous(memory_format=self.memory_format)).shape[-1])
 
-    def _forward(self, x):
+    def _forward(self, x: Any) -> Any:
         return self.module(x.contiguous(memory_format=self.memory_format)).float()
 
     def _capture(self, n: int) -> _Captured:
@@ -132,7 +133,7 @@ class TorchCudaBackend(Backend):
             raise RuntimeError(f"{self.name}: backend is closed")
         torch = self.torch
         n_real = batch.shape[0]
-        n = padded_batch(n_real, 1, self.max_batch, self.fixed_batches and self.graphs_enabled)
+        n = padded_batch(n_real, 1, int(self.max_batch or n_real), self.fixed_batches and self.graphs_enabled)
         host_in = self._host_in[:n]
         host_in[:n_real].copy_(torch.from_numpy(batch))
         if n > n_real:

@@ -22,8 +22,26 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._util import escape_markup
-from . import db as sdb
 from .batcher import DeadlineBatcher
+from .db import (
+    DatabaseDamaged,
+    DiskFull,
+    ResultRow,
+    connect,
+    disk_full,
+    fail_batch,
+    finish_run,
+    insert_batch,
+    is_disk_full,
+    live_station,
+    load_known,
+    open_batch,
+    previous_models,
+    start_run,
+    supersede_paths,
+    throughput,
+    write_heartbeat,
+)
 from .scanner import IMAGE_EXTENSIONS, ReadyFile, Scanner, make_sample_fn
 
 PredictFn = Callable[[Sequence[str]], Sequence[dict]]
@@ -126,7 +144,7 @@ class Station:
         self._done_times: collections.deque[float] = collections.deque()
         self._latencies: collections.deque[float] = collections.deque(maxlen=2000)
         self._consecutive_failures = 0
-        self.conn = None
+        self.conn: sqlite3.Connection | None = None
         self.scanner: Scanner | None = None
         self.summary: StationSummary | None = None
         self.in_batch = False
@@ -159,24 +177,24 @@ class Station:
         """Connect to the database, refuse a second live station on it, note results of other models; the run id."""
         s = self.s
         try:
-            self.conn = sdb.connect(s.db_path)
-        except (sdb.DatabaseDamaged, sdb.DiskFull) as exc:
+            self.conn = conn = connect(s.db_path)
+        except (DatabaseDamaged, DiskFull) as exc:
             raise StationError(str(exc)) from exc
-        other = sdb.live_station(self.conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
+        other = live_station(conn, stale_after_s=max(5.0, 5 * s.heartbeat_s))
         if other is not None:
-            self.conn.close()
+            conn.close()
             raise StationError(
                 f"another station (pid {other['pid']} on {other['host']}, watching {other['watch_dir']}) is writing to "
                 f"{s.db_path}; stop it first or use another --db"
             )
-        others = [m for m in sdb.previous_models(self.conn) if m != (self.model.model_id, self.model.preprocess_hash)]
+        others = [m for m in previous_models(conn) if m != (self.model.model_id, self.model.preprocess_hash)]
         if others and self.reporter:
             self.reporter.message(
                 f"[yellow]note: {s.db_path} already holds results of another model ({others[0][0]}); files already "
                 "classified there are not classified again. Use a new --db to re-run a folder with a new model.[/]"
             )
-        return sdb.start_run(
-            self.conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
+        return start_run(
+            conn, watch_dir=str(s.watch_dir), model=self.model.model, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend,
             settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         )
@@ -195,7 +213,7 @@ class Station:
         db = str(s.db_path)
         self.scanner = Scanner(
             s.watch_dir, settle_s=s.settle_ms / 1000, extensions=s.extensions, ignore_globs=s.ignore,
-            max_bytes=int(s.max_file_mb * 1024 * 1024), sample_fn=sample_fn, known=sdb.load_known(self.conn),
+            max_bytes=int(s.max_file_mb * 1024 * 1024), sample_fn=sample_fn, known=load_known(self.conn),
             exclude_paths=(db, db + "-wal", db + "-shm", db + "-journal"), trust_rename=s.trust_rename,
             full_scan_s=s.full_scan_s,
         )
@@ -206,7 +224,7 @@ class Station:
         scan_thread = threading.Thread(target=self._scan_loop, name="leukedge-station-scanner", daemon=True)
         state = "stopped"
         try:
-            sdb.write_heartbeat(self.conn, run_id, state="running")
+            write_heartbeat(self.conn, run_id, state="running")
             scan_thread.start()
             if self.reporter:
                 self.reporter.start(self)
@@ -225,12 +243,12 @@ class Station:
             self.summary.left_in_queue = len(self.batcher) + (self.scanner.stats.settling if self.scanner else 0)
             self.summary.exit_reason = self._stop_reason or "stopped"
             try:
-                sdb.finish_run(self.conn, run_id, self.summary.exit_reason, state=state)
+                finish_run(self.conn, run_id, self.summary.exit_reason, state=state)
             except sqlite3.OperationalError as exc:
-                if not sdb.is_disk_full(exc):
+                if not is_disk_full(exc):
                     raise
                 if self.reporter:  # one line, not a second traceback
-                    self.reporter.message(f"[red]{escape_markup(str(sdb.disk_full(s.db_path)))}[/]")
+                    self.reporter.message(f"[red]{escape_markup(str(disk_full(s.db_path)))}[/]")
             finally:
                 self.conn.close()
                 for sig, h in old_handlers.items():
@@ -298,7 +316,7 @@ class Station:
         gone = [p for p in self.scanner.take_vanished() if not os.path.lexists(p)]
         if not gone:
             return
-        sdb.supersede_paths(self.conn, gone)
+        supersede_paths(self.conn, gone)
         if self.reporter:
             self.reporter.message(f"[dim]{len(gone)} file(s) gone from the folder; their results no longer count[/]")
 
@@ -357,7 +375,7 @@ class Station:
                 if out is None:  # backend failing: give the files back, record nothing for them
                     for it in to_predict:
                         self.scanner.report_retry(it.path)
-                    sdb.fail_batch(self.conn, batch_id)
+                    fail_batch(self.conn, batch_id)
                     return
                 for it, r in zip(to_predict, out):
                     results[it.path] = r
@@ -372,18 +390,18 @@ class Station:
             if it.reactivate:
                 reactivated.append(it)
                 continue
-            r = results.get(it.path)
-            if r is not None and not _unchanged(it):
+            found = results.get(it.path)
+            if found is not None and not _unchanged(it):
                 retry.append(it)  # replaced while being classified: the result is for stale content
                 continue
-            row = self._result_row(it, r, pred_ms, batch_id, started, done)
+            row = self._result_row(it, found, pred_ms, batch_id, started, done)
             # per-file timings are those of the engine batch the file was in
             pre_ms_total = max(pre_ms_total, row.preprocess_ms or 0.0)
             comp_ms_total = max(comp_ms_total, row.compute_ms or 0.0)
             rows.append(row)
         conn = self.conn
         if not self._while_disk_full(
-                lambda: sdb.insert_batch(conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
+                lambda: insert_batch(conn, batch_id, rows, reactivated=[(it.path, it.sha256) for it in reactivated],
                                          preprocess_ms=pre_ms_total, compute_ms=comp_ms_total, total_ms=pred_ms),
                 len(rows)):
             for it in batch:  # stopped while the disk was full: nothing stored, all classified again next time
@@ -404,7 +422,7 @@ class Station:
         assert self.conn is not None and self.summary is not None and self.scanner is not None
         ids: list[int] = []
         conn, run_id = self.conn, self.summary.run_id
-        if self._while_disk_full(lambda: ids.append(sdb.open_batch(
+        if self._while_disk_full(lambda: ids.append(open_batch(
                 conn, run_id=run_id, size=len(batch), reason=reason, opened_at=opened, started_at=started)), len(batch)):
             return ids[0]
         for it in batch:
@@ -423,13 +441,13 @@ class Station:
                     self.reporter.message("[green]disk space is back: the waiting results are stored[/]")
                 return True
             except sqlite3.OperationalError as exc:
-                if not sdb.is_disk_full(exc):
+                if not is_disk_full(exc):
                     raise
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
             if not said and self.reporter:
                 self.reporter.message(
-                    f"[red]{escape_markup(str(sdb.disk_full(self.s.db_path)).split(';')[0])}: the results of "
+                    f"[red]{escape_markup(str(disk_full(self.s.db_path)).split(';')[0])}: the results of "
                     f"{n_files} file(s) wait in memory; retrying every {DISK_FULL_RETRY_S:g} s (stopping now "
                     "loses nothing: they are classified again on the next start)[/]")
             said = True
@@ -437,7 +455,7 @@ class Station:
                 return False
 
     def _result_row(self, it: ReadyFile, r: dict | None, pred_ms: float, batch_id: int, started: float,
-                    done: float) -> sdb.ResultRow:
+                    done: float) -> ResultRow:
         """The stored row of one file: its prediction ``r``, or the error that kept it from being classified."""
         assert self.summary is not None
         status, error, prob, label, is_blast = "error", it.error, None, None, None
@@ -463,7 +481,7 @@ class Station:
                 comp_ms = pred_ms
         started_mono, done_mono = self._mono
         detected_mono = it.detected_mono if it.detected_mono is not None else it.ready_mono
-        return sdb.ResultRow(
+        return ResultRow(
             path=it.path, sha256=it.sha256, size=it.size, mtime_ns=it.mtime_ns, sample_id=it.sample_id, status=status,
             error=error, probability=prob, label=label, is_blast=is_blast, model_id=self.model.model_id,
             preprocess_hash=self.model.preprocess_hash, backend=self.model.backend, run_id=self.summary.run_id,
@@ -473,7 +491,7 @@ class Station:
             ctime_ns=it.ctime_ns, inode=it.inode,
         )
 
-    def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[sdb.ResultRow]) -> None:
+    def _count(self, batch: list[ReadyFile], batch_id: int, reason: str, rows: list[ResultRow]) -> None:
         assert self.summary is not None
         n_err = sum(1 for r in rows if r.status == "error")
         self.summary.batches += 1
@@ -497,7 +515,7 @@ class Station:
             while self._done_times and self._done_times[0] < now - 60:
                 self._done_times.popleft()
             n = len(self._done_times)
-        return sdb.throughput(n, now, self._t_start, 60.0)
+        return throughput(n, now, self._t_start, 60.0)
 
     def live(self) -> dict[str, Any]:
         st = self.scanner.stats if self.scanner else None
@@ -521,14 +539,14 @@ class Station:
         try:
             self._write_heartbeat(d)
         except sqlite3.OperationalError as exc:
-            if not sdb.is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             with contextlib.suppress(sqlite3.Error):  # a missed heartbeat is harmless: the next one is written
                 self.conn.execute("ROLLBACK")
 
     def _write_heartbeat(self, d: dict[str, Any]) -> None:
         assert self.conn is not None and self.summary is not None
-        sdb.write_heartbeat(
+        write_heartbeat(
             self.conn, self.summary.run_id, state="stopping" if self.stopping else "running",
             queue_len=d["queue_len"], settling=d["settling"], processed=d["processed"], errors=d["errors"],
             throughput_1m=d["throughput_1m"], latency_p50_ms=d["latency_p50_ms"], latency_p95_ms=d["latency_p95_ms"],

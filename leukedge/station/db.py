@@ -158,7 +158,7 @@ class ReadOnlyConnection(sqlite3.Connection):
     note: str = ""
 
 
-def _uri(path: Path, **params: str) -> str:
+def sqlite_uri(path: Path, **params: str) -> str:
     from urllib.parse import quote
 
     return f"file:{quote(str(path.resolve()))}?" + "&".join(f"{k}={v}" for k, v in params.items())
@@ -178,7 +178,7 @@ def connect(path: str | os.PathLike, *, readonly: bool = False, timeout: float =
         last: BaseException | None = None
         for params in ({"mode": "ro"}, {"mode": "ro", "immutable": "1"}):
             try:
-                conn = sqlite3.connect(_uri(path, **params), uri=True, timeout=timeout, isolation_level=None,
+                conn = sqlite3.connect(sqlite_uri(path, **params), uri=True, timeout=timeout, isolation_level=None,
                                        factory=ReadOnlyConnection)
                 wal = Path(f"{path}-wal")
                 if "immutable" in params and wal.is_file() and wal.stat().st_size > 0:

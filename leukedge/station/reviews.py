@@ -67,11 +67,11 @@ def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite3.Conne
     if readonly:
         if not path.exists():
             return None
-        from .db import _uri
+        from .db import sqlite_uri
 
         # mode=ro needs the -shm file of a WAL database; on a read-only medium it is opened as immutable
         for params in ({"mode": "ro"}, {"mode": "ro", "immutable": "1"}):
-            conn = sqlite3.connect(_uri(path, **params), uri=True, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(sqlite_uri(path, **params), uri=True, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
                 break

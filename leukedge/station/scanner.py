@@ -328,9 +328,9 @@ class Scanner:
             self._last_full = now
         for d, name in temps:
             for final in final_names_for_temp(name):
-                full = os.path.join(d, final)
-                self.recent_temps[full] = now
-                self.recent_temps[os.path.splitext(full)[0]] = now
+                final_path = os.path.join(d, final)
+                self.recent_temps[final_path] = now
+                self.recent_temps[os.path.splitext(final_path)[0]] = now
         if self.recent_temps:
             self.recent_temps = {k: t for k, t in self.recent_temps.items() if now - t <= RENAME_WINDOW_S}
         temp_present = {os.path.join(d, f) for d, name in temps for f in final_names_for_temp(name)}

@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import __version__
+from .._version import __version__
 from . import dashboard as dash
 from . import db as sdb
 from . import reviews as rv

@@ -38,24 +38,22 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._util import atomic_write_text
-from .infer import (
-    RESULT_FIELDS,
+from .._version import __version__
+from ..config import native_pipeline
+from .predictor import discover_sources
+from .results import (
+    PARQUET_SUFFIX,
     FileResult,
     InferResult,
     ResultsNotWritten,
-    check_output_path,
-    default_model_path,
-    discover_sources,
-    stats_path_for,
+    check_output_path_any,
+    write_parquet,
     write_results,
+    write_stats,
 )
 
-PARQUET_SUFFIX = ".parquet"
 #: Bytes reserved by each preprocessing task (a batch of decoded cells and its float32 NCHW output).
 PREPROCESS_TASK_MEMORY = 256 << 20
-RAY_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson", PARQUET_SUFFIX)
 
 
 class RayUnavailable(RuntimeError):
@@ -92,9 +90,7 @@ def preprocess_stage(batch: dict[str, np.ndarray], *, cfg_json: str, threads: in
 
     Per-file problems come back as ``ok=False`` rows (zero-filled ``x``); should the whole call fail, the
     files are retried one by one so that one bad file still costs only its own row."""
-    from .config import _native_pipeline
-
-    preprocess_batch = _native_pipeline(cfg_json).run  # parsed and validated once per worker process
+    preprocess_batch = native_pipeline(cfg_json).run  # parsed and validated once per worker process
     paths = [str(p) for p in batch["path"]]
     try:
         x, statuses = preprocess_batch(paths, threads=threads)
@@ -132,7 +128,7 @@ class _Classify:
 
     def __init__(self, model: str, engine: str | None, backend: str, device: str, precision: str, threads: int,
                  expected_hash: str, batch: int, cuda_binding: str = "auto") -> None:
-        from .infer import Predictor
+        from .predictor import Predictor
 
         self.pred = Predictor(model, engine=engine, backend=backend, batch=batch, device=device, precision=precision,
                               threads=1, backend_threads=threads, pipeline=False, cuda_binding=cuda_binding)
@@ -142,19 +138,12 @@ class _Classify:
                                f"{expected_hash[:12]}: the nodes see different files")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .infer import _Batch
-
         paths = [str(p) for p in batch["path"]]
         x = np.asarray(batch["x"])
         rejected = batch["rejected"] if "rejected" in batch else [""] * len(batch["ok"])
         statuses = [{"ok": bool(o), "error": (str(e) or None), "stain_fallback": bool(f), "rejected": (str(r) or None)}
                     for o, e, f, r in zip(batch["ok"], batch["error"], batch["stain_fallback"], rejected)]
-        step = self.pred.batch
-        rows: list[FileResult] = []
-        for i in range(0, len(paths), step):
-            b = _Batch(0, paths[i:i + step], x=x[i:i + step], statuses=statuses[i:i + step])
-            logits = self.pred.backend.infer(b.x)
-            rows.extend(self.pred._results_for(b, logits, None))  # the row logic of plain `infer`
+        rows = self.pred.classify_batch(paths, x, statuses)  # the row logic of plain `infer`
         return {
             "idx": np.asarray(batch["idx"], dtype=np.int64),
             "probability": np.array([np.nan if r.probability is None else r.probability for r in rows], np.float64),
@@ -171,33 +160,7 @@ class _Classify:
 # --------------------------------------------------------------------------------------------
 def check_ray_output_path(path: str | os.PathLike) -> Path:
     """Like :func:`leukedge.infer.check_output_path`, also accepting ``.parquet``."""
-    p = Path(path)
-    if p.suffix.lower() == PARQUET_SUFFIX:
-        check_output_path(p.with_suffix(".csv"))  # the same probe of the folder
-        return p
-    if p.suffix.lower() not in RAY_SUFFIXES:
-        raise ValueError(f"{p}: results file must end in .csv, .jsonl or .parquet")
-    return check_output_path(p)
-
-
-def write_parquet(results: Sequence[FileResult], path: str | os.PathLike) -> Path:
-    """The results as a Parquet file (columns :data:`leukedge.infer.RESULT_FIELDS`), written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    rows = [r.to_dict() for r in results]  # as the CSV/JSONL writers write them (path text + lossless path_bytes)
-    cols = {k: [row.get(k) for row in rows] for k in RESULT_FIELDS}
-    types = {"probability": pa.float64(), "stain_fallback": pa.bool_(), "ood_score": pa.float64()}
-    table = pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return check_output_path_any(path, parquet=True)
 
 
 def _start(address: str, num_cpus: int | None) -> tuple[Any, bool]:
@@ -221,17 +184,11 @@ def _start(address: str, num_cpus: int | None) -> tuple[Any, bool]:
 def _checked_model(model: str | os.PathLike | None, engine: str | os.PathLike | None) -> tuple[Path, Any, Any]:
     """The checks before the job: the model exists, an engine's preprocessing hash matches the model's and
     the preprocessing the CPU stage will run has the model's pixel hash. Returns (model path, spec, stage config)."""
-    from .config import ConfigMismatchError
-    from .engines import resolve_model
+    from ..config import ConfigMismatchError
+    from ..model import open_model
 
-    model_path = Path(model) if model is not None else default_model_path()
-    if not model_path.exists():
-        raise FileNotFoundError(f"model {model_path} not found (pass --model BUNDLE|EXPORT_DIR|ENGINE)")
-    spec = resolve_model(model_path)
-    if engine is not None:
-        from .engines.sidecar import check_preprocess, read_sidecar
-
-        check_preprocess(read_sidecar(engine), engine, spec.config, f"{spec.kind} {spec.path}")
+    spec = open_model(model, engine)
+    model_path = spec.path
     stage_cfg = spec.config.replace(layout="nchw", dtype="float32")
     if stage_cfg.pixel_hash() != spec.preprocess_hash:
         raise ConfigMismatchError(f"internal error: the preprocessing stage would not reproduce model {spec.path}'s "
@@ -271,7 +228,7 @@ def _run_job(entries: Sequence[dict[str, Any]], plan: _Plan, stage_cfg: Any, act
     rows_by_idx: dict[int, tuple[Any, ...]] = {}
     backends: set[str] = set()
     failed = 0
-    ds = rd.from_items([{"idx": i, "path": e["path"]} for i, e in enumerate(entries)])
+    ds: Any = rd.from_items([{"idx": i, "path": e["path"]} for i, e in enumerate(entries)])
     # Stateless CPU tasks, one core each; their memory reservation (decode buffers and the float32
     # batch) also keeps Ray from fusing them into the model actors, so both stages run side by side.
     ds = ds.map_batches(preprocess_stage, batch_size=batch, batch_format="numpy", num_cpus=1,
@@ -300,8 +257,7 @@ def _write(result: InferResult, out_path: str | os.PathLike) -> None:
             result.out_path = write_parquet(result.results, out_path)
         else:
             result.out_path = write_results(result.results, out_path)
-        result.stats_path = stats_path_for(out_path)
-        atomic_write_text(result.stats_path, json.dumps(result.stats, indent=2) + "\n")
+        result.stats_path = write_stats(result.stats, out_path)
     except OSError as exc:
         raise ResultsNotWritten(f"the results of {len(result.results)} file(s) could not be written to {out_path}: "
                                 f"{exc.strerror or exc}") from exc
