@@ -18,6 +18,8 @@ import numpy as np
 
 from ._util import CLASS_NAMES, Reporter, callable_module, subject_sort_key
 from ._util import as_int as _as_int
+from .data.splits import few_subjects_warning as few_subjects_warning  # re-exported: it used to live here
+from .data.splits import subject_classes
 
 SYNTHETIC_WARNING = "SYNTHETIC data: these numbers describe generated cells, not a medical result"
 
@@ -106,15 +108,6 @@ BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_LEVEL = 0.95
 
 
-def subject_classes(y: Ints, subjects: Labels) -> dict[str, int]:
-    """Each subject's class (the majority label of its labelled cells; C-NMC subjects hold one class)."""
-    votes: dict[str, list[int]] = defaultdict(list)
-    for label, s in zip(y, subjects):
-        if int(label) >= 0:
-            votes["?" if s in (None, "") else str(s)].append(int(label))
-    return {s: int(np.mean(v) >= 0.5) for s, v in votes.items()}
-
-
 def subject_bootstrap_ci(y_true: Ints, prob: Floats, subjects: Labels, *,
                          threshold: float = 0.5, n_boot: int = BOOTSTRAP_REPLICATES, level: float = BOOTSTRAP_LEVEL,
                          seed: int = 0) -> dict[str, Any] | None:
@@ -163,22 +156,6 @@ def format_ci(ci: dict[str, Any] | None) -> str:
     n = ci["n_subjects"]
     return (f"[{ci['low']:.3f}, {ci['high']:.3f}] ({100 * ci['level']:.0f} % subject bootstrap, "
             f"{n['hem']} hem + {n['all']} all subjects)")
-
-
-def few_subjects_warning(y: Ints, subjects: Labels, split_name: str = "validation") -> str | None:
-    """A warning when ``split_name`` holds fewer than 2 subjects of a class: its score then describes one
-    person (or none) of that class, not the class. None when every class has 2 or more subjects."""
-    classes = subject_classes(y, subjects)
-    problems = []
-    for k, name in enumerate(CLASS_NAMES):
-        who = sorted((s for s, c in classes.items() if c == k), key=subject_sort_key)
-        if len(who) < 2:
-            cells = sum(1 for label, s in zip(y, subjects) if int(label) == k and str(s) in who)
-            problems.append(f"{len(who)} {name} subject" + (f" ({who[0]}, {cells} cells)" if who else "s"))
-    if not problems:
-        return None
-    return (f"the {split_name} split holds only {' and '.join(problems)}: its scores describe that person rather than "
-            "the class; cross-validate (`leukedge cv`) or hold out more subjects (--val-fraction with --resplit)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -325,14 +325,10 @@ def _json_parsers_of_format_files(name: str, path: Path) -> list[str]:
     return out
 
 
-#: parsers in the training side's modules, to switch to leukedge.formats there (issue 24, training half)
-TRAINING_SIDE_PARSERS = {"leukedge.data.is_synthetic: ['bundle.json', 'cache.json']"}
-
-
 def test_only_formats_parses_the_on_disk_json_files():
     found = {f for name, path in _modules().items() if not name.startswith("leukedge.formats")
              for f in _json_parsers_of_format_files(name, path)}
-    assert found <= TRAINING_SIDE_PARSERS, sorted(found - TRAINING_SIDE_PARSERS)
+    assert not found, sorted(found)
     inside = [f for name, path in _modules().items() if name.startswith("leukedge.formats")
               for f in _json_parsers_of_format_files(name, path)]
     assert any(".bundle.read_bundle:" in f for f in inside), inside  # the check sees a real reader

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob as _glob
-import json
 import logging
 import os
 import re
@@ -23,6 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .._util import CLASS_NAMES, IMAGE_EXTENSIONS, FileTooLarge, NotRegularFile, open_regular
+from ..formats.bundle import META_FILE, read_bundle_object
+from ..formats.cache import read_cache_object
 
 log = logging.getLogger("leukedge.data")
 
@@ -416,14 +417,9 @@ def is_synthetic(path: str | os.PathLike) -> bool:
     for d in [p, *p.parents] if p.is_dir() else list(p.parents):
         if (d / SYNTHETIC_MARKER).exists():
             return True
-        for meta in ("cache.json", "bundle.json"):
-            f = d / meta
-            if f.is_file():
-                try:
-                    if json.loads(f.read_text()).get("synthetic") is True:
-                        return True
-                except (OSError, ValueError, AttributeError):
-                    pass
+        for meta in (read_cache_object(d), read_bundle_object(d) if (d / META_FILE).is_file() else None):
+            if meta is not None and meta.get("synthetic") is True:
+                return True
     return False
 
 

@@ -22,8 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .._util import CLASS_NAMES, as_int, file_sha256
-from ..evaluate import few_subjects_warning
+from .._util import CLASS_NAMES, as_int, file_sha256, subject_sort_key
 from .discover import Record, source_split
 
 log = logging.getLogger("leukedge.data")
@@ -352,3 +351,28 @@ def make_split(manifest: Sequence[dict[str, Any]], cfg: SplitSettings, log: Call
         "train_subjects": sorted(subjects_of(manifest, train)), "val_subjects": sorted(subjects_of(manifest, val)),
         "subject_warning": thin,  # fewer than 2 validation subjects of a class (None: enough)
     }
+
+
+def subject_classes(y: Sequence[Any] | np.ndarray, subjects: Sequence[Any] | np.ndarray) -> dict[str, int]:
+    """Each subject's class (the majority label of its labelled cells; C-NMC subjects hold one class)."""
+    votes: dict[str, list[int]] = defaultdict(list)
+    for label, s in zip(y, subjects):
+        if int(label) >= 0:
+            votes["?" if s in (None, "") else str(s)].append(int(label))
+    return {s: int(np.mean(v) >= 0.5) for s, v in votes.items()}
+
+
+def few_subjects_warning(y: Sequence[Any] | np.ndarray, subjects: Sequence[Any] | np.ndarray, split_name: str = "validation") -> str | None:
+    """A warning when ``split_name`` holds fewer than 2 subjects of a class: its score then describes one
+    person (or none) of that class, not the class. None when every class has 2 or more subjects."""
+    classes = subject_classes(y, subjects)
+    problems = []
+    for k, name in enumerate(CLASS_NAMES):
+        who = sorted((s for s, c in classes.items() if c == k), key=subject_sort_key)
+        if len(who) < 2:
+            cells = sum(1 for label, s in zip(y, subjects) if int(label) == k and str(s) in who)
+            problems.append(f"{len(who)} {name} subject" + (f" ({who[0]}, {cells} cells)" if who else "s"))
+    if not problems:
+        return None
+    return (f"the {split_name} split holds only {' and '.join(problems)}: its scores describe that person rather than "
+            "the class; cross-validate (`leukedge cv`) or hold out more subjects (--val-fraction with --resplit)")

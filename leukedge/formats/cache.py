@@ -138,6 +138,17 @@ class Cache:
         return np.array(out, dtype=np.int64)
 
 
+def read_cache_object(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object of ``folder/cache.json`` as it is, unchecked (None when missing, unreadable or not an
+    object): for a glance at one key of something that may not be a cache at all (``is_synthetic``). Caches are
+    opened with :func:`load_cache`."""
+    try:
+        d = json.loads((Path(folder) / CACHE_META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 def _holds_images(folder: Path, limit: int = 2000) -> bool:
     """Whether an image file is among the first ``limit`` entries found under ``folder`` (a bounded look)."""
     for n, (_, _, files) in enumerate(os.walk(folder)):
