@@ -269,3 +269,18 @@ def test_tensorrt_runtime_matches_onnxruntime(export_dir, tmp_path):
         assert t.compute_ms is not None and t.h2d_ms is not None and t.d2h_ms is not None
         assert (y.argmax(1) == r.argmax(1)).mean() >= 0.9
         assert np.abs(y - r).max() < 0.1 * max(1.0, np.abs(r).max())
+
+
+def test_auto_without_onnxruntime_or_torch_is_one_clear_error(monkeypatch):
+    """A base install (neither leukedge[infer] nor [train]): `infer` with the shipped model says what to install
+    instead of a ModuleNotFoundError traceback from the PyTorch fallback (seen from a wheel in a fresh venv)."""
+    import sys
+
+
+    for mod in ("onnxruntime", "torch", "leukedge.engines.onnxrt", "leukedge.engines.torch_backend"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import of it raises ImportError
+    with pytest.raises(BackendUnavailable, match=r"leukedge\[infer\]") as info:
+        get_backend("auto", None, device="cpu")
+    assert "PyTorch not installed" in str(info.value) and "onnxruntime unavailable" in str(info.value)
+    with pytest.raises(BackendUnavailable, match="PyTorch is not installed"):
+        get_backend("torch", None, device="cpu")

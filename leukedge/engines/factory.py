@@ -58,7 +58,8 @@ def get_backend(
     if b is None and kind in ("auto", "torch"):
         b = _torch_or_reason(spec, kind, device, precision, threads, reasons)
     if b is None:
-        raise BackendUnavailable(f"no usable backend for {spec.path}: " + "; ".join(reasons))
+        hint = " (ONNX Runtime runs every exported model: pip install \"leukedge[infer]\")" if kind == "auto" else ""
+        raise BackendUnavailable(f"no usable backend for {spec.path}: " + "; ".join(reasons) + hint)
     b.spec = spec
     return b
 
@@ -141,8 +142,13 @@ def _torch_or_reason(spec: ModelSpec, kind: str, device: str, precision: str, th
         b = TorchCudaBackend.from_bundle(spec.bundle, precision=precision)
         b.reason = f"PyTorch on CUDA ({b.description})"
         return b
-    from .torch_backend import TorchBackend
-
+    try:
+        from .torch_backend import TorchBackend
+    except ImportError as exc:  # a lean install (leukedge[infer] without torch), or neither runtime at all
+        if kind != "auto":
+            raise BackendUnavailable(f"PyTorch is not installed ({exc}): pip install \"leukedge[train]\"") from exc
+        reasons.append(f"PyTorch not installed ({exc})")
+        return None
     tb = TorchBackend.from_bundle(spec.bundle, device="cpu" if kind == "auto" else device, threads=threads)
     tb.reason = "; ".join(reasons + [f"PyTorch reference on {tb.device}"])
     return tb
