@@ -15,7 +15,10 @@ pub struct OutputTables {
     layout: Layout,
     /// Pixels per plane (`size * size`).
     s2: usize,
+    /// Read by the x86 SIMD path only (the portable path uses `lut`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     mean: [f32; 3],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     std: [f32; 3],
     /// `lut[c][v] = (v/255 - mean[c]) / std[c]` computed in float32 exactly like
     /// `leukedge.config.normalize_uint8`.
@@ -128,7 +131,8 @@ fn planar<T: Copy>(rgb: &[u8], out: &mut [T], s2: usize, f: impl Fn(usize, u8) -
 
 /// Byte-shuffle masks that gather channel `c` of 8 packed RGB pixels (24 bytes) into bytes 0..8:
 /// `[0][c]` picks from the first 16 bytes, `[1][c]` from bytes 16..24 (`-1`: a zero byte); the
-/// two shuffles OR-ed give the 8 values.
+/// two shuffles OR-ed give the 8 values. Used by the x86 SIMD path; tested on every target.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn rgb8_channel_masks() -> [[[i8; 16]; 3]; 2] {
     let pick = |c: usize, k: usize, from: usize| -> i8 {
         let b = c + 3 * k;
