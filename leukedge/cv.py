@@ -280,8 +280,8 @@ def summarize(fold_rows: list[dict[str, Any]], oof: list[dict[str, Any]], cfg: T
     for subj, rows in subjects.items():
         y = np.array([r["label"] for r in rows])
         p = np.array([r["probability"] for r in rows])
-        acc_by_seed = [float(((p[m] >= thr).astype(int) == y[m]).mean())
-                       for s in seeds if (m := np.array([r["seed"] == int(s) for r in rows])).any()]
+        acc_by_seed = [float(((p[mask] >= thr).astype(int) == y[mask]).mean())
+                       for s in seeds if (mask := np.array([r["seed"] == int(s) for r in rows])).any()]
         table.append({"subject": subj, "true_class": CLASS_NAMES[int(y.mean() > 0.5)],
                       "n": int(len(rows) // max(1, len(acc_by_seed))),
                       "accuracy": float(np.mean(acc_by_seed)), "accuracy_sd": float(np.std(acc_by_seed)),

@@ -24,7 +24,7 @@ def onnx_runner(module: Any, size: int) -> Callable[[np.ndarray], np.ndarray] | 
         path = Path(tmp) / "prefix.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, torch.zeros(1, 3, size, size), str(path), input_names=["input"],
+            torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(path), input_names=["input"],
                               output_names=["features"], dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
                               dynamo=False)
         so = ort.SessionOptions()

@@ -95,8 +95,7 @@ class TrainConfig:
 
 def default_of(name: str) -> Any:
     """The default of the :class:`TrainConfig` field ``name`` (what the CLI option shows and uses)."""
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return getattr(TrainConfig(), name)
 
 
 #: TrainConfig fields that define what is trained (a recipe); the others say how a run is executed.
