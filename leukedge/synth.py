@@ -75,8 +75,8 @@ def make_subject(label: int, rng: np.random.Generator) -> SubjectStyle:
     else:
         radius, nuc = rng.normal(93.0, 6.0), rng.normal(0.76, 0.02)
     return SubjectStyle(
-        h_vec=tuple(float(x) for x in h),
-        e_vec=tuple(float(x) for x in e),
+        h_vec=(float(h[0]), float(h[1]), float(h[2])),
+        e_vec=(float(e[0]), float(e[1]), float(e[2])),
         io=float(rng.uniform(232.0, 248.0)),
         h_scale=float(rng.uniform(0.92, 1.08)),
         e_scale=float(rng.uniform(0.9, 1.1)),

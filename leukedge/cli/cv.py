@@ -83,8 +83,8 @@ def _fold_table(s: dict[str, Any]) -> Any:
         fold = str(f["fold"]) if f.get("test_fold") is None else f"test on official fold {f['test_fold']}"
         t.add_row(str(f["seed"]), fold, str(f["n_val"]), ", ".join(f["val_subjects"]), f"{f['weighted_f1']:.4f}",
                   "n/a" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}")
-    base = s.get("baseline")
-    for b in (base or {}).get("folds", []):
+    base = s.get("baseline") or {}
+    for b in base.get("folds", []):
         fold = str(b["fold"]) if b.get("test_fold") is None else f"test on official fold {b['test_fold']}"
         t.add_row("baseline", fold, str(b["n_test"]), base["name"], f"{b['weighted_f1']:.4f}",
                   "n/a" if b["roc_auc"] is None else f"{b['roc_auc']:.4f}", style="dim")

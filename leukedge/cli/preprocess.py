@@ -42,8 +42,8 @@ def print_summary(summary: PreprocessSummary, console: Any) -> None:
     t.add_row("stain fallbacks (too little foreground / fit failed)", str(summary.n_stain_fallback))
     for cls, c in sorted(summary.per_class.items()):
         t.add_row(f"class {cls}", f"{c['ok']} ok" + (f", {c['failed']} failed" if c["failed"] else ""))
-    for sp, c in sorted(summary.splits.items()):
-        t.add_row(f"split {sp}", str(c))
+    for sp, n in sorted(summary.splits.items()):
+        t.add_row(f"split {sp}", str(n))
     console.print(t)
     console.print(f"pixel hash {summary.pixel_hash[:12]}, {summary.elapsed_s:.1f} s")
     if summary.failures:

@@ -297,7 +297,8 @@ def _walk_images(root: Path, recursive: bool) -> list[Path]:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError:
             continue
-        dirs, files = [], []
+        dirs: list[str] = []
+        files: list[str] = []
         for e in entries:
             try:
                 (dirs if e.is_dir() else files).append(e.name)

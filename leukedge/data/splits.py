@@ -178,6 +178,7 @@ def assign_splits(
         return splits
     pool_items = [items[i] for i in pool]
     strategy = choose_strategy(pool_items, strategy, val_fold)
+    val: Sequence[int] | np.ndarray
     if strategy == "fold":
         val = _fold_val(pool_items, val_fold)
     else:

@@ -51,14 +51,14 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, black_threshold: int = 10
     # Free rotation (+-45°) and scale (0.9-1.1) for half of the batch; zero (black) padding.
     free = torch.rand(n, generator=g) < 0.5
     if free.any():
-        m = int(free.sum())
-        ang = (torch.rand(m, generator=g) * 2 - 1) * (math.pi / 4)
-        scale = 0.9 + 0.2 * torch.rand(m, generator=g)
+        nf = int(free.sum())
+        ang = (torch.rand(nf, generator=g) * 2 - 1) * (math.pi / 4)
+        scale = 0.9 + 0.2 * torch.rand(nf, generator=g)
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-        theta = torch.zeros(m, 2, 3)
+        theta = torch.zeros(nf, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         theta = theta.to(x.device)
-        grid = F.affine_grid(theta, [m, x.shape[1], x.shape[2], x.shape[3]], align_corners=False)
+        grid = F.affine_grid(theta, [nf, x.shape[1], x.shape[2], x.shape[3]], align_corners=False)
         x[free] = F.grid_sample(x[free], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     dev = x.device
     bright = (0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)).to(dev)

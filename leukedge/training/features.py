@@ -73,7 +73,7 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
                 progress(min(start + batch_size, len(images)), len(images))
     if path is not None:
         try:
-            store.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)  # the store
             tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # [ddp] unique: ranks may write at once
             np.save(tmp, out)
             os.replace(tmp, path)

@@ -69,7 +69,7 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batches: list[np.nda
         return (ds[i] for i in range(len(ds)))
     # An own generator keeps the DataLoader from drawing on the global RNG (dropout), so results
     # do not depend on the number of workers.
-    return iter(DataLoader(BatchSet(images, labels, batches), batch_size=None, shuffle=False, num_workers=workers,
+    return iter(DataLoader(BatchSet(images, labels, batches),  # type: ignore[arg-type]  # a map-style set without the Dataset base batch_size=None, shuffle=False, num_workers=workers,
                            persistent_workers=False, generator=torch.Generator().manual_seed(0)))
 
 

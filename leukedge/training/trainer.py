@@ -201,7 +201,8 @@ class _Trainer:
         self.weights = counts.sum() / (2.0 * counts) if cfg.class_weighting and counts.min() > 0 else np.ones(2)
         self.criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(self.weights, dtype=torch.float32, device=device),
                                                    label_smoothing=cfg.label_smoothing)
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
@@ -351,18 +352,18 @@ class _Trainer:
                 task.advance(1, stats=f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}")
                 if epoch == self.start_epoch and i == min(ESTIMATE_AFTER_BATCHES, len(batches)):
                     self._estimate_epoch_time(time.time() - t0, i, len(batches), epoch)
-        loss_sum, correct, seen = self.dctx.sum(loss_sum, correct, seen)  # [ddp] over all ranks
+        loss_sum, n_correct, n_seen = (float(v) for v in self.dctx.sum(loss_sum, correct, seen))  # [ddp] over all ranks
         if len(self.val_rows):
             vm = val_metrics(self.dctx.sharded_predict(lambda r: self.predict_val(self.use_amp, r), self.val_rows,  # [ddp]
                                                         self.model), self.y_val)
         else:
             vm = {"val_loss": None, "val_f1": None, "val_acc": None, "val_auc": None}
-        rec = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), **vm,
+        rec = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "train_acc": n_correct / max(n_seen, 1), **vm,
                "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 2)}
         # Without validation the "best" model is simply the latest one; under select="last" the latest is kept
         # whatever its score, but only an epoch that beats every earlier one is called "(best)".
-        rec["best_so_far"] = vm["val_f1"] is not None and all(
-            vm["val_f1"] > (h.get("val_f1") if h.get("val_f1") is not None else -1.0) + 1e-9 for h in self.history)
+        earlier = [float(h["val_f1"]) for h in self.history if h.get("val_f1") is not None]
+        rec["best_so_far"] = vm["val_f1"] is not None and all(vm["val_f1"] > f + 1e-9 for f in earlier)
         self.history.append(rec)
         improved = cfg.select == "last" or vm["val_f1"] is None or vm["val_f1"] > self.best_f1 + 1e-9
         if improved:
