@@ -24,11 +24,18 @@ from ._version import __version__
 from .archs import REGISTRY, get_arch
 from .archs import PretrainedWeightsUnavailable as PretrainedWeightsUnavailable  # re-exported: it used to live here
 from .archs import default_arch_kwargs as default_arch_kwargs  # re-exported: it used to live here
-from .artifacts import BUNDLE_FORMAT, META_FILE, WEIGHTS_FILE, BundleError, default_model_path, write_bundle_meta
-from .artifacts import read_bundle_meta as _read_bundle_meta
-from .bundle_meta import BundleMetaError as BundleMetaError
-from .bundle_meta import check_arch_kwargs
 from .config import PreprocessConfig, normalize_uint8
+from .formats.bundle import (
+    BUNDLE_FORMAT,
+    META_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    check_arch_kwargs,
+    default_model_path,
+    read_bundle,
+    write_bundle_meta,
+)
+from .formats.bundle import BundleMetaError as BundleMetaError  # the former name of the one bundle error class
 
 #: Architectures understood by :func:`build_model` (name -> description), from :data:`leukedge.archs.REGISTRY`.
 ARCHS: dict[str, str] = {a.name: a.description for a in REGISTRY.values()}
@@ -460,31 +467,10 @@ def save_bundle(
 
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory (default: the shipped default model); the model is float32 in eval mode."""
-    p = Path(path) if path is not None else default_bundle_path()
-    if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
-        p = p.parent
-    meta = read_bundle_meta(p)
-    try:
-        config = PreprocessConfig.from_dict(meta["preprocess"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{p / META_FILE}: invalid preprocess section: {exc}") from exc
-    if config.pixel_hash() != meta["preprocess_hash"]:
-        raise BundleError(
-            f"{p / META_FILE}: preprocess_hash {meta['preprocess_hash'][:12]} does not match its own preprocess "
-            f"settings ({config.pixel_hash()[:12]}); the file was edited or is corrupt"
-        )
-    weights = p / WEIGHTS_FILE
+    bf = read_bundle(path if path is not None else default_bundle_path(), tuple(ARCHS))  # the one reader: checked
+    p, meta, config, weights, test_time, n_members = bf.path, bf.meta, bf.config, bf.weights, bf.test_time, bf.members
     if not weights.is_file():
         raise BundleError(f"{p}: missing {WEIGHTS_FILE}")
-    test_time = meta.get("test_time") or {}
-    if not isinstance(test_time, dict):
-        raise BundleError(f"{p / META_FILE}: test_time must be an object, got {type(test_time).__name__}")
-    try:
-        n_members = int(test_time.get("members", 1))
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{p / META_FILE}: test_time.members must be an integer") from exc
-    if not 1 <= n_members <= 64:
-        raise BundleError(f"{p / META_FILE}: test_time.members must be 1-64, got {n_members}")
     members = [build_model(meta["arch"], num_classes=int(meta.get("num_classes", 2)), input_size=int(meta["input_size"]),
                            pretrained=False, **meta.get("arch_kwargs", {})) for _ in range(n_members)]
     target: nn.Module = members[0] if n_members == 1 else nn.ModuleList(members)
@@ -519,7 +505,7 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
 
 def read_bundle_meta(path: str | Path) -> dict[str, Any]:
     """The validated ``bundle.json`` of a bundle folder, for the architectures this module can build."""
-    return _read_bundle_meta(path, tuple(ARCHS))
+    return read_bundle(path, tuple(ARCHS)).meta
 
 
 def default_bundle_path() -> Path:
