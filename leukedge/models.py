@@ -134,7 +134,8 @@ def _build_timm(arch: str, num_classes: int, input_size: int, pretrained: bool, 
     if not pretrained:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     probe = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    hub_id = (probe.pretrained_cfg or {}).get("hf_hub_id")
+    pretrained_cfg: Any = probe.pretrained_cfg or {}  # timm's dict (typed as a Module attribute)
+    hub_id = pretrained_cfg.get("hf_hub_id")
     del probe
     overlay: dict[str, Any] | None = None
     if hub_id:
@@ -187,10 +188,11 @@ def freeze_stem(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
         return []
     if arch != "efficientnet_lite0":
         raise ValueError(f"freezing early blocks is only implemented for efficientnet_lite0, not {arch!r}")
-    blocks = list(model._blocks)  # type: ignore[attr-defined]
+    net: Any = model  # efficientnet_lite_pytorch's attributes (untyped)
+    blocks = list(net._blocks)
     if n_blocks > len(blocks):
         raise ValueError(f"efficientnet_lite0 has {len(blocks)} blocks; cannot freeze {n_blocks}")
-    frozen = [model._conv_stem, model._bn0, *blocks[:n_blocks]]  # type: ignore[attr-defined]
+    frozen = [net._conv_stem, net._bn0, *blocks[:n_blocks]]
     for m in frozen:
         for p in m.parameters():
             p.requires_grad_(False)
@@ -207,10 +209,10 @@ class FrozenPrefix(nn.Module):
         self.model, self.n_blocks = model, int(n_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        h = m._swish(m._bn0(m._conv_stem(x)))  # type: ignore[operator]
+        m: Any = self.model  # efficientnet_lite_pytorch's attributes (untyped)
+        h = m._swish(m._bn0(m._conv_stem(x)))
         for i in range(self.n_blocks):
-            h = m._blocks[i](h)  # type: ignore[index]
+            h = m._blocks[i](h)
         return h
 
 
@@ -309,12 +311,14 @@ class TestTimeModel(nn.Module):
             return self.members[0](x)
         views = dihedral_views(x, self.tta)
         xs = torch.cat(views, 0) if len(views) > 1 else x
-        prob = None
+        prob: torch.Tensor | None = None
         for m in self.members:
             p = torch.softmax(m(xs), dim=-1).reshape(len(views), -1, 2).mean(0)
             prob = p if prob is None else prob + p
+        assert prob is not None  # members is never empty
         prob = prob / len(self.members)
-        return torch.log(prob.clamp_min(1e-6)) + self.bias  # 1e-6: representable in float16 graphs
+        bias: torch.Tensor = self.bias  # type: ignore[assignment]  # a registered buffer
+        return torch.log(prob.clamp_min(1e-6)) + bias  # 1e-6: representable in float16 graphs
 
     def describe(self) -> dict[str, Any]:
         return {"members": len(self.members), "tta": self.tta, "views": TTA_MODES[self.tta], "threshold": self.threshold}
