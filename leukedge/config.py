@@ -226,13 +226,17 @@ class PreprocessConfig:
         a, b = _flatten(self.pixel_dict()), _flatten(other.pixel_dict())
         return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
-    def require_same_pixels(self, other: "PreprocessConfig", what: str = "model", against: str = "data") -> None:
+    def require_same_pixels(self, other: "PreprocessConfig", what: str = "model", against: str = "data",
+                            fix: str | None = None) -> None:
+        """Refuse ``other`` unless it gives the same pixels: one line naming both hashes, every differing setting
+        and ``fix`` (default: re-run ``preprocess`` with the ``what``'s config or rebuild the ``what``)."""
         if self.pixel_hash() != other.pixel_hash():
             diffs = "; ".join(self.diff(other)) or "(hash differs)"
+            fix = fix or (f"Re-run `leukedge preprocess` with the {what}'s config (--config <bundle>/bundle.json) "
+                          f"or rebuild the {what}.")
             raise ConfigMismatchError(
                 f"preprocessing of the {what} ({self.pixel_hash()[:12]}) does not match the {against} "
-                f"({other.pixel_hash()[:12]}): {diffs}. Re-run `leukedge preprocess` with the {what}'s config "
-                f"(--config <bundle>/bundle.json) or rebuild the {what}."
+                f"({other.pixel_hash()[:12]}): {diffs}. {fix}"
             )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util import atomic_write_text, file_sha256
-from ..config import ConfigMismatchError, PreprocessConfig
+from ..config import PreprocessConfig
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 SIDECAR_FORMAT = 1
@@ -89,11 +89,6 @@ def sidecar_config(info: dict[str, Any], engine_path: str | os.PathLike) -> Prep
 
 def check_preprocess(info: dict[str, Any], engine_path: str | os.PathLike, expected: PreprocessConfig, what: str) -> None:
     """Refuse an engine whose preprocessing differs from ``expected`` (the bundle's or export's)."""
-    eng = sidecar_config(info, engine_path)
-    if eng.pixel_hash() != expected.pixel_hash():
-        diffs = "; ".join(expected.diff(eng)) or "(hash differs)"
-        raise ConfigMismatchError(
-            f"preprocessing of {what} ({expected.pixel_hash()[:12]}) does not match engine {engine_path} "
-            f"({eng.pixel_hash()[:12]}): {diffs}. The engine was built from a different export; rebuild it: "
-            f"{rebuild_command(info, engine_path)}"
-        )
+    expected.require_same_pixels(sidecar_config(info, engine_path), what=what, against=f"engine {engine_path}",
+                                 fix="The engine was built from a different export; rebuild it: "
+                                     f"{rebuild_command(info, engine_path)}")
