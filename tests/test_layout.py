@@ -282,17 +282,10 @@ def _private_uses(name: str, path: Path, known: set[str]) -> list[str]:
     return out
 
 
-#: crossings in the training side's modules, to be made public there (issue 24, training half); nothing may be added
-TRAINING_SIDE_PRIVATE = {"leukedge.cli.cv: from leukedge.cli.train import _run_errors",
-                         "leukedge.cv: from leukedge.train import _as_int",
-                         "leukedge.cv: from leukedge.train import _subjects_of",
-                         "leukedge.cv: from leukedge.train import _write_json"}
-
-
 def test_no_private_name_is_used_across_modules():
     known = _known()
     found = {u for name, path in _modules().items() for u in _private_uses(name, path, known)}
-    assert found <= TRAINING_SIDE_PRIVATE, sorted(found - TRAINING_SIDE_PRIVATE)
+    assert not found, sorted(found)
 
 
 def test_the_private_check_sees_both_forms(tmp_path):

@@ -13,7 +13,7 @@ from ..cv import OOF_FILE, SPLITS, cross_validate
 from ..distributed import is_main  # [ddp]
 from ..evaluate import format_ci
 from ._console import RichReporter
-from .train import _run_errors, config_from_cli, train_options
+from .train import config_from_cli, run_errors, train_options
 
 
 @click.command("cv")
@@ -45,7 +45,7 @@ def cv_cmd(ctx: click.Context, cache: str, out_dir: str, split: str, folds: int,
                              reporter=RichReporter(quiet=cfg.quiet or not main_rank, bars=cfg.progress and main_rank))
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
-    except _run_errors() as exc:
+    except run_errors() as exc:
         raise click.ClickException(str(exc) if str(cache) in str(exc) else f"{cache}: {exc}") from exc
     if not main_rank:  # [ddp]
         return

@@ -112,7 +112,7 @@ def config_from_cli(ctx: click.Context, params: dict[str, Any], defaults: dict[s
         raise click.UsageError(f"{recipe_file or 'options'}: {exc}") from exc
 
 
-def _run_errors() -> tuple[type[BaseException], ...]:
+def run_errors() -> tuple[type[BaseException], ...]:
     return (ConfigMismatchError, ValueError, FileNotFoundError, FloatingPointError)
 
 
@@ -149,7 +149,7 @@ def train_cmd(ctx: click.Context, cache: str, out_dir: str, **params: Any) -> No
         training.train(cache, out_dir, cfg, reporter=RichReporter(quiet=cfg.quiet, bars=cfg.progress))
     except PretrainedWeightsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
-    except _run_errors() as exc:
+    except run_errors() as exc:
         raise click.ClickException(str(exc) if str(cache) in str(exc) else f"{cache}: {exc}") from exc
 
 
