@@ -30,8 +30,8 @@ def sample_cell_paths() -> list[Path]:
     return sorted(SAMPLE_DIR.glob("C-NMC_Leukemia/training_data/fold_*/*/*.bmp"))
 
 
-def tiny_exported_bundle(root: Path) -> Path:
-    """A real (small, randomly initialised, seed 0) ``tiny`` model bundle at 64 px with its FP32 ONNX export."""
+def tiny_exported_bundle(root: Path, size: int = 64, width: int = 8) -> Path:
+    """A real (small, randomly initialised, seed 0) ``tiny`` model bundle at ``size`` px with its FP32 ONNX export."""
     import json
 
     import torch
@@ -41,9 +41,9 @@ def tiny_exported_bundle(root: Path) -> Path:
     from leukedge.models import build_model, save_bundle
 
     torch.manual_seed(0)
-    cfg = PreprocessConfig(size=64)
-    model = build_model("tiny", width=8).eval()
-    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": 8}, config=cfg, synthetic=True)
+    cfg = PreprocessConfig(size=size)
+    model = build_model("tiny", width=width).eval()
+    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": width}, config=cfg, synthetic=True)
     meta = json.loads((bundle / "bundle.json").read_text())
     export_model(model, cfg, bundle / "export", meta=meta, fp16=False, check=False, bundle_path=bundle)
     return bundle

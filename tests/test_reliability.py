@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_exported_bundle
 
 from leukedge.config import PreprocessConfig, StainConfig
 
@@ -81,19 +82,9 @@ def one_clear_line(res) -> str:
 # -- a small real model (random tiny CNN), as a bundle with an ONNX export -------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from leukedge.export import export_model
-    from leukedge.models import build_model, save_bundle
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("rel_model")
-    cfg = PreprocessConfig(size=32)
-    model = build_model("tiny", width=4).eval()
-    bundle = save_bundle(root / "bundle", model, arch="tiny", arch_kwargs={"width": 4}, config=cfg, synthetic=True)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    export_model(model, cfg, bundle / "export", meta=meta, fp16=False, check=False, bundle_path=bundle)
-    return bundle
+    return tiny_exported_bundle(tmp_path_factory.mktemp("rel_model"), size=32, width=4)
 
 
 # ==================================================================================================

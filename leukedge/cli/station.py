@@ -39,6 +39,17 @@ GPU_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 DB_ENVVAR = "LEUKEDGE_STATION_DB"
 
 
+def db_option(what: str = "Station database") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--db`` of every station command (default: the database in WATCH_DIR, or the environment variable)."""
+    return click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
+                        help=f"{what} [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+
+
+reviews_db_option = click.option(
+    "--reviews-db", type=click.Path(dir_okay=False), default=None,
+    help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
+
+
 class _DefaultRunGroup(click.Group):
     """``leukedge station WATCH_DIR ...`` runs the station; ``status`` / ``export`` are sub-commands."""
 
@@ -217,8 +228,7 @@ def _asdict(r: Any) -> dict:
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True, help=PRECISION_HELP)
 @click.option("--cuda-binding", type=click.Choice(CUDA_BINDINGS), default="auto", show_default=True,
               help="CUDA binding of the TensorRT backend (auto: cuda-python, else pycuda).")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
-              help=f"SQLite results database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+@db_option("SQLite results database")
 @click.option("--batch", "batch_size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="A batch goes to the engine when it holds this many images ...")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=250.0, show_default=True,
@@ -313,8 +323,7 @@ status_data = dash.status_data  # what `status` prints; shared with the web page
 
 @station_group.command("status")
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
-              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+@db_option()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 def status_cmd(watch_dir: str | None, db_path: str | None, as_json: bool) -> None:
     """Per-sample totals (cells, blasts, blast fraction, errors), throughput over the last minute
@@ -438,16 +447,14 @@ def csv_cell(value: Any) -> Any:
 
 @station_group.command("export")
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
-              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
+@db_option()
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Output file ('-' for stdout); written atomically (temporary file + rename).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None,
               help="Output format [default: from the file extension, else csv].")
 @click.option("--cells", is_flag=True, help="Export one row per file instead of per-sample totals "
                                              "(with the reviewed label, reviewer and review time, if reviewed).")
-@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
-              help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
+@reviews_db_option
 def export_cmd(watch_dir: str | None, db_path: str | None, output: str, fmt: str | None, cells: bool,
                reviews_db: str | None) -> None:
     """Write per-sample totals (or, with --cells, per-file results) as CSV or JSON."""
@@ -493,10 +500,8 @@ def _load_reviews(db: Path, reviews_db: str | None) -> dict[tuple[str, str], dic
 # -- export-reviews -----------------------------------------------------------------------------------
 @station_group.command("export-reviews")
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
-              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
-@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
-              help="Reviews database [default: beside the station database, <name>.reviews.sqlite].")
+@db_option()
+@reviews_db_option
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Folder to write (C-NMC layout: training_data/fold_0/{all,hem}/UID_S<n>_<i>_1_<label>.<ext>).")
 def export_reviews_cmd(watch_dir: str | None, db_path: str | None, reviews_db: str | None, output: str) -> None:
@@ -530,10 +535,8 @@ TOKEN_ENVVAR = "LEUKEDGE_STATION_TOKEN"
 
 @station_group.command("serve")
 @click.argument("watch_dir", required=False, type=click.Path(file_okay=False, exists=True))
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None, envvar=DB_ENVVAR,
-              help=f"Station database [default: WATCH_DIR/{sdb.DB_FILENAME}; env {DB_ENVVAR}].")
-@click.option("--reviews-db", type=click.Path(dir_okay=False), default=None,
-              help="Where reviews are stored [default: beside the station database, <name>.reviews.sqlite].")
+@db_option()
+@reviews_db_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. Anything but loopback also needs --allow-remote.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
