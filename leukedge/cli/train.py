@@ -33,6 +33,9 @@ _RECIPE_OPTIONS = [
     click.option("--warmup-epochs", type=click.FloatRange(0), default=_d("warmup_epochs"), show_default=True,
                  help="Linear warm-up before the cosine decay."),
     click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=_d("label_smoothing"), show_default=True),
+    click.option("--mixup", type=click.FloatRange(0, 10), default=_d("mixup"), show_default=True,
+                 help="mixup alpha: mix each batch with a shuffled copy of itself, weight ~ Beta(alpha, alpha), and mix "
+                      "the loss alike (0 = off). With a cached frozen prefix the prefix's outputs are mixed."),
     click.option("--seed", type=int, default=_d("seed"), show_default=True, help="Seeds the split, initialisation, shuffling and augmentation."),
     click.option("--pretrained/--no-pretrained", default=_d("pretrained"), show_default=True,
                  help="Start from ImageNet weights (efficientnet_lite0's ship with a pip package; timm's need the HF hub)."),

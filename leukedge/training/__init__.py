@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "train": "trainer",
     "TrainResult": "trainer",
     "augment_batch": "augment",
+    "mixup_batch": "augment",
     "normalize01": "augment",
     "to_float01": "augment",
     "resolve_device": "loop",
@@ -68,6 +69,7 @@ __all__ = [
     "default_of",
     "load_recipe",
     "make_split",
+    "mixup_batch",
     "normalize01",
     "predict_features",
     "predict_rows",
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers; at run time these come from __getattr__
-    from .augment import augment_batch, normalize01, to_float01
+    from .augment import augment_batch, mixup_batch, normalize01, to_float01
     from .features import TTA_VIEW_INDEX, predict_features, prefix_features, tta_logits
     from .loop import predict_rows, resolve_device
     from .records import RESULTS_COLUMNS, RESULTS_CSV, write_results_csv

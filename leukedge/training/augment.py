@@ -7,7 +7,9 @@ Inputs are normalised exactly like the Rust core (``(u8/255 - mean)/std``, see
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +74,15 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, black_threshold: int = 10
     noise = torch.randn(x.shape, generator=g).to(dev) * sigma
     x = torch.where(fg, x + noise, x)
     return x.clamp_(0.0, 1.0)
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator,
+                key: tuple[int, ...]) -> tuple[torch.Tensor, Any, float]:
+    """mixup (Zhang et al. 2018) of one batch: ``(lam x + (1 - lam) x[perm], y[perm], lam)`` with lam ~ Beta(alpha,
+    alpha) drawn from ``key`` (seed, epoch, batch: the same draw after ``--resume``) and ``perm`` from ``g``; the
+    caller mixes the loss with the same lam. ``(x, None, 1.0)`` when ``alpha`` is 0 or the batch has one row."""
+    if alpha <= 0 or len(y) < 2:
+        return x, None, 1.0
+    lam = float(np.random.default_rng(key).beta(alpha, alpha))
+    perm = torch.randperm(len(y), generator=g).to(y.device)
+    return lam * x + (1.0 - lam) * x[perm], y[perm], lam

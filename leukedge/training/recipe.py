@@ -48,6 +48,10 @@ class TrainConfig:
     augment: str = "full"  # "full" (geometric + photometric), "dihedral" (the 8 symmetries only) or "none"
     class_weighting: bool = True
     label_smoothing: float = 0.0
+    # mixup (Zhang et al. 2018): each batch is mixed with a shuffled copy of itself, weight lam ~ Beta(a, a), and the
+    # loss is mixed the same way; 0 = off. With a cached frozen prefix the mixing is of its outputs (the inputs of the
+    # trained blocks: "manifold mixup" at that layer), else of the normalised images.
+    mixup: float = 0.0
     amp: bool = True
     threads: int | None = None
     half_weights: bool = False  # store the bundle weights as float16
@@ -75,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"tta must be none, flip or d4, not {self.tta!r}")
         if self.select not in SELECT_CHOICES:
             raise ValueError(f"select must be 'best' or 'last', not {self.select!r}")
+        if not 0.0 <= float(self.mixup) <= 10.0:
+            raise ValueError(f"mixup (the Beta distribution's alpha) must lie in [0, 10], not {self.mixup}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, not {self.threshold}")
         if not get_arch(self.arch).pretrained:
@@ -100,7 +106,7 @@ def default_of(name: str) -> Any:
 
 #: TrainConfig fields that define what is trained (a recipe); the others say how a run is executed.
 RECIPE_FIELDS = ("arch", "arch_kwargs", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "pretrained",
-                 "patience", "augment", "class_weighting", "label_smoothing", "half_weights", "freeze_blocks",
+                 "patience", "augment", "class_weighting", "label_smoothing", "mixup", "half_weights", "freeze_blocks",
                  "feature_cache", "tta", "threshold", "select", "no_validation", "seed")
 
 

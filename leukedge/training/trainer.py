@@ -31,7 +31,7 @@ from ..config import PreprocessConfig
 from ..data.splits import make_split
 from ..evaluate import compute_metrics
 from ..models import TestTimeModel, build_model, freeze_stem, save_bundle, top_forward
-from .augment import augment_batch, normalize01, to_float01
+from .augment import augment_batch, mixup_batch, normalize01, to_float01
 from .features import (
     TTA_VIEW_INDEX,
     check_assembled,
@@ -337,9 +337,12 @@ class _Trainer:
                 x = self._inputs_on_device(xb, g)
                 yb = yb.to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
+                x, y_mix, lam = mixup_batch(x, yb, self.cfg.mixup, g, (self.cfg.seed, epoch, i))
                 with torch.autocast("cuda", enabled=self.use_amp):
                     logits = self.train_forward(x)  # [ddp]
                     loss = self.criterion(logits.float(), yb)
+                    if y_mix is not None:
+                        loss = lam * loss + (1.0 - lam) * self.criterion(logits.float(), y_mix)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()} (try a lower --lr)")
                 self.scaler.scale(loss).backward()
