@@ -136,6 +136,39 @@ def test_feature_cache_training_matches_the_shipped_model(cache, tmp_path):
     assert res.summary["weighted_f1_by_tta"]["d4"]["n"] == 2
 
 
+def test_noise_trains_on_noisy_cached_views_and_validates_on_clean_ones(cache, tmp_path):
+    """--noise with the feature cache: a second cache of noisy views (named by noise and seed) is what the top is
+    trained on, while validation (and so the out-of-fold scores) reads the clean views: the bundle reproduces them."""
+    cfg = TrainConfig(arch="efficientnet_lite0", pretrained=True, freeze_blocks=8, augment="dihedral", epochs=1,
+                      batch_size=16, progress=False, quiet=True, noise=4.0)
+    cross_validate(cache, tmp_path / "cv", cfg, folds=2, seeds=[0], log=lambda *_: None)
+    names = sorted(p.name for p in (Path(cache) / "features").glob("prefix_k8_*.npy"))
+    assert len(names) == 2 and sum("_noise4_s0" in n for n in names) == 1, names
+    noisy = np.load(next(p for p in (Path(cache) / "features").glob("prefix_k8_*_noise4_*.npy")))
+    clean = np.load(next(p for p in (Path(cache) / "features").glob("prefix_k8_*.npy") if "noise" not in p.name))
+    assert noisy.shape == clean.shape and not np.array_equal(noisy, clean)
+    oof = _oof(tmp_path / "cv" / "oof_predictions.csv")
+    rows = [r for r in oof if int(r["fold"]) == 0]
+    ev = evaluate(cache, tmp_path / "cv" / "seed0" / "fold0" / "bundle", indices=[int(r["row"]) for r in rows])
+    got = {p["index"]: p["prob_all"] for p in ev["predictions"]}
+    assert max(abs(got[int(r["row"])] - float(r["probability"])) for r in rows) < 0.02
+    meta = json.loads((tmp_path / "cv" / "seed0" / "fold0" / "bundle" / "bundle.json").read_text())
+    assert meta["recipe"]["settings"]["noise"] == 4.0
+
+
+def test_cell_noise_leaves_the_background_black():
+    import torch
+
+    from leukedge.training.augment import add_cell_noise
+
+    x = torch.zeros(6, 3, 16, 16)
+    x[:, :, 4:12, 4:12] = 0.5
+    y = add_cell_noise(x, torch.Generator().manual_seed(0), 4 / 255)
+    assert torch.equal(y[:, :, :4], x[:, :, :4]) and not torch.equal(y, x)
+    assert float((y - x).abs().max()) < 8 * 4 / 255  # within 8 sigma of the largest sigma
+    assert torch.equal(add_cell_noise(x, torch.Generator().manual_seed(0), 0.0), x)
+
+
 def test_best_threshold():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])

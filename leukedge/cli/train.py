@@ -36,6 +36,9 @@ _RECIPE_OPTIONS = [
     click.option("--mixup", type=click.FloatRange(0, 10), default=_d("mixup"), show_default=True,
                  help="mixup alpha: mix each batch with a shuffled copy of itself, weight ~ Beta(alpha, alpha), and mix "
                       "the loss alike (0 = off). With a cached frozen prefix the prefix's outputs are mixed."),
+    click.option("--noise", type=click.FloatRange(0, 64), default=_d("noise"), show_default=True,
+                 help="Gaussian noise on the cell's pixels of every training input, sigma ~ U(0, NOISE) grey levels "
+                      "(0 = off). With the feature cache the noisy views are cached once (a second cache).",),
     click.option("--seed", type=int, default=_d("seed"), show_default=True, help="Seeds the split, initialisation, shuffling and augmentation."),
     click.option("--pretrained/--no-pretrained", default=_d("pretrained"), show_default=True,
                  help="Start from ImageNet weights (efficientnet_lite0's ship with a pip package; timm's need the HF hub)."),

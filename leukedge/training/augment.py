@@ -69,11 +69,18 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, black_threshold: int = 10
     gray = x.mean(dim=1, keepdim=True)
     x = gray + sat * (x - gray)
     x = x * bright * gain
-    fg = x.amax(dim=1, keepdim=True) > (black_threshold / 255.0)
-    sigma = (0.03 * torch.rand(n, 1, 1, 1, generator=g)).to(dev)
-    noise = torch.randn(x.shape, generator=g).to(dev) * sigma
-    x = torch.where(fg, x + noise, x)
+    x = add_cell_noise(x, g, 0.03, black_threshold)
     return x.clamp_(0.0, 1.0)
+
+
+def add_cell_noise(x: torch.Tensor, g: torch.Generator, sigma_max: float, black_threshold: int = 10) -> torch.Tensor:
+    """Gaussian noise on the cell's pixels only (the black background stays black) of a float NCHW batch in
+    [0, 1]; each image's sigma ~ U(0, ``sigma_max``) (in the [0, 1] scale: 1 grey level is 1/255). Not clamped."""
+    n, dev = x.shape[0], x.device
+    fg = x.amax(dim=1, keepdim=True) > (black_threshold / 255.0)
+    sigma = (sigma_max * torch.rand(n, 1, 1, 1, generator=g)).to(dev)
+    noise = torch.randn(x.shape, generator=g).to(dev) * sigma
+    return torch.where(fg, x + noise, x)
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator,

@@ -15,7 +15,7 @@ import torch
 
 from ..config import PreprocessConfig
 from ..models import FrozenPrefix, dihedral_views, logit_bias, top_forward
-from .augment import normalize01, to_float01
+from .augment import add_cell_noise, normalize01, to_float01
 from .export import onnx_runner
 
 #: Indices into the 8 dihedral views (:func:`leukedge.models.dihedral_views` with "d4") used by each TTA mode.
@@ -36,7 +36,8 @@ def _prefix_digest(model: Any, n_blocks: int) -> str:
 
 def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blocks: int, *,
                     store: Path | None = None, batch_size: int = 64, device: str = "cpu",
-                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int, int], None] | None = None, noise: float = 0.0,
+                    seed: int = 0) -> np.ndarray:
     """Outputs of the frozen stem + first ``n_blocks`` blocks of an EfficientNet-Lite0 for the 8
     dihedral views (order of :func:`leukedge.models.dihedral_views`) of every cache image, as float16
     ``(8, N, C, H, W)``.
@@ -45,9 +46,14 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
     weights' sha256, the preprocessing hash and the image count, and reused by later runs (folds of a
     cross-validation, ``--resume``); it is written to a temporary file and renamed, so an interrupted
     run never leaves a partial one behind.
+
+    ``noise`` (grey levels): every view of every cell gets Gaussian noise on its cell pixels first, sigma ~
+    U(0, noise), drawn from ``seed`` (the training views of ``TrainConfig.noise``; the name records both).
     """
     prefix = FrozenPrefix(model, n_blocks).eval().to(device)
     key = f"prefix_k{n_blocks}_{_prefix_digest(model, n_blocks)[:16]}_{cfg.pixel_hash()[:12]}_n{len(images)}"
+    if noise > 0:
+        key += f"_noise{noise:g}_s{seed}"
     path = store / f"{key}.npy" if store is not None else None
     if path is not None and path.is_file():
         try:
@@ -63,7 +69,11 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
-            xs = torch.cat(dihedral_views(normalize01(to_float01(x), cfg), "d4"), 0)
+            xs = torch.cat(dihedral_views(to_float01(x), "d4"), 0)
+            if noise > 0:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+                xs = add_cell_noise(xs, g, noise / 255.0, cfg.stain.black_threshold).clamp_(0.0, 1.0)
+            xs = normalize01(xs, cfg)
             if run is not None:
                 h = run(xs.numpy())
             else:

@@ -52,6 +52,10 @@ class TrainConfig:
     # loss is mixed the same way; 0 = off. With a cached frozen prefix the mixing is of its outputs (the inputs of the
     # trained blocks: "manifold mixup" at that layer), else of the normalised images.
     mixup: float = 0.0
+    # Gaussian noise on the cell's pixels of every training input, sigma ~ U(0, noise) grey levels (0 = off). With a
+    # cached frozen prefix a second cache holds the 8 views of every cell with the noise baked in (training rows
+    # read it; validation and test read the clean one).
+    noise: float = 0.0
     amp: bool = True
     threads: int | None = None
     half_weights: bool = False  # store the bundle weights as float16
@@ -81,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"select must be 'best' or 'last', not {self.select!r}")
         if not 0.0 <= float(self.mixup) <= 10.0:
             raise ValueError(f"mixup (the Beta distribution's alpha) must lie in [0, 10], not {self.mixup}")
+        if not 0.0 <= float(self.noise) <= 64.0:
+            raise ValueError(f"noise (grey levels) must lie in [0, 64], not {self.noise}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, not {self.threshold}")
         if not get_arch(self.arch).pretrained:
@@ -106,7 +112,7 @@ def default_of(name: str) -> Any:
 
 #: TrainConfig fields that define what is trained (a recipe); the others say how a run is executed.
 RECIPE_FIELDS = ("arch", "arch_kwargs", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "pretrained",
-                 "patience", "augment", "class_weighting", "label_smoothing", "mixup", "half_weights", "freeze_blocks",
+                 "patience", "augment", "class_weighting", "label_smoothing", "mixup", "noise", "half_weights", "freeze_blocks",
                  "feature_cache", "tta", "threshold", "select", "no_validation", "seed")
 
 

@@ -31,7 +31,7 @@ from ..config import PreprocessConfig
 from ..data.splits import make_split
 from ..evaluate import compute_metrics
 from ..models import TestTimeModel, build_model, freeze_stem, save_bundle, top_forward
-from .augment import augment_batch, mixup_batch, normalize01, to_float01
+from .augment import add_cell_noise, augment_batch, mixup_batch, normalize01, to_float01
 from .features import (
     TTA_VIEW_INDEX,
     check_assembled,
@@ -136,6 +136,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, 0, 0, 1
         self.feats: np.ndarray | None = None
+        self.train_feats: np.ndarray | None = None  # the noisy training views (cfg.noise), else None
         self.t_start = time.time()
         self.epoch_logger = EpochLogger(out / TENSORBOARD_DIR, enabled=self.dctx.is_main)  # [ddp] rank 0 writes
 
@@ -264,6 +265,14 @@ class _Trainer:
                 self.feats = prefix_features(self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device,
                                              store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
                                              progress=lambda done, tot: ft.update(completed=done))
+            if cfg.noise > 0:
+                with self.dctx.local_main_first(), self.rep.progress(
+                        f"frozen-block features of the noisy training views (noise {cfg.noise:g})", total=len(inp.images),
+                        transient=True) as ft:  # [ddp]
+                    self.train_feats = prefix_features(
+                        self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device, noise=cfg.noise,
+                        seed=cfg.seed, store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
+                        progress=lambda done, tot: ft.update(completed=done))
             self.log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(inp.images)} cells x 8 views "
                      f"{tuple(self.feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
         params = sum(p.numel() for p in self.model.parameters())
@@ -307,7 +316,8 @@ class _Trainer:
 
     def _batches_of(self, batches: list[np.ndarray], g: Any) -> Any:
         if self.feats is not None:
-            return feature_batches(self.feats, self.labels_all, batches, g, 8 if self.cfg.augment == "dihedral" else 1)
+            feats = self.train_feats if self.train_feats is not None else self.feats
+            return feature_batches(feats, self.labels_all, batches, g, 8 if self.cfg.augment == "dihedral" else 1)
         return iterate_batches(self.inp.images, self.labels_all, batches, self.cfg.workers)
 
     def _inputs_on_device(self, xb: Any, g: Any) -> Any:
@@ -318,6 +328,8 @@ class _Trainer:
         x = to_float01(xb.to(self.device, non_blocking=True))
         if cfg.augment != "none":
             x = augment_batch(x, g, pcfg.stain.black_threshold, dihedral_only=cfg.augment == "dihedral")
+        if cfg.noise > 0:
+            x = add_cell_noise(x, g, cfg.noise / 255.0, pcfg.stain.black_threshold).clamp_(0.0, 1.0)
         return normalize01(x, pcfg).contiguous(memory_format=self.mem_format)
 
     def run_epoch(self, epoch: int) -> tuple[dict[str, Any], bool]:
