@@ -8,6 +8,7 @@ It runs, in order (each step resumes or reuses its output when restarted)::
     leukedge cv    WORK/cache -o WORK/cv_subject --folds 2 --seeds 0,1 --recipe R --resume
     leukedge train WORK/cache -o WORK/final --recipe R --no-validation --resume
     leukedge export WORK/final/bundle -o WORK/final/bundle/export --int8 --calibrate WORK/cache
+    leukedge calibrate-ood WORK/final/bundle WORK/cache --split any
 
 then copies the bundle (with its export, both CV summaries, plots and the model card) into the package.
 FOLD0 / FOLD1 are C-NMC 2019 training folds 0 and 1 (``../shared/data/cnmc_fold0`` PNG, 3,527 cells of
@@ -38,6 +39,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: this tree's leukedge
+from leukedge.formats.export import read_export_manifest, write_export_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = Path("recipes") / "default.toml"  # relative to REPO (the commands run there): the bundle records it so
@@ -104,8 +108,15 @@ def export_int8(bundle: Path, cache: Path) -> None:
         others_ok = all(r["all"].get("pass") for r in report.get("results", {}).values())
         if not others_ok or "int8" not in report:
             raise
-        print(f"INT8 graph not shipped: {'; '.join(report['int8']['failures'])}", flush=True)
-        (exp / "model_int8.onnx").unlink(missing_ok=True)
+        print(f"INT8 graphs not shipped: {'; '.join(report['int8']['failures'])}", flush=True)
+        # neither Q/DQ graph ships (the TensorRT one is calibrated alike); export.json keeps their check ("int8":
+        # passed false, export_report.json the numbers) but no longer lists files that are not there
+        manifest = read_export_manifest(exp)
+        for key in ("int8", "int8_trt"):
+            entry = manifest.get("files", {}).pop(key, None)
+            if entry:
+                (exp / Path(entry["path"]).name).unlink(missing_ok=True)
+        write_export_manifest(exp, manifest)
 
 
 def main() -> None:
@@ -142,6 +153,8 @@ def main() -> None:
                     "(fold 0: 3,527 cells of 28 subjects; fold 1: 3,581 cells of 14 subjects)")
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
     export_int8(bundle, cache)
+    # the out-of-distribution (energy) threshold: 99.5 % quantile of the training cells, stored in bundle.json
+    leukedge("calibrate-ood", str(bundle), str(cache), "--split", "any")
     readme = (args.out / "README.md").read_text() if (args.out / "README.md").is_file() else None
     if args.out.exists():
         shutil.rmtree(args.out)
