@@ -8,12 +8,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The extension (maturin, release) and `cargo test` share one target directory. A release-profile `cargo test`
-# after the extension's build was measured to compile 53 of the 71 crates again (thin-LTO cdylib with pyo3's
-# extension-module feature vs. a test harness), so the tests keep the debug profile, which compiles without
-# optimisation; CARGO_TEST_PROFILE=--release to change that.
+# The extension (maturin develop --release) and `cargo test --release` share one target directory and one
+# profile, so the tests reuse the extension's compiled dependencies; only pyo3's own crates (the extension-module
+# feature) and this crate's test harness are compiled again. The `release` profile has no LTO for this reason
+# (Cargo.toml); wheels and `make bench` use the thin-LTO `dist` profile. CARGO_TEST_PROFILE= for a debug build.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
-CARGO_TEST_PROFILE ?=
+CARGO_TEST_PROFILE ?= --release
 # install-%: pip installs the requirements of the named extras (scripts/extra_requirements.py expands
 # leukedge[...] references), then maturin develop builds the Rust core, printing cargo's own progress
 # ("Compiling image v0.25.x ..."), and installs leukedge in editable mode. Run again with nothing changed,
@@ -60,7 +60,7 @@ test-python:
 PORTABLE_PYTESTS = tests/test_portable.py tests/test_native_pipeline.py tests/test_native_batch.py \
 	tests/test_native_stain.py tests/test_native_resize.py tests/test_native_decode.py
 test-portable:
-	LEUKEDGE_PORTABLE=1 cargo test --manifest-path rust_ext/Cargo.toml --no-default-features
+	LEUKEDGE_PORTABLE=1 cargo test $(CARGO_TEST_PROFILE) --manifest-path rust_ext/Cargo.toml --no-default-features
 	LEUKEDGE_PORTABLE=1 $(PY) -m pytest -q -rs $(PORTABLE_PYTESTS)
 
 # The crate for a Jetson's cores (aarch64-unknown-linux-gnu), with the Debian cross toolchain
@@ -76,7 +76,9 @@ lint:
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# Benchmarks measure what a wheel ships: the extension rebuilt with the thin-LTO `dist` profile.
 bench: setup
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --profile dist
 	$(PY) benchmarks/bench_preprocess.py
 
 clean-venv:
