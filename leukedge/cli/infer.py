@@ -134,7 +134,8 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
 
 
 def _print_problems(console: Any, res: Any) -> None:
-    """The first 10 errors and the first 5 rejected files, each with its reason."""
+    """The first 10 errors, the first 5 rejected files, each with its reason, and the first 5 notes (files used
+    with a caveat, e.g. "TIFF: page 1 of 3 used")."""
     from rich.markup import escape
 
     from .._util import path_text
@@ -149,6 +150,11 @@ def _print_problems(console: Any, res: Any) -> None:
         console.print(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
     if len(rej) > 5:
         console.print(f"[yellow]… and {len(rej) - 5} more rejected (see the reason column)[/]")
+    noted = [r for r in res.results if r.note]
+    for r in noted[:5]:
+        console.print(f"[cyan]note[/] {escape(path_text(r.path))}: {escape(str(r.note))}")
+    if len(noted) > 5:
+        console.print(f"[cyan]… and {len(noted) - 5} more notes (see the note column)[/]")
 
 
 def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | None, out_path: Path, address: str,
