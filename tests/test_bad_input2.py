@@ -538,6 +538,33 @@ def test_multipage_tiff_says_page_1_of_n_used(native, tiny_bundle, tmp_path):
     assert "single.tif" not in flat
 
 
+def test_station_stores_the_note_of_a_multipage_tiff(tmp_path):
+    from leukedge.station.core import ModelInfo, Station, StationSettings
+
+    watch = tmp_path / "w"
+    (watch / "s").mkdir(parents=True)
+    for name in ("stack.tif", "one.tif", "black.tif"):
+        (watch / "s" / name).write_bytes(name.encode() * 100)
+    note = "TIFF: page 1 of 3 used (only the first page is read)"
+
+    def predict(paths):
+        rows = []
+        for p in paths:
+            name = Path(p).name
+            if name == "black.tif":
+                rows.append({"path": p, "status": "rejected", "reason": "no cell found", "note": note})
+            else:
+                rows.append({"path": p, "status": "ok", "probability": 0.9, "label": "all",
+                             "note": note if name == "stack.tif" else None})
+        return rows
+
+    Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", settle_ms=0, poll_ms=20, once=True,
+                            max_wait_ms=20), predict, ModelInfo("m", "m", "h", "b"), install_signal_handlers=False).run()
+    c = sqlite3.connect(tmp_path / "db.sqlite")
+    got = {Path(p).name: (st, r) for p, st, r in c.execute("SELECT path, status, reason FROM results")}
+    c.close()
+    assert got == {"stack.tif": ("ok", note), "one.tif": ("ok", None), "black.tif": ("rejected", f"no cell found ({note})")}
+
 def test_resumed_results_csv_written_before_the_note_column_keeps_its_columns(tmp_path):
     from leukedge.infer.results import RESULT_FIELDS, FileResult, ResultStream, format_results
 

@@ -831,11 +831,12 @@ pub(crate) mod tests {
     /// A TIFF with one RGB8 page per entry of `pages` (`w x h` each), written by the `tiff` crate.
     pub fn tiff_pages_of(pages: &[&[u8]], w: u32, h: u32) -> Vec<u8> {
         let mut buf = Cursor::new(Vec::new());
-        let mut enc = tiff::encoder::TiffEncoder::new(&mut buf).unwrap();
-        for p in pages {
-            enc.write_image::<tiff::encoder::colortype::RGB8>(w, h, p).unwrap();
+        {
+            let mut enc = tiff::encoder::TiffEncoder::new(&mut buf).unwrap();
+            for p in pages {
+                enc.write_image::<tiff::encoder::colortype::RGB8>(w, h, p).unwrap();
+            }
         }
-        drop(enc);
         buf.into_inner()
     }
 

@@ -401,7 +401,7 @@ fn walk(bytes: &[u8], start: usize, tables: &[(u32, &Huffman, &Huffman)], total:
     let mut bits = Bits::new(bytes, start);
     let mut done = 0u64;
     while done < total {
-        if ri > 0 && done > 0 && done % ri == 0 && !bits.restart() {
+        if ri > 0 && done > 0 && done.is_multiple_of(ri) && !bits.restart() {
             return Ok((done, None));
         }
         for &(blocks, dc, ac) in tables {
@@ -465,7 +465,7 @@ mod tests {
 
     fn textured(w: u32, h: u32) -> DynamicImage {
         DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
-            image::Rgb([(x * 7 + y * 3) as u8, (y * 13 ^ x) as u8, ((x * y) % 251) as u8])
+            image::Rgb([(x * 7 + y * 3) as u8, ((y * 13) ^ x) as u8, ((x * y) % 251) as u8])
         }))
     }
 
@@ -590,7 +590,7 @@ mod tests {
             let n = ri.min(total - m);
             let bits = 2 * n * blocks; // n MCUs of `blocks` blocks of two zero bits, padded with 1-bits
             let mut bytes = vec![0u8; bits.div_ceil(8)];
-            if bits % 8 != 0 {
+            if !bits.is_multiple_of(8) {
                 *bytes.last_mut().unwrap() |= 0xFF >> (bits % 8);
             }
             v.extend_from_slice(&bytes);
