@@ -90,7 +90,8 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
 
     Frames that are not one whole segmented cell (empty, blank, noisy, debris, cut by the border), and
     cells unlike the model's training cells when its OOD threshold is calibrated, get status `rejected`
-    with a reason: never a label, counted apart. Rows are written as batches finish; after Ctrl-C,
+    with a reason: never a label, counted apart. A file used with a caveat says so in the `note` column
+    (a multi-page TIFF: "page 1 of N used"). Rows are written as batches finish; after Ctrl-C,
     --resume continues.
 
     Memory: decoding holds at most 2 x max_pixels pixels at once over all threads (max_pixels of the
