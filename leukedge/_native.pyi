@@ -105,6 +105,9 @@ class _ItemStatus(TypedDict):
     """Why the cell quality gate (config ``gate``) rejected the frame: no cell, foreground area out of
     range, or the cell touches the frame border. ``ok`` stays true and the pixels are written, but the
     item must not be classified. ``None`` when it passed (or the gate is off)."""
+    note: str | None
+    """What the user should know about an item that was used: for a TIFF of several pages, ``"TIFF: page 1 of
+    N used (only the first page is read)"``. ``None`` for most files (and for errors)."""
 
 def decode(source: _PathLike | bytes, max_pixels: int = 64_000_000) -> _ImageArray:
     """Decode an image file (path) or encoded bytes into a ``(H, W, 3)`` uint8 RGB array.

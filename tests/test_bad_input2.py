@@ -469,6 +469,119 @@ def test_station_rehashes_a_file_replaced_with_equal_size_and_mtime(tmp_path):
     c.close()
 
 
+def _jpeg_cut_scan(jpg: bytes, keep: float = 0.3) -> bytes:
+    """``keep`` of a JPEG's scan data, then its end-of-image marker (the issue's "70 % cut, end marker kept")."""
+    sos = jpg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpg[sos + 2:sos + 4], "big")
+    return jpg[:start + int((len(jpg) - 2 - start) * keep)] + b"\xff\xd9"
+
+
+def _tiff(pages: list[np.ndarray]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    first, *rest = [Image.fromarray(p) for p in pages]
+    first.save(buf, "TIFF", save_all=True, append_images=rest)
+    return buf.getvalue()
+
+
+def test_jpeg_with_a_short_scan_is_refused_naming_the_rows(native, tmp_path):
+    from PIL import Image
+
+    cells = [np.asarray(Image.open(p).convert("RGB")) for p in sample_cell_paths()[:4]] or \
+        [make_cell(k % 2, seed=k, size=450) for k in range(4)]  # real cells where the sample is present
+    for cell in cells:
+        for kw in ({"quality": 90}, {"quality": 75, "subsampling": 0}, {"quality": 85, "restart_marker_rows": 2}):
+            buf = io.BytesIO()
+            Image.fromarray(cell).save(buf, "JPEG", **kw)
+            whole = buf.getvalue()
+            assert native.decode(whole).shape == (450, 450, 3)
+            short = _jpeg_cut_scan(whole)
+            Image.open(io.BytesIO(short)).load()  # Pillow takes it too (and fills the rest grey)
+            with pytest.raises(native.DecodeError, match=r"JPEG: the scan data ends after \d+ of \d+ MCU rows .*the "
+                                                         r"rest of the image is missing"):
+                native.decode(short)
+    # per file in a batch, naming it; the other files unharmed
+    f = tmp_path / "short.jpg"
+    f.write_bytes(short)
+    good = tmp_path / "good.png"
+    write_png(good, cells[0])
+    x, st = native.preprocess_batch([str(f), str(good)], PreprocessConfig(size=32).to_json())
+    assert not st[0]["ok"] and "short.jpg" in st[0]["error"] and "MCU rows" in st[0]["error"]
+    assert st[1]["ok"] and st[1]["note"] is None
+
+
+def test_multipage_tiff_says_page_1_of_n_used(native, tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from leukedge.cli import main
+
+    d = tmp_path / "tiffs"
+    d.mkdir()
+    cell, other = make_cell(0, seed=10, size=160), make_cell(1, seed=11, size=160)
+    (d / "cell_then_two.tif").write_bytes(_tiff([cell, other, other]))
+    (d / "black_then_cells.tif").write_bytes(_tiff([np.zeros_like(cell), cell, other]))
+    (d / "single.tif").write_bytes(_tiff([cell]))
+    out = tmp_path / "r.csv"
+    r = CliRunner().invoke(main, ["infer", str(d), "-m", str(tiny_bundle), "-o", str(out), "--backend", "onnxruntime",
+                                  "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert list(csv.DictReader(out.open()).fieldnames or [])[-1] == "note"  # a new column, last
+    used = "TIFF: page 1 of 3 used (only the first page is read)"
+    assert rows["cell_then_two.tif"]["status"] == "ok" and rows["cell_then_two.tif"]["note"] == used
+    # the black first page is what was used: the quality gate rejects it, and the note says why it is black
+    assert rows["black_then_cells.tif"]["status"] == "rejected" and rows["black_then_cells.tif"]["note"] == used
+    assert rows["single.tif"]["status"] == "ok" and rows["single.tif"]["note"] == ""
+    flat = "".join(r.output.split())  # the console wraps long paths anywhere
+    assert "".join(f"note {d / 'cell_then_two.tif'}: {used}".split()) in flat, r.output
+    assert "single.tif" not in flat
+
+
+def test_station_stores_the_note_of_a_multipage_tiff(tmp_path):
+    from leukedge.station.core import ModelInfo, Station, StationSettings
+
+    watch = tmp_path / "w"
+    (watch / "s").mkdir(parents=True)
+    for name in ("stack.tif", "one.tif", "black.tif"):
+        (watch / "s" / name).write_bytes(name.encode() * 100)
+    note = "TIFF: page 1 of 3 used (only the first page is read)"
+
+    def predict(paths):
+        rows = []
+        for p in paths:
+            name = Path(p).name
+            if name == "black.tif":
+                rows.append({"path": p, "status": "rejected", "reason": "no cell found", "note": note})
+            else:
+                rows.append({"path": p, "status": "ok", "probability": 0.9, "label": "all",
+                             "note": note if name == "stack.tif" else None})
+        return rows
+
+    Station(StationSettings(watch_dir=watch, db_path=tmp_path / "db.sqlite", settle_ms=0, poll_ms=20, once=True,
+                            max_wait_ms=20), predict, ModelInfo("m", "m", "h", "b"), install_signal_handlers=False).run()
+    c = sqlite3.connect(tmp_path / "db.sqlite")
+    got = {Path(p).name: (st, r) for p, st, r in c.execute("SELECT path, status, reason FROM results")}
+    c.close()
+    assert got == {"stack.tif": ("ok", note), "one.tif": ("ok", None), "black.tif": ("rejected", f"no cell found ({note})")}
+
+def test_resumed_results_csv_written_before_the_note_column_keeps_its_columns(tmp_path):
+    from leukedge.infer.results import RESULT_FIELDS, FileResult, ResultStream, format_results
+
+    out = tmp_path / "r.csv"
+    old_fields = RESULT_FIELDS[:-1]  # a results file written before the note column
+    part = out.with_name("r.csv.partial")
+    part.write_text(format_results([FileResult("/a.png", 0.5, "all", "ok")], ".csv", fields=old_fields))
+    s = ResultStream(out, resume=True)
+    assert s.done == {"/a.png"}
+    s.append([FileResult("/b.tif", 0.7, "all", "ok", note="TIFF: page 1 of 2 used")])
+    s.finish()
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == list(old_fields) and all(len(r) == len(old_fields) for r in rows)
+    fresh = list(csv.DictReader(io.StringIO(format_results([FileResult("/b.tif", 0.7, "all", "ok", note="n")], ".csv"))))
+    assert fresh[0]["note"] == "n" and list(fresh[0]) == list(RESULT_FIELDS)
+
+
 # -- 7. Ctrl-C on infer --------------------------------------------------------------------------------------
 def test_interrupted_infer_keeps_finished_rows_and_resumes(native, tiny_bundle, mixed_folder, tmp_path, monkeypatch):
     from leukedge import infer as inf

@@ -136,7 +136,8 @@ def test_stats_and_csv(model_dirs, cells, tmp_path):
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and list(rows[0]) == ["path", "probability", "label", "status", "error", "subject",
-                                                 "true_label", "stain_fallback", "reason", "ood_score", "path_bytes"]
+                                                 "true_label", "stain_fallback", "reason", "ood_score", "path_bytes",
+                                                 "note"]
     st = json.loads(stats_path_for(out).read_text())
     assert st["n_files"] == 20 and st["n_batches"] == 3 and st["batch"] == 8
     for k in ("preprocess", "compute", "end_to_end"):

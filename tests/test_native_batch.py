@@ -19,7 +19,7 @@ from leukedge.config import PreprocessConfig, StainConfig, normalize_uint8
 
 pytestmark = pytest.mark.timeout(300)
 
-STATUS_KEYS = {"index", "source", "ok", "error", "stain_fallback", "stain_reason", "rejected"}
+STATUS_KEYS = {"index", "source", "ok", "error", "stain_fallback", "stain_reason", "rejected", "note"}
 
 
 def small_cfg(**kw) -> PreprocessConfig:

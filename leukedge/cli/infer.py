@@ -90,7 +90,8 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
 
     Frames that are not one whole segmented cell (empty, blank, noisy, debris, cut by the border), and
     cells unlike the model's training cells when its OOD threshold is calibrated, get status `rejected`
-    with a reason: never a label, counted apart. Rows are written as batches finish; after Ctrl-C,
+    with a reason: never a label, counted apart. A file used with a caveat says so in the `note` column
+    (a multi-page TIFF: "page 1 of N used"). Rows are written as batches finish; after Ctrl-C,
     --resume continues.
 
     Memory: decoding holds at most 2 x max_pixels pixels at once over all threads (max_pixels of the
@@ -134,7 +135,8 @@ def infer_cmd(sources: tuple[Path, ...], model: Path | None, engine: Path | None
 
 
 def _print_problems(console: Any, res: Any) -> None:
-    """The first 10 errors and the first 5 rejected files, each with its reason."""
+    """The first 10 errors, the first 5 rejected files, each with its reason, and the first 5 notes (files used
+    with a caveat, e.g. "TIFF: page 1 of 3 used")."""
     from rich.markup import escape
 
     from .._util import path_text
@@ -149,6 +151,11 @@ def _print_problems(console: Any, res: Any) -> None:
         console.print(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
     if len(rej) > 5:
         console.print(f"[yellow]… and {len(rej) - 5} more rejected (see the reason column)[/]")
+    noted = [r for r in res.results if r.note]
+    for r in noted[:5]:
+        console.print(f"[cyan]note[/] {escape(path_text(r.path))}: {escape(str(r.note))}")
+    if len(noted) > 5:
+        console.print(f"[cyan]… and {len(noted) - 5} more notes (see the note column)[/]")
 
 
 def _infer_ray(sources: tuple[Path, ...], *, model: Path | None, engine: Path | None, out_path: Path, address: str,

@@ -94,6 +94,8 @@ class Reporter:
                 self.message(f"[red]error[/] {escape(path_text(r.path))}: {escape(str(r.error))}")
             elif r.status == "rejected":
                 self.message(f"[yellow]rejected[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
+            elif r.reason:  # an ok file used with a caveat (a multi-page TIFF)
+                self.message(f"[cyan]note[/] {escape(path_text(r.path))}: {escape(str(r.reason))}")
         if not self.use_live and not self.quiet:
             # one plain line per batch, never wrapped: what a systemd journal or a log file keeps
             self.console.print(batch_line(batch_id, size, reason, rows), markup=False, highlight=False, soft_wrap=True)

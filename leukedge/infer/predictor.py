@@ -102,22 +102,23 @@ class Predictor:
             path = str(item) if not isinstance(item, np.ndarray) else m.get("path", f"<array {b.index * self.batch + j}>")
             subject, true_label = m.get("subject"), m.get("true_label")
             fallback = bool(st.get("stain_fallback", False))
+            note = st.get("note") or None
             if not st.get("ok"):
                 out.append(FileResult(path, None, None, "error", str(st.get("error") or "preprocessing failed"),
                                       subject, true_label, False))
             elif st.get("rejected"):
                 out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
-                                      reason=str(st["rejected"])))
+                                      reason=str(st["rejected"]), note=note))
             elif not finite[j]:
                 out.append(FileResult(path, None, None, "error",
                                       "the model produced a non-finite output (NaN or inf) for this image; its weights "
                                       "are probably corrupt", subject, true_label, False))
             elif self.ood is not None and scores[j] > self.ood.threshold:
                 out.append(FileResult(path, None, None, "rejected", None, subject, true_label, fallback,
-                                      reason=self.ood.reason(float(scores[j])), ood_score=float(scores[j])))
+                                      reason=self.ood.reason(float(scores[j])), ood_score=float(scores[j]), note=note))
             else:
                 out.append(FileResult(path, float(probs[j]), self.class_names[int(preds[j])], "ok", None,
-                                      subject, true_label, fallback, ood_score=float(scores[j])))
+                                      subject, true_label, fallback, ood_score=float(scores[j]), note=note))
         return out
 
     def classify_batch(self, paths: Sequence[str], x: np.ndarray, statuses: Sequence[dict[str, Any]]) -> list[FileResult]:

@@ -118,6 +118,7 @@ def preprocess_stage(batch: dict[str, np.ndarray], *, cfg_json: str, threads: in
         "error": np.array([str(s.get("error") or "") for s in statuses], dtype=object),
         "stain_fallback": np.array([bool(s.get("stain_fallback", False)) for s in statuses], dtype=bool),
         "rejected": np.array([str(s.get("rejected") or "") for s in statuses], dtype=object),
+        "note": np.array([str(s.get("note") or "") for s in statuses], dtype=object),
     }
 
 
@@ -141,8 +142,10 @@ class _Classify:
         paths = [str(p) for p in batch["path"]]
         x = np.asarray(batch["x"])
         rejected = batch["rejected"] if "rejected" in batch else [""] * len(batch["ok"])
-        statuses = [{"ok": bool(o), "error": (str(e) or None), "stain_fallback": bool(f), "rejected": (str(r) or None)}
-                    for o, e, f, r in zip(batch["ok"], batch["error"], batch["stain_fallback"], rejected)]
+        notes = batch["note"] if "note" in batch else [""] * len(batch["ok"])
+        statuses = [{"ok": bool(o), "error": (str(e) or None), "stain_fallback": bool(f), "rejected": (str(r) or None),
+                     "note": (str(t) or None)}
+                    for o, e, f, r, t in zip(batch["ok"], batch["error"], batch["stain_fallback"], rejected, notes)]
         rows = self.pred.classify_batch(paths, x, statuses)  # the row logic of plain `infer`
         return {
             "idx": np.asarray(batch["idx"], dtype=np.int64),
@@ -153,6 +156,7 @@ class _Classify:
             "stain_fallback": np.array([r.stain_fallback for r in rows], dtype=bool),
             "reason": np.array([r.reason or "" for r in rows], dtype=object),
             "ood_score": np.array([np.nan if r.ood_score is None else r.ood_score for r in rows], np.float64),
+            "note": np.array([r.note or "" for r in rows], dtype=object),
             "backend": np.array([self.pred.backend.name] * len(rows), dtype=object),
         }
 
@@ -242,7 +246,8 @@ def _run_job(entries: Sequence[dict[str, Any]], plan: _Plan, stage_cfg: Any, act
             o = float(out["ood_score"][j])
             rows_by_idx[int(idx)] = (None if np.isnan(p) else p, str(out["label"][j]) or None, status,
                                      str(out["error"][j]) or None, bool(out["stain_fallback"][j]),
-                                     str(out["reason"][j]) or None, None if np.isnan(o) else o)
+                                     str(out["reason"][j]) or None, None if np.isnan(o) else o,
+                                     (str(out["note"][j]) or None) if "note" in out else None)
             failed += status == "error"
         backends.update(str(b) for b in out["backend"])
         if progress is not None:
@@ -319,9 +324,9 @@ def run_ray_inference(
         raise RuntimeError(f"the Ray job returned no row for {len(missing)} file(s), e.g. {entries[missing[0]]['path']}")
     results = []
     for i, e in enumerate(entries):
-        prob, label, status, error, fallback, reason, ood = rows_by_idx[i]
+        prob, label, status, error, fallback, reason, ood, note = rows_by_idx[i]
         results.append(FileResult(e["path"], prob, label, status, error, e.get("subject"), e.get("true_label"), fallback,
-                                  reason, ood))
+                                  reason, ood, note))
     n = len(results)
     n_ok = sum(r.status == "ok" for r in results)
     name = ",".join(sorted(backends)) or backend

@@ -23,7 +23,7 @@ import numpy as np
 from .._util import atomic_write_text, path_raw_b64, path_text
 
 RESULT_FIELDS = ("path", "probability", "label", "status", "error", "subject", "true_label", "stain_fallback",
-                 "reason", "ood_score", "path_bytes")
+                 "reason", "ood_score", "path_bytes", "note")
 #: text results files (``infer -o``); ``.json`` / ``.ndjson`` are written as JSON lines too
 RESULT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
 #: the columnar results file of large runs (``infer --ray -o OUT.parquet``)
@@ -46,6 +46,7 @@ class FileResult:
     stain_fallback: bool = False
     reason: str | None = None  # why it was rejected (the cell quality gate, or out of distribution)
     ood_score: float | None = None  # the model's energy score (higher = less like its training cells)
+    note: str | None = None  # what the user should know about a file that was still used (e.g. "page 1 of 3 used")
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written: ``path`` as readable text (undecodable bytes and control characters such as a
@@ -53,7 +54,7 @@ class FileResult:
         exact name, base64 of ``os.fsencode(path)`` (lossless)."""
         d = asdict(self)
         d["path"], d["path_bytes"] = path_text(self.path), path_raw_b64(self.path)
-        for k in ("error", "reason", "subject"):
+        for k in ("error", "reason", "subject", "note"):
             if isinstance(d[k], str):
                 d[k] = d[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         return d
@@ -99,18 +100,20 @@ def summarize_ms(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
-def format_results(results: Sequence[FileResult], suffix: str, header: bool = True) -> str:
-    """Rows as CSV (with the header line when ``header``) or JSON lines, by ``suffix``; every row ends in a
-    newline, so a file they are appended to is valid after every batch."""
+def format_results(results: Sequence[FileResult], suffix: str, header: bool = True,
+                   fields: Sequence[str] = RESULT_FIELDS) -> str:
+    """Rows as CSV (with the header line when ``header``; columns ``fields``, those of the file appended to) or
+    JSON lines, by ``suffix``; every row ends in a newline, so a file they are appended to is valid after every
+    batch."""
     buf = io.StringIO()
     if suffix == ".csv":
-        w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         if header:
             w.writeheader()
         for r in results:
             d = r.to_dict()
             d["probability"] = "" if r.probability is None else f"{r.probability:.6f}"
-            w.writerow({k: ("" if d[k] is None else d[k]) for k in RESULT_FIELDS})
+            w.writerow({k: ("" if d.get(k) is None else d[k]) for k in fields})
     elif suffix in RESULT_SUFFIXES:  # every other suffix is JSON lines
         for r in results:
             buf.write(json.dumps(r.to_dict()) + "\n")
@@ -155,6 +158,12 @@ def done_paths(path: Path) -> set[str]:
             for r in rows}
 
 
+def csv_header(path: Path) -> tuple[str, ...]:
+    """The column names of a results CSV (its first line)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return tuple(next(csv.reader(f), RESULT_FIELDS))
+
+
 class ResultStream:
     """The results file of ``infer``, written as batches finish: rows are appended to ``OUT.partial`` (flushed
     and synced after every batch, so an interrupted run leaves a valid file of whole rows), which becomes
@@ -175,6 +184,8 @@ class ResultStream:
         elif self.partial.exists():
             self.partial.unlink()
         new = not self.partial.exists() or self.partial.stat().st_size == 0
+        #: the CSV columns: those of a file being resumed (written before a column was added), else RESULT_FIELDS
+        self.fields: tuple[str, ...] = RESULT_FIELDS if new or self.suffix != ".csv" else csv_header(self.partial)
         self._f = open(self.partial, "a", encoding="utf-8", newline="")
         if new and self.suffix == ".csv":
             self._write(format_results([], self.suffix, header=True))
@@ -186,7 +197,7 @@ class ResultStream:
 
     def append(self, results: Sequence[FileResult]) -> None:
         try:
-            self._write(format_results(results, self.suffix, header=False))
+            self._write(format_results(results, self.suffix, header=False, fields=self.fields))
         except OSError as exc:
             raise self._failed(exc) from exc
         self.written += len(results)

@@ -470,6 +470,8 @@ class Station:
                 fallback = int(bool(r.get("stain_fallback")))
             if r.get("ood_score") is not None:
                 ood = float(r["ood_score"])
+            if r.get("note") and status != "error":  # a file used with a caveat ("TIFF: page 1 of 3 used ...")
+                reason = f"{reason} ({r['note']})" if reason else str(r["note"])
             if status == "ok":
                 prob = float(r["probability"])
                 label = None if r.get("label") is None else str(r["label"])

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS results (
     compute_ms      REAL,
     latency_ms      REAL,             -- done_at - detected_at
     superseded      INTEGER NOT NULL DEFAULT 0,
-    reason          TEXT,             -- why it was rejected (cell quality gate, out of distribution)
+    reason          TEXT,             -- why it was rejected (cell quality gate, out of distribution), or for an
+                                      -- ok row a note on a file used with a caveat: a multi-page TIFF, page 1 of N
     stain_fallback  INTEGER,          -- 1: stain normalisation fell back to the unnormalised image
     ood_score       REAL,             -- the model's energy score (higher = less like its training cells)
     path_bytes      BLOB,             -- the exact file name (os.fsencode) when `path` had to escape it

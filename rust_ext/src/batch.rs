@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use rayon::prelude::*;
 
 use crate::config::{Config, CropMode};
-use crate::decode::{channels_to_rgb, decode_bytes, header_pixels, max_file_bytes, read_image_file, Rgb8};
+use crate::decode::{channels_to_rgb, decode_bytes, decode_note, header_pixels, max_file_bytes, read_image_file, Rgb8};
 use crate::error::{Error, Result};
 use crate::gate;
 use crate::output::{OutElem, OutputTables};
@@ -46,7 +46,14 @@ pub struct ItemStatus {
     /// Why the cell quality gate rejected the frame (`ok` stays true: the pixels are written; the
     /// caller must not classify it). `None` = passed (or the gate is off).
     pub rejected: Option<String>,
+    /// What the user should know about a file that was used (`ok`), e.g. `"TIFF: page 1 of 3 used (only
+    /// the first page is read)"`; `None` for most files ([`crate::decode::decode_note`]).
+    pub note: Option<String>,
 }
+
+/// A decoded source: its pixels, the decode budget it holds until the item is done, and its note
+/// ([`crate::decode::decode_note`]).
+pub type Loaded<'b> = (Rgb8, Option<BudgetGuard<'b>>, Option<String>);
 
 /// What [`Pipeline::process_rgb`] learnt about one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,20 +85,16 @@ impl Pipeline {
 
     /// Decode / convert a source into RGB8.
     pub fn load(&self, src: &Source<'_>, name: &str) -> Result<Rgb8> {
-        self.load_within(src, name, None).map(|(img, _)| img)
+        self.load_within(src, name, None).map(|(img, _, _)| img)
     }
 
     /// [`Pipeline::load`] within a batch's [`PixelBudget`]: the header's pixel count is reserved before
-    /// the pixels are decoded, and the returned guard keeps it reserved until the item is done.
-    pub fn load_within<'b>(
-        &self,
-        src: &Source<'_>,
-        name: &str,
-        budget: Option<&'b PixelBudget>,
-    ) -> Result<(Rgb8, Option<BudgetGuard<'b>>)> {
+    /// the pixels are decoded, and the returned guard keeps it reserved until the item is done. Encoded
+    /// sources also return their note ([`decode_note`]).
+    pub fn load_within<'b>(&self, src: &Source<'_>, name: &str, budget: Option<&'b PixelBudget>) -> Result<Loaded<'b>> {
         let decode = |bytes: &[u8], name: &str| {
             let guard = budget.map(|b| b.acquire(header_pixels(bytes)));
-            decode_bytes(bytes, name, self.cfg.max_pixels).map(|img| (img, guard))
+            decode_bytes(bytes, name, self.cfg.max_pixels).map(|img| (img, guard, decode_note(bytes)))
         };
         match src {
             Source::Path(p) => {
@@ -104,7 +107,7 @@ impl Pipeline {
                 width,
                 height,
                 channels,
-            } => self.load_pixels(data, *width, *height, *channels, name).map(|img| (img, None)),
+            } => self.load_pixels(data, *width, *height, *channels, name).map(|img| (img, None, None)),
         }
     }
 
@@ -184,9 +187,9 @@ impl Pipeline {
     ) -> ItemStatus {
         let s2 = (self.cfg.size as usize).pow(2);
         scratch.resize(3 * s2, 0);
-        let res = catch_unwind(AssertUnwindSafe(|| -> Result<Processed> {
-            let (img, _held) = self.load_within(src, name, budget)?;
-            self.process_rgb(img, scratch)
+        let res = catch_unwind(AssertUnwindSafe(|| -> Result<(Processed, Option<String>)> {
+            let (img, _held, note) = self.load_within(src, name, budget)?;
+            self.process_rgb(img, scratch).map(|p| (p, note))
         }));
         let res = match res {
             Ok(r) => r,
@@ -200,7 +203,7 @@ impl Pipeline {
             }
         };
         match res {
-            Ok(p) => {
+            Ok((p, note)) => {
                 self.write_item(scratch, out);
                 ItemStatus {
                     ok: true,
@@ -208,6 +211,7 @@ impl Pipeline {
                     stain_fallback: p.stain.fallback,
                     stain_reason: p.stain.reason,
                     rejected: p.rejected,
+                    note,
                 }
             }
             Err(e) => {
@@ -222,6 +226,7 @@ impl Pipeline {
                     stain_fallback: false,
                     stain_reason: None,
                     rejected: None,
+                    note: None,
                 }
             }
         }
@@ -452,6 +457,24 @@ mod tests {
             assert_eq!(&out[k * len..(k + 1) * len], &one[..], "item {k}");
             let _ = img;
         }
+    }
+
+    /// A TIFF of several pages is used (page 1) with a note in its status; a single page has none.
+    #[test]
+    fn multi_page_tiff_is_ok_with_a_note() {
+        let (w, h) = (40usize, 30usize);
+        let cell = synthetic_cell(w, h, 3);
+        let three = crate::decode::tests::tiff_pages_of(&[&vec![0u8; w * h * 3], &cell, &cell], w as u32, h as u32);
+        let one = crate::decode::tests::tiff_pages_of(&[&cell], w as u32, h as u32);
+        let p = cfg(r#"{"size": 16, "dtype": "uint8", "layout": "nhwc", "stain": {"method": "none"}}"#);
+        let names = ["three.tif".to_string(), "one.tif".to_string()];
+        let mut out = vec![0u8; 2 * p.cfg.item_len()];
+        let st = p.run_batch(&[Source::Bytes(&three), Source::Bytes(&one)], &names, &mut out, 1).unwrap();
+        assert!(st[0].ok && st[1].ok, "{st:?}");
+        assert_eq!(st[0].note.as_deref(), Some("TIFF: page 1 of 3 used (only the first page is read)"));
+        assert_eq!(st[1].note, None);
+        // page 1 (black) is what was used
+        assert!(out[..p.cfg.item_len()].iter().all(|&v| v == 0));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 
 use crate::error::{DecodeReason, Error, Result};
+use crate::jpeg_scan;
 
 /// Default pixel-count limit (64 megapixels).
 pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
@@ -360,7 +361,8 @@ pub fn png_has_iend(bytes: &[u8]) -> bool {
 }
 
 /// Whether the file ends where its format says it must (PNG: an IEND chunk; JPEG: the
-/// end-of-image marker after the scan; PNG, JPEG, WebP: no run of [`ZERO_TAIL_MIN`] zero bytes at
+/// end-of-image marker after the scan, and a baseline JPEG's scan data holds all its MCUs
+/// ([`jpeg_scan`]); PNG, JPEG, WebP: no run of [`ZERO_TAIL_MIN`] zero bytes at
 /// the end, the mark of a pre-allocated, half-written file). `Err` is the reason. BMP and TIFF
 /// have no end marker and may end in black pixels, so they are not judged.
 pub fn check_ending(bytes: &[u8], format: ImageFormat) -> std::result::Result<(), String> {
@@ -373,6 +375,10 @@ pub fn check_ending(bytes: &[u8], format: ImageFormat) -> std::result::Result<()
         _ => None,
     };
     match cut {
+        None if format == ImageFormat::Jpeg => match jpeg_scan::check(bytes).map(|s| s.short_reason()) {
+            Ok(Some(why)) => Err(why),
+            _ => Ok(()), // complete, not walked (progressive, ...) or malformed: the decoder judges
+        },
         None => Ok(()),
         Some(why) if zeros >= ZERO_TAIL_MIN => Err(format!(
             "{fname}: {why} and the file ends in {zeros} zero bytes: it looks incompletely written \
@@ -486,6 +492,39 @@ pub fn header_pixels(bytes: &[u8]) -> u64 {
         reader.no_limits();
     }
     reader.into_dimensions().map(|(w, h)| w as u64 * h as u64).unwrap_or(0)
+}
+
+/// Most pages of a multi-page TIFF that [`tiff_pages`] counts (a chain of IFDs can be long; the count
+/// is only for the user's note).
+pub const TIFF_PAGE_CAP: usize = 1000;
+
+/// The number of pages (images, IFDs) of a classic TIFF, `None` for anything else. Counted with the
+/// `tiff` crate's decoder (which refuses cycles in the IFD chain and bounds what it reads) and capped
+/// at [`TIFF_PAGE_CAP`]; a page that cannot be read ends the count (it still counts as a page).
+pub fn tiff_pages(bytes: &[u8]) -> Option<usize> {
+    if !(bytes.starts_with(b"II*\0") || bytes.starts_with(b"MM\0*")) {
+        return None;
+    }
+    let mut dec = tiff::decoder::Decoder::new(Cursor::new(bytes)).ok()?;
+    let mut n = 1;
+    while dec.more_images() && n < TIFF_PAGE_CAP {
+        n += 1;
+        if dec.next_image().is_err() {
+            break;
+        }
+    }
+    Some(n)
+}
+
+/// What the user should know about an image that decoded and is used, `None` for most files: for a
+/// TIFF of several pages, that only the first is used (`"TIFF: page 1 of 3 used"`; `"of 1000 or more"` at
+/// the cap).
+pub fn decode_note(bytes: &[u8]) -> Option<String> {
+    match tiff_pages(bytes)? {
+        n if n >= TIFF_PAGE_CAP => Some(format!("TIFF: page 1 of {TIFF_PAGE_CAP} or more used (only the first page is read)")),
+        n if n > 1 => Some(format!("TIFF: page 1 of {n} used (only the first page is read)")),
+        _ => None,
+    }
 }
 
 /// Largest file accepted for `max_pixels`: an uncompressed image of that many pixels at 8 bytes
@@ -787,6 +826,66 @@ pub(crate) mod tests {
         v.extend_from_slice(&[0u8; 24]); // compression .. important colours
         v.extend_from_slice(&[0u8; 16]);
         v
+    }
+
+    /// A TIFF with one RGB8 page per entry of `pages` (`w x h` each), written by the `tiff` crate.
+    pub fn tiff_pages_of(pages: &[&[u8]], w: u32, h: u32) -> Vec<u8> {
+        let mut buf = Cursor::new(Vec::new());
+        {
+            let mut enc = tiff::encoder::TiffEncoder::new(&mut buf).unwrap();
+            for p in pages {
+                enc.write_image::<tiff::encoder::colortype::RGB8>(w, h, p).unwrap();
+            }
+        }
+        buf.into_inner()
+    }
+
+    /// A multi-page TIFF decodes its first page (as Pillow's `Image.open`) and its note says how many
+    /// pages there are; one page, other formats and junk get no note; the count is capped.
+    #[test]
+    fn multi_page_tiff_first_page_and_note() {
+        let img = sample_rgb(12, 10);
+        let black = vec![0u8; 12 * 10 * 3];
+        let three = tiff_pages_of(&[&black, img.as_raw(), img.as_raw()], 12, 10);
+        assert_eq!(tiff_pages(&three), Some(3));
+        assert_eq!(decode_note(&three).as_deref(), Some("TIFF: page 1 of 3 used (only the first page is read)"));
+        assert_eq!(decode_bytes(&three, "three.tif", DEFAULT_MAX_PIXELS).unwrap().data, black);
+        let one = tiff_pages_of(&[img.as_raw()], 12, 10);
+        assert_eq!((tiff_pages(&one), decode_note(&one)), (Some(1), None));
+        let png = encode(&DynamicImage::ImageRgb8(img.clone()), ImageFormat::Png);
+        assert_eq!((tiff_pages(&png), decode_note(&png)), (None, None));
+        assert_eq!(tiff_pages(b"II*\0junk"), None);
+        // 1,200 pages: counted up to the cap
+        let tiny = [7u8; 3];
+        let many: Vec<&[u8]> = (0..1200).map(|_| &tiny[..]).collect();
+        let big = tiff_pages_of(&many, 1, 1);
+        assert_eq!(tiff_pages(&big), Some(TIFF_PAGE_CAP));
+        assert!(decode_note(&big).unwrap().contains("page 1 of 1000 or more used"));
+        // an IFD chain that points back to itself: no loop, no panic
+        let mut cyc = one.clone();
+        let first = u32::from_le_bytes(cyc[4..8].try_into().unwrap()) as usize;
+        let n = u16::from_le_bytes([cyc[first], cyc[first + 1]]) as usize;
+        cyc[first + 2 + 12 * n..first + 6 + 12 * n].copy_from_slice(&(first as u32).to_le_bytes());
+        assert!(matches!(tiff_pages(&cyc), None | Some(1 | 2)), "{:?}", tiff_pages(&cyc));
+    }
+
+    /// A baseline JPEG with 70 % of its scan data cut but its end marker kept is refused (the decoder
+    /// alone filled the missing rows grey and said ok); the whole file, a progressive one, and one with a few
+    /// bytes after EOI still decode.
+    #[test]
+    fn short_jpeg_scan_is_refused() {
+        let jpg = encode(&DynamicImage::ImageRgb8(sample_rgb(64, 48)), ImageFormat::Jpeg);
+        let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let start = sos + 2 + u16::from_be_bytes([jpg[sos + 2], jpg[sos + 3]]) as usize;
+        let mut short = jpg[..start + (jpg.len() - 2 - start) * 3 / 10].to_vec();
+        short.extend_from_slice(&[0xFF, 0xD9]);
+        assert!(jpeg_is_complete(&short), "the end marker is there");
+        // what the decoder does on its own: ok, the missing rows filled in
+        assert!(image::load_from_memory_with_format(&short, ImageFormat::Jpeg).is_ok());
+        let e = decode_bytes(&short, "short.jpg", DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+        assert!(e.starts_with("short.jpg: truncated or corrupt image data (JPEG: the scan data ends after 2 of 6 MCU rows"), "{e}");
+        assert!(e.contains("the rest of the image is missing"), "{e}");
+        assert!(decode_bytes(&jpg, "whole.jpg", DEFAULT_MAX_PIXELS).is_ok());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Pure-Rust modules (each with `cargo test`s, no Python needed):
 //! [`decode`], [`stain`] (mask, params, macenko, reinhard, lab), [`numeric`] (select, linalg),
-//! [`resize`], [`batch`], [`output`], [`gate`], [`config`], [`error`], [`cpu`]. The Python layer is
+//! [`resize`], [`jpeg_scan`], [`batch`], [`output`], [`gate`], [`config`], [`error`], [`cpu`]. The Python layer is
 //! [`py`]: thin wrappers that convert arguments while holding the GIL, release it
 //! (`Python::detach`) for all pixel work, and map [`error::Error`] to Python exceptions. No panic
 //! crosses into Python: batch items run under `catch_unwind`, and PyO3 turns any other panic into
@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod decode;
 pub mod error;
 pub mod gate;
+pub mod jpeg_scan;
 pub mod numeric;
 pub mod output;
 pub mod resize;

@@ -222,6 +222,7 @@ pub fn status_list<'py>(py: Python<'py>, statuses: &[ItemStatus], names: &[Strin
         d.set_item("stain_fallback", st.stain_fallback)?;
         d.set_item("stain_reason", st.stain_reason.as_deref())?;
         d.set_item("rejected", st.rejected.as_deref())?;
+        d.set_item("note", st.note.as_deref())?;
         list.append(d)?;
     }
     Ok(list)
