@@ -232,11 +232,15 @@ def export_model(
     calibrate: str | os.PathLike | None = None,
     calibration_method: str = "minmax",
     calibration_cells: int = 256,
+    int8_fp32_convs: int | str = "auto",
+    progress: Any = None,
 ) -> ExportResult:
     """Export ``model`` (an ``nn.Module`` producing logits ``(N, 2)``) with its preprocessing ``config``.
 
     ``calibrate``: a dataset cache with the model's pixel hash; also writes the INT8 Q/DQ graph
-    (:mod:`leukedge.quantize`), checked against FP32 (``check``) and marked failed past ``INT8_TOL``.
+    (:mod:`leukedge.quantize`), checked against FP32 (``check``) and marked failed past ``INT8_TOL``;
+    ``int8_fp32_convs``: how many leading convolutions stay FP32 (``"auto"``: the fewest that pass, searched; without
+    ``check``, none). ``progress(str)`` hears the INT8 search.
     Long on purpose: one linear sequence of export steps, each a few lines, sharing the manifest."""
     import onnx
     import torch
@@ -252,17 +256,11 @@ def export_model(
 
     files, exporter = _write_graphs(model, config, out, meta, fp16=fp16, io_dtype=io_dtype, opset=opset)
     int8_info: dict[str, Any] | None = None
+    int8_reports: dict[str, dict[str, Any]] = {}
     if calibrate is not None:
-        from .quantize import calibration_data, quantize_int8
-
-        xc, heldout, calib_desc = calibration_data(calibrate, config, max_calibrate=calibration_cells)
-        props = {**_base_meta(config, meta), "precision": "int8"}
-        int8_info = quantize_int8(files["fp32"], out / EXPORT_INT8, xc, method=calibration_method, props=props,
-                                  symmetric=False)
-        int8_info["tensorrt"] = quantize_int8(files["fp32"], out / EXPORT_INT8_TRT, xc, method=calibration_method,
-                                              props=props, symmetric=True)
-        int8_info["calibration"] = calib_desc
-        files["int8"], files["int8_trt"] = out / EXPORT_INT8, out / EXPORT_INT8_TRT
+        int8_info, int8_reports = _int8_graphs(files, out, config, meta, calibrate, check=check, sample_dir=sample_dir,
+                                               n_synth=n_synth, method=calibration_method, cells=calibration_cells,
+                                               fp32_convs=int8_fp32_convs, progress=progress)
     else:
         for stale in (EXPORT_INT8, EXPORT_INT8_TRT):  # INT8 graphs of an earlier export would not match
             (out / stale).unlink(missing_ok=True)
@@ -296,13 +294,9 @@ def export_model(
     passed = True
     if check:
         report, passed = check_export(model, config, files, sample_dir=sample_dir, n_synth=n_synth)
-        if int8_info is not None:
-            from .quantize import check_int8
-
-            cells = check_inputs(config, _sample_dir(sample_dir), n_synth=n_synth)
-            for key in ("int8", "int8_trt"):
-                report[key], ok8 = check_int8(files["fp32"], files[key], cells, heldout)
-                passed = passed and ok8
+        for key, rep in int8_reports.items():
+            report[key] = rep
+            passed = passed and rep["all"]["pass"]
         atomic_write_text(out / "export_report.json", json.dumps(report, indent=2) + "\n")
         files["report"] = out / "export_report.json"
     if int8_info is not None:
@@ -311,6 +305,35 @@ def export_model(
         int8_info["tensorrt"]["passed"] = bool(check and report.get("int8_trt", {}).get("all", {}).get("pass"))
     files["manifest"] = write_export_manifest(out, manifest)
     return ExportResult(out, files, report, passed)
+
+
+def _int8_graphs(files: dict[str, Path], out: Path, config: PreprocessConfig, meta: dict[str, Any],
+                 calibrate: str | os.PathLike, *, check: bool, sample_dir: str | os.PathLike | None, n_synth: int,
+                 method: str, cells: int, fp32_convs: int | str,
+                 progress: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The two Q/DQ graphs (ONNX Runtime U8S8, TensorRT S8S8) and, with ``check``, their reports against FP32. Each
+    graph's FP32 prefix is searched on its own; the TensorRT graph's search starts at the ONNX Runtime graph's prefix
+    (its symmetric activations are never closer to FP32)."""
+    from .quantize import calibration_data, quantize_checked, quantize_int8
+
+    xc, heldout, calib_desc = calibration_data(calibrate, config, max_calibrate=cells)
+    props = {**_base_meta(config, meta), "precision": "int8"}
+    files["int8"], files["int8_trt"] = out / EXPORT_INT8, out / EXPORT_INT8_TRT
+    reports: dict[str, dict[str, Any]] = {}
+    if check:
+        inputs = check_inputs(config, _sample_dir(sample_dir), n_synth=n_synth)
+        info, reports["int8"], _ = quantize_checked(files["fp32"], files["int8"], xc, inputs, heldout, method=method,
+                                                    props=props, symmetric=False, fp32_convs=fp32_convs, progress=progress)
+        info["tensorrt"], reports["int8_trt"], _ = quantize_checked(
+            files["fp32"], files["int8_trt"], xc, inputs, heldout, method=method, props=props, symmetric=True,
+            fp32_convs=fp32_convs, start=info["fp32_convs"], progress=progress)
+    else:  # unchecked (never marked good): the whole graph quantised unless a prefix was given
+        k = 0 if fp32_convs == "auto" else int(fp32_convs)
+        info = quantize_int8(files["fp32"], files["int8"], xc, method=method, props=props, symmetric=False, fp32_convs=k)
+        info["tensorrt"] = quantize_int8(files["fp32"], files["int8_trt"], xc, method=method, props=props,
+                                         symmetric=True, fp32_convs=k)
+    info["calibration"] = calib_desc
+    return info, reports
 
 
 def _sample_dir(sample_dir: str | os.PathLike | None) -> Path | None:

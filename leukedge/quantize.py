@@ -40,6 +40,9 @@ INT8_TOL = {
 }
 INT8_BORDERLINE = 0.1
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: ``--int8-fp32-convs auto``: the FP32 prefixes tried, fewest leading convolutions first (graph order), until the
+#: graph passes :data:`INT8_TOL`. For EfficientNet-Lite, 3 = the stem and block 0, then 3 convolutions per block.
+INT8_FP32_LADDER = (0, 3, 6, 9, 12, 15, 24)
 
 
 @dataclass
@@ -111,10 +114,33 @@ def head_nodes(model: Any) -> list[str]:
     return [n.name for n in nodes[last:]]
 
 
+def conv_count(model: Any) -> int:
+    return sum(n.op_type == "Conv" for n in model.graph.node)
+
+
+def prefix_nodes(model: Any, n_convs: int) -> list[str]:
+    """Names of every node up to and including the ``n_convs``-th Conv in graph order: kept FP32 (the first,
+    high-resolution layers, where one per-tensor activation range serves channels of very different scales:
+    the default model's stem has a channel whose weights are 30x the others')."""
+    if n_convs <= 0:
+        return []
+    nodes = list(model.graph.node)
+    for i, n in enumerate(nodes):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    seen = 0
+    for i, n in enumerate(nodes):
+        seen += n.op_type == "Conv"
+        if seen == n_convs:
+            return [m.name for m in nodes[: i + 1]]
+    raise ValueError(f"the graph has {seen} convolutions: cannot keep the first {n_convs} in FP32")
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, method: str = "minmax",
-                  props: dict[str, str] | None = None, symmetric: bool = True) -> dict[str, Any]:
+                  props: dict[str, str] | None = None, symmetric: bool = True, fp32_convs: int = 0) -> dict[str, Any]:
     """Write the Q/DQ INT8 graph of ``fp32_path`` to ``out_path``, calibrated on ``calib`` (float32 NCHW);
-    returns what was done (for ``export.json``).
+    returns what was done (for ``export.json``). ``fp32_convs``: the first convolutions (graph order), and every
+    node before the last of them, stay FP32 (:func:`prefix_nodes`).
 
     ``symmetric``: INT8 activations with zero point 0, what TensorRT requires; otherwise UINT8 activations with
     a zero point (U8S8, ONNX Runtime's recommended format on x86: on the 2-core test machine 2.2x FP32 at batch 32
@@ -136,6 +162,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, method:
             quant_pre_process(str(fp32_path), str(tmp_pre), skip_symbolic_shape=False)
             pre = onnx.load(str(tmp_pre))
             keep = head_nodes(pre)
+            prefix = prefix_nodes(pre, fp32_convs)
+            keep = prefix + [k for k in keep if k not in set(prefix)]
             onnx.save(pre, str(tmp_pre))
             name = pre.graph.input[0].name
             cal_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -166,7 +194,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, method:
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
             "weights": "int8, symmetric, per output channel",
             "activations": "int8, symmetric (zero point 0)" if symmetric else "uint8, asymmetric (zero point)",
-            "calibration_method": method, "calibration_cells": int(len(calib)), "kept_fp32": keep,
+            "calibration_method": method, "calibration_cells": int(len(calib)), "fp32_convs": fp32_convs,
+            "kept_fp32": keep[len(prefix):] if fp32_convs else keep, "kept_fp32_prefix_nodes": len(prefix),
             "quantize_linear_nodes": ops.get("QuantizeLinear", 0), "dequantize_linear_nodes": ops.get("DequantizeLinear", 0)}
 
 
@@ -236,6 +265,43 @@ def check_int8(fp32_path: Path, int8_path: Path, inputs: list[tuple[str, np.ndar
     fp32.close()
     int8.close()
     return report, not fails
+
+
+def quantize_checked(fp32_path: Path, out_path: Path, calib: np.ndarray, inputs: list[tuple[str, np.ndarray]],
+                     heldout: tuple[np.ndarray, np.ndarray] | None, *, fp32_convs: int | str = "auto", method: str = "minmax",
+                     props: dict[str, str] | None = None, symmetric: bool = False, start: int = 0,
+                     progress: Any = None) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Quantise ``fp32_path`` and check it against FP32 (:func:`check_int8`); returns ``(info, report, passed)``.
+
+    ``fp32_convs="auto"``: mixed precision found by search, as Polygraphy's ``debug precision`` does for TensorRT
+    layers: the prefixes of :data:`INT8_FP32_LADDER` are tried, fewest FP32 convolutions first, and the first graph
+    within :data:`INT8_TOL` is kept (if none passes, the last one tried is written and marked failed).
+    ``start``: the search begins at that prefix. ``info["search"]`` lists every try. An integer keeps exactly that
+    many. ``progress(str)`` hears each try."""
+    import onnx
+
+    if fp32_convs == "auto":
+        n = conv_count(onnx.load(str(fp32_path), load_external_data=False))
+        ladder = [k for k in INT8_FP32_LADDER if start <= k < n] or [start]
+    else:
+        ladder = [int(fp32_convs)]
+    tries: list[dict[str, Any]] = []
+    for k in ladder:
+        info = quantize_int8(fp32_path, out_path, calib, method=method, props=props, symmetric=symmetric, fp32_convs=k)
+        report, ok = check_int8(fp32_path, out_path, inputs, heldout)
+        held = report["by_source"].get("heldout", {})
+        tries.append({"fp32_convs": k, "p95_abs_prob": report["all"]["abs_prob"]["p95"],
+                      "nonborderline_flips": report["all"]["nonborderline_flips"], "f1_drop": held.get("f1_drop"),
+                      "passed": ok})
+        if progress is not None:
+            progress(f"INT8 {'S8S8' if symmetric else 'U8S8'}, first {k} convolutions FP32: "
+                     f"p95 |dP(all)| {tries[-1]['p95_abs_prob']:.3f}, {tries[-1]['nonborderline_flips']} non-borderline "
+                     f"flip(s): {'passed' if ok else 'failed'}")
+        if ok:
+            break
+    info["search"] = tries
+    report["fp32_convs"] = info["fp32_convs"]
+    return info, report, ok
 
 
 def calibration_data(cache_path: str | os.PathLike, config: Any, *, max_calibrate: int = 256, max_heldout: int = 1024,

@@ -103,3 +103,25 @@ def test_build_engine_without_torch_on_the_default_model(tmp_path):
     r = _no_torch("build-engine", str(DEFAULT / "export"), "-o", str(eng), "--backend", "tensorrt-rtx")
     assert r.returncode == 0, r.stdout + r.stderr
     assert eng.is_file() and eng.stat().st_size > 0 and Path(str(eng) + ".json").is_file()
+
+
+def test_default_model_int8_graph_passed_its_bound_and_runs_without_torch(cnmc_sample, sample_cells, tmp_path):
+    """The shipped INT8 graphs (mixed precision: the first convolutions FP32) passed their check against FP32, and
+    `infer --precision int8` runs the ONNX Runtime one without PyTorch, agreeing with FP32 on the sample cells."""
+    pytest.importorskip("onnxruntime")
+    exp = json.loads((DEFAULT / "export" / "export.json").read_text())
+    info = exp["int8"]
+    assert info["passed"] and info["tensorrt"]["passed"]
+    assert 0 < info["fp32_convs"] <= info["tensorrt"]["fp32_convs"]
+    assert {"int8", "int8_trt"} <= set(exp["files"])
+    assert resolve_model(DEFAULT).onnx_int8 is not None
+    out8, out32 = tmp_path / "int8.csv", tmp_path / "fp32.csv"
+    r = _no_torch("infer", str(cnmc_sample), "-o", str(out8), "--precision", "int8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _no_torch("infer", str(cnmc_sample), "-o", str(out32))
+    assert r.returncode == 0, r.stdout + r.stderr
+    p8 = {row["path"]: float(row["probability"]) for row in _write_rows(out8)}
+    p32 = {row["path"]: float(row["probability"]) for row in _write_rows(out32)}
+    assert len(p8) == len(sample_cells) and p8.keys() == p32.keys()
+    d = np.abs(np.array([p8[k] - p32[k] for k in p32]))
+    assert np.quantile(d, 0.95) <= 0.05

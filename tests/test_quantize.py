@@ -17,7 +17,7 @@ from leukedge.artifacts import EXPORT_INT8, EXPORT_INT8_TRT  # noqa: E402
 from leukedge.config import ConfigMismatchError, PreprocessConfig  # noqa: E402
 from leukedge.engines import BackendUnavailable, get_backend, resolve_model  # noqa: E402
 from leukedge.export import export_bundle  # noqa: E402
-from leukedge.quantize import INT8_TOL, prob_shift, split_by_subject  # noqa: E402
+from leukedge.quantize import INT8_FP32_LADDER, INT8_TOL, conv_count, prefix_nodes, prob_shift, split_by_subject  # noqa: E402
 
 SAMPLE = Path(__file__).parents[1].parent / "shared/data/cnmc_sample"
 SIZE = 48
@@ -110,6 +110,9 @@ def test_int8_graph_has_qdq_nodes_and_runs(exported):
     assert {"real", "synthetic", "heldout"} & set(rep["by_source"])
     assert "weighted_f1_int8" in rep["by_source"]["heldout"]
     assert info["passed"] is rep["all"]["pass"] is True, rep["failures"]
+    # auto mixed precision: the search stopped at the first passing prefix, the one the graph has
+    assert info["search"][-1]["passed"] and all(not t["passed"] for t in info["search"][:-1])
+    assert info["fp32_convs"] == info["search"][-1]["fp32_convs"] == rep["fp32_convs"]
     # the symmetric TensorRT graph is checked on its own (less exact on this random tiny model: it may be refused)
     rep_trt = json.loads((out / "export_report.json").read_text())["int8_trt"]
     assert info["tensorrt"]["passed"] is rep_trt["all"]["pass"]
@@ -138,6 +141,11 @@ def test_constant_calibration_fails_the_bound_and_is_not_used(setup, tmp_path):
     assert not res.passed
     rep = res.report["int8"]
     assert rep["failures"] and not rep["all"]["pass"]
+    # the auto search tried every FP32 prefix of the ladder the tiny graph has, fewest first, and none passed
+    search = json.loads((tmp_path / "export" / "export.json").read_text())["int8"]["search"]
+    n_conv = conv_count(onnx.load(str(tmp_path / "export" / "model_fp32.onnx")))
+    assert [t["fp32_convs"] for t in search] == [k for k in INT8_FP32_LADDER if k < n_conv]
+    assert len(search) >= 2 and not any(t["passed"] for t in search)
     assert json.loads((tmp_path / "export" / "export.json").read_text())["int8"]["passed"] is False
     assert resolve_model(tmp_path / "export").onnx_int8 is None
     with pytest.raises(BackendUnavailable, match="INT8"):
@@ -146,6 +154,39 @@ def test_constant_calibration_fails_the_bound_and_is_not_used(setup, tmp_path):
 
     with pytest.raises(BuildError, match="did not pass"):
         resolve_onnx(tmp_path / "export", int8=True)
+
+
+def test_fp32_prefix_keeps_the_first_convolutions_unquantised(setup, exported, tmp_path):
+    """--int8-fp32-convs N: the first N Conv nodes read float weights (no DequantizeLinear on them), the rest INT8."""
+    d, bundle, cache = setup
+    fp32 = onnx.load(str(exported.out_dir / "model_fp32.onnx"))
+    n_conv = conv_count(fp32)
+    assert n_conv >= 3
+    names = prefix_nodes(fp32, 2)
+    assert [n.op_type for n in fp32.graph.node if n.name in names].count("Conv") == 2
+    assert names[-1] == [n.name for n in fp32.graph.node if n.op_type == "Conv"][1]
+    with pytest.raises(ValueError, match="convolutions"):
+        prefix_nodes(fp32, n_conv + 1)
+    res = export_bundle(bundle, tmp_path / "export", fp16=False, sample_dir=check_cells(d), n_synth=8, calibrate=cache,
+                        calibration_cells=64, int8_fp32_convs=2)
+    m = onnx.load(str(tmp_path / "export" / EXPORT_INT8))
+    deq = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert [c.input[1] in deq for c in convs] == [False] * 2 + [True] * (n_conv - 2)
+    info = json.loads((tmp_path / "export" / "export.json").read_text())["int8"]
+    assert info["fp32_convs"] == info["tensorrt"]["fp32_convs"] == 2 and len(info["search"]) == 1
+    assert res.report["int8"]["fp32_convs"] == 2
+
+
+def test_cli_int8_fp32_convs_is_auto_or_a_count(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from leukedge.cli.export import export_cmd
+
+    _, bundle, cache = setup
+    r = CliRunner().invoke(export_cmd, [str(bundle), "-o", str(tmp_path / "e"), "--int8", "--calibrate", str(cache),
+                                        "--int8-fp32-convs", "some"])
+    assert r.exit_code == 2 and "auto or a number" in r.output
 
 
 def test_cache_with_other_pixels_is_refused(setup, tmp_path):

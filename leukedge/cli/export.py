@@ -9,7 +9,19 @@ import click
 
 from ..config import PreprocessConfig
 from ..export import export_bundle
-from ..quantize import CALIBRATION_METHODS
+from ..quantize import CALIBRATION_METHODS, INT8_FP32_LADDER
+
+
+def _fp32_convs(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r}: give auto or a number of convolutions (0 or more)")
+    return n
 
 
 def print_report(report: dict[str, Any], console: Any = None) -> None:
@@ -53,6 +65,8 @@ def print_int8_report(rep: dict[str, Any], console: Any, what: str) -> None:
         t.add_row(name, str(m["n"]), f"{a['p50']:.4f}", f"{a['p95']:.4f}", f"{a['p99']:.4f}", f"{a['max']:.4f}",
                   f"{m['flips']} ({m['borderline_flips']})", f1)
     console.print(t)
+    if rep.get("fp32_convs"):
+        console.print(f"mixed precision: the first {rep['fp32_convs']} convolutions FP32, the rest INT8")
     if rep["failures"]:
         console.print(f"[red]INT8 graph ({what}) NOT marked good:[/] " + "; ".join(rep["failures"]))
     else:
@@ -83,8 +97,14 @@ def print_int8_report(rep: dict[str, Any], console: Any, what: str) -> None:
               help="How activation ranges are taken from the calibration cells.")
 @click.option("--calibration-cells", type=click.IntRange(8, 100_000), default=256, show_default=True,
               help="At most this many cells calibrate (the held-out subjects' cells check).")
+@click.option("--int8-fp32-convs", default="auto", show_default=True, callback=_fp32_convs, metavar="auto|N",
+              help="Mixed precision: the first N convolutions (graph order) stay FP32, the rest is INT8. auto: the "
+                   f"fewest of {', '.join(map(str, INT8_FP32_LADDER))} with which the graph passes the bound, tried in "
+                   "that order (the default model's stem and block 0 do not quantise well: one activation range per "
+                   "tensor serves channels of very different scales).")
 def export_cmd(bundle: Path, out_dir: Path, fp16: bool, io_dtype: str, opset: int, samples: Path | None, n_synth: int,
-               check: bool, int8: bool, calibrate: Path | None, calibration_method: str, calibration_cells: int) -> None:
+               check: bool, int8: bool, calibrate: Path | None, calibration_method: str, calibration_cells: int,
+               int8_fp32_convs: int | str) -> None:
     """Export model BUNDLE to ONNX (dynamic batch; FP32 + FP16, with --int8 an INT8 Q/DQ graph) and check it
     against PyTorch (INT8: against FP32, on real sample, synthetic and held-out calibration-cache cells)."""
     from rich.console import Console
@@ -97,7 +117,8 @@ def export_cmd(bundle: Path, out_dir: Path, fp16: bool, io_dtype: str, opset: in
         try:
             res = export_bundle(bundle, out_dir, fp16=fp16, io_dtype=io_dtype, opset=opset, check=check,
                                 sample_dir=samples, n_synth=n_synth, calibrate=calibrate,
-                                calibration_method=calibration_method, calibration_cells=calibration_cells)
+                                calibration_method=calibration_method, calibration_cells=calibration_cells,
+                                int8_fp32_convs=int8_fp32_convs, progress=lambda msg: console.print(f"  {msg}"))
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
     for k, p in res.files.items():
