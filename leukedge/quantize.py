@@ -121,7 +121,7 @@ def conv_count(model: Any) -> int:
 def prefix_nodes(model: Any, n_convs: int) -> list[str]:
     """Names of every node up to and including the ``n_convs``-th Conv in graph order: kept FP32 (the first,
     high-resolution layers, where one per-tensor activation range serves channels of very different scales:
-    the default model's stem has a channel whose weights are 30x the others')."""
+    the default model's stem weights differ in scale per channel by more than 10x)."""
     if n_convs <= 0:
         return []
     nodes = list(model.graph.node)

@@ -100,8 +100,7 @@ def print_int8_report(rep: dict[str, Any], console: Any, what: str) -> None:
 @click.option("--int8-fp32-convs", default="auto", show_default=True, callback=_fp32_convs, metavar="auto|N",
               help="Mixed precision: the first N convolutions (graph order) stay FP32, the rest is INT8. auto: the "
                    f"fewest of {', '.join(map(str, INT8_FP32_LADDER))} with which the graph passes the bound, tried in "
-                   "that order (the default model's stem and block 0 do not quantise well: one activation range per "
-                   "tensor serves channels of very different scales).")
+                   "that order (the default model's first layers do not quantise well; export.json: int8.search).")
 def export_cmd(bundle: Path, out_dir: Path, fp16: bool, io_dtype: str, opset: int, samples: Path | None, n_synth: int,
                check: bool, int8: bool, calibrate: Path | None, calibration_method: str, calibration_cells: int,
                int8_fp32_convs: int | str) -> None:
