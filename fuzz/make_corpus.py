@@ -70,6 +70,17 @@ def jpeg_short_scan(jpg: bytes) -> bytes:
     return jpg[:keep] + b"\xff\xd9"
 
 
+def jpeg_huffman_overflow(jpg: bytes) -> bytes:
+    """A JPEG whose first Huffman table claims 3 codes of length 1 (2 exist), its symbol total kept so that
+    the segment still parses: the CI fuzzer found this shape panicking the scan check (jpeg_scan.rs)."""
+    counts = jpg.index(b"\xff\xc4") + 5
+    out = bytearray(jpg)
+    donor = next(j for j in range(counts + 1, counts + 16) if out[j] >= 3)
+    out[donor] -= 3
+    out[counts] += 3
+    return bytes(out)
+
+
 def bmp_header(w: int, h: int) -> bytes:
     return (b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 0, 0, 0, 0)
             + b"\0" * 16)
@@ -104,6 +115,7 @@ def generated() -> dict[str, bytes]:
     out["negative.bmp"] = bmp_header(16, -16)
     out["iccp-bomb.png"] = png_iccp_bomb(60 << 20)
     out["short-scan.jpg"] = jpeg_short_scan(out["rgb.jpg"])
+    out["huffman-overflow.jpg"] = jpeg_huffman_overflow(out["rgb.jpg"])
     first = Image.new("RGB", (56, 40))
     buf = io.BytesIO()
     first.save(buf, "TIFF", save_all=True, append_images=[rgb, rgb])

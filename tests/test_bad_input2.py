@@ -511,6 +511,30 @@ def test_jpeg_with_a_short_scan_is_refused_naming_the_rows(native, tmp_path):
     assert st[1]["ok"] and st[1]["note"] is None
 
 
+def test_jpeg_huffman_table_that_overflows_is_a_decode_error_not_a_panic(native, tmp_path):
+    """Found by the CI fuzzer: a Huffman table with more codes of one length than it has bit patterns (its
+    symbol total kept, so the segment parses) made the scan check index past its lookup table, a Rust panic
+    (PanicException), in decode and in a batch. Now a DecodeError, and a per-file error in a batch."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(make_cell(0, seed=5, size=64)).save(buf, "JPEG", quality=80)
+    jpg = bytearray(buf.getvalue())
+    counts = jpg.index(b"\xff\xc4") + 5
+    donor = next(j for j in range(counts + 1, counts + 16) if jpg[j] >= 3)
+    jpg[donor] -= 3
+    jpg[counts] += 3  # three codes of length 1
+    with pytest.raises(native.DecodeError):
+        native.decode(bytes(jpg))
+    f = tmp_path / "overflow.jpg"
+    f.write_bytes(bytes(jpg))
+    good = tmp_path / "good.png"
+    write_png(good, make_cell(1, seed=6, size=64))
+    _, st = native.preprocess_batch([str(f), str(good)], PreprocessConfig(size=32).to_json())
+    assert not st[0]["ok"] and "overflow.jpg" in st[0]["error"]
+    assert st[1]["ok"]
+
+
 def test_multipage_tiff_says_page_1_of_n_used(native, tiny_bundle, tmp_path):
     from click.testing import CliRunner
 

@@ -76,6 +76,11 @@ impl Huffman {
             h.valptr[len] = k as i32;
             h.mincode[len] = code;
             for _ in 0..n {
+                if code >= (1 << len) {
+                    // more codes of this length than it has bit patterns: checked before `code`
+                    // indexes the fast table
+                    return Err("Huffman table whose code lengths overflow".into());
+                }
                 if len as u32 <= FAST_BITS {
                     let shift = FAST_BITS - len as u32;
                     let base = (code as usize) << shift;
@@ -88,9 +93,6 @@ impl Huffman {
             }
             if n > 0 {
                 h.maxcode[len] = code - 1;
-            }
-            if code > (1 << len) {
-                return Err("Huffman table whose code lengths overflow".into());
             }
             code <<= 1;
         }
@@ -618,6 +620,14 @@ mod tests {
         let mut bad = jpg.clone();
         bad[dht + 5] = 3; // three codes of length 1
         assert!(check(&bad).is_err(), "{:?}", check(&bad));
+        // the same overflow with the table's total kept (so the segment still parses): found by
+        // the CI fuzzer, it once indexed the fast table past its end
+        let mut kept = jpg.clone();
+        let counts = dht + 5;
+        let donor = (counts + 1..counts + 16).find(|&j| kept[j] >= 3).unwrap();
+        kept[donor] -= 3;
+        kept[counts] += 3;
+        assert_eq!(check(&kept), Err("Huffman table whose code lengths overflow".to_string()));
         // every single-byte corruption and every cut: an answer, never a panic
         for k in 0..jpg.len() {
             let mut m = jpg.clone();
@@ -631,6 +641,43 @@ mod tests {
             let mut m = jpg.clone();
             m[start..end].fill(fill);
             let _ = check(&m);
+        }
+    }
+
+    #[test]
+    fn huffman_tables_of_any_counts_never_panic() {
+        // more codes of one length than it has bit patterns, and two lengths that together overflow
+        let mut cases: Vec<[u8; 16]> = (1..=7usize)
+            .map(|len| {
+                let mut c = [0u8; 16];
+                c[len - 1] = (1u8 << len) + 1;
+                c
+            })
+            .collect();
+        cases.push([2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        cases.push([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 0, 0, 0, 0]);
+        for counts in cases {
+            let symbols: Vec<u8> = (0..counts.iter().map(|&c| c as usize).sum::<usize>()).map(|k| k as u8).collect();
+            assert!(Huffman::new(&counts, &symbols).is_err(), "{counts:?}");
+        }
+        // every count vector of a small pseudo-random family: Ok or Err, never a panic, and a table
+        // that is accepted fits its code space (Kraft sum at most 1)
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for _ in 0..20_000 {
+            let mut counts = [0u8; 16];
+            for c in counts.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *c = if state.is_multiple_of(3) { (state >> 8) as u8 % 9 } else { 0 };
+            }
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            let symbols: Vec<u8> = (0..total).map(|k| k as u8).collect();
+            let kraft: f64 = counts.iter().enumerate().map(|(l, &c)| c as f64 / f64::powi(2.0, l as i32 + 1)).sum();
+            match Huffman::new(&counts, &symbols) {
+                Ok(_) => assert!(kraft <= 1.0, "{counts:?}"),
+                Err(_) => assert!(kraft > 1.0 || total > 256, "{counts:?}"),
+            }
         }
     }
 }
