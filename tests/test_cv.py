@@ -173,7 +173,8 @@ def test_int8_views_train_on_the_int8_frozen_blocks_of_training_rows_only(cache,
     int8 = sorted(feats.glob("prefix_k8_*_int8_*.npy"))
     assert len(int8) == 2, [p.name for p in feats.iterdir()]  # one per fold: its own calibration and training rows
     clean = np.load(next(p for p in feats.glob("prefix_k8_*.npy") if "int8" not in p.name)).astype(np.float32)
-    for k, run in enumerate(res.summary["fold_runs"][:2]):
+    assert len(res.summary["fold_runs"]) == 2
+    for k in range(2):
         oof = [r for r in _oof(tmp_path / "cv" / "oof_predictions.csv") if int(r["fold"]) == k]
         val = sorted(int(r["row"]) for r in oof)
         train = sorted(set(range(clean.shape[1])) - set(val))

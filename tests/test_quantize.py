@@ -127,6 +127,39 @@ def test_int8_graph_has_qdq_nodes_and_runs(exported):
     assert get_backend("onnxruntime", out, device="cpu").name == "onnxruntime-cpu-fp32"
 
 
+def test_bias_correction_matches_every_int8_convolutions_mean_output_to_fp32(setup, exported, tmp_path):
+    """correct_biases: after it, each INT8 convolution's per-channel mean output over the correction cells equals
+    FP32's, even from a Q/DQ graph whose bias was pushed off on purpose; export records it."""
+    from leukedge.artifacts import load_cache
+    from leukedge.config import normalize_uint8
+    from leukedge.quantize import BIAS_CORRECTION_CELLS, _activation_inputs, _channel_means, correct_biases, quantize_int8
+
+    _, _, cache = setup
+    c = load_cache(cache)
+    x = normalize_uint8(np.asarray(c.images[c.ok_indices()]), PreprocessConfig(size=SIZE))[:BIAS_CORRECTION_CELLS]
+    fp32_path = exported.out_dir / "model_fp32.onnx"
+    info = quantize_int8(fp32_path, tmp_path / "q.onnx", x, symmetric=False, bias_correction=False)
+    assert info["bias_correction"] is None
+    fp32, q = onnx.load(str(fp32_path)), onnx.load(str(tmp_path / "q.onnx"))
+    init = {i.name: i for i in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type == "Conv" and len(n.input) == 3 and n.input[2] in init
+             and producer[n.input[1]].op_type == "DequantizeLinear"]
+    assert convs
+    b = init[convs[0].input[2]]
+    b.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(b) + np.float32(0.5), b.name))
+    names, pre_act = [n.output[0] for n in convs], _activation_inputs(fp32)
+    ref = _channel_means(fp32, [pre_act.get(n, n) for n in names], x)  # each convolution's output before its ReLU
+    off = _channel_means(q, names, x)
+    assert max(float(np.abs(a - r).max()) for a, r in zip(off, ref)) > 0.1  # the pushed bias shows
+    assert correct_biases(fp32, q, x) == len(convs)
+    fixed = _channel_means(q, names, x)
+    for a, r in zip(fixed, ref):
+        assert np.abs(a - r).max() <= 1e-4 * max(1.0, float(np.abs(r).max())), (a, r)
+    manifest = json.loads((exported.out_dir / "export.json").read_text())
+    assert manifest["int8"]["bias_correction"]["convolutions"] >= 1
+
+
 def test_constant_calibration_fails_the_bound_and_is_not_used(setup, tmp_path):
     d, bundle, cache = setup
     broken = tmp_path / "constant_cache"
