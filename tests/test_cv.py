@@ -156,62 +156,6 @@ def test_noise_trains_on_noisy_cached_views_and_validates_on_clean_ones(cache, t
     assert meta["recipe"]["settings"]["noise"] == 4.0
 
 
-def test_int8_views_train_on_the_int8_frozen_blocks_of_training_rows_only(cache, tmp_path):
-    """--int8-views: per fold, the frozen blocks' INT8 graph (calibrated on that fold's training cells) computes the
-    training rows' features, a third cache; validation rows are never computed there (the out-of-fold scores read
-    FP32 features, so the bundle reproduces them), and the recipe records the fraction."""
-    import hashlib
-    import shutil
-
-    pytest.importorskip("onnxruntime")
-    own = tmp_path / "cache"
-    shutil.copytree(cache, own, ignore=shutil.ignore_patterns("features"))
-    cfg = TrainConfig(arch="efficientnet_lite0", pretrained=True, freeze_blocks=8, augment="dihedral", epochs=1,
-                      batch_size=16, progress=False, quiet=True, int8_views=0.5)
-    res = cross_validate(own, tmp_path / "cv", cfg, folds=2, seeds=[0], log=lambda *_: None)
-    feats = own / "features"
-    int8 = sorted(feats.glob("prefix_k8_*_int8_*.npy"))
-    assert len(int8) == 2, [p.name for p in feats.iterdir()]  # one per fold: its own calibration and training rows
-    clean = np.load(next(p for p in feats.glob("prefix_k8_*.npy") if "int8" not in p.name)).astype(np.float32)
-    assert len(res.summary["fold_runs"]) == 2
-    for k in range(2):
-        oof = [r for r in _oof(tmp_path / "cv" / "oof_predictions.csv") if int(r["fold"]) == k]
-        val = sorted(int(r["row"]) for r in oof)
-        train = sorted(set(range(clean.shape[1])) - set(val))
-        digest = hashlib.sha256(np.asarray(train, np.int64).tobytes()).hexdigest()[:12]
-        q = next(np.load(p).astype(np.float32) for p in int8 if f"_rows{len(train)}_{digest}" in p.name)
-        assert not q[:, val].any()  # never computed for the fold's validation (test) rows
-        a, b = clean[:, train], q[:, train]
-        rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
-        assert 0.0 < rel < 0.5, rel  # quantised, but the same features
-        ev = evaluate(own, tmp_path / "cv" / "seed0" / f"fold{k}" / "bundle", indices=val)
-        got = {p["index"]: p["prob_all"] for p in ev["predictions"]}
-        assert max(abs(got[int(r["row"])] - float(r["probability"])) for r in oof) < 0.02
-    meta = json.loads((tmp_path / "cv" / "seed0" / "fold0" / "bundle" / "bundle.json").read_text())
-    assert meta["recipe"]["settings"]["int8_views"] == 0.5
-
-
-def test_int8_views_need_the_feature_cache_and_a_fraction():
-    with pytest.raises(ValueError, match="feature cache"):
-        TrainConfig(arch="tiny", int8_views=0.5)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        TrainConfig(arch="efficientnet_lite0", freeze_blocks=8, augment="dihedral", int8_views=1.5)
-
-
-def test_feature_batches_read_the_alternative_views_at_the_given_fraction():
-    import torch
-
-    from leukedge.training.features import feature_batches
-
-    feats = np.zeros((8, 400, 1, 1, 1), np.float16)
-    alt = np.ones_like(feats)
-    labels = np.zeros(400, np.int64)
-    for frac, lo, hi in ((0.0, 0, 0), (1.0, 400, 400), (0.5, 150, 250)):
-        g = torch.Generator().manual_seed(0)
-        got = sum(int(x.sum()) for x, _ in feature_batches(feats, labels, [np.arange(400)], g, 8, alt, frac))
-        assert lo <= got <= hi, (frac, got)
-
-
 def test_cell_noise_leaves_the_background_black():
     import torch
 

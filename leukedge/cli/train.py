@@ -39,10 +39,6 @@ _RECIPE_OPTIONS = [
     click.option("--noise", type=click.FloatRange(0, 64), default=_d("noise"), show_default=True,
                  help="Gaussian noise on the cell's pixels of every training input, sigma ~ U(0, NOISE) grey levels "
                       "(0 = off). With the feature cache the noisy views are cached once (a second cache).",),
-    click.option("--int8-views", type=click.FloatRange(0, 1), default=_d("int8_views"), show_default=True,
-                 help="INT8-aware training (with the feature cache): this fraction of the training rows read the frozen "
-                      "blocks' outputs as their INT8 graph (calibrated on training cells) computes them, so the trained "
-                      "top agrees with itself after `leukedge export --int8` (0 = off)."),
     click.option("--seed", type=int, default=_d("seed"), show_default=True, help="Seeds the split, initialisation, shuffling and augmentation."),
     click.option("--pretrained/--no-pretrained", default=_d("pretrained"), show_default=True,
                  help="Start from ImageNet weights (efficientnet_lite0's ship with a pip package; timm's need the HF hub)."),

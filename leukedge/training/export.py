@@ -1,8 +1,6 @@
 """The ONNX export of the frozen feature extractor: the frozen stem and early blocks of an EfficientNet-Lite0
 run 4-6x faster in ONNX Runtime than in eager PyTorch on a CPU, so the training-time feature cache
-(:mod:`leukedge.training.features`) computes them there when onnxruntime is installed. With calibration cells the
-runner is the INT8 (Q/DQ) graph of those blocks that ``leukedge export --int8`` would make of them (the training
-views of ``TrainConfig.int8_views``)."""
+(:mod:`leukedge.training.features`) computes them there when onnxruntime is installed."""
 
 from __future__ import annotations
 
@@ -15,13 +13,9 @@ import numpy as np
 import torch
 
 
-def onnx_runner(module: Any, size: int, int8_calib: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+def onnx_runner(module: Any, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
     """``module`` as an ONNX Runtime CPU session (4-6x faster than eager PyTorch for these
-    depthwise-convolution blocks on a CPU), or None without onnxruntime.
-
-    ``int8_calib`` (normalised float32 NCHW cells): the session runs the INT8 Q/DQ graph of ``module``, quantised
-    by :func:`leukedge.quantize.quantize_int8` as ONNX Runtime's shipped INT8 graph is (U8S8, per-channel weights,
-    MinMax ranges calibrated on these cells, every convolution quantised)."""
+    depthwise-convolution blocks on a CPU), or None without onnxruntime."""
     try:
         import onnxruntime as ort  # optional (the export extra): without it the caller runs PyTorch
     except ImportError:
@@ -33,12 +27,6 @@ def onnx_runner(module: Any, size: int, int8_calib: np.ndarray | None = None) ->
             torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(path), input_names=["input"],
                               output_names=["features"], dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
                               dynamo=False)
-        if int8_calib is not None:
-            from ..quantize import quantize_int8
-
-            qpath = Path(tmp) / "prefix_int8.onnx"
-            quantize_int8(path, qpath, int8_calib, symmetric=False)
-            path = qpath
         so = ort.SessionOptions()
         so.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

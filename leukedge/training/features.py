@@ -5,7 +5,6 @@ test-time augmentation maths on those per-view outputs gives what the shipped mo
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ def _prefix_digest(model: Any, n_blocks: int) -> str:
 def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blocks: int, *,
                     store: Path | None = None, batch_size: int = 64, device: str = "cpu",
                     progress: Callable[[int, int], None] | None = None, noise: float = 0.0,
-                    seed: int = 0, int8_calib: np.ndarray | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+                    seed: int = 0) -> np.ndarray:
     """Outputs of the frozen stem + first ``n_blocks`` blocks of an EfficientNet-Lite0 for the 8
     dihedral views (order of :func:`leukedge.models.dihedral_views`) of every cache image, as float16
     ``(8, N, C, H, W)``.
@@ -50,42 +49,26 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
 
     ``noise`` (grey levels): every view of every cell gets Gaussian noise on its cell pixels first, sigma ~
     U(0, noise), drawn from ``seed`` (the training views of ``TrainConfig.noise``; the name records both).
-
-    ``int8_calib`` (normalised float32 NCHW cells): the outputs of the INT8 Q/DQ graph of the frozen blocks,
-    calibrated on those cells (:func:`leukedge.training.export.onnx_runner`), instead of FP32 (the training views of
-    ``TrainConfig.int8_views``; the name records the calibration cells' digest). Needs onnxruntime.
-
-    ``rows``: only these cells are computed (the others stay 0; the name records the rows' digest).
     """
-    if int8_calib is not None and device != "cpu":  # ONNX Runtime on the CPU runs the INT8 graph: export a CPU copy
-        model, device = copy.deepcopy(model).cpu(), "cpu"
     prefix = FrozenPrefix(model, n_blocks).eval().to(device)
     key = f"prefix_k{n_blocks}_{_prefix_digest(model, n_blocks)[:16]}_{cfg.pixel_hash()[:12]}_n{len(images)}"
     if noise > 0:
         key += f"_noise{noise:g}_s{seed}"
-    if int8_calib is not None:
-        calib = np.ascontiguousarray(int8_calib, np.float32)
-        key += f"_int8_{hashlib.sha256(calib.tobytes()).hexdigest()[:12]}"
-    if rows is not None:
-        rows = np.asarray(rows, np.int64)
-        key += f"_rows{len(rows)}_{hashlib.sha256(rows.tobytes()).hexdigest()[:12]}"
     path = store / f"{key}.npy" if store is not None else None
-    kept = _load_kept(path, len(images))
-    if kept is not None:
-        return kept
+    if path is not None and path.is_file():
+        try:
+            feats = np.load(path, mmap_mode="r")
+            if feats.shape[:2] == (8, len(images)):
+                return np.ascontiguousarray(feats)
+        except (OSError, ValueError):
+            pass
     with torch.inference_mode():
         probe = prefix(torch.zeros(1, 3, cfg.size, cfg.size, device=device))
-    sel = np.arange(len(images)) if rows is None else rows
-    out = (np.empty if rows is None else np.zeros)((8, len(images), *probe.shape[1:]), dtype=np.float16)
-    run = onnx_runner(prefix, cfg.size) if device == "cpu" and int8_calib is None else None
-    if int8_calib is not None:
-        run = onnx_runner(prefix, cfg.size, int8_calib=calib)
-        if run is None:
-            raise RuntimeError("INT8 training views need onnxruntime (pip install 'leukedge[export]')")
+    out = np.empty((8, len(images), *probe.shape[1:]), dtype=np.float16)
+    run = onnx_runner(prefix, cfg.size) if device == "cpu" else None
     with torch.inference_mode():
-        for start in range(0, len(sel), batch_size):
-            at = sel[start : start + batch_size]
-            x = torch.from_numpy(np.array(images[start : start + batch_size] if rows is None else images[at])).to(device)
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
             xs = torch.cat(dihedral_views(to_float01(x), "d4"), 0)
             if noise > 0:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + start)
@@ -95,52 +78,27 @@ def prefix_features(model: Any, images: np.ndarray, cfg: PreprocessConfig, n_blo
                 h = run(xs.numpy())
             else:
                 h = prefix(xs.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-            out[:, at] = h.reshape(8, len(x), *h.shape[1:])
+            out[:, start : start + len(x)] = h.reshape(8, len(x), *h.shape[1:])
             if progress is not None:
-                progress(min(start + batch_size, len(sel)), len(sel))
+                progress(min(start + batch_size, len(images)), len(images))
     if path is not None:
-        _keep(path, out)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the store
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # [ddp] unique: ranks may write at once
+            np.save(tmp, out)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache folder: the features are simply not kept
     return out
 
 
-def _load_kept(path: Path | None, n: int) -> np.ndarray | None:
-    """The features kept at ``path`` by an earlier run, if there and of ``n`` cells."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        feats = np.load(path, mmap_mode="r")
-        return np.ascontiguousarray(feats) if feats.shape[:2] == (8, n) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _keep(path: Path, out: np.ndarray) -> None:
-    """Write ``out`` to ``path`` through a temporary file and a rename (an interrupted run leaves no partial file)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # the store
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # [ddp] unique: ranks may write at once
-        np.save(tmp, out)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache folder: the features are simply not kept
-
-
 def feature_batches(feats: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], g: Any,
-                    n_views: int, alt: np.ndarray | None = None,
-                    alt_fraction: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (cached frozen-block outputs in a random one of ``n_views`` views, labels).
-
-    ``alt`` (same shape as ``feats``): each row is read from it instead with probability ``alt_fraction``
-    (the INT8 training views)."""
+                     n_views: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (cached frozen-block outputs in a random one of ``n_views`` views, labels)."""
     for b in batches:
         idx = np.sort(b)
         var = torch.randint(0, n_views, (len(idx),), generator=g).numpy()
-        x = feats[var, idx].astype(np.float32)
-        if alt is not None and alt_fraction > 0:
-            pick = (torch.rand(len(idx), generator=g) < alt_fraction).numpy()
-            if pick.any():
-                x[pick] = alt[var[pick], idx[pick]].astype(np.float32)
-        yield torch.from_numpy(x), torch.from_numpy(labels[idx])
+        yield torch.from_numpy(feats[var, idx].astype(np.float32)), torch.from_numpy(labels[idx])
 
 
 def feature_view_probs(model: Any, feats: np.ndarray, rows: np.ndarray, n_blocks: int,

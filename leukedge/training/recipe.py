@@ -56,12 +56,6 @@ class TrainConfig:
     # cached frozen prefix a second cache holds the 8 views of every cell with the noise baked in (training rows
     # read it; validation and test read the clean one).
     noise: float = 0.0
-    # INT8-aware training of the trained top (needs the feature cache): this fraction of the training rows read the
-    # outputs of the INT8 Q/DQ graph of the frozen blocks (ONNX Runtime's U8S8, calibrated on 256 training cells,
-    # the noisy views when noise > 0) instead of FP32, so the top learns to give the same answer on the quantised
-    # features that `leukedge export --int8` makes of them (the frozen blocks, which cannot adapt, are where the
-    # quantisation error arises). Validation reads FP32 features. 0 = off.
-    int8_views: float = 0.0
     amp: bool = True
     threads: int | None = None
     half_weights: bool = False  # store the bundle weights as float16
@@ -93,13 +87,8 @@ class TrainConfig:
             raise ValueError(f"mixup (the Beta distribution's alpha) must lie in [0, 10], not {self.mixup}")
         if not 0.0 <= float(self.noise) <= 64.0:
             raise ValueError(f"noise (grey levels) must lie in [0, 64], not {self.noise}")
-        if not 0.0 <= float(self.int8_views) <= 1.0:
-            raise ValueError(f"int8_views (a fraction of the training rows) must lie in [0, 1], not {self.int8_views}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, not {self.threshold}")
-        if self.int8_views > 0 and not self.uses_feature_cache():
-            raise ValueError("int8_views needs the feature cache: efficientnet_lite0 with freeze_blocks > 0, augment "
-                             "dihedral or none, and feature_cache on")
         if not get_arch(self.arch).pretrained:
             self.pretrained = False  # nothing to start from (what `--arch tiny` always did)
 
@@ -123,7 +112,7 @@ def default_of(name: str) -> Any:
 
 #: TrainConfig fields that define what is trained (a recipe); the others say how a run is executed.
 RECIPE_FIELDS = ("arch", "arch_kwargs", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "pretrained",
-                 "patience", "augment", "class_weighting", "label_smoothing", "mixup", "noise", "int8_views", "half_weights", "freeze_blocks",
+                 "patience", "augment", "class_weighting", "label_smoothing", "mixup", "noise", "half_weights", "freeze_blocks",
                  "feature_cache", "tta", "threshold", "select", "no_validation", "seed")
 
 

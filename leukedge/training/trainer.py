@@ -137,7 +137,6 @@ class _Trainer:
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, 0, 0, 1
         self.feats: np.ndarray | None = None
         self.train_feats: np.ndarray | None = None  # the noisy training views (cfg.noise), else None
-        self.int8_feats: np.ndarray | None = None  # the INT8 frozen-block training views (cfg.int8_views), else None
         self.t_start = time.time()
         self.epoch_logger = EpochLogger(out / TENSORBOARD_DIR, enabled=self.dctx.is_main)  # [ddp] rank 0 writes
 
@@ -274,36 +273,12 @@ class _Trainer:
                         self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device, noise=cfg.noise,
                         seed=cfg.seed, store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
                         progress=lambda done, tot: ft.update(completed=done))
-            if cfg.int8_views > 0:
-                self.int8_feats = self._int8_features()
             self.log(f"frozen stem + blocks 0-{cfg.freeze_blocks - 1}: features of {len(inp.images)} cells x 8 views "
                      f"{tuple(self.feats.shape[2:])} ready in {time.time() - t_fc:.0f}s; training the top on them")
         params = sum(p.numel() for p in self.model.parameters())
         self.log(f"[bold]model[/] {cfg.arch} ({params / 1e6:.2f} M parameters, "
                  f"{'ImageNet init' if cfg.pretrained else 'random init'}), {inp.size}px, device {self.device}"
                  f"{', AMP' if self.use_amp else ''}; class weights hem {self.weights[0]:.2f} / all {self.weights[1]:.2f}")
-
-    def _int8_features(self) -> np.ndarray:
-        """The training rows' frozen-block outputs through the INT8 graph of the frozen blocks (``cfg.int8_views``),
-        calibrated on 256 training cells (evenly strided, seeded; clean, as ``leukedge export --int8`` calibrates),
-        from the noisy views when ``cfg.noise`` > 0."""
-        from ..config import normalize_uint8
-
-        cfg, inp = self.cfg, self.inp
-        rows = np.sort(self.train_rows)
-        cal = np.sort(np.random.default_rng(cfg.seed).permutation(rows)[:256])
-        calib = normalize_uint8(np.asarray(inp.images[cal]), inp.pcfg)
-        t0 = time.time()
-        with self.dctx.local_main_first(), self.rep.progress(
-                f"frozen-block features of the INT8 training views ({cfg.int8_views:g} of the rows)",
-                total=len(rows), transient=True) as ft:  # [ddp]
-            feats = prefix_features(
-                self.model, inp.images, inp.pcfg, cfg.freeze_blocks, device=self.device, noise=cfg.noise, seed=cfg.seed,
-                int8_calib=calib, rows=rows, store=(inp.cache_dir / "features") if inp.cache_dir is not None else None,
-                progress=lambda done, tot: ft.update(completed=done))
-        self.log(f"INT8 frozen blocks (ONNX Runtime U8S8, calibrated on {len(cal)} training cells): features of "
-                 f"{len(rows)} training cells x 8 views ready in {time.time() - t0:.0f}s")
-        return feats
 
     def predict_val(self, amp: bool, rows: np.ndarray | None = None) -> np.ndarray:
         """Validation logits (of ``rows``, default all validation rows) of the model as it will be shipped
@@ -342,8 +317,7 @@ class _Trainer:
     def _batches_of(self, batches: list[np.ndarray], g: Any) -> Any:
         if self.feats is not None:
             feats = self.train_feats if self.train_feats is not None else self.feats
-            return feature_batches(feats, self.labels_all, batches, g, 8 if self.cfg.augment == "dihedral" else 1,
-                                   alt=self.int8_feats, alt_fraction=self.cfg.int8_views)
+            return feature_batches(feats, self.labels_all, batches, g, 8 if self.cfg.augment == "dihedral" else 1)
         return iterate_batches(self.inp.images, self.labels_all, batches, self.cfg.workers)
 
     def _inputs_on_device(self, xb: Any, g: Any) -> Any:
